@@ -1,0 +1,1 @@
+"""ggtrain's command line (installed as ggtrain.cli; console script `ggtrain`)."""

@@ -1,0 +1,47 @@
+"""The `ggtrain` command group: every command is one function in its own module."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ggtrain import __version__
+from ggtrain.errors import GGTrainError
+
+EXIT_BAD_INPUT = 2
+
+
+class Group(click.Group):
+    """Turns GGTrainError (bad input) into one line on stderr and exit code 2, no traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except GGTrainError as e:
+            click.echo(f"ggtrain: error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("ggtrain: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ggtrain")
+def main() -> None:
+    """Fine-tune LoRA adapters directly on quantized GGUF models, on the CPU.
+
+    Adapters are written in llama.cpp's GGUF LoRA format: llama-cli --lora loads them as they are.
+    """
+
+
+def _register() -> None:
+    from ggtrain.cli.info import info
+
+    main.add_command(info)
+
+
+_register()
+
+if __name__ == "__main__":
+    main()
