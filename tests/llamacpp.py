@@ -1,0 +1,277 @@
+"""llama.cpp as the outside reference: its source tree, its models/ folder and a few built tools.
+
+The source comes from the PyPI sdist of llama-cpp-python (which vendors llama.cpp, models/ with the
+ggml-vocab-*.gguf test vocabularies included), fetched with pip once and cached:
+
+    $GGTRAIN_CACHE (default ~/.cache/ggtrain)/llama.cpp-0.3.36/
+        source/       llama.cpp tree (vendor/llama.cpp of the sdist)
+        build/        CMake build directory (incremental; may be half-done after an interrupt)
+        bin/          the built tools, copied here and renamed into place only when the build succeeded
+    $GGTRAIN_CACHE/llama.cpp-0.3.36.lock   fcntl lock: one process fetches / builds, others wait
+
+GGTRAIN_LLAMACPP_SDIST=/path/llama_cpp_python-0.3.36.tar.gz uses a local copy of that sdist instead of
+downloading it (offline machines). Importable as a plain module from tests/ and bench/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+VERSION = "0.3.36"
+PACKAGE = "llama-cpp-python"
+# The tools the tests and benches use; built in one `cmake --build` of just these targets.
+TARGETS = ("llama-perplexity", "llama-tokenize", "llama-completion", "llama-server",
+           "llama-quantize", "llama-export-lora")
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=ON",  # test-only reference: tuned for this machine is fine
+    "-DLLAMA_OPENSSL=OFF",  # no network code paths (LLAMA_CURL is gone in this version)
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # else the server build fetches its web UI from Hugging Face
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DGGML_OPENMP=ON",
+)
+BUILD_JOBS = int(os.environ.get("GGTRAIN_BUILD_JOBS", "2"))
+
+
+def _log(msg: str) -> None:
+    print(f"[llamacpp] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    """$GGTRAIN_CACHE or ~/.cache/ggtrain, created."""
+    root = Path(os.environ.get("GGTRAIN_CACHE") or Path.home() / ".cache" / "ggtrain")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cache_dir() -> Path:
+    """The per-version directory holding source/, build/ and bin/."""
+    d = cache_root() / f"llama.cpp-{VERSION}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """Exclusive lock across processes (pytest-xdist workers, a bench running next to the tests)."""
+    lock_path = cache_root() / f"llama.cpp-{VERSION}.lock"
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process holding {lock_path}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fetch_sdist(dest: Path) -> Path:
+    """The sdist tarball: $GGTRAIN_LLAMACPP_SDIST if set, else `pip download` into dest."""
+    local = os.environ.get("GGTRAIN_LLAMACPP_SDIST")
+    if local:
+        if not Path(local).is_file():
+            raise FileNotFoundError(f"GGTRAIN_LLAMACPP_SDIST={local}: no such file")
+        return Path(local)
+    _log(f"downloading the {PACKAGE}=={VERSION} sdist with pip")
+    # --no-build-isolation: pip only reads metadata, so it need not install the build backend.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+           "--no-binary", ":all:", f"{PACKAGE}=={VERSION}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"pip download failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    found = sorted(dest.glob(f"llama_cpp_python-{VERSION}.tar.gz"))
+    if not found:
+        raise RuntimeError(f"pip download left no sdist in {dest}: {os.listdir(dest)}")
+    return found[0]
+
+
+def _extract_vendor(sdist: Path, dest: Path) -> None:
+    """Extract <top>/vendor/llama.cpp/** of the sdist into dest (the llama.cpp root)."""
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            parts = m.name.split("/", 3)
+            if len(parts) >= 3 and parts[1] == "vendor" and parts[2] == "llama.cpp":
+                rel = parts[3] if len(parts) == 4 else ""
+                if not rel or not (m.isfile() or m.isdir() or m.issym()):
+                    continue
+                m.name = rel
+                members.append(m)
+        if not members:
+            raise RuntimeError(f"{sdist}: no vendor/llama.cpp inside")
+        tar.extractall(dest, members=members, filter="tar")
+
+
+def source_dir() -> Path:
+    """The llama.cpp source tree (CMakeLists.txt, src/, tools/, models/), fetched once and cached."""
+    src = cache_dir() / "source"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    with _locked():
+        if (src / "CMakeLists.txt").is_file():
+            return src
+        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="fetch-") as tmp:
+            t0 = time.time()
+            sdist = _fetch_sdist(Path(tmp))
+            staging = Path(tmp) / "source"
+            staging.mkdir()
+            _extract_vendor(sdist, staging)
+            if src.exists():  # an earlier half-finished attempt
+                shutil.rmtree(src)
+            staging.rename(src)  # atomic: source/ exists only when complete
+            _log(f"llama.cpp source ready in {src} ({time.time() - t0:.0f} s)")
+    return src
+
+
+def models_dir() -> Path:
+    """llama.cpp's models/ folder: ggml-vocab-*.gguf, their .inp/.out test vectors, templates/."""
+    return source_dir() / "models"
+
+
+def bin_dir() -> Path:
+    """Directory of the built tools (building them all first if needed)."""
+    out = cache_dir() / "bin"
+    if all((out / t).is_file() for t in TARGETS):
+        return out
+    with _locked():
+        if all((out / t).is_file() for t in TARGETS):
+            return out
+        _build(out)
+    return out
+
+
+def _build(out: Path) -> None:
+    src = source_dir()
+    build = cache_dir() / "build"
+    t0 = time.time()
+    _log(f"building llama.cpp {VERSION} ({', '.join(TARGETS)}) in {build} with -j {BUILD_JOBS}; "
+         "this takes a while on a small machine (once, then cached)")
+    if not (build / "CMakeCache.txt").is_file():
+        _stream(["cmake", "-S", str(src), "-B", str(build), *CMAKE_OPTIONS], "configure")
+    _stream(["cmake", "--build", str(build), "--config", "Release", "-j", str(BUILD_JOBS),
+             "--target", *TARGETS], "build")
+    staging = cache_dir() / "bin.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    for t in TARGETS:
+        shutil.copy2(build / "bin" / t, staging / t)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)  # only a finished build becomes bin/
+    _log(f"llama.cpp tools ready in {out} (build took {time.time() - t0:.0f} s)")
+
+
+def _stream(cmd: list[str], what: str) -> None:
+    """Run a build step, echoing progress lines to stderr; raise with the tail of output on failure."""
+    tail: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail = (tail + [line.rstrip()])[-60:]
+        if line.startswith("[") or "error" in line.lower():
+            print(f"[llamacpp {what}] {line.rstrip()}", file=sys.stderr, flush=True)
+    if proc.wait():
+        raise RuntimeError(f"llama.cpp {what} failed ({proc.returncode}): {' '.join(cmd)}\n"
+                           + "\n".join(tail))
+
+
+def binary(name: str) -> Path:
+    """Path of a built llama.cpp tool, e.g. binary("llama-perplexity"); builds all TARGETS once."""
+    if name not in TARGETS:
+        raise ValueError(f"{name} is not among the built targets {TARGETS}")
+    return bin_dir() / name
+
+
+def run(name: str, *args: str | os.PathLike, timeout: float = 600, check: bool = True,
+        threads_env: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool, capturing stdout and stderr as text.
+
+    check=True raises RuntimeError with the output's tail when the exit code is not 0.
+    """
+    cmd = [str(binary(name)), *map(str, args)]
+    env = dict(os.environ)
+    env.setdefault("LLAMA_LOG_COLORS", "0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          input=input, errors="replace")
+    if check and proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+_CHUNK_RE = re.compile(r"\[(\d+)\]([0-9.]+|nan|inf|-?nan)")
+_FINAL_RE = re.compile(r"Final estimate: PPL = ([0-9.eE+-]+|nan|inf) \+/- ([0-9.eE+-]+|nan|inf)")
+
+
+def parse_perplexity(output: str) -> tuple[float, float, list[float]]:
+    """(final PPL, its +/- error, running estimate after each chunk) from llama-perplexity's output."""
+    m = _FINAL_RE.search(output)
+    if not m:
+        raise ValueError("no 'Final estimate: PPL = X +/- E' in llama-perplexity's output:\n"
+                         + output[-3000:])
+    chunks = [float(v) for _, v in sorted(((int(i), v) for i, v in _CHUNK_RE.findall(output)))]
+    return float(m.group(1)), float(m.group(2)), chunks
+
+
+def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int = 128,
+               threads: int = 2, batch: int | None = None, lora: Sequence = (),
+               chunks: int | None = None, extra: Sequence[str] = (), timeout: float = 1200
+               ) -> tuple[float, list[float]]:
+    """llama-perplexity's (final PPL, running estimate per chunk) on text_file at context ctx.
+
+    lora: adapter paths, or (path, scale) pairs for --lora-scaled.
+    """
+    args: list[str] = ["-m", str(model), "-f", str(text_file), "-c", str(ctx), "-t", str(threads),
+                       "-b", str(batch or ctx)]
+    for item in lora:
+        if isinstance(item, (tuple, list)):
+            args += ["--lora-scaled", str(item[0]), str(item[1])]
+        else:
+            args += ["--lora", str(item)]
+    if chunks is not None:
+        args += ["--chunks", str(chunks)]
+    args += list(extra)
+    proc = run("llama-perplexity", *args, timeout=timeout)
+    final, _err, per_chunk = parse_perplexity(proc.stdout + "\n" + proc.stderr)
+    return final, per_chunk
+
+
+_INFO_RE = re.compile(r"print_info: (\S[^=]*?)\s*= (.*)$", re.M)
+
+
+def load_info(model: str | os.PathLike, timeout: float = 300) -> dict[str, str]:
+    """The `print_info: key = value` lines llama.cpp logs while loading model (via llama-tokenize)."""
+    proc = run("llama-tokenize", "-m", str(model), "-p", "hi", "--log-disable", timeout=timeout,
+               check=False)
+    text = proc.stdout + "\n" + proc.stderr
+    info = {k.strip(): v.strip() for k, v in _INFO_RE.findall(text)}
+    if not info:
+        proc = run("llama-tokenize", "-m", str(model), "-p", "hi", timeout=timeout)
+        info = {k.strip(): v.strip() for k, v in _INFO_RE.findall(proc.stdout + "\n" + proc.stderr)}
+    return info
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+if __name__ == "__main__":  # python tests/llamacpp.py: fetch + build now (e.g. in CI set-up)
+    print(source_dir())
+    print(bin_dir())
