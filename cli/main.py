@@ -36,9 +36,11 @@ def main() -> None:
 
 
 def _register() -> None:
+    from ggtrain.cli.data import data
     from ggtrain.cli.info import info
 
     main.add_command(info)
+    main.add_command(data)
 
 
 _register()

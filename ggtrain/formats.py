@@ -1,0 +1,476 @@
+"""Reading training files: detect the container (text, JSON, JSONL, CSV/TSV, HF dir) and the schema
+(plain text, Alpaca, chat, ShareGPT, prompt/completion), and turn every record into an `Example`.
+
+Nothing here tokenises: an Example says which text is trained (response, assistant turns) and
+which is context (prompt); ggtrain.dataset turns it into tokens and a loss mask.
+
+Bad input (a malformed JSON line, a missing column, a field of the wrong type, an empty file,
+bytes that are not UTF-8) raises GGTrainError naming the file and the line, or with
+skip_bad_lines=True is skipped and counted in `ReadResult.bad`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ggtrain.errors import GGTrainError
+
+CONTAINERS = ("text", "json", "jsonl", "csv", "tsv", "hf")
+SCHEMAS = ("alpaca", "chat", "sharegpt", "completion")
+FORMATS = ("auto",) + CONTAINERS + SCHEMAS
+
+# ShareGPT speaker names -> OpenAI roles (the spellings found in the wild).
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "bing": "assistant", "bard": "assistant",
+    "system": "system",
+}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+# Prompt layout of Alpaca records: the "### Instruction / ### Response" format of llama.cpp's finetune
+# examples, so an Alpaca JSON and the same data as a text file teach the model one prompt format.
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
+
+_SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by errors="surrogateescape"
+
+
+@dataclass
+class Example:
+    """One training sample before tokenisation. Exactly one of text / (prompt, response) / messages."""
+
+    where: str                              # "line 12" / "row 3": where it starts in its file
+    text: str | None = None                 # plain text: every token trained
+    prompt: str | None = None               # Alpaca / completion: context, not trained by default
+    response: str | None = None             # Alpaca / completion: trained
+    messages: list[dict] | None = None      # chat: {"role", "content"}; assistant turns trained
+
+
+@dataclass
+class ReadResult:
+    path: Path
+    container: str                          # one of CONTAINERS
+    schema: str                             # "text" or one of SCHEMAS
+    examples: list[Example]
+    bad: list[str] = field(default_factory=list)   # "line 7: ..." for each skipped record
+    notes: list[str] = field(default_factory=list)  # things the user should know (ignored text, ...)
+
+
+def process_escapes(s: str) -> str:
+    r"""llama.cpp's process_escapes: \n \r \t \' \" \\ and \xHH; other backslashes are kept."""
+    out, i = [], 0
+    simple = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s):
+            nxt = s[i + 1]
+            if nxt in simple:
+                out.append(simple[nxt])
+                i += 2
+                continue
+            if nxt == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", s[i + 2:i + 4] or ""):
+                out.append(chr(int(s[i + 2:i + 4], 16)))
+                i += 4
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+class _Reader:
+    """Shared state of one file's reading: the path, and whether bad records are skipped."""
+
+    def __init__(self, path: Path, skip_bad_lines: bool):
+        self.path = path
+        self.skip = skip_bad_lines
+        self.bad: list[str] = []
+        self.notes: list[str] = []
+
+    def fail(self, where: str, msg: str) -> None:
+        """A bad record: raise, or note it and let the caller skip it."""
+        if not self.skip:
+            raise GGTrainError(f"{self.path}: {where}: {msg}"
+                               + ("" if "--skip-bad-lines" in msg else " (--skip-bad-lines skips such records)"))
+        self.bad.append(f"{where}: {msg}")
+
+    def fatal(self, where: str, msg: str) -> GGTrainError:
+        return GGTrainError(f"{self.path}: {where}: {msg}")
+
+    def read_text(self) -> str:
+        """The file as str; undecodable bytes stay as lone surrogates for the per-line check."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise GGTrainError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        if not raw.strip():
+            raise self.fatal("line 1", "the file is empty")
+        if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors)
+            raw = raw[3:]
+        return raw.decode("utf-8", errors="surrogateescape")
+
+    def check_utf8(self, s: str, where: str) -> bool:
+        """True if s came from valid UTF-8; otherwise report the bad bytes at `where`."""
+        m = _SURROGATE.search(s)
+        if m is None:
+            return True
+        byte = ord(m.group()) - 0xDC00
+        self.fail(where, f"bytes that are not UTF-8 (0x{byte:02x}); re-save the file as UTF-8")
+        return False
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def detect_container(path: Path) -> str:
+    """The container from the path: directory/.parquet/.arrow -> hf, .json/.jsonl/.csv/.tsv, else text."""
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".arrow"):
+        return "hf"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        # A .json file holding one object per line is JSONL; an array is JSON.
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        except OSError as e:
+            raise GGTrainError(f"{path}: cannot read: {e.strerror or e}") from None
+        return "jsonl" if head.startswith(b"{") else "json"
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".tsv", ".tab"):
+        return "tsv"
+    return "text"
+
+
+def detect_schema(keys: set[str], text_column: str | None) -> str | None:
+    """The schema a record's fields say; an explicit --text-column wins over field names."""
+    if text_column is not None and text_column in keys:
+        return "text"
+    if "messages" in keys:
+        return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "prompt" in keys and "completion" in keys:
+        return "completion"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def _schema_help(keys: set[str], text_column: str | None) -> str:
+    found = ", ".join(sorted(map(str, keys))) or "none"
+    col = text_column or "text"
+    return (f"no field to train on: found fields {found}; expected '{col}' (--text-column), "
+            f"instruction/input/output (Alpaca), messages (chat), conversations (ShareGPT) "
+            f"or prompt/completion")
+
+
+# --- records -> Examples, one function per schema ------------------------------------------------
+
+def _text_example(rd: _Reader, rec: dict, where: str, column: str) -> Example | None:
+    if column not in rec or rec[column] is None:
+        rd.fail(where, f"missing column '{column}'")
+        return None
+    v = rec[column]
+    if not isinstance(v, str):
+        rd.fail(where, f"field '{column}' should be a string, not {type(v).__name__}")
+        return None
+    return Example(where, text=v)
+
+
+def _str_field(rd: _Reader, rec: dict, where: str, name: str, required: bool) -> tuple[bool, str]:
+    v = rec.get(name)
+    if v is None:
+        if required:
+            rd.fail(where, f"missing column '{name}'")
+            return False, ""
+        return True, ""
+    if not isinstance(v, str):
+        rd.fail(where, f"field '{name}' should be a string, not {type(v).__name__}")
+        return False, ""
+    return True, v
+
+
+def _alpaca_example(rd: _Reader, rec: dict, where: str, column: str) -> Example | None:
+    ok1, instruction = _str_field(rd, rec, where, "instruction", True)
+    ok2, inp = _str_field(rd, rec, where, "input", False) if ok1 else (False, "")
+    ok3, output = _str_field(rd, rec, where, "output", True) if ok2 else (False, "")
+    if not (ok1 and ok2 and ok3):
+        return None
+    tmpl = ALPACA_PROMPT_INPUT if inp.strip() else ALPACA_PROMPT
+    return Example(where, prompt=tmpl.format(instruction=instruction, input=inp), response=output)
+
+
+def _completion_example(rd: _Reader, rec: dict, where: str, column: str) -> Example | None:
+    ok1, prompt = _str_field(rd, rec, where, "prompt", True)
+    ok2, completion = _str_field(rd, rec, where, "completion", True) if ok1 else (False, "")
+    if not (ok1 and ok2):
+        return None
+    return Example(where, prompt=prompt, response=completion)
+
+
+def _content_text(content: Any) -> str | None:
+    """A message's content as text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def _chat_example(rd: _Reader, rec: dict, where: str, column: str) -> Example | None:
+    msgs = rec.get("messages")
+    if msgs is None:
+        rd.fail(where, "missing column 'messages'")
+        return None
+    if not isinstance(msgs, list) or not msgs:
+        rd.fail(where, "field 'messages' should be a non-empty list of {role, content} objects")
+        return None
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            rd.fail(where, f"messages[{i}] should be an object with 'role' and 'content'")
+            return None
+        role, content = m["role"], _content_text(m["content"])
+        if role not in CHAT_ROLES:
+            rd.fail(where, f"messages[{i}] has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+            return None
+        if content is None:
+            rd.fail(where, f"messages[{i}].content should be a string, not {type(m['content']).__name__}")
+            return None
+        out.append({"role": role, "content": content})
+    return Example(where, messages=out)
+
+
+def _sharegpt_example(rd: _Reader, rec: dict, where: str, column: str) -> Example | None:
+    conv = rec.get("conversations")
+    if conv is None:
+        rd.fail(where, "missing column 'conversations'")
+        return None
+    if not isinstance(conv, list) or not conv:
+        rd.fail(where, "field 'conversations' should be a non-empty list of {from, value} objects")
+        return None
+    out = []
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict) or "from" not in m or "value" not in m:
+            rd.fail(where, f"conversations[{i}] should be an object with 'from' and 'value'")
+            return None
+        role = SHAREGPT_ROLES.get(str(m["from"]).lower())
+        if role is None:
+            rd.fail(where, f"conversations[{i}] is from {m['from']!r}; expected human, gpt or system")
+            return None
+        if not isinstance(m["value"], str):
+            rd.fail(where, f"conversations[{i}].value should be a string, not {type(m['value']).__name__}")
+            return None
+        out.append({"role": role, "content": m["value"]})
+    return Example(where, messages=out)
+
+
+_CONVERTERS: dict[str, Callable[[_Reader, dict, str, str], Example | None]] = {
+    "text": _text_example, "alpaca": _alpaca_example, "completion": _completion_example,
+    "chat": _chat_example, "sharegpt": _sharegpt_example,
+}
+
+
+def _examples_from_records(rd: _Reader, records: list[tuple[str, Any]], schema: str | None,
+                           text_column: str | None) -> tuple[str, list[Example]]:
+    """Records (where, parsed object) -> Examples; the schema is detected from the first object."""
+    if schema is None:
+        first = next((r for _, r in records if isinstance(r, dict)), None)
+        if first is None:
+            where = records[0][0] if records else "line 1"
+            raise rd.fatal(where, "records should be JSON objects ({...}) with named fields")
+        schema = detect_schema(set(first), text_column)
+        if schema is None:
+            where = next(w for w, r in records if r is first)
+            raise rd.fatal(where, _schema_help(set(first), text_column))
+    conv = _CONVERTERS[schema]
+    column = text_column or "text"
+    out = []
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            rd.fail(where, f"record should be a JSON object, not {type(rec).__name__}")
+            continue
+        ex = conv(rd, rec, where, column)
+        if ex is not None:
+            out.append(ex)
+    return schema, out
+
+
+# --- containers ------------------------------------------------------------------------------------
+
+def _records_jsonl(rd: _Reader, text: str) -> list[tuple[str, Any]]:
+    out = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"line {i}"
+        if not rd.check_utf8(line, where):
+            continue
+        try:
+            out.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            rd.fail(where, f"malformed JSON ({e.msg} at column {e.colno})")
+    return out
+
+
+def _records_json_array(rd: _Reader, text: str) -> list[tuple[str, Any]]:
+    """Elements of a top-level JSON array, each with the line it starts on."""
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise rd.fatal(f"line {_line_of(text, m.start())}",
+                       f"bytes that are not UTF-8 (0x{ord(m.group()) - 0xDC00:02x}); re-save the file as UTF-8")
+    dec = json.JSONDecoder()
+    ws = re.compile(r"[ \t\r\n]*")
+    pos = ws.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise rd.fatal(f"line {_line_of(text, pos)}", "expected a JSON array ([{...}, ...]) or one object a line")
+
+    def syntax(e_pos: int, msg: str) -> GGTrainError:
+        return rd.fatal(f"line {_line_of(text, e_pos)}",
+                        f"malformed JSON ({msg}); a JSON array cannot be read past a syntax error "
+                        f"(--skip-bad-lines works on JSONL files)")
+
+    out: list[tuple[str, Any]] = []
+    pos = ws.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return out
+    while True:
+        try:
+            obj, end = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise syntax(e.pos, f"{e.msg} at column {e.colno}") from None
+        out.append((f"line {_line_of(text, pos)}", obj))
+        pos = ws.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+            continue
+        if text.startswith("]", pos):
+            rest = ws.match(text, pos + 1).end()
+            if rest != len(text):
+                raise syntax(rest, "extra data after the array")
+            return out
+        raise syntax(pos, "expected ',' or ']' after an element")
+
+
+def _records_csv(rd: _Reader, text: str, delimiter: str) -> list[tuple[str, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as e:
+        raise rd.fatal("line 1", f"cannot read the header: {e}") from None
+    if not rd.check_utf8(delimiter.join(header), "line 1"):
+        raise rd.fatal("line 1", "the header has bytes that are not UTF-8")
+    header = [h.strip() for h in header]
+    out: list[tuple[str, Any]] = []
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            rd.fail(f"line {start}", f"malformed {'CSV' if delimiter == ',' else 'TSV'} ({e})")
+            start = reader.line_num + 1
+            continue
+        where = f"line {start}"
+        start = reader.line_num + 1
+        if not any(c.strip() for c in row):
+            continue  # blank line
+        if not rd.check_utf8(delimiter.join(row), where):
+            continue
+        if len(row) != len(header):
+            rd.fail(where, f"has {len(row)} fields, the header has {len(header)} "
+                           f"({'a field with a comma needs quotes' if len(row) > len(header) else 'missing fields'})")
+            continue
+        out.append((where, dict(zip(header, row))))
+    return out
+
+
+def _records_hf(rd: _Reader, path: Path) -> list[tuple[str, Any]]:
+    """A local Hugging Face dataset: save_to_disk output (a Dataset or DatasetDict dir) or parquet files."""
+    from ggtrain import hfdata
+
+    rows = hfdata.read_rows(path)
+    return [(f"row {i}", r) for i, r in enumerate(rows, 1)]
+
+
+def _examples_text(rd: _Reader, text: str, sample_start: str | None, include_sample_start: bool) -> list[Example]:
+    """Plain text, llama.cpp finetune style: one stream, or samples that begin at each sample_start."""
+    # Undecodable lines: an error, or with --skip-bad-lines dropped (counted) from the text.
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not rd.check_utf8(line, f"line {i + 1}"):
+            lines[i] = None  # type: ignore[call-overload]
+    text = "\n".join(ln for ln in lines if ln is not None)
+    if not sample_start:
+        return [Example("line 1", text=text)]
+    starts = [m.start() for m in re.finditer(re.escape(sample_start), text)]
+    if not starts:
+        rd.notes.append(f"--sample-start {sample_start!r} not found: the whole file is one sample")
+        return [Example("line 1", text=text)]
+    if text[:starts[0]].strip():
+        rd.notes.append(f"{len(text[:starts[0]].strip())} characters before the first --sample-start "
+                        f"are not part of any sample (as in llama.cpp's finetune)")
+    out = []
+    skip = 0 if include_sample_start else len(sample_start)
+    for k, s in enumerate(starts):
+        e = starts[k + 1] if k + 1 < len(starts) else len(text)
+        out.append(Example(f"line {_line_of(text, s)}", text=text[s + skip:e]))
+    return out
+
+
+def read_examples(path: str | Path, fmt: str = "auto", text_column: str | None = None,
+                  sample_start: str | None = None, include_sample_start: bool = False,
+                  escape: bool = False, skip_bad_lines: bool = False) -> ReadResult:
+    """Read one training file into Examples. fmt: one of FORMATS (a container, a schema, or auto)."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise GGTrainError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if not path.exists():
+        raise GGTrainError(f"{path}: no such file or directory")
+    rd = _Reader(path, skip_bad_lines)
+    container = fmt if fmt in CONTAINERS else detect_container(path)
+    schema = fmt if fmt in SCHEMAS else None
+    if schema is not None and container == "text":
+        # --format alpaca on a .txt file: the records must be JSON lines.
+        container = "jsonl"
+
+    if container == "text":
+        if sample_start and escape:
+            sample_start = process_escapes(sample_start)
+        examples = _examples_text(rd, rd.read_text(), sample_start, include_sample_start)
+        return ReadResult(path, container, "text", examples, rd.bad, rd.notes)
+
+    if container == "hf":
+        records = _records_hf(rd, path)
+        if not records:
+            raise rd.fatal("row 1", "the dataset has no rows")
+    else:
+        text = rd.read_text()
+        if container == "jsonl":
+            records = _records_jsonl(rd, text)
+        elif container == "json":
+            records = _records_json_array(rd, text)
+        else:
+            records = _records_csv(rd, text, "," if container == "csv" else "\t")
+        if not records:
+            raise rd.fatal("line 1", "no records in the file" + (f" ({len(rd.bad)} bad ones skipped)"
+                                                                 if rd.bad else ""))
+    schema, examples = _examples_from_records(rd, records, schema, text_column)
+    return ReadResult(path, container, schema, examples, rd.bad, rd.notes)
