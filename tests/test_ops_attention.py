@@ -1,0 +1,141 @@
+"""Causal GQA attention: forward against a dense float64 numpy reference (explicit mask), backward
+against central finite differences, across GQA/MQA, sliding window, soft-cap, packed segments,
+T not a multiple of the block size, and T = 1."""
+
+import numpy as np
+import pytest
+from ggtrain.kernels import attention as A
+from ggtrain.kernels.attention import attention_backward, attention_forward
+
+
+def ref_attention(q, k, v, scale, softcap=0.0, n_swa=0, segments=None):
+    """Dense (T, T) scores per head with the mask written out from llama.cpp's rules."""
+    T, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    seg = np.zeros(T, int) if segments is None else np.asarray(segments)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    visible = (j <= i) & (seg[:, None] == seg[None, :])
+    if n_swa > 0:
+        visible &= ~(i - j >= n_swa)  # is_masked_swa(STANDARD): p1 - p0 >= n_swa is masked
+    o = np.zeros((T, Hq, v.shape[2]))
+    for h in range(Hq):
+        s = scale * (q[:, h].astype(np.float64) @ k[:, h // G].astype(np.float64).T)
+        if softcap > 0:
+            s = softcap * np.tanh(s / softcap)
+        s = np.where(visible, s, -np.inf)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        o[:, h] = p @ v[:, h // G].astype(np.float64)
+    return o
+
+
+def _inputs(T, Hq, Hkv, D, Dv, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((T, Hq, D)), rng.standard_normal((T, Hkv, D)), rng.standard_normal((T, Hkv, Dv))
+
+
+CASES = {  # T, Hq, Hkv, D, Dv, scale, softcap, n_swa, segment lengths
+    "gqa": (37, 4, 2, 16, 16, 0.25, 0.0, 0, None),
+    "mqa_dv": (45, 3, 1, 8, 12, 0.35, 0.0, 0, None),
+    "mha_one_block": (9, 2, 2, 8, 8, 0.3, 0.0, 0, None),
+    "swa": (70, 2, 1, 8, 8, 0.3, 0.0, 5, None),
+    "swa_wide": (41, 4, 2, 8, 8, 0.3, 0.0, 33, None),
+    "softcap": (37, 4, 2, 16, 16, 0.8, 2.0, 0, None),
+    "segments": (70, 4, 2, 8, 8, 0.3, 0.0, 0, (10, 25, 1, 34)),
+    "all": (67, 4, 1, 8, 8, 0.6, 1.5, 7, (30, 3, 34)),
+    "t1": (1, 2, 1, 8, 8, 0.3, 0.0, 0, None),
+}
+
+
+def _seg(T, lens):
+    return None if lens is None else np.repeat(np.arange(len(lens)) * 3 + 5, lens).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_attention_forward_matches_reference(name):
+    T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = CASES[name]
+    q, k, v = _inputs(T, Hq, Hkv, D, Dv)
+    seg = _seg(T, lens)
+    ref = ref_attention(q, k, v, scale, cap, n_swa, seg)
+    o, lse = attention_forward(q, k, v, scale, softcap=cap, n_swa=n_swa, segments=seg)
+    assert o.shape == (T, Hq, Dv) and lse.shape == (Hq, T) and o.dtype == np.float64
+    np.testing.assert_allclose(o, ref, rtol=1e-11, atol=1e-12)
+    o32, _ = attention_forward(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), scale,
+                               softcap=cap, n_swa=n_swa, segments=seg)
+    assert o32.dtype == np.float32
+    np.testing.assert_allclose(o32, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_lse_is_the_row_logsumexp():
+    q, k, v = _inputs(40, 2, 1, 8, 8)
+    _, lse = attention_forward(q, k, v, 0.5, n_swa=6)
+    s = 0.5 * q[:, 1] @ k[:, 0].T
+    i, j = np.arange(40)[:, None], np.arange(40)[None, :]
+    s = np.where((j <= i) & (i - j < 6), s, -np.inf)
+    np.testing.assert_allclose(lse[1], np.log(np.exp(s).sum(axis=1)), rtol=1e-12)
+
+
+def test_segments_are_isolated():
+    # changing one sample's keys/values never changes the other sample's outputs
+    q, k, v = _inputs(50, 2, 1, 8, 8)
+    seg = np.repeat([0, 1], [20, 30]).astype(np.int32)
+    o1, _ = attention_forward(q, k, v, 0.3, segments=seg)
+    k2, v2 = k.copy(), v.copy()
+    k2[:20] += 5.0
+    v2[:20] -= 3.0
+    o2, _ = attention_forward(q, k2, v2, 0.3, segments=seg)
+    np.testing.assert_array_equal(o1[20:], o2[20:])
+    assert np.abs(o1[:20] - o2[:20]).max() > 0.1
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_attention_backward_matches_finite_differences(name):
+    T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = CASES[name]
+    if T > 45:  # keep the O(T·H·D) finite-difference loop small; the long cases run at T = 45
+        T, lens = 45, None if lens is None else tuple(np.diff(np.minimum(np.cumsum((0,) + lens), 45)))
+    q, k, v = _inputs(T, Hq, Hkv, D, Dv, seed=1)
+    seg = _seg(T, lens)
+    r = np.random.default_rng(2).standard_normal((T, Hq, Dv))  # L = Σ o·r
+    kw = {"softcap": cap, "n_swa": n_swa, "segments": seg}
+    o, lse = attention_forward(q, k, v, scale, **kw)
+    dq, dk, dv = attention_backward(r, q, k, v, o, lse, scale, **kw)
+    h = 1e-6
+    for x, dx in ((q, dq), (k, dk), (v, dv)):
+        num = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            orig = x[idx]
+            x[idx] = orig + h
+            lp = np.sum(attention_forward(q, k, v, scale, **kw)[0] * r)
+            x[idx] = orig - h
+            lm = np.sum(attention_forward(q, k, v, scale, **kw)[0] * r)
+            x[idx] = orig
+            num[idx] = (lp - lm) / (2 * h)
+        np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
+    # the f32 kernels give the same gradients to f32 precision
+    f = [a.astype(np.float32) for a in (q, k, v)]
+    o32, lse32 = attention_forward(*f, scale, **kw)
+    g32 = attention_backward(r.astype(np.float32), *f, o32, lse32, scale, **kw)
+    for a, b in zip(g32, (dq, dk, dv)):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
+
+
+def test_block_sizes_do_not_change_results(monkeypatch):
+    q, k, v = _inputs(53, 4, 2, 8, 8, seed=3)
+    seg = np.repeat([0, 1], [17, 36]).astype(np.int32)
+    r = np.random.default_rng(4).standard_normal((53, 4, 8))
+    o, lse = attention_forward(q, k, v, 0.4, n_swa=9, segments=seg)
+    g = attention_backward(r, q, k, v, o, lse, 0.4, n_swa=9, segments=seg)
+    monkeypatch.setattr(A, "BLOCK_Q", 5)
+    monkeypatch.setattr(A, "BLOCK_K", 3)
+    o2, lse2 = attention_forward(q, k, v, 0.4, n_swa=9, segments=seg)
+    g2 = attention_backward(r, q, k, v, o2, lse2, 0.4, n_swa=9, segments=seg)
+    np.testing.assert_allclose(o2, o, rtol=1e-12, atol=1e-13)
+    for a, b in zip(g2, g):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_shapes_are_rejected():
+    q, k, v = _inputs(5, 3, 2, 8, 8)
+    with pytest.raises(ValueError, match="GQA"):
+        attention_forward(q, k, v, 0.3)
