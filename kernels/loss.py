@@ -1,0 +1,158 @@
+"""Chunked cross-entropy over a large vocabulary, forward/backward, without the (T, vocab) logits.
+
+    logits_tv = h_t · W_v            (W the output head, (vocab, d), usually quantized)
+    if final_softcap > 0: logits = final_softcap · tanh(logits / final_softcap)     (Gemma 2)
+    loss_t = logsumexp_v(logits_t) - logits_t[target_t]
+    loss   = Σ_t mask_t loss_t / Σ_t mask_t                 (mean over trained tokens)
+
+The head is any object with `matmul(x, r0, r1) -> x @ W[r0:r1].T` and `matmul_t(dy, r0, r1) ->
+dy @ W[r0:r1]`; the vocabulary is walked in chunks of `chunk` rows, so memory is T × chunk.
+Forward: an online logsumexp per token across chunks (running max and sum, in f64) and the target
+logit picked from the chunk that holds it. Backward: each chunk's logits are recomputed,
+dlogits = (softmax - onehot) · mask_t · dloss / n_trained, through the softcap derivative, and
+dh += dlogits @ W_chunk. The loop over chunks is Python (each step is one big GEMM through the
+head); the per-chunk row work is a parallel Numba kernel.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numba import njit, prange
+
+DEFAULT_CHUNK = 8192  # vocab rows per chunk: 512 tokens × 8192 × 4 B = 16 MiB of logits at a time
+
+
+class Head(Protocol):
+    shape: tuple[int, int]  # (vocab, d): only read when n_vocab is not given
+
+    def matmul(self, x: np.ndarray, r0: int, r1: int) -> np.ndarray: ...  # (T, d) -> (T, r1-r0)
+
+    def matmul_t(self, dy: np.ndarray, r0: int, r1: int) -> np.ndarray: ...  # (T, r1-r0) -> (T, d)
+
+
+@dataclass
+class CrossEntropyStats:
+    """What the forward keeps for the backward and for perplexity."""
+
+    targets: np.ndarray  # (T,) int64, clipped to [0, vocab) where the mask is off
+    weights: np.ndarray  # (T,) f64: mask_t / n_trained (0 everywhere when nothing is trained)
+    lse: np.ndarray  # (T,) f64: logsumexp of each token's (capped) logits
+    losses: np.ndarray  # (T,) f64: lse - target logit, for every token (masked ones too, if their target is valid)
+    n_trained: int  # Σ mask
+    n_vocab: int
+    final_softcap: float
+    chunk: int
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _ce_fwd_chunk(logits, r0, targets, softcap, run_max, run_sum, tgt_logit):
+    # logits (T, c) this chunk's raw logits; run_max, run_sum, tgt_logit (T,) f64 updated in place
+    T, c = logits.shape
+    for t in prange(T):
+        m = -np.inf
+        if softcap > 0.0:  # cap in place once, so the second pass and the target read the capped value
+            for v in range(c):
+                logits[t, v] = softcap * math.tanh(np.float64(logits[t, v]) / softcap)
+        for v in range(c):
+            m = max(m, np.float64(logits[t, v]))
+        s = 0.0
+        for v in range(c):
+            s += math.exp(np.float64(logits[t, v]) - m)
+        # merge (m, s) into the running pair
+        mo = run_max[t]
+        if m > mo:
+            run_sum[t] = run_sum[t] * math.exp(mo - m) + s
+            run_max[t] = m
+        else:
+            run_sum[t] += s * math.exp(m - mo)
+        j = targets[t] - r0
+        if 0 <= j < c:
+            tgt_logit[t] = logits[t, j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _ce_bwd_chunk(logits, r0, targets, weights, lse, softcap, dloss):
+    # logits (T, c) raw -> overwritten in place with dloss/dlogits_raw for this chunk
+    T, c = logits.shape
+    for t in prange(T):
+        w = weights[t] * dloss
+        if w == 0.0:
+            for v in range(c):
+                logits[t, v] = 0.0
+            continue
+        L = lse[t]
+        j = targets[t] - r0
+        for v in range(c):
+            x = np.float64(logits[t, v])
+            if softcap > 0.0:
+                th = math.tanh(x / softcap)
+                g = math.exp(softcap * th - L)
+                if v == j:
+                    g -= 1.0
+                logits[t, v] = g * w * (1.0 - th * th)
+            else:
+                g = math.exp(x - L)
+                if v == j:
+                    g -= 1.0
+                logits[t, v] = g * w
+
+
+def cross_entropy_forward(
+    h: np.ndarray,
+    head: Head,
+    targets: np.ndarray,
+    mask: np.ndarray,
+    final_softcap: float = 0.0,
+    chunk: int = DEFAULT_CHUNK,
+    n_vocab: int | None = None,
+) -> tuple[float, CrossEntropyStats]:
+    """h (T, d), targets (T,) int, mask (T,) bool/float -> (mean loss over trained tokens, stats).
+
+    n_vocab: rows of the head (default head.shape[0]). Tokens with mask 0 may carry any target (e.g. -1). With nothing
+    trained the loss is 0.0 and the backward gives zeros."""
+    T = h.shape[0]
+    if n_vocab is None:
+        n_vocab = int(head.shape[0])
+    targets = np.asarray(targets).reshape(-1).astype(np.int64)
+    mask = np.asarray(mask).reshape(-1).astype(np.float64)
+    if targets.shape[0] != T or mask.shape[0] != T:
+        raise ValueError(f"cross_entropy: h has {T} rows but targets {targets.shape}, mask {mask.shape}")
+    valid = (targets >= 0) & (targets < n_vocab)
+    if np.any((mask != 0) & ~valid):
+        bad = targets[(mask != 0) & ~valid][0]
+        raise ValueError(f"cross_entropy: trained target id {bad} outside the vocabulary [0, {n_vocab})")
+    n_trained = int(np.count_nonzero(mask))
+    total_w = float(mask.sum())
+    tgt = np.where(valid, targets, 0)
+    run_max = np.full(T, -np.inf)
+    run_sum = np.zeros(T)
+    tgt_logit = np.zeros(T)
+    for r0 in range(0, n_vocab, chunk):  # one GEMM per chunk through the (quantized) head
+        r1 = min(n_vocab, r0 + chunk)
+        logits = np.ascontiguousarray(head.matmul(h, r0, r1))
+        _ce_fwd_chunk(logits, r0, tgt, float(final_softcap), run_max, run_sum, tgt_logit)
+    lse = run_max + np.log(run_sum)
+    losses = np.where(valid, lse - tgt_logit, 0.0)
+    weights = mask / total_w if total_w > 0 else np.zeros(T)
+    loss = float(np.dot(weights, losses))
+    return loss, CrossEntropyStats(tgt, weights, lse, losses, n_trained, int(n_vocab), float(final_softcap), int(chunk))
+
+
+def cross_entropy_backward(h: np.ndarray, head: Head, stats: CrossEntropyStats, dloss: float = 1.0) -> np.ndarray:
+    """h (T, d) as in the forward, stats from it -> dh (T, d) (same dtype as h) of dloss · loss."""
+    dh = np.zeros(h.shape, dtype=h.dtype)
+    if stats.n_trained == 0:
+        return dh
+    rows = np.flatnonzero(stats.weights)  # only trained tokens carry gradient: skip the others' GEMM rows
+    hs = np.ascontiguousarray(h[rows]) if rows.shape[0] < h.shape[0] else h
+    tg, wt, ls = stats.targets[rows], stats.weights[rows], stats.lse[rows]
+    acc = np.zeros((rows.shape[0], h.shape[1]), dtype=h.dtype)
+    for r0 in range(0, stats.n_vocab, stats.chunk):
+        r1 = min(stats.n_vocab, r0 + stats.chunk)
+        g = np.ascontiguousarray(head.matmul(hs, r0, r1))
+        _ce_bwd_chunk(g, r0, tg, wt, ls, stats.final_softcap, float(dloss))
+        acc += head.matmul_t(g, r0, r1)
+    dh[rows] = acc
+    return dh

@@ -1,0 +1,115 @@
+"""Chunked cross-entropy: forward against full-logits float64 numpy, backward against central finite
+differences, with masks (float weights, all-masked-but-one, all masked), soft-cap and chunk sizes that
+do not divide the vocabulary."""
+
+import numpy as np
+import pytest
+from ggtrain.kernels.loss import cross_entropy_backward, cross_entropy_forward
+
+
+class DenseHead:
+    """The head interface over a plain numpy W (vocab, d); counts calls to check the chunking."""
+
+    def __init__(self, w):
+        self.w = w
+        self.shape = w.shape
+        self.calls = []
+
+    def matmul(self, x, r0, r1):
+        self.calls.append(("matmul", r0, r1, x.shape[0]))
+        return x @ self.w[r0:r1].T
+
+    def matmul_t(self, dy, r0, r1):
+        self.calls.append(("matmul_t", r0, r1, dy.shape[0]))
+        return dy @ self.w[r0:r1]
+
+
+def ref_loss(h, w, targets, mask, softcap=0.0):
+    """(mean over trained tokens, per-token losses) from the full (T, V) logits in float64."""
+    z = h.astype(np.float64) @ w.astype(np.float64).T
+    if softcap > 0:
+        z = softcap * np.tanh(z / softcap)
+    m = z.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    t = np.where((targets >= 0) & (targets < w.shape[0]), targets, 0)
+    losses = lse - z[np.arange(len(t)), t]
+    mask = np.asarray(mask, np.float64)
+    return float((losses * mask).sum() / mask.sum()), losses
+
+
+def _problem(T=9, d=12, V=301, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((T, d)), rng.standard_normal((V, d)) * 0.7, rng.integers(0, V, T)
+
+
+MASKS = {
+    "all": lambda T: np.ones(T, bool),
+    "some": lambda T: np.arange(T) % 3 != 0,
+    "one": lambda T: np.arange(T) == T - 2,
+    "float": lambda T: np.linspace(0.0, 2.0, T),
+}
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("chunk", [64, 1000])
+@pytest.mark.parametrize("mask_name", sorted(MASKS))
+def test_forward_matches_full_logits(mask_name, chunk, softcap):
+    h, w, t = _problem()
+    mask = MASKS[mask_name](len(t))
+    head = DenseHead(w)
+    loss, st = cross_entropy_forward(h, head, t, mask, final_softcap=softcap, chunk=chunk)
+    ref, ref_losses = ref_loss(h, w, t, mask, softcap)
+    assert loss == pytest.approx(ref, rel=1e-12)
+    np.testing.assert_allclose(st.losses, ref_losses, rtol=1e-12)
+    assert st.n_trained == np.count_nonzero(mask)
+    # the vocabulary is covered chunk by chunk, never all at once (unless it fits one chunk)
+    spans = [(c[1], c[2]) for c in head.calls]
+    assert spans[0] == (0, min(chunk, 301)) and spans[-1][1] == 301 and all(b - a <= chunk for a, b in spans)
+    # f32 activations and head: same loss to f32 precision
+    loss32, _st32 = cross_entropy_forward(h.astype(np.float32), DenseHead(w.astype(np.float32)), t, mask,
+                                         final_softcap=softcap, chunk=chunk)
+    assert loss32 == pytest.approx(ref, rel=1e-5)
+
+
+def test_masked_tokens_may_have_invalid_targets_and_nothing_trained_gives_zero():
+    h, w, t = _problem()
+    t[[0, 4]] = -1
+    mask = np.ones(len(t))
+    mask[[0, 4]] = 0
+    loss, st = cross_entropy_forward(h, DenseHead(w), t, mask, chunk=100)
+    ref, _ = ref_loss(h[mask > 0], w, t[mask > 0], mask[mask > 0])
+    assert loss == pytest.approx(ref, rel=1e-12) and st.losses[0] == 0.0
+    loss0, st0 = cross_entropy_forward(h, DenseHead(w), t, np.zeros(len(t)), chunk=100)
+    assert loss0 == 0.0 and st0.n_trained == 0
+    assert not cross_entropy_backward(h, DenseHead(w), st0).any()
+    mask[0] = 1  # a trained token with target -1 is an error
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        cross_entropy_forward(h, DenseHead(w), t, mask)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+@pytest.mark.parametrize("mask_name", sorted(MASKS))
+def test_backward_matches_finite_differences(mask_name, softcap):
+    h, w, t = _problem(T=7, d=10, V=203, seed=1)
+    mask = MASKS[mask_name](len(t))
+    head = DenseHead(w)
+    _loss, st = cross_entropy_forward(h, head, t, mask, final_softcap=softcap, chunk=50)
+    dh = cross_entropy_backward(h, head, st, dloss=1.7)
+    assert dh.shape == h.shape and dh.dtype == np.float64
+    num = np.zeros_like(h)
+    eps = 1e-6
+    for idx in np.ndindex(h.shape):
+        hp, hm = h.copy(), h.copy()
+        hp[idx] += eps
+        hm[idx] -= eps
+        num[idx] = 1.7 * (ref_loss(hp, w, t, mask, softcap)[0] - ref_loss(hm, w, t, mask, softcap)[0]) / (2 * eps)
+    np.testing.assert_allclose(dh, num, rtol=1e-6, atol=1e-9)
+    untrained = np.asarray(mask) == 0
+    assert not dh[untrained].any()  # untrained rows get exactly zero gradient
+    # only trained rows go through the head in the backward
+    assert all(c[3] == np.count_nonzero(mask) for c in head.calls if c[0] == "matmul_t")
+    h32, w32 = h.astype(np.float32), w.astype(np.float32)
+    _, st32 = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=50)
+    dh32 = cross_entropy_backward(h32, DenseHead(w32), st32, dloss=1.7)
+    assert dh32.dtype == np.float32
+    np.testing.assert_allclose(dh32, num, rtol=1e-4, atol=1e-5)
