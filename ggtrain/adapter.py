@@ -1,0 +1,214 @@
+"""LoRA adapters in llama.cpp's GGUF format: write what `llama-cli --lora` loads, read them back.
+
+The format (llama.cpp src/llama-adapter.cpp, convert_lora_to_gguf.py):
+    general.type = "adapter", adapter.type = "lora", adapter.lora.alpha (f32),
+    general.architecture = the base model's (llama.cpp refuses any other)
+    for each adapted base tensor NAME.weight: NAME.weight.lora_a, ggml shape [in, r] (numpy (r, in) = A)
+                                              NAME.weight.lora_b, ggml shape [r, out] (numpy (out, r) = B)
+llama.cpp applies y += s · alpha / r · B·A·x, r = lora_b's ne[0] per tensor, s the user's scale
+(--lora-scaled F:S, default 1); alpha 0 means no alpha/r factor at all. There is one alpha per file,
+so a per-target alpha is folded into that target's B on writing (B · alpha_t / alpha_file).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf.constants import GGMLQuantizationType as QT
+
+from ggtrain.atomic import atomic_path
+from ggtrain.errors import GGTrainError
+from ggtrain.lora import LoraWeights, target_of
+from ggtrain.modelfile import ModelFile, type_name
+
+ADAPTER_DTYPES = ("f32", "f16", "q8_0")
+_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+def _encode(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, QT | None]:
+    """(data, raw_dtype) for GGUFWriter.add_tensor. q8_0 needs rows of 32k values; other rows (e.g.
+    lora_b's rows of r values) fall back to f16, as llama.cpp's converter does."""
+    if dtype == "f32":
+        return np.ascontiguousarray(arr, dtype=np.float32), None
+    if dtype == "q8_0" and arr.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), QT.Q8_0), QT.Q8_0
+    return np.ascontiguousarray(arr, dtype=np.float16), None
+
+
+def write_gguf_adapter(path: str | os.PathLike, lora: LoraWeights, base: ModelFile, alpha: float | None = None,
+                       dtype: str = "f32", name: str | None = None,
+                       extra_meta: Mapping[str, str | int | float | bool] | None = None) -> Path:
+    """Write `lora` as a llama.cpp GGUF LoRA adapter for `base`, atomically; return the path.
+
+    alpha: the file's adapter.lora.alpha (default: the entries' alpha when they share one, else the
+    first entry's; the others are folded into their B). dtype: f32 | f16 | q8_0.
+    extra_meta: more string/number keys (e.g. "training.steps"), written as they are.
+    """
+    path = Path(path)
+    if dtype not in ADAPTER_DTYPES:
+        raise GGTrainError(f"adapter type '{dtype}' is not one of {', '.join(ADAPTER_DTYPES)}")
+    if len(lora) == 0:
+        raise GGTrainError(f"{path}: the adapter has no tensors")
+    arch = base.architecture
+    for tname, e in lora.entries.items():
+        t = base.tensors.get(tname)
+        if t is None:
+            raise GGTrainError(f"{path}: LoRA tensor '{tname}' does not exist in the base model {base.path}")
+        if tuple(t.shape) != (e.B.shape[0], e.A.shape[1]):
+            raise GGTrainError(f"{path}: LoRA of '{tname}' is {(e.B.shape[0], e.A.shape[1])}, the base model "
+                               f"{base.path} has {tuple(t.shape)}")
+    alphas = {e.alpha for e in lora.entries.values()}
+    file_alpha = float(alpha) if alpha is not None else next(iter(lora.entries.values())).alpha
+    if file_alpha <= 0:
+        raise GGTrainError(f"{path}: adapter alpha must be > 0, got {file_alpha}")
+    if name is None:
+        base_name = base.get("general.name")
+        name = f"{base_name} LoRA" if isinstance(base_name, str) and base_name else "ggtrain LoRA"
+
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, file_alpha)
+        w.add_name(name)
+        w.add_file_type(_FILE_TYPE[dtype])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        base_name = base.get("general.name")
+        if isinstance(base_name, str) and base_name:
+            w.add_base_model_count(1)
+            w.add_base_model_name(0, base_name)
+        w.add_string("ggtrain.adapter.base_file", base.path.name)
+        if len(alphas) > 1:
+            w.add_string("ggtrain.adapter.note", "per-target alpha folded into lora_b")
+        for k, v in (extra_meta or {}).items():
+            if isinstance(v, bool):
+                w.add_bool(k, v)
+            elif isinstance(v, int):
+                w.add_int64(k, v)
+            elif isinstance(v, float):
+                w.add_float32(k, v)
+            else:
+                w.add_string(k, str(v))
+        for tname, e in lora.entries.items():
+            B = e.B if e.alpha == file_alpha else e.B * np.float32(e.alpha / file_alpha)
+            for suffix, arr in (("lora_a", e.A), ("lora_b", B)):
+                data, raw = _encode(arr, dtype)
+                w.add_tensor(f"{tname}.{suffix}", data, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path
+
+
+def _as_f32(path: Path, t: Any) -> np.ndarray:
+    """A tensor of the adapter as float32 in numpy shape."""
+    if t.qtype == QT.F32:
+        return t.data.view(np.float32).reshape(t.shape).copy()
+    if t.qtype == QT.F16:
+        return t.data.view(np.float16).reshape(t.shape).astype(np.float32)
+    try:
+        return gguf.quants.dequantize(t.data, t.qtype).reshape(t.shape).astype(np.float32, copy=False)
+    except (NotImplementedError, ValueError, KeyError):
+        raise GGTrainError(f"{path}: tensor '{t.name}' has type {type_name(t.qtype)}, which ggtrain cannot "
+                           "read in an adapter") from None
+
+
+def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None,
+                      scale: float = 1.0) -> tuple[LoraWeights, float, dict[str, Any]]:
+    """Read a llama.cpp GGUF LoRA adapter -> (LoraWeights, file alpha, metadata).
+
+    Each entry's alpha is set so that its scale is what llama.cpp applies: scale · alpha / r (or
+    scale alone when the file's alpha is 0); `scale` is the --lora-scaled factor. With `base`, the
+    adapter is checked against it the way llama.cpp does (architecture, tensor names, shapes), so
+    the user hears which file and tensor are wrong instead of getting a crash later.
+    """
+    path = Path(path)
+    mf = ModelFile(path, check_types=False)
+    try:
+        meta = dict(mf.metadata)
+        gtype = meta.get("general.type")
+        if gtype != "adapter":
+            what = "a model" if gtype in (None, "model") and "token_embd.weight" in mf.tensors else \
+                f"general.type = {gtype!r}"
+            raise GGTrainError(f"{path}: not a LoRA adapter ({what}; expected general.type = 'adapter')")
+        if meta.get("adapter.type") != "lora":
+            raise GGTrainError(f"{path}: adapter.type is {meta.get('adapter.type')!r}, only 'lora' is supported")
+        arch = meta.get("general.architecture")
+        if not isinstance(arch, str):
+            raise GGTrainError(f"{path}: no general.architecture in the adapter")
+        if base is not None and arch != base.architecture:
+            raise GGTrainError(f"{path}: adapter is for architecture '{arch}', the base model {base.path} is "
+                               f"'{base.architecture}'")
+        alpha = float(meta.get("adapter.lora.alpha", 0.0))
+
+        pairs: dict[str, dict[str, Any]] = {}
+        ignored = []
+        for tname, t in mf.tensors.items():
+            for suffix in ("lora_a", "lora_b"):
+                if tname.endswith("." + suffix):
+                    pairs.setdefault(tname[:-len(suffix) - 1], {})[suffix] = t
+                    break
+            else:
+                if tname.endswith("_norm.weight"):  # llama.cpp skips these too
+                    ignored.append(tname)
+                    continue
+                raise GGTrainError(f"{path}: tensor '{tname}' is neither a .lora_a nor a .lora_b tensor")
+        if not pairs:
+            raise GGTrainError(f"{path}: the adapter has no LoRA tensors")
+
+        layout = {}
+        arrays = {}
+        for bname, ab in pairs.items():
+            if len(ab) != 2:
+                raise GGTrainError(f"{path}: LoRA tensor pair for '{bname}' is missing its "
+                                   f"{'lora_b' if 'lora_a' in ab else 'lora_a'}")
+            if bname == "token_embd.weight":
+                raise GGTrainError(f"{path}: a LoRA on token_embd.weight is not supported by ggtrain")
+            try:
+                target_of(bname)
+            except GGTrainError as e:
+                raise GGTrainError(f"{path}: {e}") from None
+            ta, tb = ab["lora_a"], ab["lora_b"]
+            if len(ta.shape) != 2 or len(tb.shape) != 2 or ta.shape[0] != tb.shape[1]:
+                raise GGTrainError(f"{path}: '{bname}' has lora_a {ta.shape} and lora_b {tb.shape} (numpy order); "
+                                   "expected (r, in) and (out, r)")
+            r, n_in = ta.shape
+            n_out = tb.shape[0]
+            if base is not None:
+                bt = base.tensors.get(bname)
+                if bt is None:
+                    raise GGTrainError(f"{path}: LoRA tensor '{bname}' does not exist in the base model "
+                                       f"{base.path} (an adapter for another model?)")
+                if tuple(bt.shape) != (n_out, n_in):
+                    raise GGTrainError(f"{path}: LoRA of '{bname}' is {(n_out, n_in)}, the base model {base.path} "
+                                       f"has {tuple(bt.shape)} (an adapter for another model?)")
+            entry_alpha = scale * (alpha if alpha else r)  # llama.cpp: alpha ? s·alpha/r : s
+            layout[bname] = (n_out, n_in, r, entry_alpha, 0.0)
+            arrays[bname] = (_as_f32(path, ta), _as_f32(path, tb))
+    finally:
+        mf.close()
+
+    lora = LoraWeights(layout)
+    for bname, (a, b) in arrays.items():
+        lora[bname].A[...] = a
+        lora[bname].B[...] = b
+    meta["ggtrain.ignored_tensors"] = ignored
+    return lora, alpha, meta
+
+
+def parse_lora_arg(arg: str) -> tuple[Path, float]:
+    """'adapter.gguf' -> (path, 1.0); 'adapter.gguf:0.5' -> (path, 0.5) (llama.cpp's --lora-scaled F:S)."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(arg), 1.0
