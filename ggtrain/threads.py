@@ -22,7 +22,7 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def _openblas_setters() -> dict[str, ctypes._CFuncPtr]:
+def openblas_setters() -> dict[str, ctypes._CFuncPtr]:
     """set_num_threads of the OpenBLAS copies bundled with scipy and numpy, by which library."""
     import numpy as np
     import scipy
@@ -53,7 +53,7 @@ def set_threads(n: int) -> int:
         raise ValueError(f"thread count must be >= 1, got {n}")
     from ggtrain import kernels
     kernels.set_num_threads(n)
-    setters = _openblas_setters()
+    setters = openblas_setters()
     if "scipy" in setters:
         setters["scipy"](1)
     if "numpy" in setters:

@@ -6,14 +6,20 @@
                                                   dX = dY·W  dy f32 (T, rows) -> (T, n)  (+= if accumulate)
     get_rows(w, qtype, ids)                       embedding lookup: ids int (k,) -> f32 (k, n)
 
-Bad input (dtype, shape, unsupported type) raises GGTrainError with a message saying what is wrong.
+w may be any row slice (or block-aligned column slice) of a tensor's uint8 view: rows need not be
+adjacent, only each row's bytes. x, dy and out may be row-strided views with contiguous rows.
+Bad input (dtype, shape, unsupported type) raises GGTrainError saying what is wrong.
+
+The compiled code lives in quant_base / quant_avx2 (one source, kernels/quant_simd.pyx), picked at
+import from the CPU's flags; GGTRAIN_SIMD=base|avx2 overrides the choice.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize as _gguf_dequantize
 
 from ggtrain.errors import GGTrainError
 from ggtrain.modelfile import SUPPORTED_TYPES, type_name
@@ -26,17 +32,64 @@ __all__ = [
     "qmatmul",
     "qmatmul_backward_input",
     "set_num_threads",
+    "simd_level",
+    "tile_shape",
 ]
 
-_num_threads = 1
+# Floats in the one dequantization tile qmatmul allocates per call (shared by its threads):
+# 512 Ki floats = 2 MiB, whatever the size of W.
+TILE_BUDGET = 512 * 1024
+# Forward tiles are at most this many columns wide (then as many rows as the budget allows): each
+# tile re-reads X, so fewer, taller tiles cost less. Backward tiles span whole rows when they can.
+FORWARD_TILE_COLS = 1024
+MIN_TILE_ROWS = 16
 
-_TILE_ROWS = 256  # rows of W dequantized at a time: extra memory is _TILE_ROWS × n floats
+
+def _cpu_simd_level() -> str:
+    """'avx2' when the CPU has AVX2, FMA and F16C (what quant_avx2 is compiled for), else 'base'."""
+    forced = os.environ.get("GGTRAIN_SIMD", "").strip().lower()
+    if forced:
+        if forced not in ("base", "avx2"):
+            raise GGTrainError(f"GGTRAIN_SIMD={forced!r}: expected 'base' or 'avx2'")
+        return forced
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    return "avx2" if all(__cpu_features__.get(f) for f in ("AVX2", "FMA3", "F16C")) else "base"
+
+
+simd_level = _cpu_simd_level()
+if simd_level == "avx2":
+    from ggtrain.kernels import quant_avx2 as _impl
+else:
+    from ggtrain.kernels import quant_base as _impl
+
+
+def _blas_single_thread() -> None:
+    """The kernels call scipy's OpenBLAS from inside their OpenMP threads: it must not add its own."""
+    from ggtrain.threads import openblas_setters
+    setter = openblas_setters().get("scipy")
+    if setter is not None:
+        setter(1)
+
+
+_blas_single_thread()
+
+
+def set_num_threads(n: int) -> None:
+    """Threads of the kernels' OpenMP loops (ggtrain.threads.set_threads sets every pool at once)."""
+    _impl.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _impl.get_num_threads()
 
 
 def _qtype(qtype: int) -> GGMLQuantizationType:
     try:
         qt = GGMLQuantizationType(int(qtype))
-    except ValueError:
+    except (ValueError, TypeError):
         raise GGTrainError(f"unknown tensor type {qtype!r}") from None
     if qt not in SUPPORTED_TYPES:
         raise GGTrainError(f"tensor type {type_name(qt)} is not supported by ggtrain.kernels "
@@ -44,93 +97,114 @@ def _qtype(qtype: int) -> GGMLQuantizationType:
     return qt
 
 
-def _check_weight(w: np.ndarray, qt: GGMLQuantizationType) -> int:
-    """Validates a weight w uint8 (rows, row_bytes); returns n (elements per row)."""
+def _describe(a: object) -> str:
+    return f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+
+
+def _check_weight(w: np.ndarray, qt: GGMLQuantizationType, name: str = "weight") -> int:
+    """Validates w uint8 (rows, row_bytes) with contiguous rows; returns n (elements per row)."""
     if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2:
-        raise GGTrainError(f"weight must be a uint8 array (rows, row_bytes), got "
-                           f"{getattr(w, 'dtype', type(w).__name__)} {getattr(w, 'shape', '')}")
+        raise GGTrainError(f"{name} must be a uint8 array (rows, row_bytes), got {_describe(w)}")
     block, type_size = GGML_QUANT_SIZES[qt]
     if w.shape[1] % type_size:
-        raise GGTrainError(f"weight row of {w.shape[1]} bytes is not a whole number of {qt.name} blocks "
+        raise GGTrainError(f"{name} row of {w.shape[1]} bytes is not a whole number of {qt.name} blocks "
                            f"({type_size} bytes each)")
+    if w.shape[1] > 1 and w.strides[1] != 1:
+        raise GGTrainError(f"{name}: the bytes of each row must be contiguous (strides {w.strides})")
     return w.shape[1] // type_size * block
 
 
-def _check_f32_2d(a: np.ndarray, name: str, cols: int) -> None:
+def _rows_contiguous(a: np.ndarray) -> np.ndarray:
+    """a with each row contiguous (a view when it already is)."""
+    return a if a.shape[1] <= 1 or a.strides[1] == a.itemsize else np.ascontiguousarray(a)
+
+
+def _check_f32_2d(a: np.ndarray, name: str, cols: int) -> np.ndarray:
     if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 2:
-        raise GGTrainError(f"{name} must be a float32 array (tokens, {cols}), got "
-                           f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+        raise GGTrainError(f"{name} must be a float32 array (tokens, {cols}), got {_describe(a)}")
     if a.shape[1] != cols:
         raise GGTrainError(f"{name} has {a.shape[1]} columns, the weight needs {cols}")
+    return _rows_contiguous(a)
 
 
 def _check_out(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     if out is None:
         return np.empty(shape, dtype=np.float32)
     if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape:
-        raise GGTrainError(f"out must be a float32 array of shape {shape}, got "
-                           f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+        raise GGTrainError(f"out must be a float32 array of shape {shape}, got {_describe(out)}")
     if not out.flags.writeable:
         raise GGTrainError("out is read-only")
+    if shape[1] > 1 and out.strides[1] != 4 or out.strides[0] < 0 or shape[0] > 1 and out.strides[0] % 4:
+        raise GGTrainError(f"out must have contiguous rows (strides {out.strides})")
     return out
+
+
+def tile_shape(backward: bool, rows: int, n: int, qtype: int) -> tuple[int, int]:
+    """(tile_rows, tile_cols) of the f32 tile qmatmul dequantizes W into: at most TILE_BUDGET floats
+    (plus one row of blocks when a single row is wider than the budget), whatever the weight's size."""
+    block = GGML_QUANT_SIZES[_qtype(qtype)][0]
+    if backward:  # whole rows when possible: each tile re-reads its slice of dY
+        cols = min(n, max(block, (TILE_BUDGET // MIN_TILE_ROWS) // block * block))
+    else:
+        cols = min(n, max(block, FORWARD_TILE_COLS // block * block))
+    tile_rows = max(1, min(rows, TILE_BUDGET // max(cols, 1)))
+    return tile_rows, cols
 
 
 def dequantize(data: np.ndarray, qtype: int) -> np.ndarray:
     """Raw GGUF rows uint8 (..., row_bytes) -> float32 (..., n); bit-identical to gguf.quants.dequantize."""
     qt = _qtype(qtype)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim < 1:
-        raise GGTrainError(f"data must be a uint8 array (..., row_bytes), got "
-                           f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    _check_weight(data.reshape(-1, data.shape[-1]), qt)
-    return np.array(_gguf_dequantize(data, qt), dtype=np.float32, copy=True)
+        raise GGTrainError(f"data must be a uint8 array (..., row_bytes), got {_describe(data)}")
+    block, type_size = GGML_QUANT_SIZES[qt]
+    if data.shape[-1] % type_size:
+        raise GGTrainError(f"row of {data.shape[-1]} bytes is not a whole number of {qt.name} blocks "
+                           f"({type_size} bytes each)")
+    rows = data.reshape(-1, data.shape[-1]) if data.size else data.reshape(-1, data.shape[-1] or 1)
+    rows = _rows_contiguous(rows)
+    n = data.shape[-1] // type_size * block
+    out = np.empty((rows.shape[0], n), dtype=np.float32)
+    _impl.dequantize_rows(rows, int(qt), block, type_size, out)
+    return out.reshape(*data.shape[:-1], n)
 
 
 def qmatmul(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Y = X·Wᵀ: x f32 (T, n), w uint8 (rows, row_bytes) of type qtype -> f32 (T, rows)."""
+    """Y = X·Wᵀ: x f32 (T, n), w uint8 (rows, row_bytes) of type qtype -> f32 (T, rows) (into out if given)."""
     qt = _qtype(qtype)
     n = _check_weight(w, qt)
-    _check_f32_2d(x, "x", n)
+    x = _check_f32_2d(x, "x", n)
     out = _check_out(out, (x.shape[0], w.shape[0]))
-    for r0 in range(0, w.shape[0], _TILE_ROWS):
-        tile = _gguf_dequantize(w[r0:r0 + _TILE_ROWS], qt)
-        np.matmul(x, tile.T, out=out[:, r0:r0 + _TILE_ROWS])
+    block, type_size = GGML_QUANT_SIZES[qt]
+    tr, tc = tile_shape(False, w.shape[0], n, qt)
+    _impl.qmatmul(False, int(qt), block, type_size, w, x, out, False, tr, tc)
     return out
 
 
 def qmatmul_backward_input(dy: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None,
                            accumulate: bool = False) -> np.ndarray:
-    """dX = dY·W: dy f32 (T, rows), w uint8 (rows, row_bytes) -> f32 (T, n); adds into out if accumulate."""
+    """dX = dY·W: dy f32 (T, rows), w uint8 (rows, row_bytes) -> f32 (T, n); out += dX if accumulate."""
     qt = _qtype(qtype)
     n = _check_weight(w, qt)
-    _check_f32_2d(dy, "dy", w.shape[0])
+    dy = _check_f32_2d(dy, "dy", w.shape[0])
     if accumulate and out is None:
-        raise GGTrainError("accumulate=True needs out")
+        raise GGTrainError("qmatmul_backward_input: accumulate=True needs out")
     out = _check_out(out, (dy.shape[0], n))
-    if not accumulate:
-        out[...] = 0
-    for r0 in range(0, w.shape[0], _TILE_ROWS):
-        tile = _gguf_dequantize(w[r0:r0 + _TILE_ROWS], qt)
-        out += dy[:, r0:r0 + _TILE_ROWS] @ tile
+    block, type_size = GGML_QUANT_SIZES[qt]
+    tr, tc = tile_shape(True, w.shape[0], n, qt)
+    _impl.qmatmul(True, int(qt), block, type_size, w, dy, out, bool(accumulate), tr, tc)
     return out
 
 
 def get_rows(w: np.ndarray, qtype: int, ids: np.ndarray) -> np.ndarray:
     """Embedding lookup: rows ids (k,) of w, dequantized -> f32 (k, n)."""
     qt = _qtype(qtype)
-    _check_weight(w, qt)
+    n = _check_weight(w, qt)
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise GGTrainError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        raise GGTrainError(f"ids must be a 1-D integer array, got {_describe(ids)}")
     if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
-        raise GGTrainError(f"ids out of range [0, {w.shape[0]}): min {ids.min()}, max {ids.max()}")
-    return dequantize(w[ids], qt)
-
-
-def set_num_threads(n: int) -> None:
-    """Threads of the kernels' OpenMP loops (use ggtrain.threads.set_threads, which sets every pool)."""
-    global _num_threads
-    _num_threads = max(1, int(n))
-
-
-def get_num_threads() -> int:
-    return _num_threads
+        raise GGTrainError(f"token ids out of range [0, {w.shape[0]}): min {ids.min()}, max {ids.max()}")
+    out = np.empty((ids.shape[0], n), dtype=np.float32)
+    block, type_size = GGML_QUANT_SIZES[qt]
+    _impl.get_rows(w, int(qt), block, type_size, np.ascontiguousarray(ids, dtype=np.int64), out)
+    return out

@@ -1,0 +1,526 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Dequantization and quantized matmul over raw GGUF blocks (built as quant_base and quant_avx2).
+
+One small function per quant type, each the C twin of its gguf-py class (gguf/quants.py): same
+bit layout and the same float operations in the same order, so the results are bit-identical
+(setup.py compiles with -ffp-contract=off: no fused multiply-add unless we write one).
+
+qmatmul: W is never expanded. A tile of W (at most `tile_budget` floats, one buffer shared by the
+threads) is dequantized by all threads in parallel (rows split between them), then every thread
+runs a single-threaded sgemm on its share of the tokens (or, for a few tokens, of the tile's rows
+or columns). Each thread writes a disjoint block of the output, so no locks and no races.
+"""
+
+from cython.parallel cimport parallel, prange, threadid
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+from scipy.linalg.cython_blas cimport sgemm
+
+cimport openmp
+
+cdef extern from "quant_util.h" nogil:
+    void gg_omp_barrier()
+    uint16_t gg_load_u16(const uint8_t *p)
+    uint32_t gg_load_u32(const uint8_t *p)
+    float gg_load_f16(const uint8_t *p)
+    void gg_f16_row(const uint8_t *src, float *dst, int64_t n)
+
+# ggml type ids (gguf.constants.GGMLQuantizationType)
+cdef enum:
+    T_F32 = 0
+    T_F16 = 1
+    T_Q4_0 = 2
+    T_Q4_1 = 3
+    T_Q5_0 = 6
+    T_Q5_1 = 7
+    T_Q8_0 = 8
+    T_Q2_K = 10
+    T_Q3_K = 11
+    T_Q4_K = 12
+    T_Q5_K = 13
+    T_Q6_K = 14
+    T_IQ4_NL = 20
+    T_IQ4_XS = 23
+    T_BF16 = 30
+
+# IQ4_NL / IQ4_XS non-linear levels (gguf-py IQ4_NL.kvalues)
+cdef float KVALUES_IQ4NL[16]
+KVALUES_IQ4NL[:] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+cdef int _num_threads = openmp.omp_get_max_threads()
+
+
+def set_num_threads(int n):
+    """Threads of every parallel loop in this module (and omp_set_num_threads for other OpenMP code)."""
+    global _num_threads
+    _num_threads = max(1, n)
+    openmp.omp_set_num_threads(_num_threads)
+
+
+def get_num_threads():
+    return _num_threads
+
+
+# ---- one function per type: nb consecutive blocks at b -> nb * block_size floats at y --------------
+
+cdef inline void dq_bf16(const uint8_t *b, float *y, Py_ssize_t n) noexcept nogil:
+    # bf16 is the top half of an f32: shift the bits up
+    cdef Py_ssize_t i
+    cdef uint32_t bits
+    for i in range(n):
+        bits = (<uint32_t>gg_load_u16(b + 2 * i)) << 16
+        memcpy(&y[i], &bits, 4)
+
+
+cdef inline void dq_q4_0(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 18 bytes: d f16 | qs[16] (element j: low nibble of qs[j], element j+16: high nibble)
+    cdef Py_ssize_t i
+    cdef int j
+    cdef float d
+    cdef const uint8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        qs = b + 2
+        for j in range(16):
+            y[j] = d * <float>(<int>(qs[j] & 0x0F) - 8)
+            y[j + 16] = d * <float>(<int>(qs[j] >> 4) - 8)
+        b += 18
+        y += 32
+
+
+cdef inline void dq_q4_1(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 20 bytes: d f16 | m f16 | qs[16]; x = d * q + m
+    cdef Py_ssize_t i
+    cdef int j
+    cdef float d, m
+    cdef const uint8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        m = gg_load_f16(b + 2)
+        qs = b + 4
+        for j in range(16):
+            y[j] = d * <float>(qs[j] & 0x0F) + m
+            y[j + 16] = d * <float>(qs[j] >> 4) + m
+        b += 20
+        y += 32
+
+
+cdef inline void dq_q5_0(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 22 bytes: d f16 | qh u32 (bit j = 5th bit of element j) | qs[16]; x = d * (q - 16)
+    cdef Py_ssize_t i
+    cdef int j
+    cdef float d
+    cdef uint32_t qh
+    cdef const uint8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        qh = gg_load_u32(b + 2)
+        qs = b + 6
+        for j in range(16):
+            y[j] = d * <float>(<int>((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16)
+            y[j + 16] = d * <float>(<int>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16)
+        b += 22
+        y += 32
+
+
+cdef inline void dq_q5_1(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 24 bytes: d f16 | m f16 | qh u32 | qs[16]; x = d * q + m
+    cdef Py_ssize_t i
+    cdef int j
+    cdef float d, m
+    cdef uint32_t qh
+    cdef const uint8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        m = gg_load_f16(b + 2)
+        qh = gg_load_u32(b + 4)
+        qs = b + 8
+        for j in range(16):
+            y[j] = d * <float>((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) + m
+            y[j + 16] = d * <float>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m
+        b += 24
+        y += 32
+
+
+cdef inline void dq_q8_0(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 34 bytes: d f16 | qs int8[32]; x = q * d
+    cdef Py_ssize_t i
+    cdef int j
+    cdef float d
+    cdef const int8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        qs = <const int8_t *>(b + 2)
+        for j in range(32):
+            y[j] = <float>qs[j] * d
+        b += 34
+        y += 32
+
+
+cdef inline void dq_q2_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 84 bytes: scales[16] (low nibble scale, high nibble min) | qs[64] (2 bits) | d f16 | dmin f16
+    # element e = h*128 + s*32 + l: (qs[h*32 + l] >> 2s) & 3, sub-block e // 16; x = dl * q - ml
+    cdef Py_ssize_t i
+    cdef int h, s, l, sub
+    cdef float d, dmin, dl, ml
+    cdef const uint8_t *sc
+    cdef const uint8_t *qs
+    for i in range(nb):
+        sc = b
+        qs = b + 16
+        d = gg_load_f16(b + 80)
+        dmin = gg_load_f16(b + 82)
+        for h in range(2):
+            for s in range(4):
+                for sub in range(2):
+                    dl = d * <float>(sc[h * 8 + s * 2 + sub] & 0x0F)
+                    ml = dmin * <float>(sc[h * 8 + s * 2 + sub] >> 4)
+                    for l in range(16):
+                        y[h * 128 + s * 32 + sub * 16 + l] = (
+                            dl * <float>((qs[h * 32 + sub * 16 + l] >> (2 * s)) & 3) - ml)
+        b += 84
+        y += 256
+
+
+cdef inline void dq_q3_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 110 bytes: hmask[32] | qs[64] (low 2 bits) | scales[12] (16 x 6 bits) | d f16
+    # q = low2 - 4 * (hmask bit clear); scale i = (low nibble | 2 high bits << 4) - 32; x = d*scale * q
+    cdef Py_ssize_t i
+    cdef int h, s, l, sub, si
+    cdef float d, dl
+    cdef int8_t sc
+    cdef const uint8_t *hm
+    cdef const uint8_t *qs
+    cdef const uint8_t *scales
+    for i in range(nb):
+        hm = b
+        qs = b + 32
+        scales = b + 96
+        d = gg_load_f16(b + 108)
+        for h in range(2):
+            for s in range(4):
+                for sub in range(2):
+                    si = h * 8 + s * 2 + sub
+                    if si < 8:
+                        sc = <int8_t>((scales[si] & 0x0F) | (((scales[8 + si % 4] >> (2 * (si // 4))) & 3) << 4))
+                    else:
+                        sc = <int8_t>((scales[si - 8] >> 4) | (((scales[8 + si % 4] >> (2 * (si // 4))) & 3) << 4))
+                    dl = d * <float>(<int8_t>(sc - 32))
+                    for l in range(16):
+                        y[h * 128 + s * 32 + sub * 16 + l] = dl * <float>(
+                            <int>((qs[h * 32 + sub * 16 + l] >> (2 * s)) & 3)
+                            - ((((hm[sub * 16 + l] >> (h * 4 + s)) & 1) ^ 1) << 2))
+        b += 110
+        y += 256
+
+
+cdef inline void k_scale_min(const uint8_t *scales, int j, int *sc, int *mn) noexcept nogil:
+    # Q4_K / Q5_K: 8 pairs of 6-bit (scale, min) packed in 12 bytes (gguf-py Q4_K.get_scale_min)
+    if j < 4:
+        sc[0] = scales[j] & 63
+        mn[0] = scales[j + 4] & 63
+    else:
+        sc[0] = (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 2) & 0x30)
+        mn[0] = (scales[j + 4] >> 4) | ((scales[j] >> 2) & 0x30)
+
+
+cdef inline void dq_q4_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 144 bytes: d f16 | dmin f16 | scales[12] | qs[128]; sub-block j (32 elements) = nibble j % 2 of
+    # qs[(j // 2) * 32 + l]; x = (d * sc) * q - (dmin * m)
+    cdef Py_ssize_t i
+    cdef int j, l, sc, mn
+    cdef float d, dmin, dd, dm
+    cdef const uint8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        dmin = gg_load_f16(b + 2)
+        qs = b + 16
+        for j in range(8):
+            k_scale_min(b + 4, j, &sc, &mn)
+            dd = d * <float>sc
+            dm = dmin * <float>mn
+            for l in range(32):
+                y[j * 32 + l] = dd * <float>((qs[(j // 2) * 32 + l] >> (4 * (j % 2))) & 0x0F) - dm
+        b += 144
+        y += 256
+
+
+cdef inline void dq_q5_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 176 bytes: d f16 | dmin f16 | scales[12] | qh[32] (bit j = 5th bit of sub-block j) | qs[128]
+    cdef Py_ssize_t i
+    cdef int j, l, sc, mn
+    cdef float d, dmin, dd, dm
+    cdef const uint8_t *qh
+    cdef const uint8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        dmin = gg_load_f16(b + 2)
+        qh = b + 16
+        qs = b + 48
+        for j in range(8):
+            k_scale_min(b + 4, j, &sc, &mn)
+            dd = d * <float>sc
+            dm = dmin * <float>mn
+            for l in range(32):
+                y[j * 32 + l] = dd * <float>(((qs[(j // 2) * 32 + l] >> (4 * (j % 2))) & 0x0F)
+                                             | (((qh[l] >> j) & 1) << 4)) - dm
+        b += 176
+        y += 256
+
+
+cdef inline void dq_q6_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 210 bytes: ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales int8[16] | d f16
+    # element e = h*128 + s*32 + l: low = (ql[h*64 + (s%2)*32 + l] >> 4*(s//2)) & 15,
+    # high = (qh[h*32 + l] >> 2s) & 3; x = (d * scale[e // 16]) * (q - 32)
+    cdef Py_ssize_t i
+    cdef int h, s, l, sub
+    cdef float d, dl
+    cdef const uint8_t *ql
+    cdef const uint8_t *qh
+    cdef const int8_t *scales
+    for i in range(nb):
+        ql = b
+        qh = b + 128
+        scales = <const int8_t *>(b + 192)
+        d = gg_load_f16(b + 208)
+        for h in range(2):
+            for s in range(4):
+                for sub in range(2):
+                    dl = d * <float>scales[h * 8 + s * 2 + sub]
+                    for l in range(16):
+                        y[h * 128 + s * 32 + sub * 16 + l] = dl * <float>(<int8_t>(
+                            ((ql[h * 64 + (s % 2) * 32 + sub * 16 + l] >> (4 * (s // 2))) & 0x0F)
+                            | (((qh[h * 32 + sub * 16 + l] >> (2 * s)) & 3) << 4)) - 32)
+        b += 210
+        y += 256
+
+
+cdef inline void dq_iq4_nl(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 18 bytes: d f16 | qs[16] (nibbles index KVALUES_IQ4NL, order as Q4_0); x = d * kvalue
+    cdef Py_ssize_t i
+    cdef int j
+    cdef float d
+    cdef const uint8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        qs = b + 2
+        for j in range(16):
+            y[j] = d * KVALUES_IQ4NL[qs[j] & 0x0F]
+            y[j + 16] = d * KVALUES_IQ4NL[qs[j] >> 4]
+        b += 18
+        y += 32
+
+
+cdef inline void dq_iq4_xs(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    # 136 bytes: d f16 | scales_h u16 (2 bits per sub-block) | scales_l[4] (nibbles) | qs[128]
+    # sub-block ib (32 elements): scale = (l | h << 4) - 32; nibbles of qs[ib*16 + j] as in IQ4_NL
+    cdef Py_ssize_t i
+    cdef int ib, j
+    cdef float d, dl
+    cdef uint16_t sh
+    cdef const uint8_t *sl
+    cdef const uint8_t *qs
+    for i in range(nb):
+        d = gg_load_f16(b)
+        sh = gg_load_u16(b + 2)
+        sl = b + 4
+        qs = b + 8
+        for ib in range(8):
+            dl = d * <float>(<int8_t>(((sl[ib // 2] >> (4 * (ib % 2))) & 0x0F)
+                                      | (((sh >> (2 * ib)) & 3) << 4)) - 32)
+            for j in range(16):
+                y[ib * 32 + j] = dl * KVALUES_IQ4NL[qs[ib * 16 + j] & 0x0F]
+                y[ib * 32 + j + 16] = dl * KVALUES_IQ4NL[qs[ib * 16 + j] >> 4]
+        b += 136
+        y += 256
+
+
+cdef int dequant_blocks(int qtype, const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+    """nb blocks of qtype at b -> floats at y (for F32/F16/BF16 a block is one element). -1: unknown type."""
+    if qtype == T_F32:
+        memcpy(y, b, nb * 4)
+    elif qtype == T_F16:
+        gg_f16_row(b, y, nb)
+    elif qtype == T_BF16:
+        dq_bf16(b, y, nb)
+    elif qtype == T_Q4_0:
+        dq_q4_0(b, y, nb)
+    elif qtype == T_Q4_1:
+        dq_q4_1(b, y, nb)
+    elif qtype == T_Q5_0:
+        dq_q5_0(b, y, nb)
+    elif qtype == T_Q5_1:
+        dq_q5_1(b, y, nb)
+    elif qtype == T_Q8_0:
+        dq_q8_0(b, y, nb)
+    elif qtype == T_Q2_K:
+        dq_q2_k(b, y, nb)
+    elif qtype == T_Q3_K:
+        dq_q3_k(b, y, nb)
+    elif qtype == T_Q4_K:
+        dq_q4_k(b, y, nb)
+    elif qtype == T_Q5_K:
+        dq_q5_k(b, y, nb)
+    elif qtype == T_Q6_K:
+        dq_q6_k(b, y, nb)
+    elif qtype == T_IQ4_NL:
+        dq_iq4_nl(b, y, nb)
+    elif qtype == T_IQ4_XS:
+        dq_iq4_xs(b, y, nb)
+    else:
+        return -1
+    return 0
+
+
+def supported(int qtype):
+    """Whether this module dequantizes qtype."""
+    cdef float y[256]
+    cdef uint8_t b[256]
+    if qtype in (T_F32, T_F16, T_BF16):
+        return True
+    b[:] = [0] * 256
+    return dequant_blocks(qtype, b, y, 0) == 0
+
+
+# ---- Python entry points (argument checks live in ggtrain.kernels) ----------------------------------
+
+def dequantize_rows(const uint8_t[:, :] data, int qtype, int block, int type_size, float[:, ::1] out):
+    """data uint8 (rows, row_bytes), inner stride 1 -> out f32 (rows, n): rows in parallel."""
+    cdef Py_ssize_t rows = data.shape[0], nb = data.shape[1] // type_size, r
+    if rows == 0 or nb == 0:
+        return
+    cdef const uint8_t *src = &data[0, 0]
+    cdef Py_ssize_t stride = data.strides[0], n = out.shape[1]
+    cdef float *dst = &out[0, 0]
+    cdef int nth = _num_threads
+    if rows * nb * block < 32768:
+        nth = 1  # a few blocks: threads cost more than they save
+    if rows == 1 and nb > 1:
+        # one long row (a 1-D tensor): split it into block ranges instead
+        with nogil:
+            for r in prange(nth, num_threads=nth, schedule="static"):
+                dequant_blocks(qtype, src + (r * nb // nth) * type_size, dst + (r * nb // nth) * block,
+                               (r + 1) * nb // nth - r * nb // nth)
+        return
+    with nogil:
+        for r in prange(rows, num_threads=nth, schedule="static"):
+            dequant_blocks(qtype, src + r * stride, dst + r * n, nb)
+
+
+def get_rows(const uint8_t[:, :] w, int qtype, int block, int type_size, const int64_t[::1] ids,
+             float[:, ::1] out):
+    """out[i] = dequantized row ids[i] of w (ids already range-checked)."""
+    cdef Py_ssize_t k = ids.shape[0], nb = w.shape[1] // type_size, i
+    if k == 0 or nb == 0:
+        return
+    cdef const uint8_t *src = &w[0, 0]
+    cdef Py_ssize_t stride = w.strides[0], n = out.shape[1]
+    cdef float *dst = &out[0, 0]
+    cdef int nth = _num_threads if k * n >= 32768 else 1
+    with nogil:
+        for i in prange(k, num_threads=nth, schedule="static"):
+            dequant_blocks(qtype, src + ids[i] * stride, dst + i * n, nb)
+
+
+cdef inline Py_ssize_t split(Py_ssize_t n, int parts, int p, Py_ssize_t align) noexcept nogil:
+    """Start of part p of [0, n) cut into `parts` near-equal pieces at multiples of align."""
+    if p >= parts:
+        return n
+    return min(n, (n * p // parts) // align * align)
+
+
+cdef int qmm(bint backward, int qtype, int block, int type_size,
+             const uint8_t *w, Py_ssize_t wstride, Py_ssize_t R, Py_ssize_t n,
+             const float *a, Py_ssize_t lda, Py_ssize_t T, float *c, Py_ssize_t ldc, bint accumulate,
+             Py_ssize_t tile_rows, Py_ssize_t tile_cols, int nth) noexcept nogil:
+    """Forward:  c (T, R)  = a (T, n) · Wᵀ   (tile loop: rows outer, columns inner, beta 1 after the first)
+    Backward: c (T, n) (+)= a (T, R) · W    (tile loop: columns outer, rows inner)
+    W (R, n) of qtype, row r at w + r*wstride. Row-major a/c with leading dims lda/ldc.
+    Returns -1 if the tile buffer cannot be allocated."""
+    cdef float *buf = <float *>malloc(tile_rows * tile_cols * sizeof(float))
+    if buf == NULL:
+        return -1
+    cdef Py_ssize_t n_rt = (R + tile_rows - 1) // tile_rows, n_ct = (n + tile_cols - 1) // tile_cols
+    cdef Py_ssize_t tile, r0, c0, rows, cols, i, t0, t1, s0, s1
+    cdef int p, nthr, m_, n_, k_, lda_, ldb_, ldc_
+    cdef float one = 1.0, beta
+    cdef char tr = b'T', nt = b'N'
+    cdef bint by_tokens
+    with parallel(num_threads=nth):
+        nthr = openmp.omp_get_num_threads()
+        # Split the GEMM by tokens when there are enough of them, else by the tile's output dim.
+        by_tokens = T >= 16 * nthr
+        for tile in range(n_rt * n_ct):  # every thread walks the same tiles; the work is shared below
+            if backward:
+                c0 = (tile // n_rt) * tile_cols
+                r0 = (tile % n_rt) * tile_rows
+            else:
+                r0 = (tile // n_ct) * tile_rows
+                c0 = (tile % n_ct) * tile_cols
+            rows = min(tile_rows, R - r0)
+            cols = min(tile_cols, n - c0)
+            # phase 1: dequantize W[r0:r0+rows, c0:c0+cols] into buf (rows, cols), rows split
+            for i in prange(rows, schedule="static"):
+                dequant_blocks(qtype, w + (r0 + i) * wstride + (c0 // block) * type_size,
+                               buf + i * cols, cols // block)
+            gg_omp_barrier()  # the whole tile is ready
+            # phase 2: one sgemm per thread on a disjoint block of c (column-major view of row-major)
+            for p in prange(nthr, schedule="static", chunksize=1):
+                if by_tokens:
+                    t0 = split(T, nthr, p, 1)
+                    t1 = split(T, nthr, p + 1, 1)
+                    s0 = 0
+                    s1 = cols if backward else rows
+                else:
+                    t0 = 0
+                    t1 = T
+                    s0 = split(cols if backward else rows, nthr, p, 16)
+                    s1 = split(cols if backward else rows, nthr, p + 1, 16)
+                if t1 > t0 and s1 > s0:
+                    n_ = <int>(t1 - t0)
+                    m_ = <int>(s1 - s0)
+                    ldc_ = <int>ldc
+                    lda_ = <int>cols
+                    ldb_ = <int>lda
+                    if backward:
+                        # c[t, c0+s] (+)= sum_r a[t, r0+r] * buf[r, s]
+                        k_ = <int>rows
+                        beta = 1.0 if (accumulate or r0 > 0) else 0.0
+                        sgemm(&nt, &nt, &m_, &n_, &k_, &one, buf + s0, &lda_,
+                              <float *>a + t0 * lda + r0, &ldb_, &beta, c + t0 * ldc + c0 + s0, &ldc_)
+                    else:
+                        # c[t, r0+s] (+)= sum_k buf[s, k] * a[t, c0+k]
+                        k_ = <int>cols
+                        beta = 1.0 if c0 > 0 else 0.0
+                        sgemm(&tr, &nt, &m_, &n_, &k_, &one, buf + s0 * cols, &lda_,
+                              <float *>a + t0 * lda + c0, &ldb_, &beta, c + t0 * ldc + r0 + s0, &ldc_)
+            gg_omp_barrier()  # nobody still reads buf when the next tile overwrites it
+    free(buf)
+    return 0
+
+
+def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w,
+            const float[:, :] a, float[:, :] c, bint accumulate, Py_ssize_t tile_rows, Py_ssize_t tile_cols):
+    """Forward c = a·Wᵀ or backward c (+)= a·W; inner strides of w, a, c are 1 (checked by the caller).
+    tile_cols is a multiple of block."""
+    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, T = a.shape[0]
+    if T == 0:
+        return
+    cdef Py_ssize_t cstride = c.strides[0] // 4, i, j
+    if R == 0 or n == 0:
+        if not accumulate:
+            with nogil:
+                for i in range(T):
+                    for j in range(c.shape[1]):
+                        c[i, j] = 0
+        return
+    tile_rows = max(1, min(tile_rows, R))
+    tile_cols = max(block, min(tile_cols, n))
+    cdef int rc
+    with nogil:
+        rc = qmm(backward, qtype, block, type_size, &w[0, 0], w.strides[0], R, n,
+                 &a[0, 0], a.strides[0] // 4, T, &c[0, 0], cstride, accumulate, tile_rows, tile_cols,
+                 _num_threads)
+    if rc != 0:
+        raise MemoryError(f"cannot allocate the {tile_rows}x{tile_cols} dequantization tile")
