@@ -1,0 +1,172 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is one uncompressed .npz (a zip: every member CRC-checked on reading) written with
+atomic_write, holding
+    lora            f32 (n,)   LoraWeights.flat
+    opt.m.NAME      f32        AdamW first moments,  one per optimizer parameter NAME
+    opt.v.NAME      f32        AdamW second moments
+    meta            uint8      UTF-8 JSON: format/version, LoRA layout, optimizer scalars, step, epoch,
+                               data position, RNG states, config, base-model fingerprint, and a
+                               sha256 of every array (a corrupt member is named, not just "bad zip")
+No pickles: np.load(allow_pickle=False) reads it, so a checkpoint cannot run code.
+The base-model fingerprint makes a checkpoint for another base (or another quantization of it) a
+clear refusal instead of a silently wrong resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ggtrain.atomic import atomic_write
+from ggtrain.errors import GGTrainError
+from ggtrain.lora import LoraWeights
+from ggtrain.modelfile import ModelFile
+
+FORMAT = "ggtrain-checkpoint"
+VERSION = 1
+_SAMPLE = 4096  # bytes hashed at the start, middle and end of every tensor for the fingerprint
+
+
+def model_fingerprint(mf: ModelFile) -> str:
+    """sha256 (hex) identifying a base model: architecture, every tensor's name/type/shape, and
+    samples of every tensor's bytes (start, middle, end) — cheap on a multi-GB mmap, yet different
+    for another model, another quantization or another fine-tune of the same architecture."""
+    h = hashlib.sha256()
+    h.update(str(mf.metadata.get("general.architecture")).encode())
+    for name in sorted(mf.tensors):
+        t = mf.tensors[name]
+        h.update(f"|{name}:{t.qtype}:{t.shape}".encode())
+        flat = t.data.reshape(-1)
+        n = flat.size
+        for start in (0, max(0, n // 2 - _SAMPLE // 2), max(0, n - _SAMPLE)):
+            h.update(flat[start:start + _SAMPLE].tobytes())
+    return h.hexdigest()
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """JSON-able state of a numpy Generator (restore with restore_rng)."""
+    return rng.bit_generator.state
+
+
+def restore_rng(state: Mapping[str, Any]) -> np.random.Generator:
+    """A Generator continuing exactly from rng_state(...)."""
+    name = state.get("bit_generator")
+    bitgen_cls = getattr(np.random, str(name), None)
+    if bitgen_cls is None or not isinstance(bitgen_cls, type) or \
+            not issubclass(bitgen_cls, np.random.BitGenerator):
+        raise GGTrainError(f"unknown RNG bit generator {name!r} in checkpoint")
+    bg = bitgen_cls()
+    bg.state = dict(state)
+    return np.random.Generator(bg)
+
+
+@dataclass
+class Checkpoint:
+    """The state of a run between two optimizer steps."""
+
+    lora: LoraWeights
+    optimizer: dict[str, Any]  # AdamW.state_dict()
+    step: int  # optimizer steps done
+    epoch: int
+    data_position: dict[str, Any] = field(default_factory=dict)  # opaque to us: the data loader's state
+    rng: dict[str, Any] = field(default_factory=dict)  # name -> rng_state(...) (JSON-able)
+    config: dict[str, Any] = field(default_factory=dict)  # the run's settings (JSON-able)
+    base_fingerprint: str = ""
+    base_name: str = ""  # file name of the base model, for messages
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else JSON-able (loss history, ...)
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, ck: Checkpoint) -> Path:
+    """Write ck to path atomically (temp file, fsync, rename): a failure leaves the previous one."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {"lora": ck.lora.flat}
+    opt = dict(ck.optimizer)
+    for key in ("m", "v"):
+        for name, a in opt.pop(key, {}).items():
+            arrays[f"opt.{key}.{name}"] = a
+    meta = {
+        "format": FORMAT, "version": VERSION,
+        "lora_layout": ck.lora.layout_dict(), "optimizer": opt, "step": int(ck.step), "epoch": int(ck.epoch),
+        "data_position": ck.data_position, "rng": ck.rng, "config": ck.config,
+        "base_fingerprint": ck.base_fingerprint, "base_name": ck.base_name, "extra": ck.extra,
+        "sha256": {k: _sha(a) for k, a in arrays.items()},
+    }
+    try:
+        blob = json.dumps(meta, sort_keys=True).encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint state is not JSON-serialisable: {e}") from None
+    arrays["meta"] = np.frombuffer(blob, dtype=np.uint8)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, base: ModelFile | None = None,
+                    fingerprint: str | None = None) -> Checkpoint:
+    """Read and validate a checkpoint. With `base` (or its `fingerprint`), one written for another
+    base model is refused. Truncated, corrupt or foreign files give a GGTrainError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise GGTrainError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise GGTrainError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise GGTrainError(f"{path}: not a ggtrain checkpoint (no 'meta' member)")
+            meta_raw = z["meta"]
+            try:
+                meta = json.loads(meta_raw.tobytes().decode())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise GGTrainError(f"{path}: corrupt checkpoint (unreadable metadata)") from None
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise GGTrainError(f"{path}: not a ggtrain checkpoint")
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+    except GGTrainError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        what = "not a ggtrain checkpoint" if not zipfile.is_zipfile(path) else "corrupt or truncated checkpoint"
+        raise GGTrainError(f"{path}: {what} ({e})") from None
+
+    if int(meta.get("version", 0)) > VERSION:
+        raise GGTrainError(f"{path}: checkpoint format version {meta['version']} is newer than this "
+                           f"ggtrain reads ({VERSION}); upgrade ggtrain")
+    sums = meta.get("sha256", {})
+    if set(sums) != set(arrays):
+        raise GGTrainError(f"{path}: corrupt checkpoint (members {sorted(arrays)}, expected {sorted(sums)})")
+    for k, a in arrays.items():
+        if _sha(a) != sums[k]:
+            raise GGTrainError(f"{path}: corrupt checkpoint (checksum of '{k}' does not match)")
+
+    want = fingerprint if fingerprint is not None else (model_fingerprint(base) if base is not None else None)
+    if want is not None and meta.get("base_fingerprint") != want:
+        other = f" {base.path}" if base is not None else ""
+        raise GGTrainError(f"{path}: checkpoint was made with base model '{meta.get('base_name') or '?'}' "
+                           f"(fingerprint {str(meta.get('base_fingerprint'))[:12]}), not with this base "
+                           f"model{other} (fingerprint {want[:12]})")
+
+    flat = arrays["lora"]
+    try:
+        lora = LoraWeights.from_layout_dict(meta["lora_layout"], np.ascontiguousarray(flat, dtype=np.float32))
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise GGTrainError(f"{path}: corrupt checkpoint (LoRA layout does not match the data: {e})") from None
+    optimizer = dict(meta.get("optimizer", {}))
+    for key in ("m", "v"):
+        prefix = f"opt.{key}."
+        optimizer[key] = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+    return Checkpoint(lora=lora, optimizer=optimizer, step=int(meta["step"]), epoch=int(meta["epoch"]),
+                      data_position=meta.get("data_position", {}), rng=meta.get("rng", {}),
+                      config=meta.get("config", {}), base_fingerprint=meta.get("base_fingerprint", ""),
+                      base_name=meta.get("base_name", ""), extra=meta.get("extra", {}))
