@@ -1,0 +1,462 @@
+"""Tokenizer hot loops (Numba): a byte-string hash table over the vocabulary, the SentencePiece
+bigram merge and the byte-level BPE merge, both as llama.cpp's llama-vocab.cpp runs them.
+
+Strings live in one uint8 blob with int64 offsets (string i is blob[offs[i]:offs[i+1]]); the
+table is open addressing over FNV-1a hashes holding int32 ids (-1 = empty). Both tokenizers keep
+symbols as a linked list over the input bytes and a binary heap of candidate merges ordered by
+(key, left index): key = -score for SentencePiece (best score first), the merge rank for BPE
+(lowest rank first); ties go to the leftmost pair, as std::priority_queue does in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_FNV_OFFSET = np.uint64(14695981039346656037)
+_FNV_PRIME = np.uint64(1099511628211)
+
+
+@njit(cache=True, inline="always")
+def _hash(buf, s, e):
+    h = _FNV_OFFSET
+    for i in range(s, e):
+        h = (h ^ np.uint64(buf[i])) * _FNV_PRIME
+    return h
+
+
+@njit(cache=True, inline="always")
+def _equal(blob, bs, be, buf, s, e):
+    if be - bs != e - s:
+        return False
+    for i in range(e - s):
+        if blob[bs + i] != buf[s + i]:
+            return False
+    return True
+
+
+@njit(cache=True)
+def table_find(table, blob, offs, buf, s, e):
+    """Id of the string buf[s:e], or -1."""
+    mask = np.uint64(table.shape[0] - 1)
+    slot = _hash(buf, s, e) & mask
+    while True:
+        i = table[slot]
+        if i < 0:
+            return -1
+        if _equal(blob, offs[i], offs[i + 1], buf, s, e):
+            return i
+        slot = (slot + np.uint64(1)) & mask
+
+
+@njit(cache=True)
+def _table_put(table, blob, offs, i):
+    """Insert string i; an equal string already there is replaced (the later id wins, as in
+    llama.cpp's token_to_id[word] = i)."""
+    mask = np.uint64(table.shape[0] - 1)
+    slot = _hash(blob, offs[i], offs[i + 1]) & mask
+    while True:
+        j = table[slot]
+        if j < 0 or _equal(blob, offs[j], offs[j + 1], blob, offs[i], offs[i + 1]):
+            table[slot] = i
+            return
+        slot = (slot + np.uint64(1)) & mask
+
+
+def table_capacity(n: int) -> int:
+    """Power of two with load factor <= 0.5."""
+    cap = 16
+    while cap < 2 * n:
+        cap *= 2
+    return cap
+
+
+@njit(cache=True)
+def table_build(blob, offs, valid, cap):
+    """Table over strings i with valid[i] (an invalid string is never found). -> int32 (cap,)"""
+    table = np.full(cap, -1, dtype=np.int32)
+    for i in range(offs.shape[0] - 1):
+        if valid[i]:
+            _table_put(table, blob, offs, i)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# heap of candidate merges: arrays (key f64, left i32, right i32, size i64), best at index 0
+
+
+@njit(cache=True, inline="always")
+def _before(hk, hl, a, b):
+    return hk[a] < hk[b] or (hk[a] == hk[b] and hl[a] < hl[b])
+
+
+@njit(cache=True, inline="always")
+def _swap(hk, hl, hr, hs, a, b):
+    hk[a], hk[b] = hk[b], hk[a]
+    hl[a], hl[b] = hl[b], hl[a]
+    hr[a], hr[b] = hr[b], hr[a]
+    hs[a], hs[b] = hs[b], hs[a]
+
+
+@njit(cache=True)
+def _heap_push(hk, hl, hr, hs, n, key, left, right, size):
+    hk[n], hl[n], hr[n], hs[n] = key, left, right, size
+    i = n
+    while i > 0:
+        p = (i - 1) >> 1
+        if _before(hk, hl, i, p):
+            _swap(hk, hl, hr, hs, i, p)
+            i = p
+        else:
+            break
+    return n + 1
+
+
+@njit(cache=True)
+def _heap_pop(hk, hl, hr, hs, n):
+    """Move the best entry to index n-1; returns the new size n-1."""
+    n -= 1
+    _swap(hk, hl, hr, hs, 0, n)
+    i = 0
+    while True:
+        a = 2 * i + 1
+        if a >= n:
+            break
+        b = a + 1
+        c = b if (b < n and _before(hk, hl, b, a)) else a
+        if _before(hk, hl, c, i):
+            _swap(hk, hl, hr, hs, c, i)
+            i = c
+        else:
+            break
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# SentencePiece (llama.cpp llm_tokenizer_spm_session)
+
+
+@njit(cache=True, inline="always")
+def _utf8_len(b):
+    hb = b >> 4
+    if hb < 12:
+        return 1
+    if hb < 14:
+        return 2
+    if hb == 14:
+        return 3
+    return 4
+
+
+@njit(cache=True)
+def _spm_try_bigram(text, start, n, left, right, table, blob, offs, scores, n_vocab,
+                    hk, hl, hr, hs, hn):
+    if left < 0 or right < 0:
+        return hn
+    s = start[left]
+    e = s + n[left] + n[right]
+    tok = table_find(table, blob, offs, text, s, e)
+    if tok < 0 or tok >= n_vocab:
+        return hn
+    return _heap_push(hk, hl, hr, hs, hn, -np.float64(scores[tok]), left, right, e - s)
+
+
+@njit(cache=True)
+def spm_encode(text, table, blob, offs, scores, byte_tok, n_vocab):
+    """Token ids of one text fragment (spaces already escaped to U+2581). -> int32 (k,)
+
+    Symbols start as UTF-8 characters; the highest-scoring adjacent pair that is a vocabulary
+    token merges first (leftmost on ties) until no pair is a token. A final symbol that is not a
+    token becomes byte tokens (<0xXX>); byte_tok[b] = -1 drops a byte the vocabulary lacks.
+    """
+    L = text.shape[0]
+    start = np.empty(L, dtype=np.int64)
+    n = np.empty(L, dtype=np.int64)
+    prev = np.empty(L, dtype=np.int64)
+    nxt = np.empty(L, dtype=np.int64)
+    m = 0
+    o = 0
+    while o < L:
+        k = min(_utf8_len(text[o]), L - o)
+        start[m] = o
+        n[m] = k
+        prev[m] = m - 1
+        o += k
+        nxt[m] = -1 if o == L else m + 1
+        m += 1
+    cap = 3 * m + 4
+    hk = np.empty(cap, dtype=np.float64)
+    hl = np.empty(cap, dtype=np.int64)
+    hr = np.empty(cap, dtype=np.int64)
+    hs = np.empty(cap, dtype=np.int64)
+    hn = 0
+    for i in range(1, m):
+        hn = _spm_try_bigram(text, start, n, i - 1, i, table, blob, offs, scores, n_vocab,
+                             hk, hl, hr, hs, hn)
+    while hn > 0:
+        hn = _heap_pop(hk, hl, hr, hs, hn)
+        left = hl[hn]
+        right = hr[hn]
+        if n[left] == 0 or n[right] == 0 or n[left] + n[right] != hs[hn]:
+            continue  # stale: one side already merged elsewhere
+        n[left] += n[right]
+        n[right] = 0
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prev[nxt[right]] = left
+        hn = _spm_try_bigram(text, start, n, prev[left], left, table, blob, offs, scores, n_vocab,
+                             hk, hl, hr, hs, hn)
+        hn = _spm_try_bigram(text, start, n, left, nxt[left], table, blob, offs, scores, n_vocab,
+                             hk, hl, hr, hs, hn)
+    out = np.empty(L, dtype=np.int32)
+    k = 0
+    i = 0 if m > 0 else -1
+    while i != -1:
+        s = start[i]
+        e = s + n[i]
+        tok = table_find(table, blob, offs, text, s, e)
+        if tok >= 0:
+            out[k] = tok
+            k += 1
+        else:
+            for j in range(s, e):
+                b = byte_tok[text[j]]
+                if b >= 0:
+                    out[k] = b
+                    k += 1
+        i = nxt[i]
+    return out[:k]
+
+
+# ---------------------------------------------------------------------------------------------
+# byte-level BPE (llama.cpp llm_tokenizer_bpe_session), run on raw bytes: GPT-2's byte-to-unicode
+# map is a bijection, so a raw-byte string and its encoded form name the same token.
+
+
+@njit(cache=True)
+def _decode_mapped(src, s, e, inv, dst, d):
+    """Decode UTF-8 src[s:e] and map each code point through inv (code point -> byte, -1 = none)
+    into dst[d:]. Returns the new end, or -1 if a code point has no byte."""
+    i = s
+    while i < e:
+        b = np.int64(src[i])
+        if b < 0x80:
+            cp = b
+            i += 1
+        elif b < 0xE0:
+            cp = ((b & 0x1F) << 6) | (np.int64(src[i + 1]) & 0x3F)
+            i += 2
+        elif b < 0xF0:
+            cp = ((b & 0x0F) << 12) | ((np.int64(src[i + 1]) & 0x3F) << 6) | (np.int64(src[i + 2]) & 0x3F)
+            i += 3
+        else:
+            cp = ((b & 0x07) << 18) | ((np.int64(src[i + 1]) & 0x3F) << 12) \
+                | ((np.int64(src[i + 2]) & 0x3F) << 6) | (np.int64(src[i + 3]) & 0x3F)
+            i += 4
+        if cp >= inv.shape[0] or inv[cp] < 0:
+            return -1
+        dst[d] = inv[cp]
+        d += 1
+    return d
+
+
+@njit(cache=True)
+def bpe_vocab_raw(tok_blob, tok_offs, inv):
+    """Token strings (byte-encoded UTF-8) -> raw bytes. -> (blob u8, offs i64, valid bool)
+    A token with a character outside the byte map can never be produced by a merge: invalid."""
+    n = tok_offs.shape[0] - 1
+    blob = np.empty(tok_blob.shape[0], dtype=np.uint8)
+    offs = np.zeros(n + 1, dtype=np.int64)
+    valid = np.zeros(n, dtype=np.bool_)
+    d = 0
+    for i in range(n):
+        e = _decode_mapped(tok_blob, tok_offs[i], tok_offs[i + 1], inv, blob, d)
+        if e > d:
+            valid[i] = True
+            d = e
+        offs[i + 1] = d
+    return blob[:d], offs, valid
+
+
+@njit(cache=True)
+def _find_or_add(table, blob, offs, count, s, e, scratch):
+    """Id of scratch[s:e] among strings 0..count-1, appending it to blob/offs if absent."""
+    i = table_find(table, blob, offs, scratch, s, e)
+    if i >= 0:
+        return i, count
+    o = offs[count]
+    for j in range(e - s):
+        blob[o + j] = scratch[s + j]
+    offs[count + 1] = o + (e - s)
+    _table_put(table, blob, offs, count)
+    return count, count + 1
+
+
+@njit(cache=True)
+def bpe_build(raw_blob, raw_offs, raw_valid, merge_blob, merge_offs, inv):
+    """The merge table of a byte-level BPE vocabulary, in raw bytes.
+
+    Strings 0..n_vocab-1 are the tokens; a merge half or result that is no token gets an id
+    >= n_vocab. Merge i is "first second" split at the first space after position 0; the first
+    entry for a pair wins (std::map::emplace), later duplicates are ignored.
+    -> (str_table i32, str_blob u8, str_offs i64, str_valid bool, pair_keys i64, pair_rank i32,
+        pair_result i32)  # pair table: key = left << 32 | right, open addressing, -1 = empty
+    """
+    n_vocab = raw_offs.shape[0] - 1
+    n_merges = merge_offs.shape[0] - 1
+    max_str = n_vocab + 3 * n_merges
+    blob = np.empty(raw_blob.shape[0] + 2 * merge_blob.shape[0] + 16, dtype=np.uint8)
+    blob[:raw_blob.shape[0]] = raw_blob
+    offs = np.zeros(max_str + 1, dtype=np.int64)
+    offs[:n_vocab + 1] = raw_offs
+    cap = 16
+    while cap < 2 * max_str:
+        cap *= 2
+    table = np.full(cap, -1, dtype=np.int32)
+    for i in range(n_vocab):
+        if raw_valid[i]:
+            _table_put(table, blob, offs, i)
+    count = n_vocab
+    pcap = 16
+    while pcap < 2 * n_merges:
+        pcap *= 2
+    pkeys = np.full(pcap, -1, dtype=np.int64)
+    prank = np.zeros(pcap, dtype=np.int32)
+    pres = np.zeros(pcap, dtype=np.int32)
+    pmask = np.uint64(pcap - 1)
+    scratch = np.empty(2 * (merge_blob.shape[0] + 1), dtype=np.uint8)
+    for r in range(n_merges):
+        s = merge_offs[r]
+        e = merge_offs[r + 1]
+        sp = -1
+        for j in range(s + 1, e):
+            if merge_blob[j] == 32:
+                sp = j
+                break
+        if sp < 0:
+            continue
+        a_end = _decode_mapped(merge_blob, s, sp, inv, scratch, 0)
+        if a_end <= 0:
+            continue
+        b_end = _decode_mapped(merge_blob, sp + 1, e, inv, scratch, a_end)
+        if b_end <= a_end:
+            continue
+        left, count = _find_or_add(table, blob, offs, count, 0, a_end, scratch)
+        right, count = _find_or_add(table, blob, offs, count, a_end, b_end, scratch)
+        key = (np.int64(left) << 32) | np.int64(right)
+        slot = np.uint64(key * 0x9E3779B97F4A7C15 & 0x7FFFFFFFFFFFFFFF) & pmask
+        while pkeys[slot] >= 0 and pkeys[slot] != key:
+            slot = (slot + np.uint64(1)) & pmask
+        if pkeys[slot] == key:
+            continue
+        res, count = _find_or_add(table, blob, offs, count, 0, b_end, scratch)
+        pkeys[slot] = key
+        prank[slot] = r
+        pres[slot] = res
+    valid = np.zeros(count, dtype=np.bool_)
+    valid[:n_vocab] = raw_valid
+    valid[n_vocab:] = True
+    return table, blob[:offs[count]].copy(), offs[:count + 1].copy(), valid, pkeys, prank, pres
+
+
+@njit(cache=True, inline="always")
+def _pair_find(pkeys, left, right):
+    key = (np.int64(left) << 32) | np.int64(right)
+    pmask = np.uint64(pkeys.shape[0] - 1)
+    slot = np.uint64(key * 0x9E3779B97F4A7C15 & 0x7FFFFFFFFFFFFFFF) & pmask
+    while True:
+        k = pkeys[slot]
+        if k == key:
+            return np.int64(slot)
+        if k < 0:
+            return np.int64(-1)
+        slot = (slot + np.uint64(1)) & pmask
+
+
+@njit(cache=True)
+def _bpe_try(sid, n, left, right, pkeys, prank, hk, hl, hr, hs, hn):
+    if left < 0 or right < 0 or sid[left] < 0 or sid[right] < 0:
+        return hn
+    slot = _pair_find(pkeys, sid[left], sid[right])
+    if slot < 0:
+        return hn
+    return _heap_push(hk, hl, hr, hs, hn, np.float64(prank[slot]), left, right, n[left] + n[right])
+
+
+@njit(cache=True)
+def bpe_encode(text, word_ends, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id,
+               ignore_merges):
+    """Token ids of raw-byte text split into words (word i ends at word_ends[i]). -> int32 (k,)
+
+    Each word starts as one symbol per byte; the lowest-rank adjacent pair merges first
+    (leftmost on ties). With ignore_merges a word that is itself a token is taken whole.
+    A final symbol that is no token falls back to the tokens of its single bytes, where the
+    byte's encoded form is one ASCII character (llama.cpp looks up each encoded byte).
+    """
+    L = text.shape[0]
+    out = np.empty(L, dtype=np.int32)
+    k = 0
+    cap = 3 * L + 4
+    start = np.empty(L, dtype=np.int64)
+    n = np.empty(L, dtype=np.int64)
+    sid = np.empty(L, dtype=np.int64)
+    prev = np.empty(L, dtype=np.int64)
+    nxt = np.empty(L, dtype=np.int64)
+    hk = np.empty(cap, dtype=np.float64)
+    hl = np.empty(cap, dtype=np.int64)
+    hr = np.empty(cap, dtype=np.int64)
+    hs = np.empty(cap, dtype=np.int64)
+    ws = 0
+    for w in range(word_ends.shape[0]):
+        we = word_ends[w]
+        if we <= ws:
+            continue
+        if ignore_merges:
+            t = table_find(table, blob, offs, text, ws, we)
+            if 0 <= t < n_vocab:
+                out[k] = t
+                k += 1
+                ws = we
+                continue
+        m = we - ws
+        for i in range(m):
+            start[i] = ws + i
+            n[i] = 1
+            sid[i] = byte_id[text[ws + i]]
+            prev[i] = i - 1
+            nxt[i] = i + 1 if i + 1 < m else -1
+        hn = 0
+        for i in range(1, m):
+            hn = _bpe_try(sid, n, i - 1, i, pkeys, prank, hk, hl, hr, hs, hn)
+        while hn > 0:
+            hn = _heap_pop(hk, hl, hr, hs, hn)
+            left = hl[hn]
+            right = hr[hn]
+            if n[left] == 0 or n[right] == 0 or n[left] + n[right] != hs[hn]:
+                continue
+            slot = _pair_find(pkeys, sid[left], sid[right])
+            n[left] += n[right]
+            n[right] = 0
+            sid[left] = pres[slot]
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prev[nxt[right]] = left
+            hn = _bpe_try(sid, n, prev[left], left, pkeys, prank, hk, hl, hr, hs, hn)
+            hn = _bpe_try(sid, n, left, nxt[left], pkeys, prank, hk, hl, hr, hs, hn)
+        i = 0
+        while i != -1:
+            t = sid[i]
+            if 0 <= t < n_vocab:
+                out[k] = t
+                k += 1
+            else:
+                for j in range(start[i], start[i] + n[i]):
+                    b = text[j]
+                    if 0x21 <= b <= 0x7E:
+                        t = table_find(table, blob, offs, text, j, j + 1)
+                        if 0 <= t < n_vocab:
+                            out[k] = t
+                            k += 1
+            i = nxt[i]
+        ws = we
+    return out[:k]
