@@ -38,9 +38,11 @@ def main() -> None:
 def _register() -> None:
     from ggtrain.cli.data import data
     from ggtrain.cli.info import info
+    from ggtrain.cli.perplexity import perplexity
 
     main.add_command(info)
     main.add_command(data)
+    main.add_command(perplexity)
 
 
 _register()

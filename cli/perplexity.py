@@ -1,0 +1,87 @@
+"""`ggtrain perplexity`: llama-perplexity's measurement, on the quantized base plus LoRA adapters."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ggtrain.errors import GGTrainError
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise GGTrainError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise GGTrainError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:
+        raise GGTrainError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+@click.command()
+@click.option("-m", "--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Base model GGUF (default: the bundled Gemma 3 270M Q4_K_M).")
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Text file to measure perplexity on.")
+@click.option("-c", "--ctx-size", "n_ctx", default=512, show_default=True, type=click.IntRange(4),
+              help="Tokens per chunk; the second half of each chunk is scored.")
+@click.option("-b", "--batch-size", "n_batch", default=2048, show_default=True, type=click.IntRange(1),
+              help="Tokens per forward pass: batch-size // ctx-size chunks are evaluated together.")
+@click.option("-t", "--threads", default=None, type=click.IntRange(1),
+              help="Threads for every kernel (default: physical cores).")
+@click.option("--chunks", "n_chunks", default=-1, show_default=True, type=int,
+              help="Stop after this many chunks (-1: all).")
+@click.option("--lora", "loras", multiple=True, metavar="ADAPTER[:SCALE]",
+              help="Apply a GGUF LoRA adapter, optionally scaled (llama.cpp's --lora / --lora-scaled). Repeatable.")
+def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: int, threads: int | None,
+               n_chunks: int, loras: tuple[str, ...]) -> None:
+    """Perplexity of a model (plus adapters) on a text file, exactly as llama-perplexity measures it."""
+    # Heavy imports (Numba kernels) here, so `ggtrain --help` stays quick.
+    import numpy as np
+    from tqdm import tqdm
+
+    from ggtrain.adapter import parse_lora_arg, read_gguf_adapter
+    from ggtrain.defaults import default_model_path
+    from ggtrain.model import Adapter, Model
+    from ggtrain.modelfile import ModelFile
+    from ggtrain.perplexity import perplexity_chunks
+    from ggtrain.threads import default_threads, set_threads
+    from ggtrain.tokenizer import Tokenizer
+
+    set_threads(threads or default_threads())
+    path = model_path or default_model_path()
+    mf = ModelFile(path)
+    model = Model(mf)
+    for arg in loras:
+        ad_path, scale = parse_lora_arg(arg)
+        lora, _, _ = read_gguf_adapter(ad_path, base=mf, scale=scale)
+        model.adapters.append(Adapter(lora))
+    tok = Tokenizer.from_model_file(mf)
+    text = read_text(text_file)
+    t0 = time.perf_counter()
+    tokens = np.asarray(tok.encode(text, add_special=True, parse_special=False), dtype=np.int32)
+    click.echo(f"perplexity: tokenizing the input .. {len(tokens)} tokens in "
+               f"{(time.perf_counter() - t0) * 1e3:.0f} ms", err=True)
+    bos = tok.bos_id if tok.add_bos else None
+    n_total = len(tokens) // n_ctx if n_chunks < 0 else min(n_chunks, len(tokens) // n_ctx)
+    click.echo(f"perplexity: calculating perplexity over {n_total} chunks, n_ctx={n_ctx}, "
+               f"batch_size={n_batch}, n_seq={max(1, n_batch // n_ctx)}", err=True)
+    last = None
+    t0 = time.perf_counter()
+    with tqdm(total=n_total * n_ctx, unit="tok", unit_scale=True, file=sys.stderr, leave=False,
+              disable=None) as bar:
+        for r in perplexity_chunks(model, tokens, n_ctx, n_batch, bos, n_chunks):
+            click.echo(f"[{r.index}]{r.ppl:.4f},", nl=False)
+            sys.stdout.flush()
+            bar.update(n_ctx)
+            bar.set_postfix(ppl=f"{r.ppl:.4f}")
+            last = r
+    click.echo("")
+    assert last is not None
+    secs = time.perf_counter() - t0
+    click.echo(f"perplexity: {last.index * n_ctx / secs:.1f} tokens/s over {secs:.1f} s", err=True)
+    click.echo(f"Final estimate: PPL = {last.ppl:.4f} +/- {last.error:.5f}")
