@@ -157,17 +157,19 @@ def _chat_spans(tmpl: TemplateLike, messages: list[dict]) -> list[tuple[str, boo
         if m["role"] != "assistant":
             continue
         span = None
+        start = cursor  # where the turn's content can begin
         try:
             before = tmpl.render(messages[:i], add_generation_prompt=True) if i else None
-            after = tmpl.render(messages[:i + 1], add_generation_prompt=False)
-            if (before is not None and full.startswith(before) and full.startswith(after)
-                    and cursor <= len(before) <= len(after)):
-                span = (len(before), len(after))
+            if before is not None and full.startswith(before) and len(before) >= cursor:
+                start = len(before)
+                after = tmpl.render(messages[:i + 1], add_generation_prompt=False)
+                if full.startswith(after) and len(after) >= start:
+                    span = (start, len(after))
         except Exception:  # noqa: BLE001 - a template may refuse a partial conversation; fall back below
             span = None
         if span is None:
             content = m["content"].strip()
-            s = full.find(content, cursor) if content else -1
+            s = full.find(content, start) if content else -1
             if s < 0:
                 raise ValueError(f"cannot find assistant turn {i} in the rendered chat template")
             span = (s, s + len(content))
