@@ -1,0 +1,271 @@
+"""Memory: estimate a training step's peak from the model's dims, choose the micro-batch that fits,
+and watch RSS while training.
+
+The estimate follows what ggtrain.model keeps (T = micro_batch · ctx tokens, f32 = 4 bytes):
+- the base weights, mmap'd and all touched every step: the model file's size;
+- per layer, what block_forward keeps for backward: x, h, x2, h2 (4·d), q/k after RoPE and v,
+  the attention output and its logsumexp, gate/up/act (3·ff), Gemma's pre-post-norm outputs,
+  Qwen3/Gemma 3's pre-q/k-norm q and k, the LoRA branch inputs with dropout (+ their masks) and
+  x·Aᵀ — for every layer without checkpointing; with it, every layer's input x plus one layer's
+  full set (recomputed in backward);
+- the backward's working set of one block (activation gradients: about one layer's set again);
+- the chunked cross-entropy: a (T, chunk) logits block plus the final norm's in/out and dh;
+- LoRA parameters, gradients, Adam m and v, the optimizer's scratch, and the copies a checkpoint
+  save makes (7 f32 per parameter);
+- qmatmul's dequantized tiles and attention's per-thread dq buffers;
+- the interpreter with numpy/numba/scipy, tokenizer and data (runtime_bytes);
+then a safety margin. The lead validates this against measured RSS on the real model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from ggtrain.errors import GGTrainError
+from ggtrain.lora import LoraConfig
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+F32 = 4
+MiB = 1 << 20
+GiB = 1 << 30
+DEFAULT_RUNTIME_BYTES = 384 * MiB  # python + numpy/numba/scipy (~110 MiB) + tokenizer + data + slack
+DEFAULT_CE_CHUNK = 16384  # ggtrain.model's default vocab rows per cross-entropy chunk
+TILE_ROWS = 256  # rows of a dequantized qmatmul tile, per thread (an upper bound)
+SAFETY_FRACTION = 0.10
+SAFETY_BYTES = 64 * MiB
+DEFAULT_LIMIT_SHARE = 0.8  # share of the available RAM a run may take by default
+
+
+def _dims(hp: Any) -> dict[str, int]:
+    d = int(hp.n_embd)
+    hd = int(hp.head_dim)
+    hdv = int(getattr(hp, "head_dim_v", hd) or hd)
+    return {"d": d, "hq": int(hp.n_head) * hd, "hkv": int(hp.n_head_kv) * hd, "hkv_v": int(hp.n_head_kv) * hdv,
+            "hq_v": int(hp.n_head) * hdv, "ff": int(hp.n_ff), "n_head": int(hp.n_head),
+            "n_layer": int(hp.n_layer), "n_vocab": int(hp.n_vocab)}
+
+
+def _target_dims(dm: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """target -> (out, in) of its base weight."""
+    d, ff = dm["d"], dm["ff"]
+    return {"attn_q": (dm["hq"], d), "attn_k": (dm["hkv"], d), "attn_v": (dm["hkv_v"], d),
+            "attn_output": (d, dm["hq_v"]), "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff),
+            "output": (dm["n_vocab"], d)}
+
+
+def lora_param_count(hparams: Any, lora_config: LoraConfig) -> int:
+    """Number of LoRA parameters (A and B of every adapted tensor) for these dims."""
+    dm = _dims(hparams)
+    td = _target_dims(dm)
+    n = 0
+    for t, spec in lora_config.targets.items():
+        o, i = td[t]
+        n += spec.rank * (o + i) * (1 if t == "output" else dm["n_layer"])
+    return n
+
+
+def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batch: int, checkpointing: bool,
+                     model_file_bytes: int, threads: int | None = None, ce_chunk: int = DEFAULT_CE_CHUNK,
+                     runtime_bytes: int = DEFAULT_RUNTIME_BYTES) -> dict[str, int]:
+    """Peak bytes of one training step by part (see the module doc); 'total' includes the margin."""
+    if ctx <= 0 or micro_batch <= 0:
+        raise ValueError("ctx and micro_batch must be > 0")
+    threads = threads or os.cpu_count() or 1
+    dm = _dims(hparams)
+    d, ff, L = dm["d"], dm["ff"], dm["n_layer"]
+    T = ctx * micro_batch
+    qk_norm = bool(getattr(hparams, "has_qk_norm", False))
+    post_norms = bool(getattr(hparams, "has_post_norms", False))
+
+    # floats kept per token by one block for its backward
+    per_tok = 4 * d + 2  # x, h, x2, h2 (+ two rstd)
+    per_tok += dm["hq"] + dm["hkv"] + dm["hkv_v"]  # q, k after RoPE; v
+    per_tok += dm["hq_v"] + dm["n_head"]  # attention output; its logsumexp
+    per_tok += 3 * ff  # gate, up, act
+    if qk_norm:
+        per_tok += dm["hq"] + dm["hkv"] + 2 * dm["n_head"]
+    if post_norms:
+        per_tok += 2 * d + 2
+    td = _target_dims(dm)
+    for t, spec in lora_config.targets.items():
+        if t == "output":
+            continue
+        per_tok += spec.rank  # x·Aᵀ
+        if spec.dropout > 0:
+            per_tok += 2 * td[t][1]  # drop(x) and its mask
+    layer_set = per_tok * T * F32
+
+    parts: dict[str, int] = {}
+    parts["weights (mmap'd model file)"] = int(model_file_bytes)
+    if checkpointing:
+        parts["activations (block inputs + one block recomputed)"] = L * T * d * F32 + layer_set
+    else:
+        parts["activations (all blocks)"] = L * layer_set
+    parts["backward working set (one block)"] = layer_set
+    ce = T * min(ce_chunk, dm["n_vocab"]) * F32 + 4 * T * d * F32 + 4 * T * 8
+    parts["cross-entropy (chunked)"] = ce
+    n_lora = lora_param_count(hparams, lora_config)
+    parts["LoRA params, grads, Adam state, save copies"] = 7 * n_lora * F32
+    if "output" in lora_config.targets:
+        parts["cross-entropy (chunked)"] += T * lora_config.targets["output"].rank * F32 * 2
+    widest = max(d, ff, dm["hq_v"])
+    parts["kernel scratch (qmatmul tiles, attention dq)"] = threads * (TILE_ROWS * widest * F32 + T * dm["hq"] * F32)
+    parts["runtime (python, libraries, tokenizer, data)"] = int(runtime_bytes)
+    subtotal = sum(parts.values())
+    parts["safety margin"] = int(SAFETY_FRACTION * subtotal) + SAFETY_BYTES
+    parts["total"] = subtotal + parts["safety margin"]
+    return parts
+
+
+def estimate_step_memory(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batch: int, checkpointing: bool,
+                         model_file_bytes: int, **kw: Any) -> int:
+    """Estimated peak RSS in bytes of a training step (kw: threads, ce_chunk, runtime_bytes)."""
+    return memory_breakdown(hparams, lora_config, ctx, micro_batch, checkpointing, model_file_bytes, **kw)["total"]
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return sorted((k for k in range(1, n + 1) if n % k == 0), reverse=True)
+
+
+def choose_micro_batch(batch: int, limit: int, hparams: Any, lora_config: LoraConfig, ctx: int,
+                       checkpointing: bool, model_file_bytes: int, **kw: Any) -> int:
+    """The largest micro-batch dividing `batch` whose step fits in `limit` bytes.
+
+    The effective batch stays `batch` through gradient accumulation (batch // micro_batch micro-steps
+    of equal size). A limit that even micro-batch 1 exceeds is a GGTrainError with the numbers.
+    """
+    if batch <= 0:
+        raise GGTrainError(f"--batch must be > 0, got {batch}")
+    for mb in _divisors_desc(batch):
+        if estimate_step_memory(hparams, lora_config, ctx, mb, checkpointing, model_file_bytes, **kw) <= limit:
+            return mb
+    parts = memory_breakdown(hparams, lora_config, ctx, 1, checkpointing, model_file_bytes, **kw)
+    detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if k != "total")
+    hints = ["lower --ctx"]
+    if not checkpointing:
+        parts_ck = memory_breakdown(hparams, lora_config, ctx, 1, True, model_file_bytes, **kw)
+        hints.insert(0, f"use --use-checkpointing (needs about {format_bytes(parts_ck['total'])})")
+    hints.append("lower the LoRA ranks")
+    raise GGTrainError(
+        f"--mem-limit {format_bytes(limit)} is too small: one training step at ctx {ctx}, micro-batch 1 needs "
+        f"about {format_bytes(parts['total'])} ({detail}); raise --mem-limit or " + ", or ".join(hints))
+
+
+def _cgroup_limit() -> int | None:
+    """The container's memory limit (cgroup v2 or v1), if any."""
+    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            v = Path(p).read_text().strip()
+            if v != "max" and int(v) < (1 << 60):
+                return int(v)
+    return None
+
+
+def default_mem_limit(share: float = DEFAULT_LIMIT_SHARE) -> int:
+    """What this process may grow to: its current RSS plus `share` of the RAM available now,
+    never more than 90% of the machine's (or the container's) memory."""
+    vm = psutil.virtual_memory()
+    rss = psutil.Process().memory_info().rss
+    cap = int(0.9 * vm.total)
+    cg = _cgroup_limit()
+    if cg is not None:
+        cap = min(cap, int(0.9 * cg))
+    return min(cap, rss + int(share * vm.available))
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'8G', '512M', '1.5GiB', '2000000' -> bytes (K/M/G/T are powers of 1024, as RAM is counted)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise GGTrainError(f"cannot read memory size {text!r} (examples: 8G, 512M, 1.5GiB)")
+    mult = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def format_bytes(n: float) -> str:
+    """1536 MiB -> '1.50 GiB'."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+class MemoryMonitor:
+    """RSS of this process sampled by a background thread (psutil), for the progress bar and for
+    shrinking the micro-batch before the limit is hit.
+
+        with MemoryMonitor(limit) as mon:
+            ...                  # mon.rss, mon.peak, mon.window_peak
+            if mon.near_limit(): ...   # the last window came within 10% of the limit
+            mon.reset_window()
+    """
+
+    def __init__(self, limit: int | None = None, interval: float = 0.05, pid: int | None = None):
+        self.limit = limit
+        self.interval = interval
+        self._proc = psutil.Process(pid)
+        self.rss = 0
+        self.peak = 0  # highest RSS seen since start
+        self.window_peak = 0  # highest RSS since the last reset_window()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sample()
+
+    def sample(self) -> int:
+        """Read RSS now; update peak and window_peak; return it."""
+        rss = self._proc.memory_info().rss
+        with self._lock:
+            self.rss = rss
+            self.peak = max(self.peak, rss)
+            self.window_peak = max(self.window_peak, rss)
+        return rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(psutil.Error):
+                self.sample()
+
+    def start(self) -> Self:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="ggtrain-memory-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.sample()
+
+    def reset_window(self) -> None:
+        with self._lock:
+            self.window_peak = self.rss
+
+    def near_limit(self, fraction: float = 0.9) -> bool:
+        """True when the window's peak RSS reached `fraction` of the limit (False without a limit)."""
+        self.sample()
+        return self.limit is not None and self.window_peak >= fraction * self.limit
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
