@@ -181,15 +181,36 @@ def _chat_spans(tmpl: TemplateLike, messages: list[dict]) -> list[tuple[str, boo
 
 
 def _encode_parts(tok: TokenizerLike, parts: list[tuple[str, bool]], parse_special: bool
-                  ) -> tuple[list[int], list[bool]]:
-    """Each part tokenised on its own: a prompt's tokens are then exactly what inference feeds the
-    model before it generates the response, and the mask boundary falls between tokens."""
-    ids: list[int] = []
-    train: list[bool] = []
-    for text, trained in parts:
-        t = tok.encode(text, add_special=False, parse_special=parse_special)
-        ids.extend(t)
-        train.extend([trained] * len(t))
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise the parts' concatenation once (what llama.cpp sees for the whole text) and flag each
+    token with its part's train flag: ids int32 (n,), train bool (n,).
+
+    A part boundary's token index is found by tokenising the text before it: when those tokens are
+    a prefix of the whole (the usual case), the boundary falls between tokens and the prompt's
+    tokens are exactly what inference feeds the model before it generates. Otherwise one token
+    straddles the boundary; it is trained if either side is, so no trained text goes unlearned.
+    """
+    full = "".join(t for t, _ in parts)
+    ids = np.asarray(tok.encode(full, add_special=False, parse_special=parse_special), dtype=np.int32)
+    train = np.zeros(len(ids), dtype=np.bool_)
+    pos = start = 0
+    straddle: list[tuple[int, bool]] = []
+    for k, (text, trained) in enumerate(parts):
+        pos += len(text)
+        end = len(ids)
+        if k + 1 < len(parts):
+            pre = np.asarray(tok.encode(full[:pos], add_special=False, parse_special=parse_special),
+                             dtype=np.int32)
+            m = min(len(pre), len(ids))
+            diff = np.flatnonzero(ids[:m] != pre[:m])
+            end = int(diff[0]) if len(diff) else m
+            if len(diff) or len(pre) > len(ids):
+                straddle.append((end, trained or parts[k + 1][1]))
+        train[start:end] = trained
+        start = max(start, end)
+    for i, flag in straddle:
+        if i < len(ids):
+            train[i] = flag
     return ids, train
 
 
@@ -209,17 +230,15 @@ def tokenize_example(ex: Example, tok: TokenizerLike, opts: DataOptions, schema:
                                    parse_special=False)
     sep_bos = tok.add_bos if opts.separate_with_bos is None else opts.separate_with_bos
     sep_eos = schema in ("alpaca", "completion") if opts.separate_with_eos is None else opts.separate_with_eos
-    if sep_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-        ids.insert(0, tok.bos_id)
-        train.insert(0, False)
-    if sep_eos and tok.eos_id is not None and (not ids or ids[-1] != tok.eos_id):
-        ids.append(tok.eos_id)
-        train.append(True)  # the end of a response: the model learns to stop
-    arr = np.asarray(ids, dtype=np.int32)
-    tr = np.asarray(train, dtype=np.bool_)
+    if sep_bos and tok.bos_id is not None and (len(ids) == 0 or ids[0] != tok.bos_id):
+        ids = np.concatenate([np.array([tok.bos_id], np.int32), ids])
+        train = np.concatenate([[False], train])
+    if sep_eos and tok.eos_id is not None and (len(ids) == 0 or ids[-1] != tok.eos_id):
+        ids = np.concatenate([ids, np.array([tok.eos_id], np.int32)])
+        train = np.concatenate([train, [True]])  # the end of a response: the model learns to stop
     if opts.train_on_prompt:
-        tr[:] = True
-    return Sample(arr, tr, ex.where)
+        train[:] = True
+    return Sample(ids, train, ex.where)
 
 
 def tokenize_file(rr: ReadResult, tok: TokenizerLike, opts: DataOptions,

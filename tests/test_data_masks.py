@@ -392,3 +392,41 @@ def test_val_split_and_val_data(tmp_path):
     prep = prepare_data(replace(OPTS, train_data=t, val_split=0.1), TOK)
     assert (len(prep.train.samples[0].ids), len(prep.val.samples[0].ids)) == (90, 11)
     assert prep.val.samples[0].ids[0] == BOS
+
+
+# --- token boundaries between prompt and response -------------------------------------------------------
+
+class MergingTokenizer(ByteTokenizer):
+    """Byte tokens, but "\\nH" is one token (300) and every encode call starts with a prefix-space
+    token (301), like SentencePiece's add_space_prefix: the two ways separate tokenisation goes wrong."""
+
+    def encode(self, text, add_special=True, parse_special=True):
+        ids = [301] + super().encode(text, False, parse_special)
+        out = []
+        for i in ids:
+            if out and out[-1] == BYTE0 + ord("\n") and i == BYTE0 + ord("H"):
+                out[-1] = 300
+            else:
+                out.append(i)
+        return ([self.bos_id] if add_special and self.add_bos else []) + out
+
+
+def test_prompt_response_boundary_clean_and_straddling():
+    tok = MergingTokenizer()
+    opts = replace(OPTS, separate_with_eos=False)
+    # Clean boundary: the whole text is tokenised once, so the response gets no second prefix space,
+    # and the prompt's tokens are exactly encode(prompt).
+    s = tokenize_example(Example("l", prompt="Q:", response="ok"), tok, opts, "completion")
+    assert s.ids.tolist() == tok.encode("Q:ok") and s.ids[:-2].tolist() == tok.encode("Q:")
+    assert s.train.tolist() == [False, False, False, False, True, True]
+    # "\nH" merges across the boundary: that token holds response text, so it is trained.
+    s = tokenize_example(Example("l", prompt="Q\n", response="Hi"), tok, opts, "completion")
+    assert s.ids.tolist() == [BOS, 301, BYTE0 + ord("Q"), 300, BYTE0 + ord("i")]
+    assert s.train.tolist() == [False, False, False, True, True]
+    # The same at the end of a trained part followed by an untrained one (chat: "...\n" + "H...").
+    parts_tok = MergingTokenizer(add_bos=False)
+    from ggtrain.dataset import _encode_parts
+
+    ids, train = _encode_parts(parts_tok, [("a", False), ("b\n", True), ("Hc", False)], False)
+    assert ids.tolist() == [301, BYTE0 + 97, BYTE0 + 98, 300, BYTE0 + 99]
+    assert train.tolist() == [False, False, True, True, False]
