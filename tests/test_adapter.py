@@ -297,3 +297,24 @@ def test_llamacpp_refuses_other_architecture_and_we_say_why_first(tmp_path, tiny
                         "--lora", adapter, check=False)
     assert proc.returncode != 0
     assert "arch mismatch" in proc.stdout + proc.stderr
+
+
+def test_llamacpp_export_lora_merges_to_our_float64_merge(tmp_path, tiny_llama):
+    """llama-export-lora (llama.cpp's own merge) gives W + scale·B·A for every tensor we adapted."""
+    base = ModelFile(tiny_llama)
+    cfg = LoraConfig.make(r=4, alpha=8, targets=["attn_q", "attn_v", "ffn_down", "output"],
+                          ranks={"ffn_down": 16}, alphas={"attn_v": 1.0})
+    lw = random_lora(base, cfg, 2, seed=11, b_std=0.3)
+    adapter = write_gguf_adapter(tmp_path / "adapter.gguf", lw, base, alpha=8.0)
+    out = tmp_path / "exported.gguf"
+    llamacpp.run("llama-export-lora", "-m", tiny_llama, "--lora-scaled", f"{adapter}:0.5", "-o", out)
+    merged = ModelFile(out)
+    for name, t in base.tensors.items():
+        w = t.data.view(np.float32).reshape(t.shape).astype(np.float64)
+        got = merged.tensors[name].data.view(np.float32).reshape(t.shape)
+        if name in lw:
+            want = w + 0.5 * lw.delta(name)
+            assert np.abs(got - want).max() < 1e-5 * max(1.0, np.abs(want).max()), name
+            assert np.abs(got - w).max() > 1e-3, name  # the merge changed it
+        else:
+            np.testing.assert_array_equal(got, w.astype(np.float32))
