@@ -38,6 +38,10 @@ DEFAULT_SEED = 42
 _RNG_SHUFFLE, _RNG_OFFSETS, _RNG_VAL = 1, 2, 3
 
 
+class BadSample(Exception):
+    """A record that cannot become a sample (tokenize_file names its file and line)."""
+
+
 class TokenizerLike(Protocol):
     bos_id: int | None
     eos_id: int | None
@@ -220,8 +224,14 @@ def tokenize_example(ex: Example, tok: TokenizerLike, opts: DataOptions, schema:
     if ex.messages is not None:
         if tmpl is None:
             raise GGTrainError("chat data needs a chat template (--chat-template FILE)")
+        try:
+            parts = _chat_spans(tmpl, ex.messages)
+        except GGTrainError:
+            raise
+        except Exception as e:  # noqa: BLE001 - jinja raising on this conversation (roles, ...)
+            raise BadSample(f"the chat template cannot render this conversation: {e}") from None
         # Rendered templates carry special tokens as text (<start_of_turn>, <|im_start|>): parse them.
-        ids, train = _encode_parts(tok, _chat_spans(tmpl, ex.messages), parse_special=True)
+        ids, train = _encode_parts(tok, parts, parse_special=True)
     elif ex.text is not None:
         # Plain text is text: a literal "<eos>" in a file is not a control token (llama.cpp's finetune).
         ids, train = _encode_parts(tok, [(ex.text, True)], parse_special=False)
@@ -255,10 +265,8 @@ def tokenize_file(rr: ReadResult, tok: TokenizerLike, opts: DataOptions,
     for ex in rr.examples:
         try:
             s = tokenize_example(ex, tok, opts, rr.schema, tmpl)
-        except GGTrainError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a chat template raising on this conversation (roles, ...)
-            fail(ex.where, f"the chat template cannot render this conversation: {e}")
+        except BadSample as e:
+            fail(ex.where, str(e))
             continue
         if s.n_trained == 0:
             what = {"text": "the sample is empty", "chat": "no assistant turn with content",
