@@ -19,8 +19,11 @@ recomputes the probabilities from it (FlashAttention-2):
 
 Parallel: forward over heads × query blocks; backward over kv heads × key blocks (each task owns
 its dk/dv rows; dq goes to one buffer per thread, summed at the end). Blocks are visited in
-zig-zag order so causal work is balanced across threads. Memory: O(T) scratch per task.
-Dtype-generic: dots and the softmax run in the input dtype (f32 for training; tests use f64).
+zig-zag order so causal work is balanced across threads. Inside a task the products are GEMMs on
+head-major (H, T, D) copies through Numba's np.dot, i.e. scipy's BLAS: ggtrain.threads.set_threads
+keeps that BLAS single-threaded so it does not oversubscribe the prange threads. Scratch per task is
+one (block, span) score tile (span <= T): O(T) memory per task, never (H, T, T).
+Dtype-generic: f32 for training (f32 GEMMs, softmax in f32, lse kept in f32); f64 in the tests.
 """
 
 import math
@@ -29,8 +32,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-BLOCK_Q = 32  # query rows per forward task
-BLOCK_K = 32  # key rows per backward task (its dk, dv rows stay in L1/L2)
+BLOCK_Q = 64  # query rows per forward task
+BLOCK_K = 64  # key rows per backward task (it owns their dk, dv rows)
 
 
 @njit(cache=True)
@@ -60,93 +63,101 @@ def visible_range(segments, n_swa):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _attn_fwd(q, k, v, lo, scale, softcap, bq, o, lse):
-    # q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv), lo (T,) -> o (T, Hq, Dv), lse (Hq, T)
-    T, Hq, D = q.shape
-    Hkv = k.shape[1]
-    Dv = v.shape[2]
-    G = Hq // Hkv
-    ft = q.dtype.type  # keep every scalar in the input dtype so the D-loops vectorise at its width
+def _attn_fwd(qh, kh, vh, lo, scale, softcap, bq, oh, lse):
+    # head-major: qh (Hq, T, D), kh (Hkv, T, D), vh (Hkv, T, Dv), lo (T,) -> oh (Hq, T, Dv), lse (Hq, T)
+    Hq, T, _ = qh.shape
+    G = Hq // kh.shape[0]
+    ft = qh.dtype.type  # every scalar in the input dtype
     nb = (T + bq - 1) // bq
     for task in prange(Hq * nb):
         h = task // nb
         qb = _zigzag(nb, task % nb)
-        kh = h // G
-        s = np.empty(T, q.dtype)
-        acc = np.empty(Dv, q.dtype)
-        for i in range(qb * bq, min(T, (qb + 1) * bq)):
-            j0 = lo[i]
+        g = h // G
+        i0 = qb * bq
+        i1 = min(T, i0 + bq)
+        jlo = lo[i0]  # lo is non-decreasing: the block's first row sees furthest back
+        # S = Q_blk K_span^T through BLAS (a few MB at most), then the masked softmax in place
+        S = np.dot(qh[h, i0:i1], kh[g, jlo:i1].T)  # (rows, keys)
+        nk = i1 - jlo
+        for r in range(i1 - i0):
+            i = i0 + r
+            a = lo[i] - jlo
+            b = i - jlo + 1  # visible columns [a, b)
             m = ft(-np.inf)
-            for j in range(j0, i + 1):
-                dot = ft(0.0)
-                for d in range(D):
-                    dot += q[i, h, d] * k[j, kh, d]
-                z = dot * scale
+            for c in range(a, b):
+                z = S[r, c] * scale
                 if softcap > 0.0:
                     z = softcap * ft(math.tanh(z / softcap))
-                s[j - j0] = z
+                S[r, c] = z
                 m = max(m, z)
-            for d in range(Dv):
-                acc[d] = 0.0
             den = ft(0.0)
-            for j in range(j0, i + 1):
-                p = ft(math.exp(s[j - j0] - m))
+            for c in range(a, b):
+                p = ft(math.exp(S[r, c] - m))
+                S[r, c] = p
                 den += p
-                for d in range(Dv):
-                    acc[d] += p * v[j, kh, d]
             inv = ft(1.0) / den
-            for d in range(Dv):
-                o[i, h, d] = acc[d] * inv
+            for c in range(a, b):
+                S[r, c] *= inv
+            for c in range(a):
+                S[r, c] = 0.0
+            for c in range(b, nk):
+                S[r, c] = 0.0
             lse[h, i] = m + ft(math.log(den))
+        oh[h, i0:i1] = np.dot(S, vh[g, jlo:i1])
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _attn_bwd(q, k, v, do, lse, dsum, lo, hi, scale, softcap, bk, dq_part, dk, dv):
-    # dsum (Hq, T) = do_i·o_i; dq_part (n_threads, T, Hq, D) zeroed; dk (T, Hkv, D), dv (T, Hkv, Dv) out
-    T, Hq, D = q.shape
-    Hkv = k.shape[1]
-    Dv = v.shape[2]
+def _attn_bwd(qh, kh, vh, doh, lse, dsum, lo, hi, scale, softcap, bk, dq_part, dkh, dvh):
+    # head-major inputs as in the forward; doh (Hq, T, Dv); dsum (Hq, T) = do_i·o_i;
+    # dq_part (n_threads, Hq, T, D) zeroed; dkh (Hkv, T, D), dvh (Hkv, T, Dv) out
+    Hq, T, D = qh.shape
+    Hkv = kh.shape[0]
     G = Hq // Hkv
-    ft = q.dtype.type
+    ft = qh.dtype.type
     nb = (T + bk - 1) // bk
     for task in prange(Hkv * nb):
-        kh = task // nb
+        g = task // nb
         kb = _zigzag(nb, task % nb)
         j0 = kb * bk
         j1 = min(T, j0 + bk)
+        i1 = hi[j1 - 1] + 1  # hi is non-decreasing: queries j0 .. i1-1 see some key of the block
         dqp = dq_part[numba.get_thread_id()]
-        for j in range(j0, j1):
-            for d in range(D):
-                dk[j, kh, d] = 0.0
-            for d in range(Dv):
-                dv[j, kh, d] = 0.0
-        imax = hi[j1 - 1]  # hi is non-decreasing: the last key of the block is seen longest
-        for h in range(kh * G, (kh + 1) * G):
-            for i in range(j0, imax + 1):
-                ja = max(j0, lo[i])
-                jb = min(j1, i + 1)
+        Kb = kh[g, j0:j1]
+        Vb = vh[g, j0:j1]
+        dKb = np.zeros((j1 - j0, D), qh.dtype)
+        dVb = np.zeros((j1 - j0, vh.shape[2]), qh.dtype)
+        for h in range(g * G, (g + 1) * G):
+            Qs = qh[h, j0:i1]
+            dOs = doh[h, j0:i1]
+            P = np.dot(Qs, Kb.T)  # (queries, keys): scores, then probabilities
+            dS = np.dot(dOs, Vb.T)  # (queries, keys): dp, then the score gradient
+            for r in range(i1 - j0):
+                i = j0 + r
+                a = max(j0, lo[i]) - j0
+                b = min(j1, i + 1) - j0  # visible columns [a, b)
                 L = lse[h, i]
                 Di = dsum[h, i]
-                for j in range(ja, jb):
-                    dot = ft(0.0)
-                    for d in range(D):
-                        dot += q[i, h, d] * k[j, kh, d]
-                    z = dot * scale
+                for c in range(a):
+                    P[r, c] = 0.0
+                    dS[r, c] = 0.0
+                for c in range(max(a, b), j1 - j0):
+                    P[r, c] = 0.0
+                    dS[r, c] = 0.0
+                for c in range(a, b):
+                    z = P[r, c] * scale
                     dz = ft(1.0)
                     if softcap > 0.0:
                         t = ft(math.tanh(z / softcap))
                         z = softcap * t
                         dz = ft(1.0) - t * t
                     p = ft(math.exp(z - L))
-                    dp = ft(0.0)
-                    for d in range(Dv):
-                        dp += do[i, h, d] * v[j, kh, d]
-                    ds = p * (dp - Di) * dz * scale
-                    for d in range(Dv):
-                        dv[j, kh, d] += p * do[i, h, d]
-                    for d in range(D):
-                        dk[j, kh, d] += ds * q[i, h, d]
-                        dqp[i, h, d] += ds * k[j, kh, d]
+                    P[r, c] = p
+                    dS[r, c] = p * (dS[r, c] - Di) * dz * scale
+            dVb += np.dot(P.T, dOs)
+            dKb += np.dot(dS.T, Qs)
+            dqp[h, j0:i1] += np.dot(dS, Kb)
+        dkh[g, j0:j1] = dKb
+        dvh[g, j0:j1] = dVb
 
 
 @njit(cache=True, parallel=True)
@@ -177,6 +188,11 @@ def _check(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         raise ValueError(f"attention: shapes q {q.shape}, k {k.shape}, v {v.shape} do not fit GQA")
 
 
+def _heads(a: np.ndarray, dt: np.dtype) -> np.ndarray:
+    # (T, H, D) -> head-major (H, T, D) contiguous, so each head's rows are one BLAS operand
+    return np.ascontiguousarray(np.asarray(a, dtype=dt).transpose(1, 0, 2))
+
+
 def attention_forward(
     q: np.ndarray,
     k: np.ndarray,
@@ -192,13 +208,12 @@ def attention_forward(
     ids keep packed samples apart (None = one sequence)."""
     _check(q, k, v)
     dt = q.dtype
-    q, k, v = (np.ascontiguousarray(a, dtype=dt) for a in (q, k, v))
     T, Hq, _ = q.shape
     lo, _ = visible_range(_segments(segments, T), int(n_swa))
-    o = np.empty((T, Hq, v.shape[2]), dtype=dt)
+    oh = np.empty((Hq, T, v.shape[2]), dtype=dt)
     lse = np.empty((Hq, T), dtype=dt)
-    _attn_fwd(q, k, v, lo, dt.type(scale), dt.type(softcap), BLOCK_Q, o, lse)
-    return o, lse
+    _attn_fwd(_heads(q, dt), _heads(k, dt), _heads(v, dt), lo, dt.type(scale), dt.type(softcap), BLOCK_Q, oh, lse)
+    return oh.transpose(1, 0, 2).copy(), lse
 
 
 def attention_backward(
@@ -216,19 +231,20 @@ def attention_backward(
     """do (T, Hq, Dv), q, k, v, o, lse as in/out of the forward -> dq (T, Hq, D), dk (T, Hkv, D), dv (T, Hkv, Dv)."""
     _check(q, k, v)
     dt = q.dtype
-    q, k, v, o, do = (np.ascontiguousarray(a, dtype=dt) for a in (q, k, v, o, do))
     T, Hq, D = q.shape
+    Hkv = k.shape[1]
     lo, hi = visible_range(_segments(segments, T), int(n_swa))
-    dsum = np.einsum("thd,thd->ht", do, o)  # (Hq, T): do_i·o_i, the softmax backward's row term
+    doh = _heads(do, dt)
+    dsum = np.einsum("htd,thd->ht", doh, np.asarray(o, dtype=dt))  # (Hq, T): do_i·o_i, the softmax-backward row term
     n_threads = numba.get_num_threads()
-    dq_part = np.zeros((n_threads, T, Hq, D), dtype=dt)
-    dk = np.empty_like(k)
-    dv = np.empty_like(v)
-    _attn_bwd(q, k, v, do, np.ascontiguousarray(lse, dtype=dt), dsum, lo, hi, dt.type(scale), dt.type(softcap),
-              BLOCK_K, dq_part, dk, dv)
+    dq_part = np.zeros((n_threads, Hq, T, D), dtype=dt)
+    dkh = np.empty((Hkv, T, D), dtype=dt)
+    dvh = np.empty((Hkv, T, v.shape[2]), dtype=dt)
+    _attn_bwd(_heads(q, dt), _heads(k, dt), _heads(v, dt), doh, np.ascontiguousarray(lse, dtype=dt), dsum, lo, hi,
+              dt.type(scale), dt.type(softcap), BLOCK_K, dq_part, dkh, dvh)
     if n_threads == 1:
-        dq = dq_part[0]
+        dqh = dq_part[0]
     else:
-        dq = np.empty((T, Hq, D), dtype=dt)
-        _sum_parts(dq_part.reshape(n_threads, -1), dq.reshape(-1))
-    return dq, dk, dv
+        dqh = np.empty((Hq, T, D), dtype=dt)
+        _sum_parts(dq_part.reshape(n_threads, -1), dqh.reshape(-1))
+    return dqh.transpose(1, 0, 2).copy(), dkh.transpose(1, 0, 2).copy(), dvh.transpose(1, 0, 2).copy()
