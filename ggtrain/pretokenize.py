@@ -313,18 +313,27 @@ class PreTokenizer:
     def __init__(self, regexes: list[str]):
         self.splitters = [_Splitter(r) for r in regexes]
 
-    def split(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """-> (utf-8 bytes uint8 (nb,), word end offsets in bytes int64 (k,))"""
-        cpts = codepoints(text)
-        if cpts.size == 0:
-            return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
-        flags = cpt_flags(cpts)
+    def split_cpts(self, cpts: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """Word lengths in code points int64 (k,) of code points cpts int64 (n,) with their flags."""
         lens = np.array([cpts.size], dtype=np.int64)
         views: dict = {}
         for sp in self.splitters:
             lens = sp.split(cpts, flags, lens, views)
-        nbytes = np.where(cpts < 0x80, 1, np.where(cpts < 0x800, 2, np.where(cpts < 0x10000, 3, 4)))
-        byte_end = np.cumsum(nbytes)
-        ends = byte_end[np.cumsum(lens) - 1]
+        return lens
+
+    def split(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """-> (utf-8 bytes uint8 (nb,), word end offsets in bytes int64 (k,))"""
+        cpts = codepoints(text)
         data = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
-        return data, ends
+        if cpts.size == 0:
+            return data, np.zeros(0, dtype=np.int64)
+        lens = self.split_cpts(cpts, cpt_flags(cpts))
+        return data, utf8_offsets(cpts)[np.cumsum(lens)]
+
+
+def utf8_offsets(cpts: np.ndarray) -> np.ndarray:
+    """Byte offset of each code point in UTF-8, plus the total: int64 (n+1,)"""
+    nbytes = np.where(cpts < 0x80, 1, np.where(cpts < 0x800, 2, np.where(cpts < 0x10000, 3, 4)))
+    out = np.zeros(cpts.size + 1, dtype=np.int64)
+    np.cumsum(nbytes, out=out[1:])
+    return out

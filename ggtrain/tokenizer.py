@@ -58,6 +58,11 @@ _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
               "<｜end▁of▁sentence｜>", "[e~[")
 
 
+def _codepoints(text: str) -> np.ndarray:
+    """str -> int64 (n,) code points."""
+    return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (printable Latin-1 bytes map to themselves)."""
     keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
@@ -256,6 +261,7 @@ class Tokenizer:
                     i = self.token_to_id.get(chr(b))
                 byte_tok[b] = -1 if i is None else i
             self._byte_tok = byte_tok
+            self._space_left = kb.spm_space_left(blob, offs)
             return
         inv = np.full(512, -1, dtype=np.int64)
         for b, ch in bytes_to_unicode().items():
@@ -288,83 +294,126 @@ class Tokenizer:
         return i in self.eog_ids
 
     # -- encode ---------------------------------------------------------------------------------
+    def _build_special_index(self) -> None:
+        """Code points of the special tokens (priority order) and, to skip quickly the ones a
+        text cannot contain, the distinct character pairs of each."""
+        cps = [np.frombuffer(self.tokens[i].encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+               .astype(np.int64) for i in self.special_ids]
+        ns = len(cps)
+        self._sp_ids = np.asarray(self.special_ids, dtype=np.int32)
+        self._sp_offs = np.zeros(ns + 1, dtype=np.int64)
+        np.cumsum([len(c) for c in cps], out=self._sp_offs[1:])
+        self._sp_cpts = np.concatenate(cps) if cps else np.zeros(0, dtype=np.int64)
+        attr = self.attr[self._sp_ids]
+        self._sp_strip = (((attr & ATTR_LSTRIP) != 0) * 1 + ((attr & ATTR_RSTRIP) != 0) * 2).astype(np.int32)
+        self._sp_control = (attr & (ATTR_CONTROL | ATTR_UNKNOWN)) != 0
+        keys, owner = [], []
+        for j, c in enumerate(cps):  # a one-character token keys on (c, -1)
+            k = np.unique(c[:-1] << 21 | c[1:]) if len(c) > 1 else (c[:1] << 21) | 0x1FFFFF
+            keys.append(k)
+            owner.append(np.full(len(k), j, dtype=np.int64))
+        key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+        own = np.concatenate(owner) if owner else np.zeros(0, dtype=np.int64)
+        order = np.argsort(key, kind="stable")
+        self._sp_key, self._sp_key_owner = key[order], own[order]
+        self._sp_nkeys = np.bincount(own, minlength=ns)
+
+    def _candidates(self, cpts: np.ndarray, parse_special: bool) -> np.ndarray:
+        """Indexes (priority order) of the special tokens whose character pairs all occur in cpts."""
+        if not hasattr(self, "_sp_key"):
+            self._build_special_index()
+        if self._sp_key.size == 0 or cpts.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        text_keys = np.unique(np.concatenate([cpts[:-1] << 21 | cpts[1:], (cpts << 21) | 0x1FFFFF]))
+        lo = np.searchsorted(self._sp_key, text_keys, side="left")
+        hi = np.searchsorted(self._sp_key, text_keys, side="right")
+        hit = hi > lo
+        if not hit.any():
+            return np.zeros(0, dtype=np.int64)
+        lo, hi = lo[hit], hi[hit]
+        cnt = hi - lo  # every key entry in [lo, hi) of each hit
+        idx = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt - lo, cnt)
+        found = np.bincount(self._sp_key_owner[idx], minlength=self._sp_nkeys.size)
+        ok = found == self._sp_nkeys
+        if not parse_special:
+            ok &= ~self._sp_control
+        return np.flatnonzero(ok)
+
+    def _partition_cpts(self, cpts: np.ndarray, parse_special: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cand = self._candidates(cpts, parse_special)
+        if cand.size == 0:
+            n = cpts.size
+            return (np.zeros(min(n, 1), dtype=np.int64), np.full(min(n, 1), n, dtype=np.int64),
+                    np.full(min(n, 1), -1, dtype=np.int32))
+        lens = self._sp_offs[cand + 1] - self._sp_offs[cand]
+        offs = np.zeros(cand.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=offs[1:])
+        sel = np.concatenate([self._sp_cpts[self._sp_offs[j]:self._sp_offs[j + 1]] for j in cand])
+        return kb.st_partition(cpts, sel, offs, self._sp_ids[cand], self._sp_strip[cand])
+
     def partition(self, text: str, parse_special: bool) -> list[tuple[int, int] | int]:
-        """Cut special tokens out of text: a list of raw spans (start, end) and token ids."""
-        frags: list[tuple[int, int] | int] = [(0, len(text))] if text else []
-        for sid in self.special_ids:
-            a = int(self.attr[sid])
-            if not parse_special and a & (ATTR_CONTROL | ATTR_UNKNOWN):
-                continue
-            t = self.tokens[sid]
-            if t not in text:
-                continue
-            lstrip, rstrip = a & ATTR_LSTRIP, a & ATTR_RSTRIP
-            out: list[tuple[int, int] | int] = []
-            for fr in frags:
-                if isinstance(fr, int):
-                    out.append(fr)
-                    continue
-                pos, end = fr
-                while True:
-                    m = text.find(t, pos, end)
-                    if m < 0:
-                        break
-                    left = m
-                    if lstrip:
-                        while left > pos and text[left - 1] in _C_SPACE:
-                            left -= 1
-                    if left > pos:
-                        out.append((pos, left))
-                    out.append(sid)
-                    pos = m + len(t)
-                    if rstrip:
-                        while pos < end and text[pos] in _C_SPACE:
-                            pos += 1
-                if pos < end:
-                    out.append((pos, end))
-            frags = out
-        return frags
-
-    def _encode_spm(self, text: str) -> np.ndarray:
-        data = np.frombuffer(text.replace(" ", _SPACE).encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
-        return kb.spm_encode(data, self._table, self._blob_u8, self._offs, self.scores, self._byte_tok,
-                             self.n_vocab)
-
-    def _encode_bpe(self, text: str) -> np.ndarray:
-        data, ends = self.pretokenizer.split(text)
-        return kb.bpe_encode(data, ends, self._table, self._blob_u8, self._offs, self.n_vocab,
-                             self._pkeys, self._prank, self._pres, self._byte_id, self.ignore_merges)
+        """Cut special tokens out of text: raw spans (start, end) in characters and token ids,
+        as llama.cpp's tokenizer_st_partition does."""
+        fs, fe, ft = self._partition_cpts(_codepoints(text), parse_special)
+        return [int(t) if t >= 0 else (int(a), int(b)) for a, b, t in zip(fs, fe, ft)]
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of text, as llama.cpp's llama_tokenize(text, add_special, parse_special).
 
         add_special adds BOS / EOS where the model's metadata asks for them.
-        parse_special turns control-token texts such as <start_of_turn> into their ids.
+        parse_special turns control-token texts such as <start_of_turn> into their ids
+        (user-defined tokens are always recognised, as in llama.cpp).
         """
         return self.encode_array(text, add_special, parse_special).tolist()
 
     def encode_array(self, text: str, add_special: bool = True, parse_special: bool = True) -> np.ndarray:
         """encode() as an int32 array."""
-        parts: list[np.ndarray] = []
-        if add_special and self.add_bos:
-            parts.append(np.array([self.bos_id], dtype=np.int32))
-        prev_special = True  # SentencePiece adds the space prefix at the start and after a special token
-        for fr in self.partition(text, parse_special):
-            if isinstance(fr, int):
-                parts.append(np.array([fr], dtype=np.int32))
-                prev_special = True
-                continue
-            piece = text[fr[0]:fr[1]]
-            if self.kind == SPM:
-                if self.add_space_prefix and prev_special:
-                    piece = " " + piece
-                parts.append(self._encode_spm(piece))
+        cpts = _codepoints(text)
+        fs, fe, ft = self._partition_cpts(cpts, parse_special)
+        if self.kind == SPM:
+            # spaces -> U+2581 (3 bytes); a fragment at the start or after a special token gets
+            # the space prefix when add_space_prefix
+            nbytes = np.where(cpts < 0x80, 1, np.where(cpts < 0x800, 2, np.where(cpts < 0x10000, 3, 4)))
+            nbytes[cpts == 32] = 3
+            at = np.zeros(cpts.size + 1, dtype=np.int64)
+            np.cumsum(nbytes, out=at[1:])
+            esc = np.frombuffer(text.replace(" ", _SPACE).encode("utf-8", errors="surrogatepass"),
+                                dtype=np.uint8)
+            prev_tok = np.concatenate([[True], ft[:-1] >= 0]) if ft.size else np.zeros(0, dtype=bool)
+            prefix = (prev_tok & (ft < 0)) if self.add_space_prefix else np.zeros(ft.size, dtype=bool)
+            body = kb.spm_encode_fragments(esc, at[fs], at[fe], ft, prefix, self._table, self._blob_u8,
+                                           self._offs, self.scores, self._byte_tok, self.n_vocab,
+                                           self._space_left)
+        else:
+            body = self._encode_bpe_fragments(text, cpts, fs, fe, ft)
+        head = [self.bos_id] if add_special and self.add_bos else []
+        tail = [self.eos_id] if add_special and self.add_eos else []
+        if head or tail:
+            body = np.concatenate([np.asarray(head, dtype=np.int32), body, np.asarray(tail, dtype=np.int32)])
+        return body
+
+    def _encode_bpe_fragments(self, text: str, cpts: np.ndarray, fs: np.ndarray, fe: np.ndarray,
+                              ft: np.ndarray) -> np.ndarray:
+        from ggtrain.pretokenize import cpt_flags, utf8_offsets
+
+        data = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
+        at = utf8_offsets(cpts)
+        flags = cpt_flags(cpts) if cpts.size else np.zeros(0, dtype=np.uint16)
+        ends: list[np.ndarray] = []
+        toks: list[np.ndarray] = []
+        for s, e, t in zip(fs.tolist(), fe.tolist(), ft.tolist()):  # fragments, not tokens
+            if t >= 0:
+                ends.append(np.array([at[e]], dtype=np.int64))
+                toks.append(np.array([t], dtype=np.int32))
             else:
-                parts.append(self._encode_bpe(piece))
-            prev_special = False
-        if add_special and self.add_eos:
-            parts.append(np.array([self.eos_id], dtype=np.int32))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+                lens = self.pretokenizer.split_cpts(cpts[s:e], flags[s:e])
+                ends.append(at[s + np.cumsum(lens)])
+                toks.append(np.full(lens.size, -1, dtype=np.int32))
+        if not ends:
+            return np.zeros(0, dtype=np.int32)
+        return kb.bpe_encode(data, np.concatenate(ends), np.concatenate(toks), self._table, self._blob_u8,
+                             self._offs, self.n_vocab, self._pkeys, self._prank, self._pres, self._byte_id,
+                             self.ignore_merges)
 
     # -- decode ---------------------------------------------------------------------------------
     def _piece_bytes(self) -> list[bytes]:

@@ -18,11 +18,19 @@ _FNV_PRIME = np.uint64(1099511628211)
 
 
 @njit(cache=True, inline="always")
+def _mix(h):
+    # splitmix64's finaliser: every input bit reaches the low bits the table masks with
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
 def _hash(buf, s, e):
     h = _FNV_OFFSET
     for i in range(s, e):
         h = (h ^ np.uint64(buf[i])) * _FNV_PRIME
-    return h
+    return _mix(h)
 
 
 @njit(cache=True, inline="always")
@@ -162,33 +170,48 @@ def _spm_try_bigram(text, start, n, left, right, table, blob, offs, scores, n_vo
 
 
 @njit(cache=True)
-def spm_encode(text, table, blob, offs, scores, byte_tok, n_vocab):
-    """Token ids of one text fragment (spaces already escaped to U+2581). -> int32 (k,)
+def spm_space_left(blob, offs):
+    """Code points c such that some token contains c followed by U+2581. -> bool (0x110000,)
+    Anywhere else, a U+2581 in the text starts a piece no merge can reach across."""
+    out = np.zeros(0x110000, dtype=np.bool_)
+    for i in range(offs.shape[0] - 1):
+        s = offs[i]
+        for j in range(s + 1, offs[i + 1] - 2):
+            if blob[j] == 0xE2 and blob[j + 1] == 0x96 and blob[j + 2] == 0x81:
+                p = j - 1
+                while p > s and (blob[p] & 0xC0) == 0x80:
+                    p -= 1
+                out[_cp_at(blob, p)] = True
+    return out
 
-    Symbols start as UTF-8 characters; the highest-scoring adjacent pair that is a vocabulary
-    token merges first (leftmost on ties) until no pair is a token. A final symbol that is not a
-    token becomes byte tokens (<0xXX>); byte_tok[b] = -1 drops a byte the vocabulary lacks.
-    """
-    L = text.shape[0]
-    start = np.empty(L, dtype=np.int64)
-    n = np.empty(L, dtype=np.int64)
-    prev = np.empty(L, dtype=np.int64)
-    nxt = np.empty(L, dtype=np.int64)
+
+@njit(cache=True, inline="always")
+def _cp_at(buf, i):
+    b = np.int64(buf[i])
+    if b < 0x80:
+        return b
+    if b < 0xE0:
+        return ((b & 0x1F) << 6) | (np.int64(buf[i + 1]) & 0x3F)
+    if b < 0xF0:
+        return ((b & 0x0F) << 12) | ((np.int64(buf[i + 1]) & 0x3F) << 6) | (np.int64(buf[i + 2]) & 0x3F)
+    return (((b & 0x07) << 18) | ((np.int64(buf[i + 1]) & 0x3F) << 12)
+            | ((np.int64(buf[i + 2]) & 0x3F) << 6) | (np.int64(buf[i + 3]) & 0x3F)) & 0x1FFFFF
+
+
+@njit(cache=True)
+def _spm_piece(text, ps, pe, table, blob, offs, scores, byte_tok, n_vocab,
+               start, n, prev, nxt, hk, hl, hr, hs, out, k):
+    """The SentencePiece merge over text[ps:pe]; appends its ids to out[k:], returns the new k."""
     m = 0
-    o = 0
-    while o < L:
-        k = min(_utf8_len(text[o]), L - o)
+    o = ps
+    while o < pe:
+        c = min(_utf8_len(text[o]), pe - o)
         start[m] = o
-        n[m] = k
+        n[m] = c
         prev[m] = m - 1
-        o += k
-        nxt[m] = -1 if o == L else m + 1
+        o += c
+        nxt[m] = -1 if o == pe else m + 1
         m += 1
-    cap = 3 * m + 4
-    hk = np.empty(cap, dtype=np.float64)
-    hl = np.empty(cap, dtype=np.int64)
-    hr = np.empty(cap, dtype=np.int64)
-    hs = np.empty(cap, dtype=np.int64)
     hn = 0
     for i in range(1, m):
         hn = _spm_try_bigram(text, start, n, i - 1, i, table, blob, offs, scores, n_vocab,
@@ -208,8 +231,6 @@ def spm_encode(text, table, blob, offs, scores, byte_tok, n_vocab):
                              hk, hl, hr, hs, hn)
         hn = _spm_try_bigram(text, start, n, left, nxt[left], table, blob, offs, scores, n_vocab,
                              hk, hl, hr, hs, hn)
-    out = np.empty(L, dtype=np.int32)
-    k = 0
     i = 0 if m > 0 else -1
     while i != -1:
         s = start[i]
@@ -225,7 +246,38 @@ def spm_encode(text, table, blob, offs, scores, byte_tok, n_vocab):
                     out[k] = b
                     k += 1
         i = nxt[i]
-    return out[:k]
+    return k
+
+
+# per-call cache of pieces already tokenized: open addressing over the piece's bytes in text
+
+
+@njit(cache=True)
+def _cache_find(ctab, cs, ce, text, s, e):
+    """-> (entry index or -1, slot where it is or would go)"""
+    mask = np.uint64(ctab.shape[0] - 1)
+    slot = _hash(text, s, e) & mask
+    while True:
+        j = ctab[slot]
+        if j < 0 or _equal(text, cs[j], ce[j], text, s, e):
+            return j, slot
+        slot = (slot + np.uint64(1)) & mask
+
+
+@njit(cache=True)
+def spm_encode(text, table, blob, offs, scores, byte_tok, n_vocab, space_left):
+    """Token ids of one text fragment (spaces already escaped to U+2581). -> int32 (k,)
+
+    Symbols start as UTF-8 characters; the highest-scoring adjacent pair that is a vocabulary
+    token merges first (leftmost on ties) until no pair is a token. A final symbol that is not a
+    token becomes byte tokens (<0xXX>); byte_tok[b] = -1 drops a byte the vocabulary lacks.
+    The text is cut before every U+2581 that no token can span (space_left, see spm_space_left):
+    merges never cross such a cut, so each piece merges alone (same result as one long queue)
+    and a repeated piece is looked up instead of merged again.
+    """
+    bounds = np.array([0, text.shape[0]], dtype=np.int64)
+    return spm_encode_ranges(text, bounds, np.full(1, -1, dtype=np.int32), table, blob, offs, scores,
+                             byte_tok, n_vocab, space_left)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +396,7 @@ def bpe_build(raw_blob, raw_offs, raw_valid, merge_blob, merge_offs, inv):
         left, count = _find_or_add(table, blob, offs, count, 0, a_end, scratch)
         right, count = _find_or_add(table, blob, offs, count, a_end, b_end, scratch)
         key = (np.int64(left) << 32) | np.int64(right)
-        slot = np.uint64(key * 0x9E3779B97F4A7C15 & 0x7FFFFFFFFFFFFFFF) & pmask
+        slot = _mix(np.uint64(key)) & pmask
         while pkeys[slot] >= 0 and pkeys[slot] != key:
             slot = (slot + np.uint64(1)) & pmask
         if pkeys[slot] == key:
@@ -363,7 +415,7 @@ def bpe_build(raw_blob, raw_offs, raw_valid, merge_blob, merge_offs, inv):
 def _pair_find(pkeys, left, right):
     key = (np.int64(left) << 32) | np.int64(right)
     pmask = np.uint64(pkeys.shape[0] - 1)
-    slot = np.uint64(key * 0x9E3779B97F4A7C15 & 0x7FFFFFFFFFFFFFFF) & pmask
+    slot = _mix(np.uint64(key)) & pmask
     while True:
         k = pkeys[slot]
         if k == key:
@@ -384,9 +436,62 @@ def _bpe_try(sid, n, left, right, pkeys, prank, hk, hl, hr, hs, hn):
 
 
 @njit(cache=True)
-def bpe_encode(text, word_ends, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id,
+def _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id, ignore_merges,
+              start, n, sid, prev, nxt, hk, hl, hr, hs, out, k):
+    """BPE of one word text[ws:we]; appends its ids to out[k:], returns the new k."""
+    if ignore_merges:
+        t = table_find(table, blob, offs, text, ws, we)
+        if 0 <= t < n_vocab:
+            out[k] = t
+            return k + 1
+    m = we - ws
+    for i in range(m):
+        start[i] = ws + i
+        n[i] = 1
+        sid[i] = byte_id[text[ws + i]]
+        prev[i] = i - 1
+        nxt[i] = i + 1 if i + 1 < m else -1
+    hn = 0
+    for i in range(1, m):
+        hn = _bpe_try(sid, n, i - 1, i, pkeys, prank, hk, hl, hr, hs, hn)
+    while hn > 0:
+        hn = _heap_pop(hk, hl, hr, hs, hn)
+        left = hl[hn]
+        right = hr[hn]
+        if n[left] == 0 or n[right] == 0 or n[left] + n[right] != hs[hn]:
+            continue
+        slot = _pair_find(pkeys, sid[left], sid[right])
+        n[left] += n[right]
+        n[right] = 0
+        sid[left] = pres[slot]
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prev[nxt[right]] = left
+        hn = _bpe_try(sid, n, prev[left], left, pkeys, prank, hk, hl, hr, hs, hn)
+        hn = _bpe_try(sid, n, left, nxt[left], pkeys, prank, hk, hl, hr, hs, hn)
+    i = 0
+    while i != -1:
+        t = sid[i]
+        if 0 <= t < n_vocab:
+            out[k] = t
+            k += 1
+        else:
+            for j in range(start[i], start[i] + n[i]):
+                b = text[j]
+                if 0x21 <= b <= 0x7E:
+                    t = table_find(table, blob, offs, text, j, j + 1)
+                    if 0 <= t < n_vocab:
+                        out[k] = t
+                        k += 1
+        i = nxt[i]
+    return k
+
+
+@njit(cache=True)
+def bpe_encode(text, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id,
                ignore_merges):
     """Token ids of raw-byte text split into words (word i ends at word_ends[i]). -> int32 (k,)
+    A word with word_tok[i] >= 0 is that (special) token as it stands.
 
     Each word starts as one symbol per byte; the lowest-rank adjacent pair merges first
     (leftmost on ties). With ignore_merges a word that is itself a token is taken whole.
@@ -394,69 +499,242 @@ def bpe_encode(text, word_ends, table, blob, offs, n_vocab, pkeys, prank, pres, 
     byte's encoded form is one ASCII character (llama.cpp looks up each encoded byte).
     """
     L = text.shape[0]
-    out = np.empty(L, dtype=np.int32)
+    out = np.empty(L + word_ends.shape[0], dtype=np.int32)
     k = 0
-    cap = 3 * L + 4
-    start = np.empty(L, dtype=np.int64)
-    n = np.empty(L, dtype=np.int64)
-    sid = np.empty(L, dtype=np.int64)
-    prev = np.empty(L, dtype=np.int64)
-    nxt = np.empty(L, dtype=np.int64)
+    longest = 0
+    ws = 0
+    for w in range(word_ends.shape[0]):
+        longest = max(longest, word_ends[w] - ws)
+        ws = word_ends[w]
+    cap = 3 * longest + 4
+    start = np.empty(longest, dtype=np.int64)
+    n = np.empty(longest, dtype=np.int64)
+    sid = np.empty(longest, dtype=np.int64)
+    prev = np.empty(longest, dtype=np.int64)
+    nxt = np.empty(longest, dtype=np.int64)
     hk = np.empty(cap, dtype=np.float64)
     hl = np.empty(cap, dtype=np.int64)
     hr = np.empty(cap, dtype=np.int64)
     hs = np.empty(cap, dtype=np.int64)
+    nw = word_ends.shape[0]
+    ccap = 16
+    while ccap < 2 * nw:
+        ccap *= 2
+    ctab = np.full(ccap, -1, dtype=np.int64)  # per-call cache: a repeated word is copied
+    cs = np.empty(nw, dtype=np.int64)
+    ce = np.empty(nw, dtype=np.int64)
+    cos = np.empty(nw, dtype=np.int64)
+    coc = np.empty(nw, dtype=np.int64)
+    nent = 0
     ws = 0
-    for w in range(word_ends.shape[0]):
+    for w in range(nw):
         we = word_ends[w]
+        if word_tok[w] >= 0:
+            out[k] = word_tok[w]
+            k += 1
+            ws = we
+            continue
         if we <= ws:
             continue
-        if ignore_merges:
-            t = table_find(table, blob, offs, text, ws, we)
-            if 0 <= t < n_vocab:
-                out[k] = t
-                k += 1
-                ws = we
-                continue
-        m = we - ws
-        for i in range(m):
-            start[i] = ws + i
-            n[i] = 1
-            sid[i] = byte_id[text[ws + i]]
-            prev[i] = i - 1
-            nxt[i] = i + 1 if i + 1 < m else -1
-        hn = 0
-        for i in range(1, m):
-            hn = _bpe_try(sid, n, i - 1, i, pkeys, prank, hk, hl, hr, hs, hn)
-        while hn > 0:
-            hn = _heap_pop(hk, hl, hr, hs, hn)
-            left = hl[hn]
-            right = hr[hn]
-            if n[left] == 0 or n[right] == 0 or n[left] + n[right] != hs[hn]:
-                continue
-            slot = _pair_find(pkeys, sid[left], sid[right])
-            n[left] += n[right]
-            n[right] = 0
-            sid[left] = pres[slot]
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prev[nxt[right]] = left
-            hn = _bpe_try(sid, n, prev[left], left, pkeys, prank, hk, hl, hr, hs, hn)
-            hn = _bpe_try(sid, n, left, nxt[left], pkeys, prank, hk, hl, hr, hs, hn)
-        i = 0
-        while i != -1:
-            t = sid[i]
-            if 0 <= t < n_vocab:
-                out[k] = t
-                k += 1
-            else:
-                for j in range(start[i], start[i] + n[i]):
-                    b = text[j]
-                    if 0x21 <= b <= 0x7E:
-                        t = table_find(table, blob, offs, text, j, j + 1)
-                        if 0 <= t < n_vocab:
-                            out[k] = t
-                            k += 1
-            i = nxt[i]
+        j, slot = _cache_find(ctab, cs, ce, text, ws, we)
+        if j >= 0:
+            for q in range(coc[j]):
+                out[k + q] = out[cos[j] + q]
+            k += coc[j]
+            ws = we
+            continue
+        k0 = k
+        k = _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id,
+                      ignore_merges, start, n, sid, prev, nxt, hk, hl, hr, hs, out, k)
+        ctab[slot] = nent
+        cs[nent], ce[nent], cos[nent], coc[nent] = ws, we, k0, k - k0
+        nent += 1
         ws = we
+    return out[:k]
+
+
+# ---------------------------------------------------------------------------------------------
+# special tokens in text (llama.cpp tokenizer_st_partition), on code points
+
+
+@njit(cache=True, inline="always")
+def _c_space(c):
+    return c == 32 or 9 <= c <= 13  # isspace() in the C locale
+
+
+@njit(cache=True)
+def st_partition(cpts, tok_cpts, tok_offs, tok_ids, tok_strip):
+    """Cut special tokens out of cpts, one token after the other in the given (priority) order,
+    each at its leftmost non-overlapping occurrences inside the still-raw fragments.
+    tok_strip bit 1: LSTRIP (drop whitespace before), bit 2: RSTRIP (after).
+    -> (start i64, end i64, token i32): fragment f is the token if token[f] >= 0, else the
+    raw code points cpts[start[f]:end[f]]."""
+    n = cpts.shape[0]
+    cap = 2 * n + 2
+    fs = np.empty(cap, dtype=np.int64)
+    fe = np.empty(cap, dtype=np.int64)
+    ft = np.empty(cap, dtype=np.int32)
+    gs = np.empty(cap, dtype=np.int64)
+    ge = np.empty(cap, dtype=np.int64)
+    gt = np.empty(cap, dtype=np.int32)
+    nf = 0
+    if n > 0:
+        fs[0], fe[0], ft[0] = 0, n, -1
+        nf = 1
+    for j in range(tok_ids.shape[0]):
+        ts = tok_offs[j]
+        lt = tok_offs[j + 1] - ts
+        t0 = tok_cpts[ts]
+        lstrip = (tok_strip[j] & 1) != 0
+        rstrip = (tok_strip[j] & 2) != 0
+        ng = 0
+        for f in range(nf):
+            if ft[f] >= 0:
+                gs[ng], ge[ng], gt[ng] = fs[f], fe[f], ft[f]
+                ng += 1
+                continue
+            pos = fs[f]
+            end = fe[f]
+            i = pos
+            while i + lt <= end:
+                if cpts[i] != t0:
+                    i += 1
+                    continue
+                q = 1
+                while q < lt and cpts[i + q] == tok_cpts[ts + q]:
+                    q += 1
+                if q < lt:
+                    i += 1
+                    continue
+                left = i
+                if lstrip:
+                    while left > pos and _c_space(cpts[left - 1]):
+                        left -= 1
+                if left > pos:
+                    gs[ng], ge[ng], gt[ng] = pos, left, -1
+                    ng += 1
+                gs[ng], ge[ng], gt[ng] = i, i + lt, tok_ids[j]
+                ng += 1
+                pos = i + lt
+                if rstrip:
+                    while pos < end and _c_space(cpts[pos]):
+                        pos += 1
+                i = pos
+            if pos < end:
+                gs[ng], ge[ng], gt[ng] = pos, end, -1
+                ng += 1
+        fs, gs = gs, fs
+        fe, ge = ge, fe
+        ft, gt = gt, ft
+        nf = ng
+    return fs[:nf].copy(), fe[:nf].copy(), ft[:nf].copy()
+
+
+@njit(cache=True)
+def spm_encode_fragments(esc, frag_s, frag_e, frag_tok, frag_prefix, table, blob, offs, scores,
+                         byte_tok, n_vocab, space_left):
+    """SentencePiece ids of a partitioned text. esc: the UTF-8 text with spaces escaped to
+    U+2581; fragment f is token frag_tok[f] (>= 0) or esc[frag_s[f]:frag_e[f]], with a U+2581
+    prepended when frag_prefix[f]. -> int32 (k,)"""
+    nf = frag_s.shape[0]
+    size = 0
+    for f in range(nf):
+        if frag_tok[f] < 0:
+            size += frag_e[f] - frag_s[f] + (3 if frag_prefix[f] else 0)
+    work = np.empty(size, dtype=np.uint8)
+    bounds = np.empty(nf + 1, dtype=np.int64)
+    w = 0
+    for f in range(nf):
+        bounds[f] = w
+        if frag_tok[f] < 0:
+            if frag_prefix[f]:
+                work[w], work[w + 1], work[w + 2] = 0xE2, 0x96, 0x81
+                w += 3
+            for i in range(frag_s[f], frag_e[f]):
+                work[w] = esc[i]
+                w += 1
+    bounds[nf] = w
+    ids = spm_encode_ranges(work, bounds, frag_tok, table, blob, offs, scores, byte_tok, n_vocab,
+                            space_left)
+    return ids
+
+
+@njit(cache=True)
+def spm_encode_ranges(text, bounds, frag_tok, table, blob, offs, scores, byte_tok, n_vocab, space_left):
+    """spm_encode over the ranges text[bounds[f]:bounds[f+1]] (or token frag_tok[f] >= 0),
+    sharing one cache of pieces. -> int32 (k,)"""
+    L = text.shape[0]
+    nf = frag_tok.shape[0]
+    # pieces: cut before each U+2581 no token can span, and at fragment ends
+    cuts = np.empty(L + nf + 1, dtype=np.int64)
+    ptok = np.empty(L + nf + 1, dtype=np.int32)  # token standing alone, or -1
+    nc = 0
+    for f in range(nf):
+        if frag_tok[f] >= 0:
+            cuts[nc] = bounds[f]
+            ptok[nc] = frag_tok[f]
+            nc += 1
+            continue
+        o = bounds[f]
+        fe = bounds[f + 1]
+        prev_cp = -1
+        while o < fe:
+            c = _utf8_len(text[o])
+            if (o > bounds[f] and c == 3 and o + 2 < fe and text[o] == 0xE2 and text[o + 1] == 0x96
+                    and text[o + 2] == 0x81 and not space_left[prev_cp]):
+                cuts[nc] = o
+                ptok[nc] = -1
+                nc += 1
+            prev_cp = _cp_at(text, o) if o + c <= fe else 0
+            o += c
+        cuts[nc] = fe
+        ptok[nc] = -1
+        nc += 1
+    longest = 0
+    ps = 0
+    for i in range(nc):
+        if ptok[i] < 0:
+            longest = max(longest, cuts[i] - ps)
+            ps = cuts[i]
+    start = np.empty(longest, dtype=np.int64)
+    n = np.empty(longest, dtype=np.int64)
+    prev = np.empty(longest, dtype=np.int64)
+    nxt = np.empty(longest, dtype=np.int64)
+    cap = 3 * longest + 4
+    hk = np.empty(cap, dtype=np.float64)
+    hl = np.empty(cap, dtype=np.int64)
+    hr = np.empty(cap, dtype=np.int64)
+    hs = np.empty(cap, dtype=np.int64)
+    ccap = 16
+    while ccap < 2 * nc:
+        ccap *= 2
+    ctab = np.full(ccap, -1, dtype=np.int64)
+    cs = np.empty(nc, dtype=np.int64)
+    ce = np.empty(nc, dtype=np.int64)
+    cos = np.empty(nc, dtype=np.int64)
+    coc = np.empty(nc, dtype=np.int64)
+    nent = 0
+    out = np.empty(L + nf, dtype=np.int32)
+    k = 0
+    ps = 0
+    for i in range(nc):
+        if ptok[i] >= 0:
+            out[k] = ptok[i]
+            k += 1
+            continue
+        pe = cuts[i]
+        if pe > ps:
+            j, slot = _cache_find(ctab, cs, ce, text, ps, pe)
+            if j >= 0:
+                for q in range(coc[j]):
+                    out[k + q] = out[cos[j] + q]
+                k += coc[j]
+            else:
+                k0 = k
+                k = _spm_piece(text, ps, pe, table, blob, offs, scores, byte_tok, n_vocab,
+                               start, n, prev, nxt, hk, hl, hr, hs, out, k)
+                ctab[slot] = nent
+                cs[nent], ce[nent], cos[nent], coc[nent] = ps, pe, k0, k - k0
+                nent += 1
+        ps = pe
     return out[:k]
