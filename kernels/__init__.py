@@ -143,11 +143,15 @@ def tile_shape(backward: bool, rows: int, n: int, qtype: int) -> tuple[int, int]
     """(tile_rows, tile_cols) of the f32 tile qmatmul dequantizes W into: at most TILE_BUDGET floats
     (plus one row of blocks when a single row is wider than the budget), whatever the weight's size."""
     block = GGML_QUANT_SIZES[_qtype(qtype)][0]
+    rows, n = max(rows, 1), max(n, block)
     if backward:  # whole rows when possible: each tile re-reads its slice of dY
         cols = min(n, max(block, (TILE_BUDGET // MIN_TILE_ROWS) // block * block))
     else:
         cols = min(n, max(block, FORWARD_TILE_COLS // block * block))
-    tile_rows = max(1, min(rows, TILE_BUDGET // max(cols, 1)))
+    most = max(1, min(rows, TILE_BUDGET // max(cols, 1)))
+    # Even the tiles out (a last tile of a few rows would run a thin, slow GEMM), in steps of 16 rows.
+    n_tiles = -(-rows // most)
+    tile_rows = min(most, (-(-rows // n_tiles) + 15) // 16 * 16)
     return tile_rows, cols
 
 
