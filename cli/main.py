@@ -39,10 +39,12 @@ def _register() -> None:
     from ggtrain.cli.data import data
     from ggtrain.cli.info import info
     from ggtrain.cli.perplexity import perplexity
+    from ggtrain.cli.tokenize import tokenize
 
     main.add_command(info)
     main.add_command(data)
     main.add_command(perplexity)
+    main.add_command(tokenize)
 
 
 _register()
