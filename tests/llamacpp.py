@@ -248,9 +248,18 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int 
     if chunks is not None:
         args += ["--chunks", str(chunks)]
     args += list(extra)
-    proc = run("llama-perplexity", *args, timeout=timeout)
-    final, _err, per_chunk = parse_perplexity(proc.stdout + "\n" + proc.stderr)
-    return final, per_chunk
+    # llama.cpp logs from a background thread and now and then exits before it has written the
+    # last lines; the run itself is deterministic, so run it again when the figures are missing.
+    for attempt in range(3):
+        proc = run("llama-perplexity", *args, timeout=timeout)
+        try:
+            final, _err, per_chunk = parse_perplexity(proc.stdout + "\n" + proc.stderr)
+            return final, per_chunk
+        except ValueError:
+            if attempt == 2:
+                raise
+            _log("llama-perplexity's output lacks the final estimate; running it again")
+    raise AssertionError("unreachable")
 
 
 _INFO_RE = re.compile(r"print_info: (\S[^=]*?)\s*= (.*)$", re.M)
