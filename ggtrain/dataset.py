@@ -440,6 +440,11 @@ class Batches:
         self.epoch = 0
         self.index = 0
         self._plans: dict[int, EpochPlan] = {}
+        # All samples end to end: a batch is one gather from these.
+        lens = np.array([len(x.ids) for x in data.samples], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)   # (S,)
+        self._ids = np.concatenate([x.ids for x in data.samples]).astype(np.int32)      # (N,)
+        self._train = np.concatenate([x.train for x in data.samples])                   # bool (N,)
 
     # -- plans
     def plan(self, epoch: int) -> EpochPlan:
@@ -463,6 +468,10 @@ class Batches:
 
     def steps_in_epoch(self, epoch: int = 0) -> int:
         return math.ceil(self.rows_in_epoch(epoch) / self.batch_size)
+
+    def total_steps(self, epochs: int) -> int:
+        """Steps in epochs 0 .. epochs-1 (for a schedule planned over the whole run)."""
+        return sum(self.steps_in_epoch(e) for e in range(epochs))
 
     # -- position
     def state(self) -> dict[str, int]:
@@ -494,37 +503,59 @@ class Batches:
 
     # -- assembly
     def get(self, epoch: int, index: int, n_rows: int) -> Batch:
-        """Rows [index, index + n_rows) of an epoch as a Batch (fewer at the epoch's end)."""
+        """Rows [index, index + n_rows) of an epoch as a Batch (fewer at the epoch's end).
+
+        One gather from the flat token array: every (row, column) of every window is computed
+        with numpy index arithmetic, no loop over rows, windows or tokens.
+        """
         p = self.plan(epoch)
         r0, r1 = index, min(index + n_rows, p.n_rows)
         if r0 >= r1:
             raise IndexError(f"row {index} is past the end of epoch {epoch} ({p.n_rows} rows)")
         B, C = r1 - r0, self.ctx
+        w0, w1 = int(p.row_ptr[r0]), int(p.row_ptr[r1])
+        start, stop = p.win_start[w0:w1], p.win_stop[w0:w1]            # int64 (W,)
+        lens = stop - start
+        W = w1 - w0
+        row_of_win = np.repeat(np.arange(B), np.diff(p.row_ptr[r0:r1 + 1]))     # (W,)
+        excl = np.cumsum(lens) - lens                                  # first column if rows were one
+        first_win = p.row_ptr[r0:r1] - w0                              # (B,) first window of each row
+        col0 = excl - excl[first_win][row_of_win]                      # (W,) first column in its row
+        seg = np.arange(W) - first_win[row_of_win] + 1                 # (W,) 1, 2, ... within the row
+        win_of_tok = np.repeat(np.arange(W), lens)                     # (T,)
+        pos = np.arange(len(win_of_tok)) - np.repeat(excl, lens)       # (T,) position in its window
+        src = self._offsets[p.win_sample[w0:w1]][win_of_tok] + start[win_of_tok] + pos   # input index
+        row = row_of_win[win_of_tok]
+        col = col0[win_of_tok] + pos
+
         tokens = np.zeros((B, C), np.int32)
         targets = np.zeros((B, C), np.int32)
         mask = np.zeros((B, C), np.float32)
-        positions = np.zeros((B, C), np.int32)
         segments = np.zeros((B, C), np.int32)
-        ar = np.arange(C, dtype=np.int32)
-        samples = self.data.samples
+        # Padding (segment 0, masked) counts its own positions from 0 after the row's last window.
+        used = np.bincount(row_of_win, weights=lens, minlength=B).astype(np.int64)
+        positions = (np.arange(C)[None, :] - used[:, None]).astype(np.int32)
+        tokens[row, col] = self._ids[src]
+        targets[row, col] = self._ids[src + 1]
+        mask[row, col] = self._train[src + 1]
+        positions[row, col] = pos
+        segments[row, col] = seg[win_of_tok]
         bos = self.data.bos_id
-        for r in range(B):
-            off = 0
-            w0, w1 = p.row_ptr[r0 + r], p.row_ptr[r0 + r + 1]
-            for k, w in enumerate(range(w0, w1), 1):
-                s = samples[p.win_sample[w]]
-                a, b = int(p.win_start[w]), int(p.win_stop[w])
-                n = b - a
-                tokens[r, off:off + n] = s.ids[a:b]
-                targets[r, off:off + n] = s.ids[a + 1:b + 1]
-                mask[r, off:off + n] = s.train[a + 1:b + 1]
-                positions[r, off:off + n] = ar[:n]
-                segments[r, off:off + n] = k
-                if a > 0 and bos is not None and s.ids[0] == bos:
-                    tokens[r, off] = bos
-                off += n
-            positions[r, off:] = ar[:C - off]  # padding: its own segment 0, masked
+        if bos is not None:
+            # A window starting inside a sample that begins with BOS gets BOS as its first input.
+            cont = (start > 0) & (self._ids[self._offsets[p.win_sample[w0:w1]]] == bos)
+            tokens[row_of_win[cont], col0[cont]] = bos
         return Batch(tokens, targets, mask, positions, segments, epoch, index)
+
+
+def load_batches(opts: DataOptions, tok: TokenizerLike, batch_size: int, mf: Any = None,
+                 tmpl: TemplateLike | None = None) -> tuple[Batches, Batches | None, Prepared]:
+    """What the trainer calls: training batches (shuffled per epoch from --seed) and, with
+    --val-data / --val-split, validation batches (fixed order: iterate `val.epoch_batches(0)`)."""
+    prep = prepare_data(opts, tok, mf, tmpl)
+    train = Batches(prep.train, batch_size, opts)
+    val = Batches(prep.val, batch_size, opts, shuffle=False) if prep.val is not None else None
+    return train, val, prep
 
 
 # --- what `ggtrain data` reports -----------------------------------------------------------------------
@@ -549,9 +580,9 @@ def data_stats(data: TokenData, opts: DataOptions) -> DataStats:
     b = Batches(data, 1, replace(opts, sample_random_offsets=False), shuffle=False)
     p = b.plan(0)
     lens = p.win_stop - p.win_start
-    trained_in_rows = 0
-    for si, a, e in zip(p.win_sample.tolist(), p.win_start.tolist(), p.win_stop.tolist()):
-        trained_in_rows += int(data.samples[si].train[a + 1:e + 1].sum())
+    tcum = np.concatenate([[0], np.cumsum(b._train, dtype=np.int64)])  # trained tokens before index i
+    first = b._offsets[p.win_sample] + p.win_start + 1                  # first target of each window
+    trained_in_rows = int((tcum[first + lens] - tcum[first]).sum())
     return DataStats(
         n_samples=len(data.samples), n_tokens=data.n_tokens, n_trained=data.n_trained,
         max_len=max(len(s.ids) for s in data.samples), n_split=p.n_split, n_dropped=p.n_dropped,

@@ -430,3 +430,17 @@ def test_prompt_response_boundary_clean_and_straddling():
     ids, train = _encode_parts(parts_tok, [("a", False), ("b\n", True), ("Hc", False)], False)
     assert ids.tolist() == [301, BYTE0 + 97, BYTE0 + 98, 300, BYTE0 + 99]
     assert train.tolist() == [False, False, True, True, False]
+
+
+def test_load_batches_train_and_val(tmp_path):
+    from ggtrain.dataset import load_batches
+
+    p = write_jsonl(tmp_path, "d.jsonl", [{"prompt": f"Q{i}: ", "completion": "A" * (i + 1)} for i in range(30)])
+    opts = replace(OPTS, train_data=p, val_split=0.2, ctx=20)
+    train, val, prep = load_batches(opts, TOK, 4)
+    assert (len(prep.train.samples), len(prep.val.samples)) == (24, 6)
+    assert train.total_steps(3) == sum(train.steps_in_epoch(e) for e in range(3)) > 0
+    v1 = [x.tokens.copy() for x in val.epoch_batches(0)]
+    v2 = [x.tokens.copy() for x in val.epoch_batches(0)]
+    assert all(np.array_equal(a, b) for a, b in zip(v1, v2))  # validation: same batches every time
+    assert sum(x.mask.sum() for x in val.epoch_batches(0)) == prep.val.n_trained
