@@ -1,0 +1,141 @@
+"""Chat templates: the Jinja template a GGUF carries (tokenizer.chat_template), or one given with
+--chat-template, rendered the way transformers' apply_chat_template and llama.cpp render it.
+
+The environment is jinja2's ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the
+loop controls extension ({% break %}, {% continue %}), transformers' {% generation %} block
+(rendered as its body), and the helpers templates expect: raise_exception(msg), strftime_now(fmt),
+a tojson filter that does not HTML-escape (json.dumps, ensure_ascii=False). The context holds
+messages, add_generation_prompt, bos_token and eos_token (the texts of the model's BOS / EOS
+tokens), plus anything passed as extra keyword arguments (tools, enable_thinking, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ggtrain.errors import GGTrainError
+from ggtrain.modelfile import ModelFile
+
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+
+
+class TemplateRefused(Exception):
+    """raise_exception() called by a template: the template does not accept the conversation."""
+
+
+class _GenerationBlock(Extension):
+    """{% generation %}...{% endgeneration %} (transformers marks assistant text with it): the body."""
+
+    tags = frozenset({"generation"})
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRefused(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlock, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class ChatTemplate:
+    """A compiled chat template plus the BOS / EOS texts it is rendered with."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", origin: str = "<template>",
+                 add_bos: bool = False, add_eos: bool = False):
+        self.source = source
+        self.origin = origin
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.add_bos = add_bos  # the tokenizer adds BOS / EOS itself (see render's for_tokenizer)
+        self.add_eos = add_eos
+        try:
+            self.template = _environment().from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise GGTrainError(f"{origin}: chat template does not parse: {e.message} (line {e.lineno})") from None
+
+    @classmethod
+    def from_model_file(cls, mf: ModelFile, override_path: str | Path | None = None) -> ChatTemplate:
+        """The model's template, or the file override_path (--chat-template) when given."""
+        from ggtrain.tokenizer import Tokenizer
+
+        if override_path is not None:
+            path = Path(override_path)
+            if not path.is_file():
+                raise GGTrainError(f"{path}: no such chat template file (--chat-template)")
+            try:
+                source = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise GGTrainError(f"{path}: cannot read the chat template: {e}") from None
+            origin = str(path)
+        else:
+            source = mf.metadata.get(CHAT_TEMPLATE_KEY)
+            if not isinstance(source, str) or not source.strip():
+                raise GGTrainError(f"{mf.path}: the model has no chat template ({CHAT_TEMPLATE_KEY}); "
+                                   f"give one with --chat-template FILE (a Jinja template)")
+            origin = f"{mf.path} ({CHAT_TEMPLATE_KEY})"
+        bos = eos = ""
+        add_bos = add_eos = False
+        if "tokenizer.ggml.tokens" in mf.metadata:
+            tok = Tokenizer.from_model_file(mf)
+            bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
+            eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
+            add_bos, add_eos = tok.add_bos, tok.add_eos
+        return cls(source, bos, eos, origin, add_bos, add_eos)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool, for_tokenizer: bool = False,
+               **extra: Any) -> str:
+        """The conversation as text.
+
+        for_tokenizer: drop a leading BOS text / trailing EOS text when the tokenizer adds those
+        tokens itself (what llama.cpp does before tokenizing a rendered chat), so that
+        tok.encode(text, add_special=True) does not double them.
+        """
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise GGTrainError(f"{self.origin}: messages must be a list of {{'role': ..., 'content': ...}}")
+        context = {"messages": messages, "add_generation_prompt": add_generation_prompt,
+                   "bos_token": self.bos_token, "eos_token": self.eos_token, **extra}
+        try:
+            text = self.template.render(**context)
+        except TemplateRefused as e:
+            raise GGTrainError(f"{self.origin}: the chat template refuses this conversation: {e}") from None
+        except jinja2.UndefinedError as e:
+            raise GGTrainError(f"{self.origin}: the chat template needs a variable ggtrain does not provide "
+                               f"({e}); give another with --chat-template FILE") from None
+        except jinja2.TemplateError as e:
+            raise GGTrainError(f"{self.origin}: chat template failed: {type(e).__name__}: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise GGTrainError(f"{self.origin}: chat template failed on these messages: "
+                               f"{type(e).__name__}: {e}") from None
+        if for_tokenizer:
+            if self.add_bos and self.bos_token and text.startswith(self.bos_token):
+                text = text[len(self.bos_token):]
+            if self.add_eos and self.eos_token and text.endswith(self.eos_token):
+                text = text[:-len(self.eos_token)]
+        return text
