@@ -535,11 +535,12 @@ class Batches:
         # Padding (segment 0, masked) counts its own positions from 0 after the row's last window.
         used = np.bincount(row_of_win, weights=lens, minlength=B).astype(np.int64)
         positions = (np.arange(C)[None, :] - used[:, None]).astype(np.int32)
-        tokens[row, col] = self._ids[src]
-        targets[row, col] = self._ids[src + 1]
-        mask[row, col] = self._train[src + 1]
-        positions[row, col] = pos
-        segments[row, col] = seg[win_of_tok]
+        flat = row * C + col                                           # (T,) index into a (B, C) array
+        tokens.ravel()[flat] = self._ids[src]
+        targets.ravel()[flat] = self._ids[src + 1]
+        mask.ravel()[flat] = self._train[src + 1]
+        positions.ravel()[flat] = pos
+        segments.ravel()[flat] = seg[win_of_tok]
         bos = self.data.bos_id
         if bos is not None:
             # A window starting inside a sample that begins with BOS gets BOS as its first input.
