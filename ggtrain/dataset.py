@@ -226,9 +226,7 @@ def tokenize_example(ex: Example, tok: TokenizerLike, opts: DataOptions, schema:
             raise GGTrainError("chat data needs a chat template (--chat-template FILE)")
         try:
             parts = _chat_spans(tmpl, ex.messages)
-        except GGTrainError:
-            raise
-        except Exception as e:  # noqa: BLE001 - jinja raising on this conversation (roles, ...)
+        except Exception as e:  # noqa: BLE001 - the template refusing this conversation (roles, ...)
             raise BadSample(f"the chat template cannot render this conversation: {e}") from None
         # Rendered templates carry special tokens as text (<start_of_turn>, <|im_start|>): parse them.
         ids, train = _encode_parts(tok, parts, parse_special=True)

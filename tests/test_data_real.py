@@ -137,3 +137,18 @@ def test_batches_over_an_epoch_train_every_trained_token_once(tok):
     assert packed.rows_in_epoch() * 3 < padded.rows_in_epoch()  # packing: far fewer rows
     assert np.isclose(sum(x.mask.sum() for x in packed.epoch_batches()),
                       sum(x.mask.sum() for x in padded.epoch_batches()))
+
+
+def test_chat_conversation_the_template_refuses(tok, tmpl, tmp_path):
+    p = tmp_path / "c.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    twice = {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hi again"},
+                          {"role": "assistant", "content": "Hello."}]}
+    p.write_text(json.dumps(good) + "\n" + json.dumps(twice) + "\n")
+    from ggtrain.errors import GGTrainError
+
+    with pytest.raises(GGTrainError, match=r"c.jsonl: line 2: the chat template cannot render this "
+                                           r"conversation: .*roles must alternate"):
+        prepare_data(DataOptions(train_data=p), tok, tmpl=tmpl)
+    data = prepare_data(DataOptions(train_data=p, skip_bad_lines=True), tok, tmpl=tmpl).train
+    assert len(data.samples) == 1 and data.bad[0].startswith("line 2: the chat template cannot render")
