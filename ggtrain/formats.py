@@ -369,6 +369,7 @@ def _records_json_array(rd: _Reader, text: str) -> list[tuple[str, Any]]:
 
 
 def _records_csv(rd: _Reader, text: str, delimiter: str) -> list[tuple[str, Any]]:
+    csv.field_size_limit(2**31 - 1)  # the default 128 KiB per field is too small for long documents
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)

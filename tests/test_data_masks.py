@@ -444,3 +444,24 @@ def test_load_batches_train_and_val(tmp_path):
     v2 = [x.tokens.copy() for x in val.epoch_batches(0)]
     assert all(np.array_equal(a, b) for a, b in zip(v1, v2))  # validation: same batches every time
     assert sum(x.mask.sum() for x in val.epoch_batches(0)) == prep.val.n_trained
+
+
+def test_sharegpt_gives_the_same_samples_as_chat(tmp_path):
+    tmpl = JinjaTemplate.gemma3()
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    chat = write_jsonl(tmp_path, "c.jsonl", [{"messages": CONV}])
+    share = tmp_path / "s.json"
+    share.write_text(json.dumps([{"conversations": [{"from": names[m["role"]], "value": m["content"]}
+                                                    for m in CONV]}]))
+    a = load_file(chat, TOK, OPTS, tmpl=tmpl)
+    b = load_file(share, TOK, OPTS, tmpl=tmpl)
+    assert (a.schema, b.schema) == ("chat", "sharegpt")
+    assert np.array_equal(a.samples[0].ids, b.samples[0].ids)
+    assert np.array_equal(a.samples[0].train, b.samples[0].train)
+
+
+def test_long_csv_field(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('text\n"' + "word " * 40000 + '"\n')  # 200 kB in one field
+    data = load_file(p, TOK, OPTS)
+    assert len(data.samples[0].ids) == 200001
