@@ -466,8 +466,12 @@ class Tokenizer:
         """Token i as text (invalid UTF-8 of a partial character shows as U+FFFD)."""
         return self.piece_bytes(i, special).decode("utf-8", errors="replace")
 
-    def decode_bytes(self, ids: Iterable[int], special: bool = True) -> bytes:
-        """llama_detokenize(ids, remove_special=false, unparse_special=special)."""
+    def decode_bytes(self, ids: Iterable[int], special: bool = True, clean_up: bool | None = None) -> bytes:
+        """llama_detokenize(ids, remove_special=false, unparse_special=special).
+
+        clean_up: llama.cpp's clean-up of spaces before punctuation and contractions, which the
+        model's pre-tokenizer turns on or off (None: as the model says; False: exact pieces).
+        """
         ids = [int(i) for i in ids]
         if any(i < 0 or i >= self.n_vocab for i in ids):
             bad = next(i for i in ids if i < 0 or i >= self.n_vocab)
@@ -481,15 +485,15 @@ class Tokenizer:
         if parts and self.add_space_prefix and parts[0].startswith(b" "):
             parts[0] = parts[0][1:]  # the space prefix added when encoding
         text = b"".join(parts)
-        if self.clean_spaces:
+        if self.clean_spaces if clean_up is None else clean_up:
             text = re.sub(rb" ([?!.,])", rb"\1", text)
             text = re.sub(rb" ' ", rb"'", text)
             text = re.sub(rb" '(?=[sm]|re|ve)", rb"'", text)
         return text
 
-    def decode(self, ids: Iterable[int], special: bool = True) -> str:
+    def decode(self, ids: Iterable[int], special: bool = True, clean_up: bool | None = None) -> str:
         """Text of token ids, as llama.cpp detokenizes them (special: render control tokens)."""
-        return self.decode_bytes(ids, special).decode("utf-8", errors="replace")
+        return self.decode_bytes(ids, special, clean_up).decode("utf-8", errors="replace")
 
 
 def load_tokenizer(mf: ModelFile) -> Tokenizer:
