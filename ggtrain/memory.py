@@ -84,7 +84,8 @@ def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batc
     dm = _dims(hparams)
     d, ff, L = dm["d"], dm["ff"], dm["n_layer"]
     T = ctx * micro_batch
-    qk_norm = bool(getattr(hparams, "has_qk_norm", False))
+    # Gemma 3 has q/k norms too (its files hold attn_q_norm / attn_k_norm), whatever the flag says
+    qk_norm = bool(getattr(hparams, "has_qk_norm", False)) or getattr(hparams, "arch", "") in ("qwen3", "gemma3")
     post_norms = bool(getattr(hparams, "has_post_norms", False))
 
     # floats kept per token by one block for its backward

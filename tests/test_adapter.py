@@ -335,3 +335,34 @@ def test_llamacpp_export_lora_merges_to_our_float64_merge(tmp_path, tiny_llama):
             assert np.abs(got - w).max() > 1e-3, name  # the merge changed it
         else:
             np.testing.assert_array_equal(got, w.astype(np.float32))
+
+
+def test_llamacpp_loads_our_adapter_on_the_real_gemma3(tmp_path):
+    """The default model (Gemma 3 270M Q4_K_M): llama.cpp takes our adapter on all 7 projections; a
+    fresh one (B = 0, as training starts) leaves the perplexity exactly as it is, a trained-looking
+    one changes it."""
+    from ggtrain.defaults import default_model_path
+
+    model = default_model_path()
+    base = ModelFile(model)
+    n_layer = int(base.metadata["gemma3.block_count"])
+    cfg = LoraConfig.make(r=8, alpha=16)
+    shapes = target_shapes(base.tensors, cfg, n_layer, source=str(model))
+    fresh = write_gguf_adapter(tmp_path / "fresh.gguf", LoraWeights.init(cfg, shapes, seed=0), base)
+    trained = write_gguf_adapter(tmp_path / "trained.gguf", random_lora(base, cfg, n_layer, b_std=0.02), base)
+    back, _, _ = read_gguf_adapter(trained, base)
+    assert len(back) == 7 * n_layer
+
+    def gemma_ppl(lora=()):
+        for attempt in range(LOST_LOG_RETRIES):
+            try:
+                return llamacpp.perplexity(model, TEXT, ctx=128, chunks=1, lora=lora)[0]
+            except ValueError as e:
+                if "Final estimate" not in str(e) or attempt == LOST_LOG_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    p_base = gemma_ppl()
+    assert gemma_ppl([fresh]) == pytest.approx(p_base, rel=1e-6)
+    p_trained = gemma_ppl([trained])
+    assert abs(p_trained / p_base - 1) > 0.01, (p_base, p_trained)
