@@ -1,0 +1,98 @@
+"""The whole model against llama.cpp itself: logits and perplexity on the same GGUF files.
+
+Tiny random-weight models of every architecture (written by the tests, loaded by llama.cpp as
+readily as real ones) and the real Gemma 3 270M Q4_K_M. llama.cpp quantizes activations to 8 bits
+inside its quantized matmuls, so on quantized files its logits carry noise of ~1e-2 of their
+scale; on F32 files the two forwards agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import llamacpp
+import numpy as np
+import pytest
+from llamacpp_logits import llama_logits
+from tinymodels import tiny_model
+
+from ggtrain.defaults import default_model_path
+from ggtrain.model import Batch, Model
+from ggtrain.modelfile import ModelFile
+from ggtrain.perplexity import perplexity
+from ggtrain.tokenizer import Tokenizer
+
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+LICENSE = "/usr/share/common-licenses/GPL-3"  # a text nobody here wrote
+
+
+def our_last_logits(model: Model, ids: np.ndarray, n_last: int) -> np.ndarray:
+    b = Batch.from_rows(ids[None], np.zeros((1, len(ids))), np.zeros((1, len(ids))))
+    return model.logits(b, np.arange(len(ids) - n_last, len(ids)))
+
+
+def assert_same_top1(ours: np.ndarray, ref: np.ndarray, noise: float) -> None:
+    """Top-1 identical wherever llama.cpp's own winner leads by more than the two forwards' noise;
+    in a near-tie (lead < noise) ours must pick one of llama.cpp's tied tokens."""
+    for o, r in zip(ours, ref):
+        top = r.max()
+        if o.argmax() != r.argmax():
+            assert r[o.argmax()] > top - noise, (
+                f"top-1 differs: ours {o.argmax()} (llama.cpp logit {r[o.argmax()]:.4f}), "
+                f"llama.cpp {r.argmax()} ({top:.4f}); noise {noise:.4f}")
+            print(f"near-tie: ours {o.argmax()}, llama.cpp {r.argmax()}, lead {top - r[o.argmax()]:.4f}")
+
+
+def our_perplexity(path, ctx: int, chunks: int) -> float:
+    mf = ModelFile(path)
+    tok = Tokenizer.from_model_file(mf)
+    with open(LICENSE, encoding="utf-8") as f:
+        ids = np.asarray(tok.encode(f.read(), add_special=True, parse_special=False), dtype=np.int32)
+    ids = ids[:ctx * chunks]
+    return perplexity(Model(mf), ids, ctx, 4 * ctx, tok.bos_id if tok.add_bos else None).ppl
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_K"])
+def test_logits_match_llamacpp(arch: str, qtype: str) -> None:
+    path = tiny_model(arch, qtype)
+    model = Model(ModelFile(path))
+    ids = np.random.default_rng(1).integers(10, 1000, 96).astype(np.int32)
+    ref = llama_logits(path, ids, n_last=4)
+    ours = our_last_logits(model, ids, 4)
+    diff = np.abs(ref - ours).max()
+    scale = np.abs(ref).max()
+    print(f"{arch} {qtype}: max |logit diff| {diff:.5f} (logits up to {scale:.2f})")
+    # F32: both compute in f32 (llama.cpp rounds some attention products to f16).
+    # Quantized: llama.cpp's 8-bit activations dominate the difference.
+    tol = (2e-3 if qtype == "F32" else 4e-2) * scale
+    assert diff < tol
+    assert_same_top1(ours, ref, noise=2 * diff)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_perplexity_matches_llamacpp(arch: str, qtype: str) -> None:
+    path = tiny_model(arch, qtype)
+    ref, _ = llamacpp.perplexity(path, LICENSE, ctx=128, chunks=4)
+    ours = our_perplexity(path, 128, 4)
+    print(f"{arch} {qtype}: PPL ours {ours:.4f} llama.cpp {ref:.4f}")
+    assert abs(ours - ref) / ref < 0.01
+
+
+def test_gemma3_270m_perplexity_and_logits_match_llamacpp() -> None:
+    path = default_model_path()
+    ref, _ = llamacpp.perplexity(path, LICENSE, ctx=256, chunks=3)
+    ours = our_perplexity(path, 256, 3)
+    print(f"Gemma 3 270M Q4_K_M: PPL ours {ours:.4f} llama.cpp {ref:.4f}")
+    assert abs(ours - ref) / ref < 0.01
+
+    mf = ModelFile(path)
+    tok = Tokenizer.from_model_file(mf)
+    with open(LICENSE, encoding="utf-8") as f:
+        ids = np.asarray(tok.encode(f.read()[:2000]), dtype=np.int32)[:160]
+    ref_logits = llama_logits(path, ids, n_last=1)
+    ours_logits = our_last_logits(Model(mf), ids, 1)
+    diff = np.abs(ref_logits - ours_logits).max()
+    print(f"Gemma 3 270M Q4_K_M: last-position max |logit diff| {diff:.4f} "
+          f"(logits up to {np.abs(ref_logits).max():.2f})")
+    assert diff < 0.05 * np.abs(ref_logits).max()
+    assert_same_top1(ours_logits, ref_logits, noise=2 * diff)
