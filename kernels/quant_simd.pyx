@@ -21,10 +21,29 @@ cimport openmp
 
 cdef extern from "quant_util.h" nogil:
     void gg_omp_barrier()
+    # AVX2 twins of the dq_* loops below (return 0 in the base build)
+    int gg_dq_q4_0_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q4_1_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q5_0_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q5_1_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q8_0_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q2_k_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q3_k_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q4_k_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q5_k_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_q6_k_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_iq4_nl_simd(const uint8_t *b, float *y, int64_t nb)
+    int gg_dq_iq4_xs_simd(const uint8_t *b, float *y, int64_t nb)
+
     uint16_t gg_load_u16(const uint8_t *p)
     uint32_t gg_load_u32(const uint8_t *p)
     float gg_load_f16(const uint8_t *p)
     void gg_f16_row(const uint8_t *src, float *dst, int64_t n)
+
+cdef extern from *:
+    # float * restrict: the quant bytes (uint8, which may alias anything) never overlap the output,
+    # and telling the compiler so is what lets it vectorize the per-block loops.
+    ctypedef float *float_out "float *__restrict__"
 
 # ggml type ids (gguf.constants.GGMLQuantizationType)
 cdef enum:
@@ -64,7 +83,7 @@ def get_num_threads():
 
 # ---- one function per type: nb consecutive blocks at b -> nb * block_size floats at y --------------
 
-cdef inline void dq_bf16(const uint8_t *b, float *y, Py_ssize_t n) noexcept nogil:
+cdef inline void dq_bf16(const uint8_t *b, float_out y, Py_ssize_t n) noexcept nogil:
     # bf16 is the top half of an f32: shift the bits up
     cdef Py_ssize_t i
     cdef uint32_t bits
@@ -73,56 +92,58 @@ cdef inline void dq_bf16(const uint8_t *b, float *y, Py_ssize_t n) noexcept nogi
         memcpy(&y[i], &bits, 4)
 
 
-cdef inline void dq_q4_0(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q4_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 18 bytes: d f16 | qs[16] (element j: low nibble of qs[j], element j+16: high nibble)
     cdef Py_ssize_t i
-    cdef uint8_t blk[18]  # local copy: the compiler may not assume y does not alias b
     cdef int j
     cdef float d
     cdef const uint8_t *qs
+    if gg_dq_q4_0_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 18)
-        d = gg_load_f16(blk)
-        qs = blk + 2
+        d = gg_load_f16(b)
+        qs = b + 2
         for j in range(16):
             y[j] = d * <float>(<int>(qs[j] & 0x0F) - 8)
+        for j in range(16):
             y[j + 16] = d * <float>(<int>(qs[j] >> 4) - 8)
         b += 18
         y += 32
 
 
-cdef inline void dq_q4_1(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q4_1(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 20 bytes: d f16 | m f16 | qs[16]; x = d * q + m
     cdef Py_ssize_t i
-    cdef uint8_t blk[20]  # local copy: the compiler may not assume y does not alias b
     cdef int j
     cdef float d, m
     cdef const uint8_t *qs
+    if gg_dq_q4_1_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 20)
-        d = gg_load_f16(blk)
-        m = gg_load_f16(blk + 2)
-        qs = blk + 4
+        d = gg_load_f16(b)
+        m = gg_load_f16(b + 2)
+        qs = b + 4
         for j in range(16):
             y[j] = d * <float>(qs[j] & 0x0F) + m
+        for j in range(16):
             y[j + 16] = d * <float>(qs[j] >> 4) + m
         b += 20
         y += 32
 
 
-cdef inline void dq_q5_0(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q5_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 22 bytes: d f16 | qh u32 (bit j = 5th bit of element j) | qs[16]; x = d * (q - 16)
     cdef Py_ssize_t i
-    cdef uint8_t blk[22]  # local copy: the compiler may not assume y does not alias b
     cdef int j
     cdef float d
     cdef uint32_t qh
     cdef const uint8_t *qs
+    if gg_dq_q5_0_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 22)
-        d = gg_load_f16(blk)
-        qh = gg_load_u32(blk + 2)
-        qs = blk + 6
+        d = gg_load_f16(b)
+        qh = gg_load_u32(b + 2)
+        qs = b + 6
         for j in range(16):
             y[j] = d * <float>(<int>((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16)
             y[j + 16] = d * <float>(<int>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16)
@@ -130,20 +151,20 @@ cdef inline void dq_q5_0(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nog
         y += 32
 
 
-cdef inline void dq_q5_1(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q5_1(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 24 bytes: d f16 | m f16 | qh u32 | qs[16]; x = d * q + m
     cdef Py_ssize_t i
-    cdef uint8_t blk[24]  # local copy: the compiler may not assume y does not alias b
     cdef int j
     cdef float d, m
     cdef uint32_t qh
     cdef const uint8_t *qs
+    if gg_dq_q5_1_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 24)
-        d = gg_load_f16(blk)
-        m = gg_load_f16(blk + 2)
-        qh = gg_load_u32(blk + 4)
-        qs = blk + 8
+        d = gg_load_f16(b)
+        m = gg_load_f16(b + 2)
+        qh = gg_load_u32(b + 4)
+        qs = b + 8
         for j in range(16):
             y[j] = d * <float>((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) + m
             y[j + 16] = d * <float>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m
@@ -151,38 +172,38 @@ cdef inline void dq_q5_1(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nog
         y += 32
 
 
-cdef inline void dq_q8_0(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q8_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 34 bytes: d f16 | qs int8[32]; x = q * d
     cdef Py_ssize_t i
-    cdef uint8_t blk[34]  # local copy: the compiler may not assume y does not alias b
     cdef int j
     cdef float d
     cdef const int8_t *qs
+    if gg_dq_q8_0_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 34)
-        d = gg_load_f16(blk)
-        qs = <const int8_t *>(blk + 2)
+        d = gg_load_f16(b)
+        qs = <const int8_t *>(b + 2)
         for j in range(32):
             y[j] = <float>qs[j] * d
         b += 34
         y += 32
 
 
-cdef inline void dq_q2_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q2_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 84 bytes: scales[16] (low nibble scale, high nibble min) | qs[64] (2 bits) | d f16 | dmin f16
     # element e = h*128 + s*32 + l: (qs[h*32 + l] >> 2s) & 3, sub-block e // 16; x = dl * q - ml
     cdef Py_ssize_t i
-    cdef uint8_t blk[84]  # local copy: the compiler may not assume y does not alias b
     cdef int h, s, l, sub
     cdef float d, dmin, dl, ml
     cdef const uint8_t *sc
     cdef const uint8_t *qs
+    if gg_dq_q2_k_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 84)
-        sc = blk
-        qs = blk + 16
-        d = gg_load_f16(blk + 80)
-        dmin = gg_load_f16(blk + 82)
+        sc = b
+        qs = b + 16
+        d = gg_load_f16(b + 80)
+        dmin = gg_load_f16(b + 82)
         for h in range(2):
             for s in range(4):
                 for sub in range(2):
@@ -195,23 +216,23 @@ cdef inline void dq_q2_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nog
         y += 256
 
 
-cdef inline void dq_q3_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q3_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 110 bytes: hmask[32] | qs[64] (low 2 bits) | scales[12] (16 x 6 bits) | d f16
     # q = low2 - 4 * (hmask bit clear); scale i = (low nibble | 2 high bits << 4) - 32; x = d*scale * q
     cdef Py_ssize_t i
-    cdef uint8_t blk[110]  # local copy: the compiler may not assume y does not alias b
     cdef int h, s, l, sub, si
     cdef float d, dl
     cdef int8_t sc
     cdef const uint8_t *hm
     cdef const uint8_t *qs
     cdef const uint8_t *scales
+    if gg_dq_q3_k_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 110)
-        hm = blk
-        qs = blk + 32
-        scales = blk + 96
-        d = gg_load_f16(blk + 108)
+        hm = b
+        qs = b + 32
+        scales = b + 96
+        d = gg_load_f16(b + 108)
         for h in range(2):
             for s in range(4):
                 for sub in range(2):
@@ -239,21 +260,21 @@ cdef inline void k_scale_min(const uint8_t *scales, int j, int *sc, int *mn) noe
         mn[0] = (scales[j + 4] >> 4) | ((scales[j] >> 2) & 0x30)
 
 
-cdef inline void dq_q4_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q4_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 144 bytes: d f16 | dmin f16 | scales[12] | qs[128]; sub-block j (32 elements) = nibble j % 2 of
     # qs[(j // 2) * 32 + l]; x = (d * sc) * q - (dmin * m)
     cdef Py_ssize_t i
-    cdef uint8_t blk[144]  # local copy: the compiler may not assume y does not alias b
     cdef int j, l, sc, mn
     cdef float d, dmin, dd, dm
     cdef const uint8_t *qs
+    if gg_dq_q4_k_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 144)
-        d = gg_load_f16(blk)
-        dmin = gg_load_f16(blk + 2)
-        qs = blk + 16
+        d = gg_load_f16(b)
+        dmin = gg_load_f16(b + 2)
+        qs = b + 16
         for j in range(8):
-            k_scale_min(blk + 4, j, &sc, &mn)
+            k_scale_min(b + 4, j, &sc, &mn)
             dd = d * <float>sc
             dm = dmin * <float>mn
             for l in range(32):
@@ -262,22 +283,22 @@ cdef inline void dq_q4_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nog
         y += 256
 
 
-cdef inline void dq_q5_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q5_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 176 bytes: d f16 | dmin f16 | scales[12] | qh[32] (bit j = 5th bit of sub-block j) | qs[128]
     cdef Py_ssize_t i
-    cdef uint8_t blk[176]  # local copy: the compiler may not assume y does not alias b
     cdef int j, l, sc, mn
     cdef float d, dmin, dd, dm
     cdef const uint8_t *qh
     cdef const uint8_t *qs
+    if gg_dq_q5_k_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 176)
-        d = gg_load_f16(blk)
-        dmin = gg_load_f16(blk + 2)
-        qh = blk + 16
-        qs = blk + 48
+        d = gg_load_f16(b)
+        dmin = gg_load_f16(b + 2)
+        qh = b + 16
+        qs = b + 48
         for j in range(8):
-            k_scale_min(blk + 4, j, &sc, &mn)
+            k_scale_min(b + 4, j, &sc, &mn)
             dd = d * <float>sc
             dm = dmin * <float>mn
             for l in range(32):
@@ -287,23 +308,23 @@ cdef inline void dq_q5_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nog
         y += 256
 
 
-cdef inline void dq_q6_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_q6_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 210 bytes: ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales int8[16] | d f16
     # element e = h*128 + s*32 + l: low = (ql[h*64 + (s%2)*32 + l] >> 4*(s//2)) & 15,
     # high = (qh[h*32 + l] >> 2s) & 3; x = (d * scale[e // 16]) * (q - 32)
     cdef Py_ssize_t i
-    cdef uint8_t blk[210]  # local copy: the compiler may not assume y does not alias b
     cdef int h, s, l, sub
     cdef float d, dl
     cdef const uint8_t *ql
     cdef const uint8_t *qh
     cdef const int8_t *scales
+    if gg_dq_q6_k_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 210)
-        ql = blk
-        qh = blk + 128
-        scales = <const int8_t *>(blk + 192)
-        d = gg_load_f16(blk + 208)
+        ql = b
+        qh = b + 128
+        scales = <const int8_t *>(b + 192)
+        d = gg_load_f16(b + 208)
         for h in range(2):
             for s in range(4):
                 for sub in range(2):
@@ -316,17 +337,17 @@ cdef inline void dq_q6_k(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nog
         y += 256
 
 
-cdef inline void dq_iq4_nl(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_iq4_nl(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 18 bytes: d f16 | qs[16] (nibbles index KVALUES_IQ4NL, order as Q4_0); x = d * kvalue
     cdef Py_ssize_t i
-    cdef uint8_t blk[18]  # local copy: the compiler may not assume y does not alias b
     cdef int j
     cdef float d
     cdef const uint8_t *qs
+    if gg_dq_iq4_nl_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 18)
-        d = gg_load_f16(blk)
-        qs = blk + 2
+        d = gg_load_f16(b)
+        qs = b + 2
         for j in range(16):
             y[j] = d * KVALUES_IQ4NL[qs[j] & 0x0F]
             y[j + 16] = d * KVALUES_IQ4NL[qs[j] >> 4]
@@ -334,22 +355,22 @@ cdef inline void dq_iq4_nl(const uint8_t *b, float *y, Py_ssize_t nb) noexcept n
         y += 32
 
 
-cdef inline void dq_iq4_xs(const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
+cdef inline void dq_iq4_xs(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
     # 136 bytes: d f16 | scales_h u16 (2 bits per sub-block) | scales_l[4] (nibbles) | qs[128]
     # sub-block ib (32 elements): scale = (l | h << 4) - 32; nibbles of qs[ib*16 + j] as in IQ4_NL
     cdef Py_ssize_t i
-    cdef uint8_t blk[136]  # local copy: the compiler may not assume y does not alias b
     cdef int ib, j
     cdef float d, dl
     cdef uint16_t sh
     cdef const uint8_t *sl
     cdef const uint8_t *qs
+    if gg_dq_iq4_xs_simd(b, y, nb):
+        return
     for i in range(nb):
-        memcpy(blk, b, 136)
-        d = gg_load_f16(blk)
-        sh = gg_load_u16(blk + 2)
-        sl = blk + 4
-        qs = blk + 8
+        d = gg_load_f16(b)
+        sh = gg_load_u16(b + 2)
+        sl = b + 4
+        qs = b + 8
         for ib in range(8):
             dl = d * <float>(<int8_t>(((sl[ib // 2] >> (4 * (ib % 2))) & 0x0F)
                                       | (((sh >> (2 * ib)) & 3) << 4)) - 32)

@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 #include <string.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -56,5 +56,200 @@ static inline void gg_f16_row(const uint8_t *src, float *dst, int64_t n) {
 static inline void gg_omp_barrier(void) {
 #pragma omp barrier
 }
+
+/* ---- AVX2 twins of the per-type loops in quant_simd.pyx ----------------------------------------
+ * GCC does not vectorize those byte-unpacking loops well, so the avx2 build uses these. They do the
+ * same float operations in the same order (int -> float is exact, then d * q, then + m or - m, each
+ * rounded on its own), so both builds are bit-identical to gguf-py; tests check both.
+ * Each returns 1 when it did the work, 0 in builds without AVX2 (the Cython loop then runs). */
+#if defined(__AVX2__)
+/* y[0:16] = d * q  (q: 16 int8) */
+static inline void gg_st16_mul(__m128i q, float d, float *y) {
+    __m256 vd = _mm256_set1_ps(d);
+    _mm256_storeu_ps(y, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
+    _mm256_storeu_ps(y + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)))));
+}
+/* y[0:16] = d * q + m */
+static inline void gg_st16_mul_add(__m128i q, float d, float m, float *y) {
+    __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))), vm));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_mul_ps(vd, _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)))), vm));
+}
+/* y[0:16] = d * q - m */
+static inline void gg_st16_mul_sub(__m128i q, float d, float m, float *y) {
+    __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    _mm256_storeu_ps(y, _mm256_sub_ps(_mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))), vm));
+    _mm256_storeu_ps(y + 8, _mm256_sub_ps(_mm256_mul_ps(vd, _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)))), vm));
+}
+#define GG_LO(v) _mm256_castsi256_si128(v)
+#define GG_HI(v) _mm256_extracti128_si256(v, 1)
+static inline void gg_st32_mul(__m256i q, float d, float *y) { gg_st16_mul(GG_LO(q), d, y); gg_st16_mul(GG_HI(q), d, y + 16); }
+static inline void gg_st32_mul_add(__m256i q, float d, float m, float *y) {
+    gg_st16_mul_add(GG_LO(q), d, m, y); gg_st16_mul_add(GG_HI(q), d, m, y + 16);
+}
+static inline void gg_st32_mul_sub(__m256i q, float d, float m, float *y) {
+    gg_st16_mul_sub(GG_LO(q), d, m, y); gg_st16_mul_sub(GG_HI(q), d, m, y + 16);
+}
+/* 16 bytes -> 32 nibbles: low nibbles of bytes 0..15, then their high nibbles (the Q4_0 order) */
+static inline __m256i gg_nibbles32(const uint8_t *qs) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)qs), m4 = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
+}
+/* byte j = 0x10 if bit j of x is set, else 0 (the 5th bit of Q5_0 / Q5_1 elements) */
+static inline __m256i gg_bit4_32(uint32_t x) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), spread);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(0x10));
+}
+static inline int gg_dq_q4_0_simd(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 18, y += 32)
+        gg_st32_mul(_mm256_sub_epi8(gg_nibbles32(b + 2), _mm256_set1_epi8(8)), gg_load_f16(b), y);
+    return 1;
+}
+static inline int gg_dq_q4_1_simd(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 20, y += 32)
+        gg_st32_mul_add(gg_nibbles32(b + 4), gg_load_f16(b), gg_load_f16(b + 2), y);
+    return 1;
+}
+static inline int gg_dq_q5_0_simd(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 22, y += 32) {
+        __m256i q = _mm256_or_si256(gg_nibbles32(b + 6), gg_bit4_32(gg_load_u32(b + 2)));
+        gg_st32_mul(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), gg_load_f16(b), y);
+    }
+    return 1;
+}
+static inline int gg_dq_q5_1_simd(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 24, y += 32) {
+        __m256i q = _mm256_or_si256(gg_nibbles32(b + 8), gg_bit4_32(gg_load_u32(b + 4)));
+        gg_st32_mul_add(q, gg_load_f16(b), gg_load_f16(b + 2), y);
+    }
+    return 1;
+}
+static inline int gg_dq_q8_0_simd(const uint8_t *b, float *y, int64_t nb) {
+    /* gguf-py computes q * d; IEEE multiplication commutes, so d * q is the same float */
+    for (int64_t i = 0; i < nb; i++, b += 34, y += 32)
+        gg_st32_mul(_mm256_loadu_si256((const __m256i *)(b + 2)), gg_load_f16(b), y);
+    return 1;
+}
+static inline __m128i gg_kvalues_iq4nl(void) {
+    return _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+}
+static inline int gg_dq_iq4_nl_simd(const uint8_t *b, float *y, int64_t nb) {
+    const __m256i kv = _mm256_broadcastsi128_si256(gg_kvalues_iq4nl());
+    for (int64_t i = 0; i < nb; i++, b += 18, y += 32)
+        gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + 2)), gg_load_f16(b), y);
+    return 1;
+}
+static inline int gg_dq_iq4_xs_simd(const uint8_t *b, float *y, int64_t nb) {
+    const __m256i kv = _mm256_broadcastsi128_si256(gg_kvalues_iq4nl());
+    for (int64_t i = 0; i < nb; i++, b += 136, y += 256) {
+        float d = gg_load_f16(b);
+        uint16_t sh = gg_load_u16(b + 2);
+        for (int ib = 0; ib < 8; ib++) {
+            int ls = (((b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
+            gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + 8 + ib * 16)), d * (float)ls, y + ib * 32);
+        }
+    }
+    return 1;
+}
+/* Q4_K / Q5_K scale and min j of the 12 packed bytes (gguf-py Q4_K.get_scale_min) */
+static inline void gg_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) { *sc = s[j] & 63; *mn = s[j + 4] & 63; }
+    else { *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30); *mn = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30); }
+}
+static inline int gg_dq_q4_k_simd(const uint8_t *b, float *y, int64_t nb) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t i = 0; i < nb; i++, b += 144, y += 256) {
+        float d = gg_load_f16(b), dmin = gg_load_f16(b + 2);
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
+            int sc, mn;
+            gg_k_scale_min(b + 4, 2 * c, &sc, &mn);
+            gg_st32_mul_sub(_mm256_and_si256(raw, m4), d * (float)sc, dmin * (float)mn, y + 64 * c);
+            gg_k_scale_min(b + 4, 2 * c + 1, &sc, &mn);
+            gg_st32_mul_sub(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), d * (float)sc, dmin * (float)mn,
+                            y + 64 * c + 32);
+        }
+    }
+    return 1;
+}
+static inline int gg_dq_q5_k_simd(const uint8_t *b, float *y, int64_t nb) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    for (int64_t i = 0; i < nb; i++, b += 176, y += 256) {
+        float d = gg_load_f16(b), dmin = gg_load_f16(b + 2);
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+        for (int j = 0; j < 8; j++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * (j / 2)));
+            __m256i lo = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw, 4) : raw, m4);
+            __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), one), 4);
+            int sc, mn;
+            gg_k_scale_min(b + 4, j, &sc, &mn);
+            gg_st32_mul_sub(_mm256_or_si256(lo, hi), d * (float)sc, dmin * (float)mn, y + 32 * j);
+        }
+    }
+    return 1;
+}
+/* 16 bytes at p, shifted right by `shift` bits within each byte, masked */
+static inline __m128i gg_bits16(const uint8_t *p, int shift, int mask) {
+    __m128i v = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)p), _mm_cvtsi32_si128(shift));
+    return _mm_and_si128(v, _mm_set1_epi8((char)mask));
+}
+static inline int gg_dq_q6_k_simd(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 210, y += 256) {
+        float d = gg_load_f16(b + 208);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++)
+                for (int sub = 0; sub < 2; sub++) {
+                    __m128i lo = gg_bits16(b + h * 64 + (s % 2) * 32 + sub * 16, 4 * (s / 2), 0x0F);
+                    __m128i hi = _mm_slli_epi16(gg_bits16(b + 128 + h * 32 + sub * 16, 2 * s, 3), 4);
+                    __m128i q = _mm_sub_epi8(_mm_or_si128(lo, hi), _mm_set1_epi8(32));
+                    gg_st16_mul(q, d * (float)sc[h * 8 + s * 2 + sub], y + h * 128 + s * 32 + sub * 16);
+                }
+    }
+    return 1;
+}
+static inline int gg_dq_q2_k_simd(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 84, y += 256) {
+        float d = gg_load_f16(b + 80), dmin = gg_load_f16(b + 82);
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++)
+                for (int sub = 0; sub < 2; sub++) {
+                    uint8_t sc = b[h * 8 + s * 2 + sub];
+                    gg_st16_mul_sub(gg_bits16(b + 16 + h * 32 + sub * 16, 2 * s, 3), d * (float)(sc & 0x0F),
+                                    dmin * (float)(sc >> 4), y + h * 128 + s * 32 + sub * 16);
+                }
+    }
+    return 1;
+}
+static inline int gg_dq_q3_k_simd(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 110, y += 256) {
+        const uint8_t *scales = b + 96;
+        float d = gg_load_f16(b + 108);
+        for (int h = 0; h < 2; h++)
+            for (int s = 0; s < 4; s++)
+                for (int sub = 0; sub < 2; sub++) {
+                    int si = h * 8 + s * 2 + sub;
+                    int low = si < 8 ? scales[si] & 0x0F : scales[si - 8] >> 4;
+                    int8_t sc = (int8_t)(low | (((scales[8 + si % 4] >> (2 * (si / 4))) & 3) << 4));
+                    __m128i q2 = gg_bits16(b + 32 + h * 32 + sub * 16, 2 * s, 3);
+                    /* minus 4 where the hmask bit is clear */
+                    __m128i hb = gg_bits16(b + sub * 16, h * 4 + s, 1);
+                    __m128i q = _mm_sub_epi8(q2, _mm_slli_epi16(_mm_xor_si128(hb, _mm_set1_epi8(1)), 2));
+                    gg_st16_mul(q, d * (float)(int8_t)(sc - 32), y + h * 128 + s * 32 + sub * 16);
+                }
+    }
+    return 1;
+}
+#else
+#define GG_NO_SIMD(name) static inline int name(const uint8_t *b, float *y, int64_t nb) { (void)b; (void)y; (void)nb; return 0; }
+GG_NO_SIMD(gg_dq_q4_0_simd) GG_NO_SIMD(gg_dq_q4_1_simd) GG_NO_SIMD(gg_dq_q5_0_simd) GG_NO_SIMD(gg_dq_q5_1_simd)
+GG_NO_SIMD(gg_dq_q8_0_simd) GG_NO_SIMD(gg_dq_iq4_nl_simd) GG_NO_SIMD(gg_dq_iq4_xs_simd) GG_NO_SIMD(gg_dq_q4_k_simd)
+GG_NO_SIMD(gg_dq_q5_k_simd) GG_NO_SIMD(gg_dq_q6_k_simd) GG_NO_SIMD(gg_dq_q2_k_simd) GG_NO_SIMD(gg_dq_q3_k_simd)
+#endif
 
 #endif
