@@ -21,6 +21,7 @@ import os
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ggtrain import threads as _threads
 from ggtrain.errors import GGTrainError
 from ggtrain.modelfile import SUPPORTED_TYPES, type_name
 
@@ -66,15 +67,8 @@ else:
     from ggtrain.kernels import quant_base as _impl
 
 
-def _blas_single_thread() -> None:
-    """The kernels call scipy's OpenBLAS from inside their OpenMP threads: it must not add its own."""
-    from ggtrain.threads import openblas_setters
-    setter = openblas_setters().get("scipy")
-    if setter is not None:
-        setter(1)
-
-
-_blas_single_thread()
+# The kernels call scipy's OpenBLAS from inside their OpenMP threads: it must not add its own.
+_threads.set_kernel_blas_single_threaded()
 
 
 def set_num_threads(n: int) -> None:
