@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import re
 import shutil
@@ -92,7 +91,7 @@ def _fetch_sdist(dest: Path) -> Path:
     # --no-build-isolation: pip only reads metadata, so it need not install the build backend.
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
            "--no-binary", ":all:", f"{PACKAGE}=={VERSION}", "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"pip download failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     found = sorted(dest.glob(f"llama_cpp_python-{VERSION}.tar.gz"))
@@ -208,7 +207,7 @@ def run(name: str, *args: str | os.PathLike, timeout: float = 600, check: bool =
     cmd = [str(binary(name)), *map(str, args)]
     env = dict(os.environ)
     env.setdefault("LLAMA_LOG_COLORS", "0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False,
                           input=input, errors="replace")
     if check and proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n"
@@ -262,23 +261,25 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int 
     raise AssertionError("unreachable")
 
 
-_INFO_RE = re.compile(r"print_info: (\S[^=]*?)\s*= (.*)$", re.M)
+_INFO_RE = re.compile(r"print_info: (\S[^=]*?)\s*= (.*)$", re.MULTILINE)
+_SWA_RE = re.compile(r"load_tensors: layer +(\d+) assigned to device \S+, is_swa = (\d)")
 
 
-def load_info(model: str | os.PathLike, timeout: float = 300) -> dict[str, str]:
-    """The `print_info: key = value` lines llama.cpp logs while loading model (via llama-tokenize)."""
-    proc = run("llama-tokenize", "-m", str(model), "-p", "hi", "--log-disable", timeout=timeout,
-               check=False)
+def load_info(model: str | os.PathLike, timeout: float = 300) -> dict[str, object]:
+    """What llama.cpp reports while loading model: its `print_info: key = value` lines (values as
+    strings, e.g. info["n_embd"] == "640") plus info["is_swa"], the per-layer sliding-window flags
+    from the verbose load log. Loads the model with llama-completion and generates one token."""
+    proc = run("llama-completion", "-m", str(model), "-p", "hi", "-n", "1", "-no-cnv",
+               "--no-warmup", "-c", "64", "-t", "2", "-v", "--log-colors", "off",
+               timeout=timeout, input="")
     text = proc.stdout + "\n" + proc.stderr
-    info = {k.strip(): v.strip() for k, v in _INFO_RE.findall(text)}
-    if not info:
-        proc = run("llama-tokenize", "-m", str(model), "-p", "hi", timeout=timeout)
-        info = {k.strip(): v.strip() for k, v in _INFO_RE.findall(proc.stdout + "\n" + proc.stderr)}
+    info: dict[str, object] = {k.strip(): v.strip() for k, v in _INFO_RE.findall(text)}
+    if "n_embd" not in info:
+        raise RuntimeError(f"no print_info lines in llama-completion's load log:\n{text[-3000:]}")
+    # The model may be loaded twice (parameter fitting); layer n_layer is the output layer.
+    layers = {int(i): v == "1" for i, v in _SWA_RE.findall(text)}
+    info["is_swa"] = [layers[i] for i in range(int(str(info["n_layer"]))) if i in layers]
     return info
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
 
 
 if __name__ == "__main__":  # python tests/llamacpp.py: fetch + build now (e.g. in CI set-up)
