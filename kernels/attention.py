@@ -23,13 +23,15 @@ zig-zag order so causal work is balanced across threads. Inside a task the produ
 head-major (H, T, D) copies through Numba's np.dot, i.e. scipy's BLAS: ggtrain.threads.set_threads
 keeps that BLAS single-threaded so it does not oversubscribe the prange threads. Scratch per task is
 one (block, span) score tile (span <= T): O(T) memory per task, never (H, T, T).
-Dtype-generic: f32 for training (f32 GEMMs, softmax in f32, lse kept in f32); f64 in the tests.
+Dtype-generic: f32 for training (f32 GEMMs, softmax in f32 with vecmath's vectorised exp, lse kept
+in f32); f64 (math.exp) in the tests.
 """
 
 import math
 
 import numba
 import numpy as np
+from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
 BLOCK_Q = 64  # query rows per forward task
@@ -63,8 +65,9 @@ def visible_range(segments, n_swa):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _attn_fwd(qh, kh, vh, lo, scale, softcap, bq, oh, lse):
+def _attn_fwd(qh, kh, vh, lo, scale, softcap, bq, fast, oh, lse):
     # head-major: qh (Hq, T, D), kh (Hkv, T, D), vh (Hkv, T, Dv), lo (T,) -> oh (Hq, T, Dv), lse (Hq, T)
+    # fast: f32 data, exponentials through vecmath
     Hq, T, _ = qh.shape
     G = Hq // kh.shape[0]
     ft = qh.dtype.type  # every scalar in the input dtype
@@ -76,6 +79,7 @@ def _attn_fwd(qh, kh, vh, lo, scale, softcap, bq, oh, lse):
         i0 = qb * bq
         i1 = min(T, i0 + bq)
         jlo = lo[i0]  # lo is non-decreasing: the block's first row sees furthest back
+        kbuf = np.empty(i1 - jlo, np.int32)
         # S = Q_blk K_span^T through BLAS (a few MB at most), then the masked softmax in place
         S = np.dot(qh[h, i0:i1], kh[g, jlo:i1].T)  # (rows, keys)
         nk = i1 - jlo
@@ -90,11 +94,14 @@ def _attn_fwd(qh, kh, vh, lo, scale, softcap, bq, oh, lse):
                     z = softcap * ft(math.tanh(z / softcap))
                 S[r, c] = z
                 m = max(m, z)
-            den = ft(0.0)
-            for c in range(a, b):
-                p = ft(math.exp(S[r, c] - m))
-                S[r, c] = p
-                den += p
+            if fast:
+                den = ft(exp_shift_inplace(S[r, a:b], m, kbuf))
+            else:
+                den = ft(0.0)
+                for c in range(a, b):
+                    p = ft(math.exp(S[r, c] - m))
+                    S[r, c] = p
+                    den += p
             inv = ft(1.0) / den
             for c in range(a, b):
                 S[r, c] *= inv
@@ -107,7 +114,7 @@ def _attn_fwd(qh, kh, vh, lo, scale, softcap, bq, oh, lse):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _attn_bwd(qh, kh, vh, doh, lse, dsum, lo, hi, scale, softcap, bk, dq_part, dkh, dvh):
+def _attn_bwd(qh, kh, vh, doh, lse, dsum, lo, hi, scale, softcap, bk, fast, dq_part, dkh, dvh):
     # head-major inputs as in the forward; doh (Hq, T, Dv); dsum (Hq, T) = do_i·o_i;
     # dq_part (n_threads, Hq, T, D) zeroed; dkh (Hkv, T, D), dvh (Hkv, T, Dv) out
     Hq, T, D = qh.shape
@@ -126,6 +133,7 @@ def _attn_bwd(qh, kh, vh, doh, lse, dsum, lo, hi, scale, softcap, bk, dq_part, d
         Vb = vh[g, j0:j1]
         dKb = np.zeros((j1 - j0, D), qh.dtype)
         dVb = np.zeros((j1 - j0, vh.shape[2]), qh.dtype)
+        kbuf = np.empty(j1 - j0, np.int32)
         for h in range(g * G, (g + 1) * G):
             Qs = qh[h, j0:i1]
             dOs = doh[h, j0:i1]
@@ -150,9 +158,15 @@ def _attn_bwd(qh, kh, vh, doh, lse, dsum, lo, hi, scale, softcap, bk, dq_part, d
                         t = ft(math.tanh(z / softcap))
                         z = softcap * t
                         dz = ft(1.0) - t * t
-                    p = ft(math.exp(z - L))
-                    P[r, c] = p
-                    dS[r, c] = p * (dS[r, c] - Di) * dz * scale
+                    P[r, c] = z
+                    dS[r, c] = (dS[r, c] - Di) * dz * scale  # times p below
+                if fast:
+                    exp_shift_inplace(P[r, a:b], L, kbuf)  # z - lse <= 0
+                else:
+                    for c in range(a, b):
+                        P[r, c] = ft(math.exp(P[r, c] - L))
+                for c in range(a, b):
+                    dS[r, c] *= P[r, c]
             dVb += np.dot(P.T, dOs)
             dKb += np.dot(dS.T, Qs)
             dqp[h, j0:i1] += np.dot(dS, Kb)
@@ -212,7 +226,8 @@ def attention_forward(
     lo, _ = visible_range(_segments(segments, T), int(n_swa))
     oh = np.empty((Hq, T, v.shape[2]), dtype=dt)
     lse = np.empty((Hq, T), dtype=dt)
-    _attn_fwd(_heads(q, dt), _heads(k, dt), _heads(v, dt), lo, dt.type(scale), dt.type(softcap), BLOCK_Q, oh, lse)
+    _attn_fwd(_heads(q, dt), _heads(k, dt), _heads(v, dt), lo, dt.type(scale), dt.type(softcap), BLOCK_Q,
+              dt == np.float32, oh, lse)
     return oh.transpose(1, 0, 2).copy(), lse
 
 
@@ -241,7 +256,7 @@ def attention_backward(
     dkh = np.empty((Hkv, T, D), dtype=dt)
     dvh = np.empty((Hkv, T, v.shape[2]), dtype=dt)
     _attn_bwd(_heads(q, dt), _heads(k, dt), _heads(v, dt), doh, np.ascontiguousarray(lse, dtype=dt), dsum, lo, hi,
-              dt.type(scale), dt.type(softcap), BLOCK_K, dq_part, dkh, dvh)
+              dt.type(scale), dt.type(softcap), BLOCK_K, dt == np.float32, dq_part, dkh, dvh)
     if n_threads == 1:
         dqh = dq_part[0]
     else:

@@ -8,7 +8,8 @@
 The head is any object with `matmul(x, r0, r1) -> x @ W[r0:r1].T` and `matmul_t(dy, r0, r1) ->
 dy @ W[r0:r1]`; the vocabulary is walked in chunks of `chunk` rows, so memory is T × chunk.
 Forward: an online logsumexp per token across chunks (running max and sum, in f64) and the target
-logit picked from the chunk that holds it. Backward: each chunk's logits are recomputed,
+logit picked from the chunk that holds it. On float32 logits the exponentials go through
+vecmath.exp_shift_inplace (vectorised, float32-accurate) instead of libm; float64 keeps math.exp. Backward: each chunk's logits are recomputed,
 dlogits = (softmax - onehot) · mask_t · dloss / n_trained, through the softcap derivative, and
 dh += dlogits @ W_chunk. The loop over chunks is Python (each step is one big GEMM through the
 head); the per-chunk row work is a parallel Numba kernel.
@@ -18,7 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+import numba
 import numpy as np
+from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
 DEFAULT_CHUNK = 8192  # vocab rows per chunk: 512 tokens × 8192 × 4 B = 16 MiB of logits at a time
@@ -47,19 +50,27 @@ class CrossEntropyStats:
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _ce_fwd_chunk(logits, r0, targets, softcap, run_max, run_sum, tgt_logit):
-    # logits (T, c) this chunk's raw logits; run_max, run_sum, tgt_logit (T,) f64 updated in place
+def _ce_fwd_chunk(logits, r0, targets, softcap, fast, kbuf, run_max, run_sum, tgt_logit):
+    # logits (T, c) this chunk's raw logits, overwritten; run_max, run_sum, tgt_logit (T,) f64 updated
+    # fast: f32 logits, exp through vecmath (kbuf (n_threads, >= c) int32 scratch)
     T, c = logits.shape
     for t in prange(T):
-        m = -np.inf
-        if softcap > 0.0:  # cap in place once, so the second pass and the target read the capped value
+        row = logits[t]
+        if softcap > 0.0:  # cap in place once, so the target and the sum read the capped value
             for v in range(c):
-                logits[t, v] = softcap * math.tanh(np.float64(logits[t, v]) / softcap)
+                row[v] = softcap * math.tanh(np.float64(row[v]) / softcap)
+        m = -np.inf
         for v in range(c):
-            m = max(m, np.float64(logits[t, v]))
-        s = 0.0
-        for v in range(c):
-            s += math.exp(np.float64(logits[t, v]) - m)
+            m = max(m, np.float64(row[v]))
+        j = targets[t] - r0
+        if 0 <= j < c:
+            tgt_logit[t] = row[j]
+        if fast:
+            s = exp_shift_inplace(row, m, kbuf[numba.get_thread_id()])
+        else:
+            s = 0.0
+            for v in range(c):
+                s += math.exp(np.float64(row[v]) - m)
         # merge (m, s) into the running pair
         mo = run_max[t]
         if m > mo:
@@ -67,36 +78,38 @@ def _ce_fwd_chunk(logits, r0, targets, softcap, run_max, run_sum, tgt_logit):
             run_max[t] = m
         else:
             run_sum[t] += s * math.exp(m - mo)
-        j = targets[t] - r0
-        if 0 <= j < c:
-            tgt_logit[t] = logits[t, j]
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _ce_bwd_chunk(logits, r0, targets, weights, lse, softcap, dloss):
+def _ce_bwd_chunk(logits, r0, targets, weights, lse, softcap, dloss, fast, kbuf):
     # logits (T, c) raw -> overwritten in place with dloss/dlogits_raw for this chunk
     T, c = logits.shape
     for t in prange(T):
+        row = logits[t]
         w = weights[t] * dloss
-        if w == 0.0:
-            for v in range(c):
-                logits[t, v] = 0.0
-            continue
-        L = lse[t]
         j = targets[t] - r0
+        L = lse[t]
+        if fast and softcap == 0.0:
+            exp_shift_inplace(row, L, kbuf[numba.get_thread_id()])  # softmax: z - lse <= 0
+            wf = np.float32(w)
+            for v in range(c):
+                row[v] *= wf
+            if 0 <= j < c:
+                row[j] -= wf
+            continue
         for v in range(c):
-            x = np.float64(logits[t, v])
+            x = np.float64(row[v])
             if softcap > 0.0:
                 th = math.tanh(x / softcap)
                 g = math.exp(softcap * th - L)
                 if v == j:
                     g -= 1.0
-                logits[t, v] = g * w * (1.0 - th * th)
+                row[v] = g * w * (1.0 - th * th)
             else:
                 g = math.exp(x - L)
                 if v == j:
                     g -= 1.0
-                logits[t, v] = g * w
+                row[v] = g * w
 
 
 def cross_entropy_forward(
@@ -129,10 +142,12 @@ def cross_entropy_forward(
     run_max = np.full(T, -np.inf)
     run_sum = np.zeros(T)
     tgt_logit = np.zeros(T)
+    kbuf = np.empty((numba.get_num_threads(), min(chunk, n_vocab)), dtype=np.int32)
     for r0 in range(0, n_vocab, chunk):  # one GEMM per chunk through the (quantized) head
         r1 = min(n_vocab, r0 + chunk)
         logits = np.ascontiguousarray(head.matmul(h, r0, r1))
-        _ce_fwd_chunk(logits, r0, tgt, float(final_softcap), run_max, run_sum, tgt_logit)
+        _ce_fwd_chunk(logits, r0, tgt, float(final_softcap), logits.dtype == np.float32, kbuf, run_max, run_sum,
+                      tgt_logit)
     lse = run_max + np.log(run_sum)
     losses = np.where(valid, lse - tgt_logit, 0.0)
     weights = mask / total_w if total_w > 0 else np.zeros(T)
@@ -149,10 +164,11 @@ def cross_entropy_backward(h: np.ndarray, head: Head, stats: CrossEntropyStats, 
     hs = np.ascontiguousarray(h[rows]) if rows.shape[0] < h.shape[0] else h
     tg, wt, ls = stats.targets[rows], stats.weights[rows], stats.lse[rows]
     acc = np.zeros((rows.shape[0], h.shape[1]), dtype=h.dtype)
+    kbuf = np.empty((numba.get_num_threads(), min(stats.chunk, stats.n_vocab)), dtype=np.int32)
     for r0 in range(0, stats.n_vocab, stats.chunk):
         r1 = min(stats.n_vocab, r0 + stats.chunk)
         g = np.ascontiguousarray(head.matmul(hs, r0, r1))
-        _ce_bwd_chunk(g, r0, tg, wt, ls, stats.final_softcap, float(dloss))
+        _ce_bwd_chunk(g, r0, tg, wt, ls, stats.final_softcap, float(dloss), g.dtype == np.float32, kbuf)
         acc += head.matmul_t(g, r0, r1)
     dh[rows] = acc
     return dh

@@ -113,3 +113,19 @@ def test_backward_matches_finite_differences(mask_name, softcap):
     dh32 = cross_entropy_backward(h32, DenseHead(w32), st32, dloss=1.7)
     assert dh32.dtype == np.float32
     np.testing.assert_allclose(dh32, num, rtol=1e-4, atol=1e-5)
+
+
+def test_vectorised_exp_is_float32_accurate():
+    from ggtrain.kernels.vecmath import exp_shift_inplace
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-85.0, 0.0, 5000).astype(np.float32)
+    x[:4] = [0.0, -1e-7, -0.6931472, -np.inf]
+    m = np.float32(1.25)
+    y = x + m  # exp(y - m) = exp(x)
+    s = exp_shift_inplace(y, m, np.empty(5000, np.int32))
+    ref = np.exp(x.astype(np.float64))
+    ok = np.isfinite(x)
+    np.testing.assert_allclose(y[ok], ref[ok], rtol=5e-7, atol=0)
+    assert 0.0 <= y[3] < 1e-37  # -inf clamps to a negligible value, never nan
+    assert s == pytest.approx(ref.sum(), rel=1e-6)
