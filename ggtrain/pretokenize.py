@@ -10,15 +10,14 @@ ggtrain.kernels.pretok. The others run on std::regex: a regex with \\p{..} class
 points with non-ASCII whitespace made \\v. Python's `re` on bytes (collapsed) or with re.ASCII
 (code points) has the same ASCII-only \\s and \\d as std::regex in the C locale, so we do the same.
 
-Character categories come from `unicodedata`, mapped as llama.cpp's gen-unicode-data.py maps
-them (Cn undefined, C* control, L* letter, M* mark, N* number, P* punctuation, S* symbol,
-Z* separator) with its whitespace set.
+Character categories are llama.cpp's: Unicode 15.1 general categories (ggtrain.unicode_ranges,
+Cn undefined, C* control, L* letter, M* mark, N* number, P* punctuation, S* symbol, Z* separator)
+and its whitespace set.
 """
 
 from __future__ import annotations
 
 import re
-import unicodedata
 
 import numpy as np
 
@@ -31,51 +30,22 @@ from ggtrain.kernels.pretok import (
     KIND_QWEN35,
     split_custom,
 )
+from ggtrain.unicode_ranges import category_flags
 
 FLAG_UNDEFINED, FLAG_NUMBER, FLAG_LETTER, FLAG_SEPARATOR = 0x0001, 0x0002, 0x0004, 0x0008
 FLAG_MARK, FLAG_PUNCTUATION, FLAG_SYMBOL, FLAG_CONTROL = 0x0010, 0x0020, 0x0040, 0x0080
 FLAG_WHITESPACE = 0x0100
 
-_CATEGORY_FLAG = {"C": FLAG_CONTROL, "L": FLAG_LETTER, "M": FLAG_MARK, "N": FLAG_NUMBER,
-                  "P": FLAG_PUNCTUATION, "S": FLAG_SYMBOL, "Z": FLAG_SEPARATOR}
-WHITESPACE = frozenset([*range(0x09, 0x0E), *range(0x2000, 0x200B), 0x20, 0x85, 0xA0, 0x1680,
-                        0x2028, 0x2029, 0x202F, 0x205F, 0x3000])
-# Letters assigned after the Unicode version of Python's unicodedata (14.0) that llama.cpp's
-# tables (Unicode 15.1) already have: CJK Extensions H and I.
-_LETTER_RANGES_15 = ((0x31350, 0x323AF), (0x2EBF0, 0x2EE5D))
+WHITESPACE = [*range(0x09, 0x0E), *range(0x2000, 0x200B), 0x20, 0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F,
+              0x205F, 0x3000]
 
-_MAX_CP = 0x110000
-_flags_table = np.full(_MAX_CP, 0xFFFF, dtype=np.uint16)  # 0xFFFF = not computed yet
-
-
-def _flag_of(cp: int) -> int:
-    cat = unicodedata.category(chr(cp))
-    if cat == "Cn":
-        f = FLAG_UNDEFINED
-        if any(lo <= cp <= hi for lo, hi in _LETTER_RANGES_15):
-            f = FLAG_LETTER
-    else:
-        f = _CATEGORY_FLAG[cat[0]]
-    return f | (FLAG_WHITESPACE if cp in WHITESPACE else 0)
-
-
-def _init_ascii() -> None:
-    cps = np.arange(128)
-    _flags_table[cps] = [_flag_of(int(c)) for c in cps]
-
-
-_init_ascii()
+_FLAGS = category_flags()  # uint16 (0x110000,), Unicode 15.1 like llama.cpp's tables
+_FLAGS[WHITESPACE] |= FLAG_WHITESPACE
 
 
 def cpt_flags(cpts: np.ndarray) -> np.ndarray:
-    """Category flags of code points int64 (n,) -> uint16 (n,), computing unseen ones once."""
-    flags = _flags_table[cpts]
-    missing = flags == 0xFFFF
-    if missing.any():
-        new = np.unique(cpts[missing])
-        _flags_table[new] = [_flag_of(int(c)) for c in new]
-        flags = _flags_table[cpts]
-    return flags
+    """Category flags of code points int64 (n,) -> uint16 (n,)."""
+    return _FLAGS[cpts]
 
 
 def codepoints(text: str) -> np.ndarray:

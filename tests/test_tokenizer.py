@@ -4,6 +4,7 @@ llama-tokenize on mixed and randomised texts for every vocabulary, and the real 
 from __future__ import annotations
 
 import ast
+import itertools
 import random
 import subprocess
 import sys
@@ -89,7 +90,7 @@ POOL = [
     "<s>", "</s>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|eot_id|>",
     "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<mask>", "<|end|>", "<|user|>",
     "<|assistant|>", "<|fim_prefix|>", "<fim_prefix>", "<｜begin▁of▁sentence｜>", "[INST]",
-    "<|START_OF_TURN_TOKEN|>",
+    "<|START_OF_TURN_TOKEN|>", "\U0001fa75", "\U00031350", "\U00011f00", "\u0cf3", "\U0001e4d0\U0001e4d1",
 ]
 
 
@@ -224,6 +225,28 @@ def test_cli_errors(args, message):
     assert r.returncode == 2
     err = r.stderr.decode()
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_unicode_categories_equal_llamacpp_tables():
+    """Our per-code-point category flags and whitespace set are llama.cpp's (src/unicode-data.cpp)."""
+    import re
+
+    import numpy as np
+
+    from ggtrain.pretokenize import FLAG_WHITESPACE, cpt_flags
+
+    src = (llamacpp.source_dir() / "src" / "unicode-data.cpp").read_text(encoding="utf-8")
+    body = src[src.index("unicode_ranges_flags"):]
+    pairs = [(int(a, 16), int(b, 16))
+             for a, b in re.findall(r"\{0x([0-9A-Fa-f]+), 0x([0-9A-Fa-f]+)\}", body[:body.index("};")])]
+    ref = np.zeros(0x110000, dtype=np.uint16)
+    for (c0, f), (c1, _) in itertools.pairwise(pairs):
+        ref[c0:c1] = f
+    ours = cpt_flags(np.arange(0x110000, dtype=np.int64))
+    assert np.array_equal(ours & 0xFF, ref)
+    ws = src[src.index("unicode_set_whitespace"):]
+    ws_ref = {int(x, 16) for x in re.findall(r"0x([0-9A-Fa-f]+)", ws[:ws.index("};")])}
+    assert set(np.flatnonzero(ours & FLAG_WHITESPACE).tolist()) == ws_ref
 
 
 # ---- bad metadata and the space clean-up ----------------------------------------------------------
