@@ -162,6 +162,15 @@ def choose_micro_batch(batch: int, limit: int, hparams: Any, lora_config: LoraCo
         f"about {format_bytes(parts['total'])} ({detail}); raise --mem-limit or " + ", or ".join(hints))
 
 
+def smaller_micro_batch(batch: int, micro_batch: int) -> int | None:
+    """The next micro-batch below `micro_batch` that divides `batch` (what to shrink to when RSS nears
+    the limit mid-run), or None at 1."""
+    for mb in _divisors_desc(batch):
+        if mb < micro_batch:
+            return mb
+    return None
+
+
 def _cgroup_limit() -> int | None:
     """The container's memory limit (cgroup v2 or v1), if any."""
     for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):

@@ -22,6 +22,7 @@ from ggtrain.memory import (
     lora_param_count,
     memory_breakdown,
     parse_size,
+    smaller_micro_batch,
 )
 
 # Gemma 3 270M's dims (the default model)
@@ -90,6 +91,14 @@ def test_choose_micro_batch():
     assert choose_micro_batch(1, est(mb=1), GEMMA, CFG, 256, True, FILE, threads=2) == 1
     with pytest.raises(GGTrainError, match="--batch"):
         choose_micro_batch(0, huge, GEMMA, CFG, 256, True, FILE)
+
+
+def test_smaller_micro_batch():
+    assert smaller_micro_batch(8, 8) == 4
+    assert smaller_micro_batch(12, 6) == 4
+    assert smaller_micro_batch(12, 5) == 4  # from a non-divisor too
+    assert smaller_micro_batch(7, 7) == 1
+    assert smaller_micro_batch(8, 1) is None
 
 
 def test_refusal_names_the_numbers():
