@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2 import nodes
@@ -23,6 +23,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ggtrain.errors import GGTrainError
 from ggtrain.modelfile import ModelFile
+
+if TYPE_CHECKING:
+    from ggtrain.tokenizer import Tokenizer
 
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
@@ -81,8 +84,10 @@ class ChatTemplate:
             raise GGTrainError(f"{origin}: chat template does not parse: {e.message} (line {e.lineno})") from None
 
     @classmethod
-    def from_model_file(cls, mf: ModelFile, override_path: str | Path | None = None) -> ChatTemplate:
-        """The model's template, or the file override_path (--chat-template) when given."""
+    def from_model_file(cls, mf: ModelFile, override_path: str | Path | None = None,
+                        tokenizer: Tokenizer | None = None) -> ChatTemplate:
+        """The model's template, or the file override_path (--chat-template) when given.
+        bos_token / eos_token come from the model's tokenizer (pass it to skip building it again)."""
         from ggtrain.tokenizer import Tokenizer
 
         if override_path is not None:
@@ -102,8 +107,8 @@ class ChatTemplate:
             origin = f"{mf.path} ({CHAT_TEMPLATE_KEY})"
         bos = eos = ""
         add_bos = add_eos = False
-        if "tokenizer.ggml.tokens" in mf.metadata:
-            tok = Tokenizer.from_model_file(mf)
+        if tokenizer is not None or "tokenizer.ggml.tokens" in mf.metadata:
+            tok = tokenizer or Tokenizer.from_model_file(mf)
             bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
             eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
             add_bos, add_eos = tok.add_bos, tok.add_eos

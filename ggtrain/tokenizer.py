@@ -314,6 +314,14 @@ class Tokenizer:
             owner.append(np.full(len(k), j, dtype=np.int64))
         key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
         own = np.concatenate(owner) if owner else np.zeros(0, dtype=np.int64)
+        # keep each token's two rarest pairs (a necessary condition all the same): a text with
+        # "<u" then does not drag in all 6000 "<unused..>" tokens of Gemma
+        _, inv, freq = np.unique(key, return_inverse=True, return_counts=True)
+        order = np.lexsort((freq[inv], own))
+        key, own = key[order], own[order]
+        first = np.searchsorted(own, own, side="left")
+        keep = np.arange(own.size) - first < 2
+        key, own = key[keep], own[keep]
         order = np.argsort(key, kind="stable")
         self._sp_key, self._sp_key_owner = key[order], own[order]
         self._sp_nkeys = np.bincount(own, minlength=ns)

@@ -100,12 +100,12 @@ def test_default_model_has_no_template_and_override(tmp_path):
         ChatTemplate.from_model_file(mf)
     with pytest.raises(GGTrainError, match="no such chat template file.*--chat-template"):
         ChatTemplate.from_model_file(mf, tmp_path / "missing.jinja")
-    t = ChatTemplate.from_model_file(mf, templates_dir() / "google-gemma-2-2b-it.jinja")
+    tok = Tokenizer.from_model_file(mf)
+    t = ChatTemplate.from_model_file(mf, templates_dir() / "google-gemma-2-2b-it.jinja", tokenizer=tok)
     assert (t.bos_token, t.eos_token) == ("<bos>", "<eos>")
     text = t.render([USER, ASSISTANT], False)
     assert text.startswith("<bos><start_of_turn>")
     # for_tokenizer drops the BOS text the tokenizer adds itself: one BOS after encoding
-    tok = Tokenizer.from_model_file(mf)
     ids = tok.encode(t.render([USER, ASSISTANT], False, for_tokenizer=True))
     assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
     assert ids[1] == tok.token_to_id["<start_of_turn>"]
