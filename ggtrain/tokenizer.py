@@ -503,7 +503,3 @@ class Tokenizer:
         """Text of token ids, as llama.cpp detokenizes them (special: render control tokens)."""
         return self.decode_bytes(ids, special, clean_up).decode("utf-8", errors="replace")
 
-
-def load_tokenizer(mf: ModelFile) -> Tokenizer:
-    """Tokenizer.from_model_file, for symmetry with the other loaders."""
-    return Tokenizer.from_model_file(mf)
