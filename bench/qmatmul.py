@@ -5,8 +5,8 @@ weight type, against numpy on the already dequantized f32 weight, measured in th
 
 Shapes: X (512×640)·W(2048×640)ᵀ and X (512×2048)·W(640×2048)ᵀ. Types with 256-element blocks
 cannot have 640-wide rows, so for them the first shape uses 768 (printed). Each figure is the best
-of --repeat runs (the machine is shared). "tile MiB" is the f32 tile qmatmul allocates (its only
-memory besides the output). The last line is `min ratio: R` over all types and both directions.
+of --repeat runs (the machine is shared). "tile MiB" is the f32 tiles qmatmul allocates, one per
+thread (its only memory besides the output). The last line is `min ratio: R` over all types and both directions.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def measure(qt: Q, T: int, n: int, rows: int, repeat: int, rng: np.random.Genera
          lambda: np.matmul(dy, wf, out=dx_ref), True),
     ):
         t_ours, t_ref = best_seconds([ours, ref], repeat)
-        tr, tc = kernels.tile_shape(backward, rows, n, qt)
+        tile = kernels.tile_bytes(backward, rows, n, T, qt)
         ratio = t_ref / t_ours
         yield (f"{qt.name:7} {f'({T}×{n})·({rows}×{n})ᵀ':22} {direction:4} {flops / t_ours / 1e9:9.1f} "
-               f"{flops / t_ref / 1e9:10.1f} {ratio:6.3f} {tr * tc * 4 / 2**20:8.2f}"), ratio
+               f"{flops / t_ref / 1e9:10.1f} {ratio:6.3f} {tile / 2**20:8.2f}"), ratio
 
 
 def main() -> None:

@@ -30,18 +30,20 @@ __all__ = [
     "dequantize",
     "get_num_threads",
     "get_rows",
+    "plan",
     "qmatmul",
     "qmatmul_backward_input",
     "set_num_threads",
     "simd_level",
-    "tile_shape",
+    "tile_bytes",
 ]
 
-# Floats in the one dequantization tile qmatmul allocates per call (shared by its threads):
-# 512 Ki floats = 2 MiB, whatever the size of W.
-TILE_BUDGET = 512 * 1024
-# Forward tiles are at most this many columns wide (then as many rows as the budget allows): each
-# tile re-reads X, so fewer, taller tiles cost less. Backward tiles span whole rows when they can.
+# Floats in each thread's dequantization tile: 256 Ki floats = 1 MiB per thread (it stays in L2),
+# whatever the size of W. qmatmul allocates nothing else besides its output.
+TILE_BUDGET = 256 * 1024
+# Forward tiles are at most this many columns wide, then as many rows as the budget allows: every
+# tile re-reads (re-packs) X, so fewer, taller tiles cost less. Backward tiles span whole rows
+# when they can (every tile re-reads its slice of dY).
 FORWARD_TILE_COLS = 1024
 MIN_TILE_ROWS = 16
 
@@ -133,20 +135,47 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def tile_shape(backward: bool, rows: int, n: int, qtype: int) -> tuple[int, int]:
-    """(tile_rows, tile_cols) of the f32 tile qmatmul dequantizes W into: at most TILE_BUDGET floats
-    (plus one row of blocks when a single row is wider than the budget), whatever the weight's size."""
-    block = GGML_QUANT_SIZES[_qtype(qtype)][0]
-    rows, n = max(rows, 1), max(n, block)
-    if backward:  # whole rows when possible: each tile re-reads its slice of dY
-        cols = min(n, max(block, (TILE_BUDGET // MIN_TILE_ROWS) // block * block))
-    else:
-        cols = min(n, max(block, FORWARD_TILE_COLS // block * block))
-    most = max(1, min(rows, TILE_BUDGET // max(cols, 1)))
-    # Even the tiles out (a last tile of a few rows would run a thin, slow GEMM), in steps of 16 rows.
+def _even_rows(rows: int, most: int, multiple_of: int = 1) -> int:
+    """Tile height <= most that cuts rows into near-equal tiles (a count that is a multiple of
+    `multiple_of` when rows allow): a last tile of a few rows would run a thin, slow GEMM."""
     n_tiles = -(-rows // most)
-    tile_rows = min(most, (-(-rows // n_tiles) + 15) // 16 * 16)
-    return tile_rows, cols
+    if rows >= multiple_of * MIN_TILE_ROWS:
+        n_tiles = -(-n_tiles // multiple_of) * multiple_of
+    return max(1, min(most, rows, (-(-rows // n_tiles) + 15) // 16 * 16))
+
+
+def plan(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: int | None = None) -> tuple[int, int, int]:
+    """(tile_rows, tile_cols, token_parts) of a qmatmul on W (rows, n) with `tokens` tokens.
+
+    Each of the threads dequantizes into its own tile_rows × tile_cols f32 buffer (at most
+    TILE_BUDGET floats, or one row of one block if that is bigger): extra memory is
+    threads × that, whatever W's size. Forward work items are tiles of rows; backward items are
+    (column range, token range) blocks of dX, planned so that they split evenly between the threads.
+    """
+    block = GGML_QUANT_SIZES[_qtype(qtype)][0]
+    threads = threads or get_num_threads()
+    rows, n = max(rows, 1), max(n, block)
+    if not backward:
+        cols = min(n, max(block, FORWARD_TILE_COLS // block * block))
+        return _even_rows(rows, max(1, TILE_BUDGET // cols), threads), cols, 1
+    n_blocks = n // block
+    col_parts = -(-n // max(block, (TILE_BUDGET // MIN_TILE_ROWS) // block * block))
+    token_parts = 1
+    if threads > 1:
+        even = -(-col_parts // threads) * threads
+        if even <= n_blocks and (n_blocks % even == 0 or n_blocks >= 4 * even):
+            col_parts = even  # column ranges alone share out evenly
+        elif tokens >= 32 * threads:
+            token_parts = threads  # few, wide blocks per row (K-quants): split the tokens instead
+    cols = -(-n_blocks // col_parts) * block
+    return _even_rows(rows, max(1, TILE_BUDGET // cols)), cols, token_parts
+
+
+def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: int | None = None) -> int:
+    """Bytes of f32 tile buffers a qmatmul allocates (its only allocation besides the output)."""
+    threads = threads or get_num_threads()
+    tile_rows, tile_cols, _ = plan(backward, rows, n, tokens, qtype, threads)
+    return threads * tile_rows * tile_cols * 4
 
 
 def dequantize(data: np.ndarray, qtype: int) -> np.ndarray:
@@ -173,8 +202,9 @@ def qmatmul(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = N
     x = _check_f32_2d(x, "x", n)
     out = _check_out(out, (x.shape[0], w.shape[0]))
     block, type_size = GGML_QUANT_SIZES[qt]
-    tr, tc = tile_shape(False, w.shape[0], n, qt)
-    _impl.qmatmul(False, int(qt), block, type_size, w, x, out, False, tr, tc)
+    nth = get_num_threads()
+    tr, tc, tp = plan(False, w.shape[0], n, x.shape[0], qt, nth)
+    _impl.qmatmul(False, int(qt), block, type_size, w, x, out, False, tr, tc, tp, nth)
     return out
 
 
@@ -188,8 +218,9 @@ def qmatmul_backward_input(dy: np.ndarray, w: np.ndarray, qtype: int, out: np.nd
         raise GGTrainError("qmatmul_backward_input: accumulate=True needs out")
     out = _check_out(out, (dy.shape[0], n))
     block, type_size = GGML_QUANT_SIZES[qt]
-    tr, tc = tile_shape(True, w.shape[0], n, qt)
-    _impl.qmatmul(True, int(qt), block, type_size, w, dy, out, bool(accumulate), tr, tc)
+    nth = get_num_threads()
+    tr, tc, tp = plan(True, w.shape[0], n, dy.shape[0], qt, nth)
+    _impl.qmatmul(True, int(qt), block, type_size, w, dy, out, bool(accumulate), tr, tc, tp, nth)
     return out
 
 

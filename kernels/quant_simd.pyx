@@ -5,10 +5,10 @@ One small function per quant type, each the C twin of its gguf-py class (gguf/qu
 bit layout and the same float operations in the same order, so the results are bit-identical
 (setup.py compiles with -ffp-contract=off: no fused multiply-add unless we write one).
 
-qmatmul: W is never expanded. A tile of W (at most `tile_budget` floats, one buffer shared by the
-threads) is dequantized by all threads in parallel (rows split between them), then every thread
-runs a single-threaded sgemm on its share of the tokens (or, for a few tokens, of the tile's rows
-or columns). Each thread writes a disjoint block of the output, so no locks and no races.
+qmatmul: W is never expanded. Each thread owns one f32 tile buffer (its size is planned by
+ggtrain.kernels, bounded whatever W's size); it takes work items from a dynamic queue, dequantizes
+the item's part of W into its buffer and runs a single-threaded sgemm on it. Every item writes a
+disjoint block of the output: no locks, no races, no barriers.
 """
 
 from cython.parallel cimport parallel, prange, threadid
@@ -20,7 +20,6 @@ from scipy.linalg.cython_blas cimport sgemm
 cimport openmp
 
 cdef extern from "quant_util.h" nogil:
-    void gg_omp_barrier()
     # AVX2 twins of the dq_* loops below (return 0 in the base build)
     int gg_dq_q4_0_simd(const uint8_t *b, float *y, int64_t nb)
     int gg_dq_q4_1_simd(const uint8_t *b, float *y, int64_t nb)
@@ -468,91 +467,97 @@ def get_rows(const uint8_t[:, :] w, int qtype, int block, int type_size, const i
             dequant_blocks(qtype, src + ids[i] * stride, dst + i * n, nb)
 
 
-cdef inline Py_ssize_t split(Py_ssize_t n, int parts, int p, Py_ssize_t align) noexcept nogil:
-    """Start of part p of [0, n) cut into `parts` near-equal pieces at multiples of align."""
-    if p >= parts:
-        return n
-    return min(n, (n * p // parts) // align * align)
+cdef inline Py_ssize_t split(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t p) noexcept nogil:
+    """Start of part p of [0, n) cut into `parts` near-equal pieces."""
+    return n * p // parts
 
 
-cdef int qmm(bint backward, int qtype, int block, int type_size,
-             const uint8_t *w, Py_ssize_t wstride, Py_ssize_t R, Py_ssize_t n,
-             const float *a, Py_ssize_t lda, Py_ssize_t T, float *c, Py_ssize_t ldc, bint accumulate,
-             Py_ssize_t tile_rows, Py_ssize_t tile_cols, int nth) noexcept nogil:
-    """Forward:  c (T, R)  = a (T, n) · Wᵀ   (tile loop: rows outer, columns inner, beta 1 after the first)
-    Backward: c (T, n) (+)= a (T, R) · W    (tile loop: columns outer, rows inner)
-    W (R, n) of qtype, row r at w + r*wstride. Row-major a/c with leading dims lda/ldc.
-    Returns -1 if the tile buffer cannot be allocated."""
-    cdef float *buf = <float *>malloc(tile_rows * tile_cols * sizeof(float))
-    if buf == NULL:
+cdef int qmm_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
+                     Py_ssize_t R, Py_ssize_t n, const float *x, Py_ssize_t ldx, Py_ssize_t T,
+                     float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, Py_ssize_t tile_cols,
+                     int nth) noexcept nogil:
+    """y (T, R) = x (T, n) · Wᵀ. Work item = tile_rows rows of W (all tokens): its thread dequantizes
+    them tile_cols columns at a time into its own buffer and runs sgemm on each piece, adding up
+    (beta 1) after the first. Items are handed out dynamically, no barriers: a thread that the OS
+    stalls does not hold the others up. Returns -1 if the buffers cannot be allocated."""
+    cdef float *bufs = <float *>malloc(nth * tile_rows * tile_cols * sizeof(float))
+    if bufs == NULL:
         return -1
-    cdef Py_ssize_t n_rt = (R + tile_rows - 1) // tile_rows, n_ct = (n + tile_cols - 1) // tile_cols
-    cdef Py_ssize_t tile, r0, c0, rows, cols, i, t0, t1, s0, s1
-    cdef int p, nthr, m_, n_, k_, lda_, ldb_, ldc_
+    cdef Py_ssize_t n_items = (R + tile_rows - 1) // tile_rows, item, r0, c0, rows, cols, i
+    cdef float *buf
     cdef float one = 1.0, beta
     cdef char tr = b'T', nt = b'N'
-    cdef bint by_tokens
+    cdef int m_, n_, k_, lda_, ldb_, ldc_
     with parallel(num_threads=nth):
-        nthr = openmp.omp_get_num_threads()
-        # Split the GEMM by tokens when there are enough of them, else by the tile's output dim.
-        by_tokens = T >= 16 * nthr
-        for tile in range(n_rt * n_ct):  # every thread walks the same tiles; the work is shared below
-            if backward:
-                c0 = (tile // n_rt) * tile_cols
-                r0 = (tile % n_rt) * tile_rows
-            else:
-                r0 = (tile // n_ct) * tile_rows
-                c0 = (tile % n_ct) * tile_cols
+        buf = bufs + threadid() * tile_rows * tile_cols
+        for item in prange(n_items, schedule="dynamic", chunksize=1):
+            r0 = item * tile_rows
             rows = min(tile_rows, R - r0)
+            c0 = 0
+            while c0 < n:
+                cols = min(tile_cols, n - c0)
+                for i in range(rows):  # buf (rows, cols) = W[r0:r0+rows, c0:c0+cols]
+                    dequant_blocks(qtype, w + (r0 + i) * wstride + (c0 // block) * type_size,
+                                   buf + i * cols, cols // block)
+                # column-major view: y_cm (R, T) [r0:, :] (+)= buf_cm (cols, rows)ᵀ · x_cm (n, T) [c0:, :]
+                m_, n_, k_ = <int>rows, <int>T, <int>cols
+                lda_, ldb_, ldc_ = <int>cols, <int>ldx, <int>ldy
+                beta = 1.0 if c0 > 0 else 0.0
+                sgemm(&tr, &nt, &m_, &n_, &k_, &one, buf, &lda_, <float *>x + c0, &ldb_, &beta,
+                      y + r0, &ldc_)
+                c0 = c0 + cols
+    free(bufs)
+    return 0
+
+
+cdef int qmm_backward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
+                      Py_ssize_t R, Py_ssize_t n, const float *dy, Py_ssize_t lddy, Py_ssize_t T,
+                      float *dx, Py_ssize_t lddx, bint accumulate, Py_ssize_t tile_rows,
+                      Py_ssize_t tile_cols, Py_ssize_t token_parts, int nth) noexcept nogil:
+    """dx (T, n) (+)= dy (T, R) · W. Work item = (tile_cols columns of W, one of token_parts token
+    ranges): a disjoint block of dx, so no two threads ever write the same floats. Its thread walks
+    down all rows of W tile_rows at a time, dequantizing into its own buffer and adding
+    dy[:, rows] · tile with sgemm. Dynamic hand-out, no barriers. Returns -1 if out of memory."""
+    cdef float *bufs = <float *>malloc(nth * tile_rows * tile_cols * sizeof(float))
+    if bufs == NULL:
+        return -1
+    cdef Py_ssize_t n_col = (n + tile_cols - 1) // tile_cols, item, r0, c0, t0, t1, rows, cols, i
+    cdef float *buf
+    cdef float one = 1.0, beta
+    cdef char nt = b'N'
+    cdef int m_, n_, k_, lda_, ldb_, ldc_
+    with parallel(num_threads=nth):
+        buf = bufs + threadid() * tile_rows * tile_cols
+        for item in prange(n_col * token_parts, schedule="dynamic", chunksize=1):
+            c0 = (item // token_parts) * tile_cols
             cols = min(tile_cols, n - c0)
-            # phase 1: dequantize W[r0:r0+rows, c0:c0+cols] into buf (rows, cols), rows split
-            for i in prange(rows, schedule="static"):
-                dequant_blocks(qtype, w + (r0 + i) * wstride + (c0 // block) * type_size,
-                               buf + i * cols, cols // block)
-            gg_omp_barrier()  # the whole tile is ready
-            # phase 2: one sgemm per thread on a disjoint block of c (column-major view of row-major)
-            for p in prange(nthr, schedule="static", chunksize=1):
-                if by_tokens:
-                    t0 = split(T, nthr, p, 1)
-                    t1 = split(T, nthr, p + 1, 1)
-                    s0 = 0
-                    s1 = cols if backward else rows
-                else:
-                    t0 = 0
-                    t1 = T
-                    s0 = split(cols if backward else rows, nthr, p, 16)
-                    s1 = split(cols if backward else rows, nthr, p + 1, 16)
-                if t1 > t0 and s1 > s0:
-                    n_ = <int>(t1 - t0)
-                    m_ = <int>(s1 - s0)
-                    ldc_ = <int>ldc
-                    lda_ = <int>cols
-                    ldb_ = <int>lda
-                    if backward:
-                        # c[t, c0+s] (+)= sum_r a[t, r0+r] * buf[r, s]
-                        k_ = <int>rows
-                        beta = 1.0 if (accumulate or r0 > 0) else 0.0
-                        sgemm(&nt, &nt, &m_, &n_, &k_, &one, buf + s0, &lda_,
-                              <float *>a + t0 * lda + r0, &ldb_, &beta, c + t0 * ldc + c0 + s0, &ldc_)
-                    else:
-                        # c[t, r0+s] (+)= sum_k buf[s, k] * a[t, c0+k]
-                        k_ = <int>cols
-                        beta = 1.0 if c0 > 0 else 0.0
-                        sgemm(&tr, &nt, &m_, &n_, &k_, &one, buf + s0 * cols, &lda_,
-                              <float *>a + t0 * lda + c0, &ldb_, &beta, c + t0 * ldc + r0 + s0, &ldc_)
-            gg_omp_barrier()  # nobody still reads buf when the next tile overwrites it
-    free(buf)
+            t0 = split(T, token_parts, item % token_parts)
+            t1 = split(T, token_parts, item % token_parts + 1)
+            r0 = 0
+            while r0 < R and t1 > t0:
+                rows = min(tile_rows, R - r0)
+                for i in range(rows):  # buf (rows, cols) = W[r0:r0+rows, c0:c0+cols]
+                    dequant_blocks(qtype, w + (r0 + i) * wstride + (c0 // block) * type_size,
+                                   buf + i * cols, cols // block)
+                # column-major view: dx_cm (n, T) [c0:, t0:] (+)= buf_cm (cols, rows) · dy_cm (R, T) [r0:, t0:]
+                m_, n_, k_ = <int>cols, <int>(t1 - t0), <int>rows
+                lda_, ldb_, ldc_ = <int>cols, <int>lddy, <int>lddx
+                beta = 1.0 if (accumulate or r0 > 0) else 0.0
+                sgemm(&nt, &nt, &m_, &n_, &k_, &one, buf, &lda_, <float *>dy + t0 * lddy + r0, &ldb_,
+                      &beta, dx + t0 * lddx + c0, &ldc_)
+                r0 = r0 + rows
+    free(bufs)
     return 0
 
 
 def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w,
-            const float[:, :] a, float[:, :] c, bint accumulate, Py_ssize_t tile_rows, Py_ssize_t tile_cols):
-    """Forward c = a·Wᵀ or backward c (+)= a·W; inner strides of w, a, c are 1 (checked by the caller).
-    tile_cols is a multiple of block."""
-    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, T = a.shape[0]
+            const float[:, :] a, float[:, :] c, bint accumulate, Py_ssize_t tile_rows,
+            Py_ssize_t tile_cols, Py_ssize_t token_parts, int nth):
+    """Forward c = a·Wᵀ or backward c (+)= a·W, with the tiling ggtrain.kernels planned (tile_cols a
+    multiple of block). Inner strides of w, a, c are 1 (checked by the caller)."""
+    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, T = a.shape[0], i, j
     if T == 0:
         return
-    cdef Py_ssize_t cstride = c.strides[0] // 4, i, j
     if R == 0 or n == 0:
         if not accumulate:
             with nogil:
@@ -560,12 +565,14 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
                     for j in range(c.shape[1]):
                         c[i, j] = 0
         return
-    tile_rows = max(1, min(tile_rows, R))
-    tile_cols = max(block, min(tile_cols, n))
     cdef int rc
     with nogil:
-        rc = qmm(backward, qtype, block, type_size, &w[0, 0], w.strides[0], R, n,
-                 &a[0, 0], a.strides[0] // 4, T, &c[0, 0], cstride, accumulate, tile_rows, tile_cols,
-                 _num_threads)
+        if backward:
+            rc = qmm_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &a[0, 0],
+                              a.strides[0] // 4, T, &c[0, 0], c.strides[0] // 4, accumulate,
+                              tile_rows, tile_cols, token_parts, nth)
+        else:
+            rc = qmm_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &a[0, 0],
+                             a.strides[0] // 4, T, &c[0, 0], c.strides[0] // 4, tile_rows, tile_cols, nth)
     if rc != 0:
-        raise MemoryError(f"cannot allocate the {tile_rows}x{tile_cols} dequantization tile")
+        raise MemoryError(f"cannot allocate {nth} dequantization tiles of {tile_rows}x{tile_cols} floats")

@@ -1,4 +1,4 @@
-/* C helpers for the quant kernels: exact f16 -> f32, unaligned little-endian loads, an OpenMP barrier.
+/* C helpers for the quant kernels: exact f16 -> f32, unaligned little-endian loads, AVX2 dequant loops.
  *
  * Built twice (see setup.py): with -mf16c the conversion is one instruction (vcvtph2ps), without it
  * a bit-level conversion that is exact for every finite value, infinities and subnormals, so both
@@ -49,12 +49,6 @@ static inline void gg_f16_row(const uint8_t *src, float *dst, int64_t n) {
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
 #endif
     for (; i < n; i++) dst[i] = gg_load_f16(src + 2 * i);
-}
-
-/* Cython's prange inside a `with parallel()` block is an `omp for nowait`: this is the barrier
- * that separates its phases (an orphaned directive, bound to the enclosing parallel region). */
-static inline void gg_omp_barrier(void) {
-#pragma omp barrier
 }
 
 /* ---- AVX2 twins of the per-type loops in quant_simd.pyx ----------------------------------------

@@ -78,11 +78,25 @@ def test_rows_not_a_multiple_of_the_tile(monkeypatch) -> None:
     rng = np.random.default_rng(5)
     for qt, rows, n, fwd_cols in ((Q.Q8_0, 101, 352, 96), (Q.Q6_K, 47, 1280, 600)):
         monkeypatch.setattr(kernels, "FORWARD_TILE_COLS", fwd_cols)
-        tr, tc = kernels.tile_shape(False, rows, n, qt)
+        tr, tc, _ = kernels.plan(False, rows, n, 67, qt)
         assert rows % tr and n % tc, (tr, tc)  # really partial tiles
-        tr, tc = kernels.tile_shape(True, rows, n, qt)
-        assert rows % tr and tr * tc <= 3000 + tc
+        tr, tc, _ = kernels.plan(True, rows, n, 67, qt)
+        assert rows % tr and tr * tc <= 3000, (tr, tc)
         check_both(make_weight(qt, rows, n, rng), qt, 67, rng)
+
+
+@pytest.mark.parametrize("qt, n", [(Q.Q4_K, 768), (Q.Q8_0, 640), (Q.Q6_K, 2048)], ids=["3blocks", "20blocks", "8blocks"])
+def test_backward_plans_split_evenly(qt: Q, n: int) -> None:
+    """Backward work items (column range x token range) share out evenly between 2 threads, and
+    each thread's tile stays within the budget."""
+    rng = np.random.default_rng(6)
+    tr, tc, tp = kernels.plan(True, 300, n, 512, qt, threads=2)
+    assert (-(-n // tc) * tp) % 2 == 0 and tr * tc <= kernels.TILE_BUDGET
+    try:
+        set_threads(2)
+        check_both(make_weight(qt, 300, n, rng), qt, 512, rng)
+    finally:
+        set_threads(default_threads())
 
 
 def test_out_accumulate_and_views() -> None:
@@ -144,8 +158,8 @@ def test_get_rows_matches_dequantize() -> None:
 
 def test_extra_memory_is_bounded() -> None:
     """A weight of 256 MiB when dequantized: the peak RSS of the first forward + backward, and of
-    further calls, grows by about the tile (2 MiB), nowhere near the f32 weight. A fresh process
-    gives a clean peak."""
+    further calls, grows by about the tiles (1 MiB per thread), nowhere near the f32 weight. A fresh
+    process gives a clean peak."""
     code = textwrap.dedent("""
         import resource, numpy as np
         from ggtrain import kernels
@@ -161,13 +175,13 @@ def test_extra_memory_is_bounded() -> None:
         for _ in range(3):
             kernels.qmatmul(x, w, 2, out=y); kernels.qmatmul_backward_input(dy, w, 2, out=dx)
         again = peak() - base - first
-        tile = max(a * b for a, b in (kernels.tile_shape(bw, rows, n, 2) for bw in (False, True))) * 4
+        tile = max(kernels.tile_bytes(bw, rows, n, 2, 2) for bw in (False, True))
         print(first, again, tile, bool(np.isfinite(y).all() and np.isfinite(dx).all() and y.any()))
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     first, again, tile, finite = res.stdout.split()
     assert finite == "True"
-    assert int(tile) <= kernels.TILE_BUDGET * 4
+    assert int(tile) <= kernels.TILE_BUDGET * 4 * kernels.get_num_threads()
     assert int(first) < 12 * 2**20, f"first calls grew the peak RSS by {int(first) / 2**20:.1f} MiB"
     assert int(again) < 2 * 2**20, f"repeated calls grew the peak RSS by {int(again) / 2**20:.1f} MiB"
 
