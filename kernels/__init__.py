@@ -38,13 +38,14 @@ __all__ = [
     "tile_bytes",
 ]
 
-# Floats in each thread's dequantization tile: 256 Ki floats = 1 MiB per thread (it stays in L2),
-# whatever the size of W. qmatmul allocates nothing else besides its output.
-TILE_BUDGET = 256 * 1024
+# Floats in each thread's dequantization tile: 512 Ki floats = 2 MiB per thread, whatever the size
+# of W (bigger tiles re-pack X less often; measured, bench/qmatmul.py). qmatmul allocates nothing
+# else besides its output.
+TILE_BUDGET = 512 * 1024
 # Forward tiles are at most this many columns wide, then as many rows as the budget allows: every
 # tile re-reads (re-packs) X, so fewer, taller tiles cost less. Backward tiles span whole rows
 # when they can (every tile re-reads its slice of dY).
-FORWARD_TILE_COLS = 1024
+FORWARD_TILE_COLS = 512
 MIN_TILE_ROWS = 16
 
 

@@ -158,7 +158,7 @@ def test_get_rows_matches_dequantize() -> None:
 
 def test_extra_memory_is_bounded() -> None:
     """A weight of 256 MiB when dequantized: the peak RSS of the first forward + backward, and of
-    further calls, grows by about the tiles (1 MiB per thread), nowhere near the f32 weight. A fresh
+    further calls, grows by about the tiles (2 MiB per thread), nowhere near the f32 weight. A fresh
     process gives a clean peak."""
     code = textwrap.dedent("""
         import resource, numpy as np
@@ -182,7 +182,7 @@ def test_extra_memory_is_bounded() -> None:
     first, again, tile, finite = res.stdout.split()
     assert finite == "True"
     assert int(tile) <= kernels.TILE_BUDGET * 4 * kernels.get_num_threads()
-    assert int(first) < 12 * 2**20, f"first calls grew the peak RSS by {int(first) / 2**20:.1f} MiB"
+    assert int(first) < 16 * 2**20, f"first calls grew the peak RSS by {int(first) / 2**20:.1f} MiB"
     assert int(again) < 2 * 2**20, f"repeated calls grew the peak RSS by {int(again) / 2**20:.1f} MiB"
 
 
