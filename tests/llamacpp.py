@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -44,6 +45,17 @@ CMAKE_OPTIONS = (
     "-DGGML_OPENMP=ON",
 )
 BUILD_JOBS = int(os.environ.get("GGTRAIN_BUILD_JOBS", "2"))
+
+# llama.cpp's logger writes from a background thread and its singleton is never destroyed, so a
+# tool's last lines (llama-perplexity's "Final estimate") are lost when the process exits before
+# that thread ran (upstream issue 22142; frequent on a loaded machine). This one-line patch joins
+# the logger thread at exit; it touches logging only, nothing that computes.
+_LOG_PATCH_MARK = "ggtrain: flush the log at exit"
+_LOG_PATCH_AFTER = "        log = new common_log;"
+_LOG_PATCH = (f"\n        std::atexit([]() {{ log->pause(); }});  // {_LOG_PATCH_MARK}")
+# Identifies what bin/ was built from: a change here rebuilds (incrementally).
+BUILD_STAMP = json.dumps({"version": VERSION, "targets": TARGETS, "options": CMAKE_OPTIONS,
+                          "patches": [_LOG_PATCH_MARK]}, sort_keys=True)
 
 
 def _log(msg: str) -> None:
@@ -131,6 +143,7 @@ def source_dir() -> Path:
             staging = Path(tmp) / "source"
             staging.mkdir()
             _extract_vendor(sdist, staging)
+            _patch_source(staging)
             if src.exists():  # an earlier half-finished attempt
                 shutil.rmtree(src)
             staging.rename(src)  # atomic: source/ exists only when complete
@@ -138,18 +151,40 @@ def source_dir() -> Path:
     return src
 
 
+def _patch_source(src: Path) -> None:
+    """Apply the logging patch above (idempotent)."""
+    log_cpp = src / "common" / "log.cpp"
+    text = log_cpp.read_text()
+    if _LOG_PATCH_MARK in text:
+        return
+    if text.count(_LOG_PATCH_AFTER) != 1:
+        raise RuntimeError(f"{log_cpp}: cannot apply the log-flush patch (anchor not found)")
+    text = text.replace(_LOG_PATCH_AFTER, _LOG_PATCH_AFTER + _LOG_PATCH)
+    if "#include <cstdlib>" not in text:
+        text = "#include <cstdlib>\n" + text
+    tmp = log_cpp.with_suffix(".cpp.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, log_cpp)
+
+
 def models_dir() -> Path:
     """llama.cpp's models/ folder: ggml-vocab-*.gguf, their .inp/.out test vectors, templates/."""
     return source_dir() / "models"
 
 
+def _built(out: Path) -> bool:
+    stamp = out / "BUILD_STAMP"
+    return (stamp.is_file() and stamp.read_text() == BUILD_STAMP
+            and all((out / t).is_file() for t in TARGETS))
+
+
 def bin_dir() -> Path:
     """Directory of the built tools (building them all first if needed)."""
     out = cache_dir() / "bin"
-    if all((out / t).is_file() for t in TARGETS):
+    if _built(out):
         return out
     with _locked():
-        if all((out / t).is_file() for t in TARGETS):
+        if _built(out):
             return out
         _build(out)
     return out
@@ -157,6 +192,7 @@ def bin_dir() -> Path:
 
 def _build(out: Path) -> None:
     src = source_dir()
+    _patch_source(src)  # a tree fetched before the patch existed
     build = cache_dir() / "build"
     t0 = time.time()
     _log(f"building llama.cpp {VERSION} ({', '.join(TARGETS)}) in {build} with -j {BUILD_JOBS}; "
@@ -165,15 +201,16 @@ def _build(out: Path) -> None:
         _stream(["cmake", "-S", str(src), "-B", str(build), *CMAKE_OPTIONS], "configure")
     _stream(["cmake", "--build", str(build), "--config", "Release", "-j", str(BUILD_JOBS),
              "--target", *TARGETS], "build")
-    staging = cache_dir() / "bin.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    # Each tool replaces its old copy atomically (running processes keep theirs); the stamp,
+    # written last, is what marks bin/ complete, so an interrupted build is never taken as done.
+    out.mkdir(exist_ok=True)
+    (out / "BUILD_STAMP").unlink(missing_ok=True)
     for t in TARGETS:
-        shutil.copy2(build / "bin" / t, staging / t)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)  # only a finished build becomes bin/
+        tmp = out / f".{t}.tmp"
+        shutil.copy2(build / "bin" / t, tmp)
+        os.replace(tmp, out / t)
+    (out / "BUILD_STAMP.tmp").write_text(BUILD_STAMP)
+    os.replace(out / "BUILD_STAMP.tmp", out / "BUILD_STAMP")
     _log(f"llama.cpp tools ready in {out} (build took {time.time() - t0:.0f} s)")
 
 

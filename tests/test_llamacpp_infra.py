@@ -1,0 +1,94 @@
+"""The reference itself: llama.cpp's source, its built tools, and tiny models it loads."""
+
+from __future__ import annotations
+
+import math
+
+import gguf
+import llamacpp
+import pytest
+import tinymodels
+from gguf.constants import GGMLQuantizationType as QT
+
+ARCHS = tinymodels.ARCHS
+QTYPES = ("F32", "Q8_0", "Q4_K")
+
+
+def test_source_tree_has_models_folder(llamacpp_models):
+    src = llamacpp.source_dir()
+    assert (src / "CMakeLists.txt").is_file()
+    assert (src / "src" / "models" / "gemma3.cpp").is_file()
+    vocabs = sorted(llamacpp_models.glob("ggml-vocab-*.gguf"))
+    assert len(vocabs) >= 10
+    for name in ("llama-spm", "llama-bpe", "qwen2", "gpt-2"):
+        assert (llamacpp_models / f"ggml-vocab-{name}.gguf").is_file()
+        assert (llamacpp_models / f"ggml-vocab-{name}.gguf.inp").is_file()
+        assert (llamacpp_models / f"ggml-vocab-{name}.gguf.out").is_file()
+    assert len(list((llamacpp_models / "templates").glob("*.jinja"))) > 10
+    # The vocab GGUFs are real files (not LFS pointers): gguf-py reads their token lists.
+    r = gguf.GGUFReader(llamacpp_models / "ggml-vocab-llama-spm.gguf")
+    assert len(r.fields["tokenizer.ggml.tokens"].data) == 32000
+
+
+@pytest.mark.parametrize("name", llamacpp.TARGETS)
+def test_binary_runs(name):
+    path = llamacpp.binary(name)
+    assert path.is_file() and path.stat().st_mode & 0o111
+    if name == "llama-quantize":  # no --version; --help prints usage
+        proc = llamacpp.run(name, "--help", check=False)
+        assert "usage:" in proc.stdout + proc.stderr
+    else:
+        proc = llamacpp.run(name, "--version")
+        assert "version:" in proc.stdout + proc.stderr
+
+
+def test_run_reports_failure():
+    with pytest.raises(RuntimeError, match="exited with"):
+        llamacpp.run("llama-perplexity", "-m", "/nonexistent/model.gguf", "-f", "/dev/null",
+                     timeout=60)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_model_perplexity(arch, qtype, license_text):
+    path = tinymodels.tiny_model(arch, qtype)
+    reader = gguf.GGUFReader(path)
+    types = {t.name: QT(t.tensor_type) for t in reader.tensors}
+    # Every matrix in the requested type (no llama-quantize mixture), 1-D tensors F32.
+    for t in reader.tensors:
+        want = QT.F32 if len(t.shape) == 1 else QT[qtype]
+        assert types[t.name] == want, t.name
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    assert reader.get_tensor(0) is not None and n_vocab in (32000, 151936)
+
+    final, chunks = llamacpp.perplexity(path, license_text, ctx=128, threads=2, chunks=4)
+    assert len(chunks) == 4
+    assert all(math.isfinite(c) and c > 1 for c in chunks)
+    assert chunks[-1] == pytest.approx(final, rel=1e-6)
+    # Random weights, logits of std ~1: a spread-out but not uniform distribution.
+    assert n_vocab / 20 < final < n_vocab * 20, final
+
+
+def test_quantized_models_share_weights():
+    """Q8_0 is the F32 model quantized: the same weights within Q8_0's error."""
+    f32 = gguf.GGUFReader(tinymodels.tiny_model("llama", "F32"))
+    q8 = gguf.GGUFReader(tinymodels.tiny_model("llama", "Q8_0"))
+    a = {t.name: t for t in f32.tensors}
+    for t in q8.tensors:
+        ref = a[t.name].data.reshape(-1)
+        got = gguf.quants.dequantize(t.data, QT(t.tensor_type)).reshape(-1)
+        assert got.shape == ref.shape
+        assert abs(got - ref).max() <= abs(ref).max() / 100, t.name
+
+
+def test_parse_perplexity_reads_the_final_line(license_text):
+    path = tinymodels.tiny_model("gemma3", "Q8_0")
+    proc = llamacpp.run("llama-perplexity", "-m", path, "-f", license_text, "-c", "128",
+                        "-b", "128", "-t", "2", "--chunks", "3")
+    out = proc.stdout + proc.stderr
+    final, err, chunks = llamacpp.parse_perplexity(out)
+    line = next(ln for ln in out.splitlines() if "Final estimate" in ln)
+    assert f"PPL = {final:.4f}" in line and f"+/- {err:.5f}" in line
+    assert len(chunks) == 3 and chunks[-1] == pytest.approx(final, rel=1e-6)
+    with pytest.raises(ValueError, match="Final estimate"):
+        llamacpp.parse_perplexity(out.replace("Final estimate", "x"))
