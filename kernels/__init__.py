@@ -157,7 +157,9 @@ def plan(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: in
     threads = threads or get_num_threads()
     rows, n = max(rows, 1), max(n, block)
     if not backward:
-        cols = min(n, max(block, FORWARD_TILE_COLS // block * block))
+        n_blocks = n // block
+        col_parts = min(n_blocks, max(1, (2 * n + FORWARD_TILE_COLS) // (2 * FORWARD_TILE_COLS)))
+        cols = -(-n_blocks // col_parts) * block  # even ranges near FORWARD_TILE_COLS (no thin last one)
         return _even_rows(rows, max(1, TILE_BUDGET // cols), threads), cols, 1
     n_blocks = n // block
     col_parts = -(-n // max(block, (TILE_BUDGET // MIN_TILE_ROWS) // block * block))
