@@ -100,7 +100,8 @@ def tokenize(model: Path | None, prompt: str | None, file: Path | None, use_stdi
         out.write(("[" + ", ".join(map(str, tokens)) + "]\n").encode())
     else:
         for t in tokens:
-            out.write(f"{t:6d} -> '".encode() + tok.piece_bytes(t) + b"'\n")
+            piece = tok.piece_bytes(t).split(b"\0", 1)[0]  # llama-tokenize prints a C string
+            out.write(f"{t:6d} -> '".encode() + piece + b"'\n")
     if show_count:
         out.write(f"Total number of tokens: {len(tokens)}\n".encode())
     out.flush()

@@ -198,7 +198,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("extra", [[], ["--ids"], ["--ids", "--no-parse-special"], ["--no-bos", "--show-count"]])
 def test_cli_output_identical_to_llama_tokenize(tmp_path, extra):
     f = tmp_path / "mixed.txt"
-    f.write_text(MIXED + "escapes \\n \\t \\x41 \\q", encoding="utf-8")
+    f.write_text(MIXED + "escapes \\n \\t \\x41 \\x00 \\q", encoding="utf-8")
     model = str(default_model_path())
     ours = run_cli("-m", model, "-f", str(f), *extra)
     assert ours.returncode == 0, ours.stderr
