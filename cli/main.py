@@ -37,10 +37,12 @@ def main() -> None:
 
 def _register() -> None:
     from ggtrain.cli.data import data
+    from ggtrain.cli.finetune import finetune
     from ggtrain.cli.info import info
     from ggtrain.cli.perplexity import perplexity
     from ggtrain.cli.tokenize import tokenize
 
+    main.add_command(finetune)
     main.add_command(info)
     main.add_command(data)
     main.add_command(perplexity)

@@ -353,12 +353,14 @@ class Model:
         state = StepState(batch, inputs, caches, x, rstd, hf, loss_state, ropes, step_seed, train)
         return float(loss), state
 
-    def backward(self, state: StepState, grads: LoraWeights) -> None:
-        """Adds dL/dA, dL/dB of the trainable LoRA into grads (same layout as self.trainable)."""
+    def backward(self, state: StepState, grads: LoraWeights, dloss: float = 1.0) -> None:
+        """Adds dloss · dL/dA, dL/dB of the trainable LoRA into grads (same layout as self.trainable).
+
+        dloss weights this micro-batch's mean loss within a larger batch (gradient accumulation)."""
         if not state.train:
             raise ValueError("backward needs a forward run with train=True")
         hp = self.hp
-        dhf = cross_entropy_backward(state.final_h, self.head, state.loss_state)
+        dhf = cross_entropy_backward(state.final_h, self.head, state.loss_state, dloss)
         dx = rmsnorm_backward(dhf, state.final_x, self.output_norm, state.final_rstd)
         for il in reversed(range(hp.n_layer)):
             c = state.caches[il]

@@ -16,12 +16,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggtrain.errors import GGTrainError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -269,7 +272,7 @@ class ModelFile:
         except BufferError:
             pass  # views still alive elsewhere; the mapping goes with them
 
-    def __enter__(self) -> ModelFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
