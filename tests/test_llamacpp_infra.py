@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import gguf
 import llamacpp
@@ -52,21 +53,28 @@ def test_run_reports_failure():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_model_perplexity(arch, qtype, license_text):
     path = tinymodels.tiny_model(arch, qtype)
-    reader = gguf.GGUFReader(path)
-    types = {t.name: QT(t.tensor_type) for t in reader.tensors}
-    # Every matrix in the requested type (no llama-quantize mixture), 1-D tensors F32.
-    for t in reader.tensors:
-        want = QT.F32 if len(t.shape) == 1 else QT[qtype]
-        assert types[t.name] == want, t.name
-    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    assert reader.get_tensor(0) is not None and n_vocab in (32000, 151936)
+    cfg = tinymodels.model_config(arch)
+    proc = llamacpp.run("llama-perplexity", "-m", path, "-f", license_text, "-c", "128", "-b", "128",
+                        "-t", "2", "--chunks", "4", "-v")
+    out = proc.stdout + proc.stderr
+    # llama.cpp's loader: every matrix in the requested type (no llama-quantize mixture), the
+    # 1-D tensors (norms, biases) F32.
+    types = {t: int(n) for t, n in re.findall(r"llama_model_loader: - type +(\w+): +(\d+) tensors", out)}
+    n_matrix = 2 + 7 * cfg["n_layer"] - (1 if cfg["tied"] or arch == "gemma2" else 0)
+    n_vector = len(tinymodels.float_weights(arch)) - n_matrix
+    assert types == ({"f32": n_matrix + n_vector} if qtype == "F32"
+                     else {"f32": n_vector, qtype.lower().replace("q4_k", "q4_K"): n_matrix}), types
+    n_vocab = int(re.search(r"print_info: n_vocab += (\d+)", out).group(1))
+    assert n_vocab == (151936 if arch.startswith("qwen") else 32000)
 
-    final, chunks = llamacpp.perplexity(path, license_text, ctx=128, threads=2, chunks=4)
+    final, _err, chunks = llamacpp.parse_perplexity(out)
     assert len(chunks) == 4
     assert all(math.isfinite(c) and c > 1 for c in chunks)
     assert chunks[-1] == pytest.approx(final, rel=1e-6)
     # Random weights, logits of std ~1: a spread-out but not uniform distribution.
     assert n_vocab / 20 < final < n_vocab * 20, final
+    # The helper the model tests use gives the same figures.
+    assert llamacpp.perplexity(path, license_text, ctx=128, threads=2, chunks=4) == (final, chunks)
 
 
 def test_quantized_models_share_weights():
