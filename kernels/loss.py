@@ -6,13 +6,22 @@
     loss   = Σ_t mask_t loss_t / Σ_t mask_t                 (mean over trained tokens)
 
 The head is any object with `matmul(x, r0, r1) -> x @ W[r0:r1].T` and `matmul_t(dy, r0, r1) ->
-dy @ W[r0:r1]`; the vocabulary is walked in chunks of `chunk` rows, so memory is T × chunk.
-Forward: an online logsumexp per token across chunks (running max and sum, in f64) and the target
-logit picked from the chunk that holds it. On float32 logits the exponentials go through
-vecmath.exp_shift_inplace (vectorised, float32-accurate) instead of libm; float64 keeps math.exp. Backward: each chunk's logits are recomputed,
-dlogits = (softmax - onehot) · mask_t · dloss / n_trained, through the softcap derivative, and
-dh += dlogits @ W_chunk. The loop over chunks is Python (each step is one big GEMM through the
-head); the per-chunk row work is a parallel Numba kernel.
+dy @ W[r0:r1]` (and `rows(ids) -> W[ids]` for with_grad); the vocabulary is walked in chunks of
+`chunk` rows, so memory is T × chunk. The loop over chunks is Python (each step is one big GEMM
+through the head); the per-chunk row work is a parallel Numba kernel. On float32 logits the
+exponentials go through vecmath.exp_shift_inplace (vectorised, float32-accurate); float64 keeps
+math.exp.
+
+Two ways to get dh, the same numbers:
+- forward(with_grad=False) then backward: an online logsumexp per token across chunks (running max
+  and sum, in f64), the target logit picked from its chunk; the backward recomputes each chunk's
+  logits, dlogits = (softmax - onehot) · mask_t / n_trained through the softcap derivative, and
+  dh += dlogits @ W_chunk. Three head GEMMs per chunk in a training step.
+- forward(with_grad=True), for training: only the trained rows go through the head, and the
+  gradient is accumulated in the same pass, in units of the running max (FlashAttention's rescale):
+  acc_t = Σ_v exp(z_tv - M_t) z'_tv W_v, rescaled by exp(M_old - M_new) when the max moves; at the
+  end dh_t = w_t (acc_t / S_t - z'_t,target W_target), with W_target from head.rows. Two head
+  GEMMs per chunk; the backward just scales the kept dh by dloss.
 """
 
 import math
@@ -34,6 +43,8 @@ class Head(Protocol):
 
     def matmul_t(self, dy: np.ndarray, r0: int, r1: int) -> np.ndarray: ...  # (T, r1-r0) -> (T, d)
 
+    def rows(self, ids: np.ndarray) -> np.ndarray: ...  # (k,) -> W[ids] (k, d); only with_grad uses it
+
 
 @dataclass
 class CrossEntropyStats:
@@ -42,11 +53,13 @@ class CrossEntropyStats:
     targets: np.ndarray  # (T,) int64, clipped to [0, vocab) where the mask is off
     weights: np.ndarray  # (T,) f64: mask_t / n_trained (0 everywhere when nothing is trained)
     lse: np.ndarray  # (T,) f64: logsumexp of each token's (capped) logits
-    losses: np.ndarray  # (T,) f64: lse - target logit, for every token (masked ones too, if their target is valid)
+    losses: np.ndarray  # (T,) f64: lse - target logit; every token with a valid target, or only the trained ones
+    #                     under with_grad (0 elsewhere, like lse)
     n_trained: int  # Σ mask
     n_vocab: int
     final_softcap: float
     chunk: int
+    dh: np.ndarray | None = None  # (T, d) d(loss)/dh computed by forward(with_grad=True)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -112,6 +125,44 @@ def _ce_bwd_chunk(logits, r0, targets, weights, lse, softcap, dloss, fast, kbuf)
                 row[v] = g * w
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def _ce_fused_chunk(logits, r0, targets, softcap, fast, kbuf, fbuf, run_max, run_sum, tgt_logit, rescale):
+    # logits (n, c) raw -> overwritten with exp(z - M_new)·z' (z' the softcap derivative);
+    # run_max, run_sum, tgt_logit (n,) f64 updated; rescale (n,) = exp(M_old - M_new) for the accumulator
+    n, c = logits.shape
+    for t in prange(n):
+        row = logits[t]
+        tid = numba.get_thread_id()
+        if softcap > 0.0:
+            for v in range(c):
+                z = softcap * math.tanh(np.float64(row[v]) / softcap)
+                row[v] = z
+                fbuf[tid, v] = 1.0 - (z / softcap) * (z / softcap)
+        m = -np.inf
+        for v in range(c):
+            m = max(m, np.float64(row[v]))
+        j = targets[t] - r0
+        if 0 <= j < c:
+            tgt_logit[t] = row[j]
+        mo = run_max[t]
+        M = max(mo, m)
+        if fast:
+            s = exp_shift_inplace(row, M, kbuf[tid])
+        else:
+            s = 0.0
+            for v in range(c):
+                e = math.exp(np.float64(row[v]) - M)
+                row[v] = e
+                s += e
+        if softcap > 0.0:
+            for v in range(c):
+                row[v] *= fbuf[tid, v]
+        sc = math.exp(mo - M)  # 0 on the first chunk (mo = -inf)
+        run_sum[t] = run_sum[t] * sc + s
+        run_max[t] = M
+        rescale[t] = sc
+
+
 def cross_entropy_forward(
     h: np.ndarray,
     head: Head,
@@ -120,11 +171,13 @@ def cross_entropy_forward(
     final_softcap: float = 0.0,
     chunk: int = DEFAULT_CHUNK,
     n_vocab: int | None = None,
+    with_grad: bool = False,
 ) -> tuple[float, CrossEntropyStats]:
     """h (T, d), targets (T,) int, mask (T,) bool/float -> (mean loss over trained tokens, stats).
 
     n_vocab: rows of the head (default head.shape[0]). Tokens with mask 0 may carry any target (e.g. -1). With nothing
-    trained the loss is 0.0 and the backward gives zeros."""
+    trained the loss is 0.0 and the backward gives zeros. with_grad: also compute dh in this pass
+    (training; needs head.rows), over the trained rows only — a third fewer head GEMMs."""
     T = h.shape[0]
     if n_vocab is None:
         n_vocab = int(head.shape[0])
@@ -139,6 +192,11 @@ def cross_entropy_forward(
     n_trained = int(np.count_nonzero(mask))
     total_w = float(mask.sum())
     tgt = np.where(valid, targets, 0)
+    weights = mask / total_w if total_w > 0 else np.zeros(T)
+    if with_grad:
+        loss, lse, losses, dh = _fused(h, head, tgt, weights, n_vocab, float(final_softcap), int(chunk))
+        return loss, CrossEntropyStats(tgt, weights, lse, losses, n_trained, int(n_vocab), float(final_softcap),
+                                       int(chunk), dh)
     run_max = np.full(T, -np.inf)
     run_sum = np.zeros(T)
     tgt_logit = np.zeros(T)
@@ -150,13 +208,47 @@ def cross_entropy_forward(
                       tgt_logit)
     lse = run_max + np.log(run_sum)
     losses = np.where(valid, lse - tgt_logit, 0.0)
-    weights = mask / total_w if total_w > 0 else np.zeros(T)
     loss = float(np.dot(weights, losses))
     return loss, CrossEntropyStats(tgt, weights, lse, losses, n_trained, int(n_vocab), float(final_softcap), int(chunk))
 
 
+def _fused(h: np.ndarray, head: Head, tgt: np.ndarray, weights: np.ndarray, n_vocab: int, softcap: float,
+           chunk: int) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Loss, lse (T,), losses (T,) and dh (T, d) in one pass over the vocabulary, trained rows only."""
+    T = h.shape[0]
+    lse, losses = np.zeros(T), np.zeros(T)
+    dh = np.zeros(h.shape, dtype=h.dtype)
+    rows = np.flatnonzero(weights)
+    if rows.shape[0] == 0:
+        return 0.0, lse, losses, dh
+    hs = np.ascontiguousarray(h[rows]) if rows.shape[0] < T else np.ascontiguousarray(h)
+    n = rows.shape[0]
+    tg = tgt[rows]
+    run_max, run_sum, tgt_logit, rescale = np.full(n, -np.inf), np.zeros(n), np.zeros(n), np.zeros(n)
+    c = min(chunk, n_vocab)
+    kbuf = np.empty((numba.get_num_threads(), c), dtype=np.int32)
+    fbuf = np.empty((numba.get_num_threads(), c), dtype=h.dtype)
+    acc = np.zeros((n, h.shape[1]), dtype=h.dtype)  # Σ exp(z - M)·z'·W in units of the running max M
+    for r0 in range(0, n_vocab, chunk):
+        r1 = min(n_vocab, r0 + chunk)
+        e = np.ascontiguousarray(head.matmul(hs, r0, r1))
+        _ce_fused_chunk(e, r0, tg, softcap, e.dtype == np.float32, kbuf, fbuf, run_max, run_sum, tgt_logit, rescale)
+        acc *= rescale.astype(h.dtype)[:, None]
+        acc += head.matmul_t(e, r0, r1)
+    lse_r = run_max + np.log(run_sum)
+    loss_r = lse_r - tgt_logit
+    dz_t = 1.0 - (tgt_logit / softcap) ** 2 if softcap > 0 else np.ones(n)
+    w = weights[rows]
+    g = acc * (w / run_sum)[:, None].astype(h.dtype) - head.rows(tg) * (w * dz_t)[:, None].astype(h.dtype)
+    dh[rows] = g
+    lse[rows], losses[rows] = lse_r, loss_r
+    return float(np.dot(w, loss_r)), lse, losses, dh
+
+
 def cross_entropy_backward(h: np.ndarray, head: Head, stats: CrossEntropyStats, dloss: float = 1.0) -> np.ndarray:
     """h (T, d) as in the forward, stats from it -> dh (T, d) (same dtype as h) of dloss · loss."""
+    if stats.dh is not None:  # forward(with_grad=True) already has it
+        return (stats.dh * dloss).astype(h.dtype, copy=False)
     dh = np.zeros(h.shape, dtype=h.dtype)
     if stats.n_trained == 0:
         return dh
