@@ -22,6 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+BENCH = Path(__file__).resolve().parent
+# bench/tokenize.py would shadow the standard library's tokenize (numba, linecache import it): bench/
+# goes to the end of the path, where only our helper module is looked up.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
+
 from benchutil import load_average
 
 REPO = Path(__file__).resolve().parent.parent
