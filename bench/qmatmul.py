@@ -11,6 +11,14 @@ thread (its only memory besides the output). The last line is `min ratio: R` ove
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Python puts this script's folder first on sys.path; bench/ holds scripts named like stdlib
+# modules (tokenize.py) that would shadow them. Nothing here is imported from bench/.
+if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import time
 
