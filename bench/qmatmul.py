@@ -78,6 +78,10 @@ def measure(qt: Q, T: int, n: int, rows: int, repeat: int, rng: np.random.Genera
          lambda: np.matmul(dy, wf, out=dx_ref), True),
     ):
         t_ours, t_ref = best_seconds([ours, ref], repeat)
+        got, want = (dx, dx_ref) if backward else (y, y_ref)
+        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        if not err < 1e-4:  # a fast wrong answer is no figure
+            raise SystemExit(f"{qt.name} {direction}: result differs from numpy (max rel err {err:.2e})")
         tile = kernels.tile_bytes(backward, rows, n, T, qt)
         ratio = t_ref / t_ours
         yield (f"{qt.name:7} {f'({T}×{n})·({rows}×{n})ᵀ':22} {direction:4} {flops / t_ours / 1e9:9.1f} "
