@@ -376,6 +376,21 @@ class Tokenizer:
 
     def encode_array(self, text: str, add_special: bool = True, parse_special: bool = True) -> np.ndarray:
         """encode() as an int32 array."""
+        return self._encode(text, add_special, parse_special, False)[0]
+
+    def encode_offsets(self, text: str, add_special: bool = True, parse_special: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """encode() plus where each token starts in text: (ids int32 (n,), start int64 (n,)).
+
+        Token i stands for text[start[i]:start[i+1]] (the last one up to len(text)); BOS starts at
+        0, EOS at len(text). Byte tokens of one character all start at that character; whitespace
+        a special token strips (LSTRIP/RSTRIP) belongs to the token before it. With these a loss
+        mask is exact: token i is trained if its span lies in a trained part of the text.
+        """
+        return self._encode(text, add_special, parse_special, True)
+
+    def _encode(self, text: str, add_special: bool, parse_special: bool, want_pos: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
         cpts = _codepoints(text)
         fs, fe, ft = self._partition_cpts(cpts, parse_special)
         if self.kind == SPM:
@@ -389,23 +404,28 @@ class Tokenizer:
                                 dtype=np.uint8)
             prev_tok = np.concatenate([[True], ft[:-1] >= 0]) if ft.size else np.zeros(0, dtype=bool)
             prefix = (prev_tok & (ft < 0)) if self.add_space_prefix else np.zeros(ft.size, dtype=bool)
-            body = kb.spm_encode_fragments(esc, at[fs], at[fe], ft, prefix, self._table, self._blob_u8,
-                                           self._offs, self.scores, self._byte_tok, self.n_vocab,
-                                           self._space_left)
+            body, pos = kb.spm_encode_fragments(esc, at[fs], at[fe], ft, prefix, self._table, self._blob_u8,
+                                                self._offs, self.scores, self._byte_tok, self.n_vocab,
+                                                self._space_left)
         else:
-            body = self._encode_bpe_fragments(text, cpts, fs, fe, ft)
+            from ggtrain.pretokenize import utf8_offsets
+
+            at = utf8_offsets(cpts)
+            body, pos = self._encode_bpe_fragments(text, cpts, at, fs, fe, ft)
         head = [self.bos_id] if add_special and self.add_bos else []
         tail = [self.eos_id] if add_special and self.add_eos else []
+        start = np.searchsorted(at, pos, side="right") - 1 if want_pos else pos
         if head or tail:
             body = np.concatenate([np.asarray(head, dtype=np.int32), body, np.asarray(tail, dtype=np.int32)])
-        return body
+            start = np.concatenate([np.zeros(len(head), dtype=np.int64), start,
+                                    np.full(len(tail), len(text), dtype=np.int64)])
+        return body, start
 
-    def _encode_bpe_fragments(self, text: str, cpts: np.ndarray, fs: np.ndarray, fe: np.ndarray,
-                              ft: np.ndarray) -> np.ndarray:
-        from ggtrain.pretokenize import cpt_flags, utf8_offsets
+    def _encode_bpe_fragments(self, text: str, cpts: np.ndarray, at: np.ndarray, fs: np.ndarray,
+                              fe: np.ndarray, ft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from ggtrain.pretokenize import cpt_flags
 
         data = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
-        at = utf8_offsets(cpts)
         flags = cpt_flags(cpts) if cpts.size else np.zeros(0, dtype=np.uint16)
         ends: list[np.ndarray] = []
         toks: list[np.ndarray] = []
@@ -418,7 +438,7 @@ class Tokenizer:
                 ends.append(at[s + np.cumsum(lens)])
                 toks.append(np.full(lens.size, -1, dtype=np.int32))
         if not ends:
-            return np.zeros(0, dtype=np.int32)
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
         return kb.bpe_encode(data, np.concatenate(ends), np.concatenate(toks), self._table, self._blob_u8,
                              self._offs, self.n_vocab, self._pkeys, self._prank, self._pres, self._byte_id,
                              self.ignore_merges)

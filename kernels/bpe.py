@@ -200,8 +200,9 @@ def _cp_at(buf, i):
 
 @njit(cache=True)
 def _spm_piece(text, ps, pe, table, blob, offs, scores, byte_tok, n_vocab,
-               start, n, prev, nxt, hk, hl, hr, hs, out, k):
-    """The SentencePiece merge over text[ps:pe]; appends its ids to out[k:], returns the new k."""
+               start, n, prev, nxt, hk, hl, hr, hs, out, pos, k):
+    """The SentencePiece merge over text[ps:pe]; appends its ids to out[k:] (and where each
+    starts in text to pos[k:]), returns the new k."""
     m = 0
     o = ps
     while o < pe:
@@ -238,12 +239,14 @@ def _spm_piece(text, ps, pe, table, blob, offs, scores, byte_tok, n_vocab,
         tok = table_find(table, blob, offs, text, s, e)
         if tok >= 0:
             out[k] = tok
+            pos[k] = s
             k += 1
         else:
             for j in range(s, e):
                 b = byte_tok[text[j]]
                 if b >= 0:
                     out[k] = b
+                    pos[k] = j
                     k += 1
         i = nxt[i]
     return k
@@ -277,7 +280,7 @@ def spm_encode(text, table, blob, offs, scores, byte_tok, n_vocab, space_left):
     """
     bounds = np.array([0, text.shape[0]], dtype=np.int64)
     return spm_encode_ranges(text, bounds, np.full(1, -1, dtype=np.int32), table, blob, offs, scores,
-                             byte_tok, n_vocab, space_left)
+                             byte_tok, n_vocab, space_left)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,12 +440,14 @@ def _bpe_try(sid, n, left, right, pkeys, prank, hk, hl, hr, hs, hn):
 
 @njit(cache=True)
 def _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id, ignore_merges,
-              start, n, sid, prev, nxt, hk, hl, hr, hs, out, k):
-    """BPE of one word text[ws:we]; appends its ids to out[k:], returns the new k."""
+              start, n, sid, prev, nxt, hk, hl, hr, hs, out, pos, k):
+    """BPE of one word text[ws:we]; appends its ids to out[k:] (and where each starts in text to
+    pos[k:]), returns the new k."""
     if ignore_merges:
         t = table_find(table, blob, offs, text, ws, we)
         if 0 <= t < n_vocab:
             out[k] = t
+            pos[k] = ws
             return k + 1
     m = we - ws
     for i in range(m):
@@ -474,6 +479,7 @@ def _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte
         t = sid[i]
         if 0 <= t < n_vocab:
             out[k] = t
+            pos[k] = start[i]
             k += 1
         else:
             for j in range(start[i], start[i] + n[i]):
@@ -482,6 +488,7 @@ def _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte
                     t = table_find(table, blob, offs, text, j, j + 1)
                     if 0 <= t < n_vocab:
                         out[k] = t
+                        pos[k] = j
                         k += 1
         i = nxt[i]
     return k
@@ -492,6 +499,7 @@ def bpe_encode(text, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, pra
                ignore_merges):
     """Token ids of raw-byte text split into words (word i ends at word_ends[i]). -> int32 (k,)
     A word with word_tok[i] >= 0 is that (special) token as it stands.
+    -> (ids int32 (k,), byte where each token starts int64 (k,))
 
     Each word starts as one symbol per byte; the lowest-rank adjacent pair merges first
     (leftmost on ties). With ignore_merges a word that is itself a token is taken whole.
@@ -500,6 +508,7 @@ def bpe_encode(text, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, pra
     """
     L = text.shape[0]
     out = np.empty(L + word_ends.shape[0], dtype=np.int32)
+    pos = np.empty(L + word_ends.shape[0], dtype=np.int64)
     k = 0
     longest = 0
     ws = 0
@@ -531,6 +540,7 @@ def bpe_encode(text, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, pra
         we = word_ends[w]
         if word_tok[w] >= 0:
             out[k] = word_tok[w]
+            pos[k] = ws
             k += 1
             ws = we
             continue
@@ -540,17 +550,18 @@ def bpe_encode(text, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, pra
         if j >= 0:
             for q in range(coc[j]):
                 out[k + q] = out[cos[j] + q]
+                pos[k + q] = pos[cos[j] + q] + (ws - cs[j])
             k += coc[j]
             ws = we
             continue
         k0 = k
         k = _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id,
-                      ignore_merges, start, n, sid, prev, nxt, hk, hl, hr, hs, out, k)
+                      ignore_merges, start, n, sid, prev, nxt, hk, hl, hr, hs, out, pos, k)
         ctab[slot] = nent
         cs[nent], ce[nent], cos[nent], coc[nent] = ws, we, k0, k - k0
         nent += 1
         ws = we
-    return out[:k]
+    return out[:k], pos[:k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,13 +646,15 @@ def spm_encode_fragments(esc, frag_s, frag_e, frag_tok, frag_prefix, table, blob
                          byte_tok, n_vocab, space_left):
     """SentencePiece ids of a partitioned text. esc: the UTF-8 text with spaces escaped to
     U+2581; fragment f is token frag_tok[f] (>= 0) or esc[frag_s[f]:frag_e[f]], with a U+2581
-    prepended when frag_prefix[f]. -> int32 (k,)"""
+    prepended when frag_prefix[f]. -> (ids int32 (k,), byte of esc where each token starts
+    int64 (k,); a prefix U+2581 counts as its fragment's start)"""
     nf = frag_s.shape[0]
     size = 0
     for f in range(nf):
         if frag_tok[f] < 0:
             size += frag_e[f] - frag_s[f] + (3 if frag_prefix[f] else 0)
     work = np.empty(size, dtype=np.uint8)
+    src = np.empty(size, dtype=np.int64)  # work byte -> esc byte
     bounds = np.empty(nf + 1, dtype=np.int64)
     w = 0
     for f in range(nf):
@@ -649,30 +662,38 @@ def spm_encode_fragments(esc, frag_s, frag_e, frag_tok, frag_prefix, table, blob
         if frag_tok[f] < 0:
             if frag_prefix[f]:
                 work[w], work[w + 1], work[w + 2] = 0xE2, 0x96, 0x81
+                src[w], src[w + 1], src[w + 2] = frag_s[f], frag_s[f], frag_s[f]
                 w += 3
             for i in range(frag_s[f], frag_e[f]):
                 work[w] = esc[i]
+                src[w] = i
                 w += 1
     bounds[nf] = w
-    ids = spm_encode_ranges(work, bounds, frag_tok, table, blob, offs, scores, byte_tok, n_vocab,
-                            space_left)
-    return ids
+    ids, wpos, frag = spm_encode_ranges(work, bounds, frag_tok, table, blob, offs, scores, byte_tok,
+                                        n_vocab, space_left)
+    pos = np.empty(ids.shape[0], dtype=np.int64)
+    for q in range(ids.shape[0]):
+        pos[q] = frag_s[frag[q]] if frag_tok[frag[q]] >= 0 else src[wpos[q]]
+    return ids, pos
 
 
 @njit(cache=True)
 def spm_encode_ranges(text, bounds, frag_tok, table, blob, offs, scores, byte_tok, n_vocab, space_left):
     """spm_encode over the ranges text[bounds[f]:bounds[f+1]] (or token frag_tok[f] >= 0),
-    sharing one cache of pieces. -> int32 (k,)"""
+    sharing one cache of pieces. -> (ids int32 (k,), byte of text where each starts int64 (k,),
+    fragment of each int64 (k,))"""
     L = text.shape[0]
     nf = frag_tok.shape[0]
     # pieces: cut before each U+2581 no token can span, and at fragment ends
     cuts = np.empty(L + nf + 1, dtype=np.int64)
     ptok = np.empty(L + nf + 1, dtype=np.int32)  # token standing alone, or -1
+    pfrag = np.empty(L + nf + 1, dtype=np.int64)  # fragment of each piece
     nc = 0
     for f in range(nf):
         if frag_tok[f] >= 0:
             cuts[nc] = bounds[f]
             ptok[nc] = frag_tok[f]
+            pfrag[nc] = f
             nc += 1
             continue
         o = bounds[f]
@@ -684,11 +705,13 @@ def spm_encode_ranges(text, bounds, frag_tok, table, blob, offs, scores, byte_to
                     and text[o + 2] == 0x81 and not space_left[prev_cp]):
                 cuts[nc] = o
                 ptok[nc] = -1
+                pfrag[nc] = f
                 nc += 1
             prev_cp = _cp_at(text, o) if o + c <= fe else 0
             o += c
         cuts[nc] = fe
         ptok[nc] = -1
+        pfrag[nc] = f
         nc += 1
     longest = 0
     ps = 0
@@ -715,26 +738,32 @@ def spm_encode_ranges(text, bounds, frag_tok, table, blob, offs, scores, byte_to
     coc = np.empty(nc, dtype=np.int64)
     nent = 0
     out = np.empty(L + nf, dtype=np.int32)
+    pos = np.empty(L + nf, dtype=np.int64)
+    frag = np.empty(L + nf, dtype=np.int64)
     k = 0
     ps = 0
     for i in range(nc):
         if ptok[i] >= 0:
             out[k] = ptok[i]
+            pos[k] = cuts[i]
+            frag[k] = pfrag[i]
             k += 1
             continue
         pe = cuts[i]
         if pe > ps:
+            k0 = k
             j, slot = _cache_find(ctab, cs, ce, text, ps, pe)
             if j >= 0:
                 for q in range(coc[j]):
                     out[k + q] = out[cos[j] + q]
+                    pos[k + q] = pos[cos[j] + q] + (ps - cs[j])
                 k += coc[j]
             else:
-                k0 = k
                 k = _spm_piece(text, ps, pe, table, blob, offs, scores, byte_tok, n_vocab,
-                               start, n, prev, nxt, hk, hl, hr, hs, out, k)
+                               start, n, prev, nxt, hk, hl, hr, hs, out, pos, k)
                 ctab[slot] = nent
                 cs[nent], ce[nent], cos[nent], coc[nent] = ps, pe, k0, k - k0
                 nent += 1
+            frag[k0:k] = pfrag[i]
         ps = pe
-    return out[:k]
+    return out[:k], pos[:k], frag[:k]

@@ -188,6 +188,41 @@ def test_gemma_metadata(gemma):
     assert gemma.encode("") == [gemma.bos_id] and gemma.encode("", add_special=False) == []
 
 
+def _check_offsets(tok: Tokenizer, text: str, parse_special: bool) -> None:
+    """Tokens sharing a start byte, decoded, are exactly the text up to the next start."""
+    import numpy as np
+
+    ids, start = tok.encode_offsets(text, add_special=False, parse_special=parse_special)
+    ids2, byte_pos = tok._encode(text, False, parse_special, False)  # starts in (escaped) UTF-8 bytes
+    assert ids.tolist() == ids2.tolist() == tok.encode(text, add_special=False, parse_special=parse_special)
+    spm = tok.kind == "spm"
+    chars = [c.replace(" ", "\u2581") if spm else c for c in text]
+    char_at = np.cumsum([0] + [len(c.encode("utf-8", "surrogatepass")) for c in chars])
+    assert start.tolist() == (np.searchsorted(char_at, byte_pos, side="right") - 1).tolist()
+    data = "".join(chars).encode("utf-8", "surrogatepass")
+    bounds = [*np.unique(byte_pos).tolist(), len(data)]
+    for s, e in itertools.pairwise(bounds):
+        exp = data[s:e].replace("\u2581".encode(), b" ") if spm else data[s:e]
+        assert b"".join(tok.piece_bytes(int(t)) for t in ids[byte_pos == s]) == exp
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "gpt-2", "qwen35", "deepseek-coder"])
+def test_offsets_bpe(name):
+    for seed, parse_special in ((1, False), (2, True)):
+        _check_offsets(vocab(name), random_text(seed, 800), parse_special)
+
+
+def test_offsets_gemma(gemma):
+    for text, parse_special in ((MIXED, True), (MIXED, False), (random_text(5, 3000), True)):
+        _check_offsets(gemma, text, parse_special)
+    text = "Q: hi<end_of_turn>\n<start_of_turn>model\nA: yes"
+    ids, start = gemma.encode_offsets(text)
+    assert ids[0] == gemma.bos_id and start[0] == 0
+    a = text.index("A: yes")
+    answer = [int(t) for t, s0 in zip(ids, start) if s0 >= a]
+    assert gemma.decode(answer) == "A: yes"
+
+
 # ---- the CLI against llama-tokenize -----------------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
