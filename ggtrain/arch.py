@@ -134,15 +134,18 @@ def read_hparams(mf: ModelFile) -> HParams:
     )
     hp.attn_scale = 1.0 / math.sqrt(head_dim)
 
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma3"):  # both normalise q and k per head (attn_q_norm/attn_k_norm)
         hp.has_qk_norm = True
     if arch in ("gemma2", "gemma3"):
         hp.embd_scale = math.sqrt(n_embd)
         hp.has_post_norms = True
         hp.ffn_act = "gelu_tanh"
-        # llama.cpp: 27B scales by n_embd/n_head, the others by head_dim (gemma_pytorch config).
-        hp.attn_scale = 1.0 / math.sqrt(n_embd // n_head if n_layer == 62 else head_dim)
-        hp.final_softcap = float(opt("final_logit_softcapping", 0.0))
+        # llama.cpp: 27B (46 layers in Gemma 2, 62 in Gemma 3) scales by n_embd/n_head, the others
+        # by head_dim (gemma_pytorch config).
+        is_27b = n_layer == (46 if arch == "gemma2" else 62)
+        hp.attn_scale = 1.0 / math.sqrt(n_embd // n_head if is_27b else head_dim)
+        # llama.cpp's defaults when the file is silent: Gemma 2 caps at 30, Gemma 3 does not.
+        hp.final_softcap = float(opt("final_logit_softcapping", 30.0 if arch == "gemma2" else 0.0))
         n_swa = int(opt("attention.sliding_window", 4096 if arch == "gemma2" else 0))
         if n_swa > 0:
             hp.n_swa = n_swa
@@ -153,7 +156,7 @@ def read_hparams(mf: ModelFile) -> HParams:
                 p = int(pattern)
                 hp.swa_layers = [p == 0 or il % p < p - 1 for il in range(n_layer)]
         if arch == "gemma2":
-            hp.attn_softcap = float(opt("attn_logit_softcapping", 0.0))
+            hp.attn_softcap = float(opt("attn_logit_softcapping", 50.0))
             hp.rope_freq_base_swa = float(opt("rope.freq_base_swa", freq_base))
         else:
             # Gemma 3's local layers: base 10000 and no scaling unless the file says otherwise.
