@@ -96,7 +96,8 @@ def model_config(arch: str, **kw: Any) -> dict[str, Any]:
     unknown = set(kw) - set(DEFAULT_DIMS) - set(OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown tiny-model options {sorted(unknown)}")
-    cfg = {**DEFAULT_DIMS, **ARCH_OPTIONS[arch], **{k: v for k, v in kw.items() if v is not None}}
+    # An option given as None is left out of the file (llama.cpp's default then applies).
+    cfg = {**DEFAULT_DIMS, **ARCH_OPTIONS[arch], **kw}
     if arch == "qwen2":  # llama.cpp's qwen2 has no key_length: head dim is n_embd / n_head
         cfg["head_dim"] = cfg["n_embd"] // cfg["n_head"]
     if arch == "llama" and "head_dim" not in kw:
@@ -264,31 +265,33 @@ def _write(path: Path, arch: str, qtype: str, seed: int, cfg: dict[str, Any]) ->
     w.add_uint32(a + "attention.head_count", cfg["n_head"])
     w.add_uint32(a + "attention.head_count_kv", cfg["n_head_kv"])
     w.add_float32(a + "attention.layer_norm_rms_epsilon", cfg["norm_eps"])
-    w.add_float32(a + "rope.freq_base", cfg["rope_freq_base"])
+    if cfg.get("rope_freq_base") is not None:
+        w.add_float32(a + "rope.freq_base", cfg["rope_freq_base"])
     if arch == "llama":
         w.add_uint32(a + "vocab_size", n_vocab)
         w.add_uint32(a + "rope.dimension_count", cfg["head_dim"])
     if arch in ("qwen3", "gemma2", "gemma3") or cfg["head_dim"] != cfg["n_embd"] // cfg["n_head"]:
         w.add_uint32(a + "attention.key_length", cfg["head_dim"])
         w.add_uint32(a + "attention.value_length", cfg["head_dim"])
-    if cfg.get("n_swa"):
+    if cfg.get("n_swa") is not None:
         w.add_uint32(a + "attention.sliding_window", cfg["n_swa"])
-        pat = cfg.get("swa_pattern")
-        if isinstance(pat, list):
-            w.add_array(a + "attention.sliding_window_pattern", pat)
-        elif pat is not None:
-            w.add_uint32(a + "attention.sliding_window_pattern", int(pat))
+    pat = cfg.get("swa_pattern")
+    if isinstance(pat, list):
+        w.add_array(a + "attention.sliding_window_pattern", pat)
+    elif pat is not None:
+        w.add_uint32(a + "attention.sliding_window_pattern", int(pat))
     if cfg.get("rope_freq_base_swa") is not None:
         w.add_float32(a + "rope.freq_base_swa", cfg["rope_freq_base_swa"])
-    if cfg.get("attn_softcap"):
+    if cfg.get("attn_softcap") is not None:
         w.add_float32(a + "attn_logit_softcapping", cfg["attn_softcap"])
-    if cfg.get("final_softcap"):
+    if cfg.get("final_softcap") is not None:
         w.add_float32(a + "final_logit_softcapping", cfg["final_softcap"])
     if cfg.get("rope_scaling_type"):
         w.add_string(a + "rope.scaling.type", cfg["rope_scaling_type"])
-        w.add_float32(a + "rope.scaling.factor", float(cfg.get("rope_scaling_factor") or 1.0))
-        if cfg.get("rope_scaling_orig_ctx"):
-            w.add_uint32(a + "rope.scaling.original_context_length", cfg["rope_scaling_orig_ctx"])
+    if cfg.get("rope_scaling_factor"):
+        w.add_float32(a + "rope.scaling.factor", float(cfg["rope_scaling_factor"]))
+    if cfg.get("rope_scaling_orig_ctx"):
+        w.add_uint32(a + "rope.scaling.original_context_length", cfg["rope_scaling_orig_ctx"])
     w.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
                      "BF16": 32}[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
