@@ -112,8 +112,12 @@ def _check_weight(w: np.ndarray, qt: GGMLQuantizationType, name: str = "weight")
 
 
 def _rows_contiguous(a: np.ndarray) -> np.ndarray:
-    """a with each row contiguous (a view when it already is)."""
-    return a if a.shape[1] <= 1 or a.strides[1] == a.itemsize else np.ascontiguousarray(a)
+    """a (rows, cols) with contiguous, non-overlapping rows in ascending order, as BLAS needs (a
+    view when it already is, else a copy: broadcast, reversed or column-major input)."""
+    rows, cols = a.shape
+    if (cols > 1 and a.strides[1] != a.itemsize) or (rows > 1 and a.strides[0] < cols * a.itemsize):
+        return np.ascontiguousarray(a)
+    return a
 
 
 def _check_f32_2d(a: np.ndarray, name: str, cols: int) -> np.ndarray:
@@ -131,8 +135,9 @@ def _check_out(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
         raise GGTrainError(f"out must be a float32 array of shape {shape}, got {_describe(out)}")
     if not out.flags.writeable:
         raise GGTrainError("out is read-only")
-    if shape[1] > 1 and out.strides[1] != 4 or out.strides[0] < 0 or shape[0] > 1 and out.strides[0] % 4:
-        raise GGTrainError(f"out must have contiguous rows (strides {out.strides})")
+    if (shape[1] > 1 and out.strides[1] != 4) or (shape[0] > 1 and (out.strides[0] < shape[1] * 4
+                                                                      or out.strides[0] % 4)):
+        raise GGTrainError(f"out must have contiguous, non-overlapping rows (strides {out.strides})")
     return out
 
 

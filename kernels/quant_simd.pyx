@@ -557,14 +557,16 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
                     for j in range(c.shape[1]):
                         c[i, j] = 0
         return
+    # leading dims for BLAS (>= a row's length); with one token the row stride is never used
+    cdef Py_ssize_t lda = a.strides[0] // 4 if T > 1 else a.shape[1]
+    cdef Py_ssize_t ldc = c.strides[0] // 4 if T > 1 else c.shape[1]
     cdef int rc
     with nogil:
         if backward:
-            rc = qmm_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &a[0, 0],
-                              a.strides[0] // 4, T, &c[0, 0], c.strides[0] // 4, accumulate,
-                              tile_rows, tile_cols, token_parts, nth)
+            rc = qmm_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &a[0, 0], lda, T,
+                              &c[0, 0], ldc, accumulate, tile_rows, tile_cols, token_parts, nth)
         else:
-            rc = qmm_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &a[0, 0],
-                             a.strides[0] // 4, T, &c[0, 0], c.strides[0] // 4, tile_rows, tile_cols, nth)
+            rc = qmm_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &a[0, 0], lda, T,
+                             &c[0, 0], ldc, tile_rows, tile_cols, nth)
     if rc != 0:
         raise MemoryError(f"cannot allocate {nth} dequantization tiles of {tile_rows}x{tile_cols} floats")

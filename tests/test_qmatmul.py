@@ -131,6 +131,15 @@ def test_out_accumulate_and_views() -> None:
     assert rel_err(big[:, 100:740], dy.astype(np.float64) @ wf) < RTOL
     xt = np.asfortranarray(x)  # column-major input is copied to contiguous rows
     assert rel_err(kernels.qmatmul(xt, w, qt), x.astype(np.float64) @ wf.T) < RTOL
+    # broadcast (row stride 0), reversed rows, one token from a 1-D vector, a one-row out view
+    xb = np.broadcast_to(x[3], (5, 640))
+    assert rel_err(kernels.qmatmul(xb, w, qt), xb.astype(np.float64) @ wf.T) < RTOL
+    assert rel_err(kernels.qmatmul(x[::-1], w, qt), x[::-1].astype(np.float64) @ wf.T) < RTOL
+    one = np.zeros((3, 300), np.float32)[1:2, ::1]
+    kernels.qmatmul(x[7][None], w, qt, out=one)
+    assert rel_err(one, x[7:8].astype(np.float64) @ wf.T) < RTOL
+    wb = np.broadcast_to(w[5], (4, w.shape[1]))  # every row the same: stride 0 is fine for W
+    assert rel_err(kernels.qmatmul_backward_input(dy[:, :4].copy(), wb, qt), dy[:, :4].astype(np.float64) @ wf[[5] * 4]) < RTOL
 
 
 def test_threads_give_the_same_result() -> None:
@@ -214,7 +223,7 @@ def test_bad_input_raises_clear_errors() -> None:
     ro.flags.writeable = False
     with pytest.raises(GGTrainError, match="read-only"):
         kernels.qmatmul(x, w, Q.Q8_0, out=ro)
-    with pytest.raises(GGTrainError, match="contiguous rows"):
+    with pytest.raises(GGTrainError, match="contiguous, non-overlapping rows"):
         kernels.qmatmul(x, w, Q.Q8_0, out=np.zeros((8, 3), np.float32).T)
 
 
