@@ -278,7 +278,7 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int 
                        "-b", str(batch or ctx)]
     for item in lora:
         if isinstance(item, (tuple, list)):
-            args += ["--lora-scaled", str(item[0]), str(item[1])]
+            args += ["--lora-scaled", f"{item[0]}:{item[1]}"]  # this llama.cpp takes FNAME:SCALE
         else:
             args += ["--lora", str(item)]
     if chunks is not None:
