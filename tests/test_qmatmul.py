@@ -57,8 +57,17 @@ def check_both(w: np.ndarray, qt: Q, T: int, rng: np.random.Generator) -> None:
     assert rel_err(dx, dy.astype(np.float64) @ wf) < RTOL
 
 
+@pytest.fixture(params=["base", "avx2"])
+def impl(request, monkeypatch):
+    """Runs the test with the kernels' compiled module swapped for one SIMD variant."""
+    if request.param == "avx2" and kernels._cpu_simd_level() != "avx2":
+        pytest.skip("this CPU lacks AVX2/FMA/F16C: quant_avx2 cannot run here")
+    from ggtrain.kernels import quant_avx2, quant_base
+    monkeypatch.setattr(kernels, "_impl", quant_avx2 if request.param == "avx2" else quant_base)
+
+
 @pytest.mark.parametrize("qt", ALL_TYPES, ids=lambda q: q.name)
-def test_every_type_against_float64(qt: Q) -> None:
+def test_every_type_against_float64(qt: Q, impl) -> None:
     rng = np.random.default_rng(int(qt))
     n = 512 if GGML_QUANT_SIZES[qt][0] > 32 else 320
     check_both(make_weight(qt, 203, n, rng), qt, 37, rng)
