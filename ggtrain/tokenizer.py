@@ -86,6 +86,21 @@ class Tokenizer:
 
     def __init__(self, meta: dict, path: object = "<metadata>"):
         self.path = path
+        self._read_vocab(meta)
+        fim = self._read_settings(meta)
+        self._auto_special(fim)
+        # special tokens cut out of the text before tokenizing, longest first
+        sp = np.flatnonzero(self.attr & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN))
+        sp_len = np.array([len(self.tokens[i].encode()) for i in sp], dtype=np.int64)
+        self.special_ids: list[int] = sp[np.argsort(-sp_len, kind="stable")].tolist()
+        self._model_attributes(meta)
+        self._build_tables()
+        self._pieces: list[bytes] | None = None
+
+    # -- construction ---------------------------------------------------------------------------
+    def _read_vocab(self, meta: dict) -> None:
+        """Tokens, scores, types -> attributes (llama_vocab::impl::load)."""
+        path = self.path
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if model is None or tokens is None:
@@ -122,6 +137,9 @@ class Tokenizer:
         self.attr = attr
         self.token_to_id: dict[str, int] = dict(zip(self.tokens, range(n)))  # later duplicates win
 
+    def _read_settings(self, meta: dict) -> list[int | None]:
+        """Pre-tokenizer, add_bos/add_eos/space prefix, special ids; returns the FIM ids."""
+        path, n = self.path, self.n_vocab
         self.pre = meta.get("tokenizer.ggml.pre")
         self.clean_spaces = False
         self.ignore_merges = False
@@ -169,8 +187,10 @@ class Tokenizer:
             raise GGTrainError(f"{path}: tokenizer adds a BOS token but has no BOS id")
         if self.add_eos and self.eos_id is None:
             raise GGTrainError(f"{path}: tokenizer adds an EOS token but has no EOS id")
+        return fim
 
-        # special tokens found by their text (llama.cpp's auto-detection), forced to control
+    def _auto_special(self, fim: list[int | None]) -> None:
+        """Special tokens llama.cpp finds by their text: forced to control, end-of-generation set."""
         def mark(texts: Iterable[str]) -> int | None:
             for t in texts:
                 i = self.token_to_id.get(t)
@@ -210,12 +230,8 @@ class Tokenizer:
             self.attr[texts["</s>"]] = ATTR_NORMAL
         self.eog_ids = frozenset(eog)
 
-        # special tokens cut out of the text before tokenizing, longest first
-        sp = np.flatnonzero(self.attr & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN))
-        sp_len = np.array([len(self.tokens[i].encode()) for i in sp], dtype=np.int64)
-        self.special_ids: list[int] = sp[np.argsort(-sp_len, kind="stable")].tolist()
-
-        # per-model attributes llama.cpp sets by name
+    def _model_attributes(self, meta: dict) -> None:
+        """LSTRIP / RSTRIP that llama.cpp sets by model name (after the special-token list)."""
         name = str(meta.get("general.name", "")).lower()
         arch = str(meta.get("general.architecture", ""))
         pre = str(self.pre or "")
@@ -233,10 +249,6 @@ class Tokenizer:
         elif "modern-bert" in name and "[MASK]" in self.token_to_id:
             self.attr[self.token_to_id["[MASK]"]] |= ATTR_LSTRIP
 
-        self._build_tables()
-        self._pieces: list[bytes] | None = None
-
-    # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_model_file(cls, mf: ModelFile) -> Tokenizer:
         return cls(mf.metadata, mf.path)
