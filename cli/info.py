@@ -20,7 +20,8 @@ def _human(n: int) -> str:
 
 
 @click.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+# No exists/dir checks here: ModelFile reports those as one line naming the file, like any bad input.
+@click.argument("model", required=False, type=click.Path(path_type=Path))
 def info(model: Path | None) -> None:
     """Show MODEL.gguf's architecture, hyper-parameters, tensor types and tokenizer.
 
@@ -38,7 +39,7 @@ def info(model: Path | None) -> None:
     click.echo(f"name:           {name}")
     click.echo(f"architecture:   {hp.arch}")
     click.echo(f"parameters:     {n_params / 1e6:.1f} M in {len(mf.tensors)} tensors, {_human(total)}")
-    click.echo(f"context (train): {hp.n_ctx_train}")
+    click.echo(f"train context:  {hp.n_ctx_train}")
     click.echo(f"n_embd:         {hp.n_embd}")
     click.echo(f"n_layer:        {hp.n_layer}")
     click.echo(f"n_head:         {hp.n_head} (kv heads {hp.n_head_kv}, head dim {hp.head_dim})")
