@@ -8,41 +8,67 @@ weight is applied as is. The weight is frozen: the backward returns dx only.
 
 Dtype-generic: f32 in -> f32 out, f64 in -> f64 out (tests run the kernels in f64). The sum of
 squares and the backward's dot product are accumulated in f64 whatever the dtype (ggml does the
-same: its sum is a ggml_float).
+same: its sum is a ggml_float). Rows run in parallel for arrays of PARALLEL_MIN elements or more.
 """
 
 import numpy as np
 from numba import njit, prange
 
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _rmsnorm_fwd(x, w, eps, y, rstd):
-    # x, y: (N, d); w: (d,); rstd: (N,) f32/f64
-    n, d = x.shape
-    for r in prange(n):
-        ss = 0.0  # f64 accumulator
-        for i in range(d):
-            v = np.float64(x[r, i])
-            ss += v * v
-        s = 1.0 / np.sqrt(ss / d + eps)
-        rstd[r] = s
-        for i in range(d):
-            y[r, i] = x[r, i] * s * w[i]
+PARALLEL_MIN = 1 << 21  # elements: smaller arrays run on the calling thread (waking the pool costs more when busy)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _rmsnorm_bwd(dy, x, w, rstd, dx):
-    # dy, x, dx: (N, d); w: (d,); rstd: (N,)
+@njit(cache=True, fastmath=True)
+def _fwd_row(x, w, eps, y, rstd, r):
+    # one row r: y = x · rstd · w, rstd = 1/sqrt(mean(x²) + eps)
+    d = x.shape[1]
+    ss = 0.0  # f64 accumulator
+    for i in range(d):
+        v = np.float64(x[r, i])
+        ss += v * v
+    s = 1.0 / np.sqrt(ss / d + eps)
+    rstd[r] = s
+    sf = x.dtype.type(s)
+    for i in range(d):
+        y[r, i] = x[r, i] * sf * w[i]
+
+
+@njit(cache=True, fastmath=True)
+def _bwd_row(dy, x, w, rstd, dx, r):
     # y_i = x_i r w_i, r = (mean(x²)+eps)^-1/2  =>  dx_i = r (dy_i w_i) - x_i r³/d Σ_j dy_j w_j x_j
-    n, d = x.shape
-    for r in prange(n):
-        dot = 0.0  # f64 accumulator
-        for i in range(d):
-            dot += np.float64(dy[r, i]) * w[i] * x[r, i]
-        s = np.float64(rstd[r])
-        c = dot * s * s * s / d
-        for i in range(d):
-            dx[r, i] = s * dy[r, i] * w[i] - c * x[r, i]
+    d = x.shape[1]
+    dot = 0.0  # f64 accumulator
+    for i in range(d):
+        dot += np.float64(dy[r, i]) * w[i] * x[r, i]
+    s = np.float64(rstd[r])
+    sf = x.dtype.type(s)
+    cf = x.dtype.type(dot * s * s * s / d)
+    for i in range(d):
+        dx[r, i] = sf * dy[r, i] * w[i] - cf * x[r, i]
+
+
+@njit(cache=True)
+def _rows_serial(backward, a, x, w, eps, rstd, out):
+    # forward: a unused, out = y; backward: a = dy, out = dx
+    for r in range(x.shape[0]):
+        if backward:
+            _bwd_row(a, x, w, rstd, out, r)
+        else:
+            _fwd_row(x, w, eps, out, rstd, r)
+
+
+@njit(cache=True, parallel=True)
+def _rows_parallel(backward, a, x, w, eps, rstd, out):
+    for r in prange(x.shape[0]):
+        if backward:
+            _bwd_row(a, x, w, rstd, out, r)
+        else:
+            _fwd_row(x, w, eps, out, rstd, r)
+
+
+def _rows(backward: bool, a: np.ndarray, x: np.ndarray, w: np.ndarray, eps: float, rstd: np.ndarray,
+          out: np.ndarray) -> None:
+    run = _rows_parallel if x.size >= PARALLEL_MIN else _rows_serial
+    run(backward, a, x, w, float(eps), rstd, out)
 
 
 def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +78,7 @@ def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarra
     w = np.ascontiguousarray(w, dtype=x2.dtype)
     y = np.empty_like(x2)
     rstd = np.empty(x2.shape[0], dtype=x2.dtype)
-    _rmsnorm_fwd(x2, w, float(eps), y, rstd)
+    _rows(False, x2, x2, w, eps, rstd, y)
     return y.reshape(x.shape), rstd.reshape(x.shape[:-1])
 
 
@@ -63,5 +89,5 @@ def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, rstd: np.ndar
     dy2 = np.ascontiguousarray(dy, dtype=x2.dtype).reshape(-1, d)
     w = np.ascontiguousarray(w, dtype=x2.dtype)
     dx = np.empty_like(x2)
-    _rmsnorm_bwd(dy2, x2, w, np.ascontiguousarray(rstd).reshape(-1), dx)
+    _rows(True, dy2, x2, w, 0.0, np.ascontiguousarray(rstd, dtype=x2.dtype).reshape(-1), dx)
     return dx.reshape(x.shape)

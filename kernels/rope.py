@@ -22,6 +22,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+PARALLEL_MIN = 1 << 21  # elements: smaller tensors are rotated on the calling thread (waking the pool costs more)
+
 
 def _yarn_corr_dim(n_dims: int, n_ctx_orig: int, n_rot: float, base: float) -> float:
     # ggml_rope_yarn_corr_dim (ggml.c), in float32 like the C code
@@ -96,29 +98,39 @@ def rope_cache(
     return cache
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _rope_apply(x, cache, neox, sign, y):
-    # x, y: (T, H, hd); cache: (T, n_half, 2); sign = +1 forward, -1 backward (rotation by -theta)
-    T, H, hd = x.shape
+@njit(cache=True, fastmath=True)
+def _rope_row(x, cache, neox, sign, y, t):
+    # token t of x, y (T, H, hd); cache (T, n_half, 2); sign = +1 forward, -1 backward (rotation by -theta)
+    H, hd = x.shape[1], x.shape[2]
     n_half = cache.shape[1]
-    n_rot = 2 * n_half
-    for t in prange(T):
-        for h in range(H):
-            for i in range(n_half):
-                c = cache[t, i, 0]
-                s = sign * cache[t, i, 1]
-                if neox:
-                    a = i
-                    b = i + n_half
-                else:
-                    a = 2 * i
-                    b = 2 * i + 1
-                x0 = x[t, h, a]
-                x1 = x[t, h, b]
-                y[t, h, a] = x0 * c - x1 * s
-                y[t, h, b] = x0 * s + x1 * c
-            for i in range(n_rot, hd):
-                y[t, h, i] = x[t, h, i]
+    for h in range(H):
+        for i in range(n_half):
+            c = cache[t, i, 0]
+            s = sign * cache[t, i, 1]
+            if neox:
+                a = i
+                b = i + n_half
+            else:
+                a = 2 * i
+                b = 2 * i + 1
+            x0 = x[t, h, a]
+            x1 = x[t, h, b]
+            y[t, h, a] = x0 * c - x1 * s
+            y[t, h, b] = x0 * s + x1 * c
+        for i in range(2 * n_half, hd):
+            y[t, h, i] = x[t, h, i]
+
+
+@njit(cache=True)
+def _rope_serial(x, cache, neox, sign, y):
+    for t in range(x.shape[0]):
+        _rope_row(x, cache, neox, sign, y, t)
+
+
+@njit(cache=True, parallel=True)
+def _rope_parallel(x, cache, neox, sign, y):
+    for t in prange(x.shape[0]):
+        _rope_row(x, cache, neox, sign, y, t)
 
 
 def _apply(x: np.ndarray, cache: np.ndarray, neox: bool, sign: float) -> np.ndarray:
@@ -126,7 +138,8 @@ def _apply(x: np.ndarray, cache: np.ndarray, neox: bool, sign: float) -> np.ndar
         raise ValueError(f"rope: x {x.shape} does not fit cache {cache.shape} (want x (T, H, hd), n_rot <= hd)")
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
-    _rope_apply(x, cache.astype(x.dtype, copy=False), bool(neox), x.dtype.type(sign), y)
+    run = _rope_parallel if x.size >= PARALLEL_MIN else _rope_serial
+    run(x, cache.astype(x.dtype, copy=False), bool(neox), x.dtype.type(sign), y)
     return y
 
 

@@ -48,3 +48,19 @@ def test_backward_matches_finite_differences(fwd, bwd, ref):
     assert dg32.dtype == np.float32
     np.testing.assert_allclose(dg32, num_dg, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(du32, num_du, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fwd,bwd,ref", CASES, ids=["swiglu", "geglu"])
+def test_parallel_and_serial_paths_agree_across_blocks(fwd, bwd, ref, monkeypatch):
+    from ggtrain.kernels import activation
+
+    rng = np.random.default_rng(3)
+    g = (rng.standard_normal((3, 5001)) * 5).astype(np.float32)  # several blocks, the last one partial
+    u = rng.standard_normal((3, 5001)).astype(np.float32)
+    dy = rng.standard_normal((3, 5001)).astype(np.float32)
+    serial = fwd(g, u), *bwd(dy, g, u)
+    monkeypatch.setattr(activation, "PARALLEL_MIN", 0)
+    parallel = fwd(g, u), *bwd(dy, g, u)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(serial[0], ref(g.astype(np.float64), u.astype(np.float64)), rtol=1e-5, atol=1e-5)

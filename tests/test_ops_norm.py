@@ -54,3 +54,19 @@ def test_rmsnorm_backward_matches_finite_differences(shape):
     dx32 = rmsnorm_backward(r.astype(np.float32), x.astype(np.float32), w.astype(np.float32), rstd32)
     assert dx32.dtype == np.float32
     np.testing.assert_allclose(dx32, num, rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_and_serial_paths_agree(monkeypatch):
+    from ggtrain.kernels import norm
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((37, 4, 64)).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, r = rmsnorm_forward(x, w, 1e-6)
+    dx = rmsnorm_backward(dy, x, w, r)
+    monkeypatch.setattr(norm, "PARALLEL_MIN", 0)
+    y2, r2 = rmsnorm_forward(x, w, 1e-6)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(r2, r)
+    np.testing.assert_array_equal(rmsnorm_backward(dy, x, w, r2), dx)

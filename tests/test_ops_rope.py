@@ -121,3 +121,15 @@ def test_rope_roundtrip_and_corr_dims():
     assert (lo, hi) == (max(0.0, math.floor(f(32.0))), min(63.0, math.ceil(f(1.0))))
     with pytest.raises(ValueError, match="n_ctx_orig"):
         rope_cache(pos, 16, ext_factor=1.0)
+
+
+def test_parallel_and_serial_paths_agree(monkeypatch):
+    from ggtrain.kernels import rope
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((33, 3, 24)).astype(np.float32)
+    cache = rope_cache(np.arange(33, dtype=np.int32), 16, freq_base=1e4)
+    y, dx = rope_forward(x, cache, False), rope_backward(x, cache, True)
+    monkeypatch.setattr(rope, "PARALLEL_MIN", 0)
+    np.testing.assert_array_equal(rope_forward(x, cache, False), y)
+    np.testing.assert_array_equal(rope_backward(x, cache, True), dx)
