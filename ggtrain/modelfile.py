@@ -183,12 +183,14 @@ class ModelFile:
         cur.pos = 4
         self.version = cur.scalar("<I", "version")
         if self.version not in (2, 3):
+            if self.version & 0xFFFF == 0 and self.version >> 24 in (2, 3):  # byte-swapped 2 or 3
+                raise cur.fail("big-endian GGUF is not supported")
             raise cur.fail(f"unsupported GGUF version {self.version} (2 and 3 are supported)")
         n_tensors = cur.scalar("<Q", "tensor count")
         n_kv = cur.scalar("<Q", "metadata count")
         # Each kv / tensor info takes at least 12 bytes: a count beyond that is corruption.
         if n_tensors > self.file_size // 12 or n_kv > self.file_size // 12:
-            raise cur.fail(f"corrupt GGUF header: {n_tensors} tensors / {n_kv} metadata entries "
+            raise cur.fail(f"truncated or corrupt GGUF header: {n_tensors} tensors / {n_kv} metadata entries "
                            f"cannot fit in {self.file_size} bytes")
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
