@@ -266,6 +266,17 @@ def test_not_gguf(tmp_path):
     _raises(tmp_path, "directory")
 
 
+def test_big_endian(tmp_path):
+    w = gguf.GGUFWriter(tmp_path / "be.gguf", "llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32).byteswap())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf.GGUFReader(tmp_path / "be.gguf").endianess == gguf.GGUFEndian.BIG
+    _raises(tmp_path / "be.gguf", "big-endian")
+
+
 @pytest.mark.parametrize("version", [0, 1, 4, 0xFFFFFFFF])
 def test_wrong_version(good, tmp_path, version):
     _, raw, _ = good

@@ -39,7 +39,7 @@ from gguf.constants import GGMLQuantizationType as QT
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp
 
-GENERATOR_VERSION = 2  # bump when the weights or metadata written for the same key change
+GENERATOR_VERSION = 3  # bump when the weights or metadata written for the same key change
 ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 VOCAB_FILE = {"llama": "ggml-vocab-llama-spm.gguf", "qwen2": "ggml-vocab-qwen2.gguf",
@@ -256,7 +256,7 @@ def _write(path: Path, arch: str, qtype: str, seed: int, cfg: dict[str, Any]) ->
     qt = QT[qtype]
 
     w = gguf.GGUFWriter(path, arch)
-    w.add_name(f"tiny-{arch}-{qtype.lower()}-s{seed}")
+    w.add_name(f"tiny-{arch}-s{seed}")  # the quantized copies keep it: no type in the name
     a = arch + "."
     w.add_uint32(a + "context_length", cfg["n_ctx"])
     w.add_uint32(a + "embedding_length", cfg["n_embd"])
