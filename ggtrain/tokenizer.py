@@ -369,7 +369,13 @@ class Tokenizer:
         offs = np.zeros(cand.size + 1, dtype=np.int64)
         np.cumsum(lens, out=offs[1:])
         sel = np.concatenate([self._sp_cpts[self._sp_offs[j]:self._sp_offs[j + 1]] for j in cand])
-        return kb.st_partition(cpts, sel, offs, self._sp_ids[cand], self._sp_strip[cand])
+        # where each distinct first character occurs: a token is only tried at those positions
+        firsts, tok_first = np.unique(self._sp_cpts[self._sp_offs[cand]], return_inverse=True)
+        where = [np.flatnonzero(cpts == c) for c in firsts.tolist()]
+        first_offs = np.zeros(len(where) + 1, dtype=np.int64)
+        np.cumsum([len(w) for w in where], out=first_offs[1:])
+        return kb.st_partition(cpts, sel, offs, self._sp_ids[cand], self._sp_strip[cand],
+                               np.concatenate(where), first_offs, tok_first.astype(np.int64))
 
     def partition(self, text: str, parse_special: bool) -> list[tuple[int, int] | int]:
         """Cut special tokens out of text: raw spans (start, end) in characters and token ids,

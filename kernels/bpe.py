@@ -574,10 +574,12 @@ def _c_space(c):
 
 
 @njit(cache=True)
-def st_partition(cpts, tok_cpts, tok_offs, tok_ids, tok_strip):
+def st_partition(cpts, tok_cpts, tok_offs, tok_ids, tok_strip, first_pos, first_offs, tok_first):
     """Cut special tokens out of cpts, one token after the other in the given (priority) order,
     each at its leftmost non-overlapping occurrences inside the still-raw fragments.
     tok_strip bit 1: LSTRIP (drop whitespace before), bit 2: RSTRIP (after).
+    first_pos[first_offs[g]:first_offs[g+1]]: ascending positions of character group g in cpts;
+    token j starts with group tok_first[j] (so only those positions are tried).
     -> (start i64, end i64, token i32): fragment f is the token if token[f] >= 0, else the
     raw code points cpts[start[f]:end[f]]."""
     n = cpts.shape[0]
@@ -595,7 +597,7 @@ def st_partition(cpts, tok_cpts, tok_offs, tok_ids, tok_strip):
     for j in range(tok_ids.shape[0]):
         ts = tok_offs[j]
         lt = tok_offs[j + 1] - ts
-        t0 = tok_cpts[ts]
+        cand = first_pos[first_offs[tok_first[j]]:first_offs[tok_first[j] + 1]]
         lstrip = (tok_strip[j] & 1) != 0
         rstrip = (tok_strip[j] & 2) != 0
         ng = 0
@@ -606,16 +608,19 @@ def st_partition(cpts, tok_cpts, tok_offs, tok_ids, tok_strip):
                 continue
             pos = fs[f]
             end = fe[f]
-            i = pos
-            while i + lt <= end:
-                if cpts[i] != t0:
-                    i += 1
+            c = np.searchsorted(cand, pos)
+            while c < cand.shape[0]:
+                i = cand[c]
+                if i + lt > end:
+                    break
+                if i < pos:
+                    c += 1
                     continue
                 q = 1
                 while q < lt and cpts[i + q] == tok_cpts[ts + q]:
                     q += 1
                 if q < lt:
-                    i += 1
+                    c += 1
                     continue
                 left = i
                 if lstrip:
@@ -630,7 +635,7 @@ def st_partition(cpts, tok_cpts, tok_offs, tok_ids, tok_strip):
                 if rstrip:
                     while pos < end and _c_space(cpts[pos]):
                         pos += 1
-                i = pos
+                c += 1
             if pos < end:
                 gs[ng], ge[ng], gt[ng] = pos, end, -1
                 ng += 1
