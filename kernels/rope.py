@@ -38,12 +38,12 @@ def yarn_corr_dims(n_dims: int, n_ctx_orig: int, freq_base: float, beta_fast: fl
     return float(max(0.0, start)), float(min(n_dims - 1.0, end))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)  # serial: once per step, T × n_rot/2 entries; waking the thread pool would cost more
 def _rope_cache(pos, n_half, theta_scale, freq_scale, ff, corr0, corr1, ext_factor, attn_factor, cache):
     # pos: (T,) int32; ff: (n_half,) f32 (ones when absent); cache: (T, n_half, 2) f32
     # float32 throughout, like ggml_rope_cache_init / rope_yarn.
     one = np.float32(1.0)
-    for t in prange(pos.shape[0]):
+    for t in range(pos.shape[0]):
         theta = np.float32(pos[t])
         for i in range(n_half):
             theta_extrap = np.float32(theta / ff[i])
