@@ -95,7 +95,7 @@ class Tokenizer:
         self.special_ids: list[int] = sp[np.argsort(-sp_len, kind="stable")].tolist()
         self._model_attributes(meta)
         self._build_tables()
-        self._pieces: list[bytes] | None = None
+        self._pieces: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- construction ---------------------------------------------------------------------------
     def _read_vocab(self, meta: dict) -> None:
@@ -462,43 +462,47 @@ class Tokenizer:
                              self.ignore_merges)
 
     # -- decode ---------------------------------------------------------------------------------
-    def _piece_bytes(self) -> list[bytes]:
-        """Every token's text as llama.cpp's token_to_piece(special=true) renders it."""
+    def _pieces_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every token's bytes as llama.cpp's token_to_piece(special=true) renders them, in one
+        blob: (pieces uint8, offsets int64 (n_vocab+1,)). Built once, on first use."""
         if self._pieces is not None:
             return self._pieces
-        toks = self.tokens
         attr = self.attr
         raw = (attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED)) != 0
         normal = ~raw & ((attr & ATTR_NORMAL) != 0)
         byte = ~raw & ~normal & ((attr & ATTR_BYTE) != 0)
-        pieces: list[bytes] = [b""] * self.n_vocab
-        for i in np.flatnonzero(raw).tolist():
-            pieces[i] = toks[i].encode("utf-8", errors="surrogatepass")
-        idx = np.flatnonzero(normal).tolist()
-        if self.kind == SPM:
-            for i in idx:
-                pieces[i] = toks[i].replace(_SPACE, " ").encode("utf-8", errors="surrogatepass")
-        else:
-            table = {ord(ch): chr(b) for b, ch in bytes_to_unicode().items()}
-            for i in idx:
-                try:
-                    pieces[i] = toks[i].translate(table).encode("latin-1")
-                except UnicodeEncodeError:
-                    pieces[i] = self._decode_text_slow(toks[i], table)
-        for i in np.flatnonzero(byte).tolist():
-            pieces[i] = bytes([int(toks[i][3:5], 16)])
-        self._pieces = pieces
-        return pieces
+        how = np.full(self.n_vocab, kb.PIECE_EMPTY, dtype=np.int64)
+        how[raw] = kb.PIECE_RAW
+        how[normal] = kb.PIECE_SPM if self.kind == SPM else kb.PIECE_BPE
+        how[byte] = kb.PIECE_BYTE
+        blob, offs = self._blob(self.tokens)
+        inv = np.full(512, -1, dtype=np.int64)
+        for b, ch in bytes_to_unicode().items():
+            inv[ord(ch)] = b
+        pieces, poffs, failed = kb.piece_blob(blob, offs, how, inv)
+        if failed.any():  # llama_decode_text's [UNK_BYTE_0x..] for characters outside the byte map
+            parts = [pieces[poffs[i]:poffs[i + 1]].tobytes() for i in range(self.n_vocab)]
+            for i in np.flatnonzero(failed).tolist():
+                parts[i] = self._decode_text_slow(self.tokens[i], inv)
+            pieces, poffs = self._blob_bytes(parts)
+        self._pieces = (pieces, poffs)
+        return self._pieces
 
     @staticmethod
-    def _decode_text_slow(text: str, table: dict[int, str]) -> bytes:
-        # llama_decode_text: a character outside the byte map is written as [UNK_BYTE_0x..text]
+    def _blob_bytes(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        offs = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=offs[1:])
+        return np.frombuffer(b"".join(parts), dtype=np.uint8), offs
+
+    @staticmethod
+    def _decode_text_slow(text: str, inv: np.ndarray) -> bytes:
         out = bytearray()
         for ch in text:
-            if ord(ch) in table:
-                out.append(ord(table[ord(ch)]))
+            c = ord(ch)
+            if c < inv.size and inv[c] >= 0:
+                out.append(int(inv[c]))
             else:
-                out += b"[UNK_BYTE_0x" + ch.encode().hex().encode() + text.encode() + b"]"
+                out += b"[UNK_BYTE_0x" + ch.encode("utf-8", "surrogatepass").hex().encode() + text.encode() + b"]"
         return bytes(out)
 
     def piece_bytes(self, i: int, special: bool = True) -> bytes:
@@ -506,7 +510,8 @@ class Tokenizer:
         unless special."""
         if not special and self.attr[i] & (ATTR_UNKNOWN | ATTR_CONTROL):
             return b""
-        return self._piece_bytes()[i]
+        pieces, offs = self._pieces_table()
+        return pieces[offs[i]:offs[i + 1]].tobytes()
 
     def piece(self, i: int, special: bool = True) -> str:
         """Token i as text (invalid UTF-8 of a partial character shows as U+FFFD)."""
@@ -518,19 +523,22 @@ class Tokenizer:
         clean_up: llama.cpp's clean-up of spaces before punctuation and contractions, which the
         model's pre-tokenizer turns on or off (None: as the model says; False: exact pieces).
         """
-        ids = [int(i) for i in ids]
-        if any(i < 0 or i >= self.n_vocab for i in ids):
-            bad = next(i for i in ids if i < 0 or i >= self.n_vocab)
+        ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
             raise GGTrainError(f"token id {bad} is out of range (vocabulary of {self.n_vocab})")
-        pieces = self._piece_bytes()
+        pieces, offs = self._pieces_table()
+        first_shown = ids.size > 0
         if not special:
-            hidden = (self.attr & (ATTR_UNKNOWN | ATTR_CONTROL)) != 0
-            parts = [b"" if hidden[i] else pieces[i] for i in ids]
-        else:
-            parts = list(map(pieces.__getitem__, ids))
-        if parts and self.add_space_prefix and parts[0].startswith(b" "):
-            parts[0] = parts[0][1:]  # the space prefix added when encoding
-        text = b"".join(parts)
+            shown = (self.attr[ids] & (ATTR_UNKNOWN | ATTR_CONTROL)) == 0
+            first_shown = ids.size > 0 and bool(shown[0])
+            ids = ids[shown]
+        # gather every piece's bytes at once: (total,) indexes into the blob
+        lens = offs[ids + 1] - offs[ids]
+        idx = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(offs[ids] - (np.cumsum(lens) - lens), lens)
+        text = pieces[idx].tobytes()
+        if first_shown and self.add_space_prefix and text[:1] == b" " and lens[0] > 0:
+            text = text[1:]  # the space prefix added when encoding (only off the first token)
         if self.clean_spaces if clean_up is None else clean_up:
             text = re.sub(rb" ([?!.,])", rb"\1", text)
             text = re.sub(rb" ' ", rb"'", text)

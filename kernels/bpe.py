@@ -772,3 +772,63 @@ def spm_encode_ranges(text, bounds, frag_tok, table, blob, offs, scores, byte_to
             frag[k0:k] = pfrag[i]
         ps = pe
     return out[:k], pos[:k], frag[:k]
+
+
+# ---------------------------------------------------------------------------------------------
+# detokenization: every token's bytes (llama.cpp token_to_piece with special=true) in one blob
+
+PIECE_EMPTY, PIECE_RAW, PIECE_SPM, PIECE_BPE, PIECE_BYTE = 0, 1, 2, 3, 4
+
+
+@njit(cache=True)
+def _hex_digit(c):
+    if 48 <= c <= 57:
+        return c - 48
+    if 65 <= c <= 70:
+        return c - 55
+    if 97 <= c <= 102:
+        return c - 87
+    return 0
+
+
+@njit(cache=True)
+def piece_blob(blob, offs, how, inv):
+    """Bytes of every token: how[i] is PIECE_EMPTY (unused/undefined), PIECE_RAW (control,
+    user-defined: the text as is), PIECE_SPM (U+2581 -> space), PIECE_BPE (each character through
+    the byte map inv), PIECE_BYTE (<0xXX> -> that byte).
+    -> (pieces u8, offsets i64 (n+1,), failed bool (n,): a BPE token with a character outside
+    the map, left empty for the caller)"""
+    n = offs.shape[0] - 1
+    out = np.empty(blob.shape[0], dtype=np.uint8)
+    poffs = np.zeros(n + 1, dtype=np.int64)
+    failed = np.zeros(n, dtype=np.bool_)
+    d = 0
+    for i in range(n):
+        s = offs[i]
+        e = offs[i + 1]
+        h = how[i]
+        if h == PIECE_RAW:
+            for j in range(s, e):
+                out[d] = blob[j]
+                d += 1
+        elif h == PIECE_SPM:
+            j = s
+            while j < e:
+                if j + 2 < e and blob[j] == 0xE2 and blob[j + 1] == 0x96 and blob[j + 2] == 0x81:
+                    out[d] = 32
+                    j += 3
+                else:
+                    out[d] = blob[j]
+                    j += 1
+                d += 1
+        elif h == PIECE_BPE:
+            r = _decode_mapped(blob, s, e, inv, out, d)
+            if r < 0:
+                failed[i] = True
+            else:
+                d = r
+        elif h == PIECE_BYTE and e - s >= 5:
+            out[d] = _hex_digit(blob[s + 3]) * 16 + _hex_digit(blob[s + 4])
+            d += 1
+        poffs[i + 1] = d
+    return out[:d], poffs, failed
