@@ -1,0 +1,269 @@
+"""Training tokens/s and peak RSS of ggtrain against PyTorch + PEFT on the same model, data tokens
+and settings, measured in one run, and their ratio.
+
+    python bench/train.py [-m MODEL.gguf] [--train-data data/alpaca.json] [-c 256] [-b 2] [--steps 4]
+        [-t 2] [--ggtrain-side auto|cli|library|both] [--baseline-python PATH] [--no-checkpointing]
+
+Defaults: Gemma 3 270M Q4_K_M, ctx 256 and 2 rows (512 tokens a step), LoRA r 8, alpha 16, dropout 0
+on the 7 projections (attn_q/k/v/output, ffn_gate/up/down), AdamW lr 1e-4 (constant), gradient
+clipping at 1, gradient checkpointing on both sides (--no-checkpointing: off on both). The data file
+is read as plain text (--format text): one token stream cut into ctx windows, every target trained,
+so each row is one sample and the PyTorch side needs no packing. The batches are made once by
+ggtrain's data pipeline (load_batches, --seed) and the same tokens go to both sides.
+
+ggtrain: `ggtrain finetune` (a subprocess; its train_log.jsonl gives each step's time) when the
+command exists, else the library in a subprocess (Model.forward/backward + ggtrain.optim.AdamW, the
+loop the trainer runs). --ggtrain-side both runs the two.
+PyTorch + PEFT: bench/peft_baseline.py under --baseline-python (default: this interpreter, when it
+imports torch, transformers and peft), the model dequantized to float32 by transformers' GGUF loader.
+
+tokens/s: all tokens of the steps after the first (a warm-up: JIT, page-in, allocator) over their
+time. Peak RSS: the whole ggtrain process (sampled VmHWM); for PyTorch the training steps' peak
+(VmHWM reset after loading, as the GGUF loader's own dequantization peak is not training), its
+whole-process peak printed beside it. Each side's first-step loss is printed: they agree when the
+tokens and the model are the same (B = 0 at the start). The last line is
+`ratio (ggtrain / PyTorch+PEFT): tokens/s X, peak RSS Y`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+# bench/tokenize.py would shadow the standard library's tokenize (numba, linecache import it): bench/
+# goes to the end of the path, where only our helper module is looked up.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
+
+from benchutil import MiB, load_average, run_sampled
+
+REPO = BENCH.parent
+INSTALL_HINT = ("pip install torch==2.13.0 transformers peft  (or a venv: python -m venv --system-site-packages "
+                "~/.cache/ggtrain/peft-venv && ~/.cache/ggtrain/peft-venv/bin/pip install torch==2.13.0 "
+                "transformers peft, then --baseline-python ~/.cache/ggtrain/peft-venv/bin/python)")
+
+
+# -- data ---------------------------------------------------------------------------------------
+def make_batches(args: argparse.Namespace, out: Path) -> dict:
+    """The first --steps batches ggtrain's pipeline gives for these flags, saved as (steps, rows, ctx)."""
+    import numpy as np
+
+    from ggtrain.dataset import DataOptions, load_batches
+    from ggtrain.modelfile import ModelFile
+    from ggtrain.tokenizer import Tokenizer
+
+    mf = ModelFile(args.model)
+    tok = Tokenizer.from_model_file(mf)
+    opts = DataOptions(train_data=args.train_data, format="text", ctx=args.ctx, seed=args.seed)
+    train, _, prep = load_batches(opts, tok, args.batch, mf)
+    batches = [train.next() for _ in range(args.steps)]
+    arrays = {k: np.stack([getattr(b, k) for b in batches]) for k in ("tokens", "targets", "mask", "positions",
+                                                                          "segments")}
+    # one sample per row: PyTorch's side has no packing (segment ids constant along each row)
+    if not (arrays["segments"] == arrays["segments"][:, :, :1]).all():
+        raise SystemExit("the batches pack several samples into a row; the PyTorch side cannot take that")
+    np.savez(out, **arrays)
+    return {"file_tokens": prep.train.n_tokens, "trained": int(arrays["mask"].sum())}
+
+
+# -- ggtrain, through the library ---------------------------------------------------------------
+def library_worker(args: argparse.Namespace) -> None:
+    """Runs in a subprocess: the training loop on the saved batches; prints a JSON line."""
+    import numpy as np
+
+    from ggtrain.arch import read_hparams
+    from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
+    from ggtrain.model import PROJECTIONS, Batch, Model
+    from ggtrain.modelfile import ModelFile
+    from ggtrain.optim import AdamW, clip_grad_norm
+    from ggtrain.threads import set_threads
+
+    set_threads(args.threads)
+    mf = ModelFile(args.model)
+    hp = read_hparams(mf)
+    model = Model(mf, hp)
+    lcfg = LoraConfig.make(r=args.rank, alpha=args.alpha, dropout=0.0, targets=PROJECTIONS)
+    lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=args.seed)
+    model.trainable = lora
+    grads = lora.zeros_like()
+    opt = AdamW({"lora": lora.flat}, lr=args.lr, weight_decay=0.0)
+    data = np.load(args.worker_batches)
+    seconds, losses = [], []
+    for s in range(data["tokens"].shape[0]):
+        t0 = time.perf_counter()
+        batch = Batch.from_rows(data["tokens"][s], data["targets"][s], data["mask"][s], data["positions"][s],
+                                data["segments"][s])
+        grads.flat[...] = 0.0
+        loss, state = model.forward(batch, train=True, checkpointing=args.checkpointing, step_seed=s)
+        model.backward(state, grads)
+        del state
+        if args.grad_clip > 0:
+            clip_grad_norm({"lora": grads.flat}, args.grad_clip)
+        opt.step({"lora": grads.flat})
+        seconds.append(time.perf_counter() - t0)
+        losses.append(loss)
+    print(json.dumps({"seconds": seconds, "losses": losses, "n_lora": lora.n_params}), flush=True)
+
+
+def run_library(args: argparse.Namespace, batches: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker-batches", str(batches), *common_flags(args)]
+    proc, peak = run_sampled(cmd)
+    if proc.returncode:
+        raise SystemExit(f"ggtrain library worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["peak"] = peak
+    return res
+
+
+# -- ggtrain, through `ggtrain finetune` --------------------------------------------------------
+def finetune_available() -> bool:
+    proc = subprocess.run([sys.executable, "-m", "ggtrain.cli.main", "finetune", "--help"], capture_output=True,
+                          text=True, check=False)
+    return proc.returncode == 0 and "--train-data" in proc.stdout
+
+
+def run_cli(args: argparse.Namespace, outdir: Path) -> dict:
+    cmd = [sys.executable, "-m", "ggtrain.cli.main", "finetune", "-m", str(args.model),
+           "--train-data", str(args.train_data), "--format", "text", "--outdir", str(outdir),
+           "-c", str(args.ctx), "-b", str(args.batch), "--micro-batch", str(args.batch), "--grad-acc", "1",
+           "--lora-r", str(args.rank), "--lora-alpha", str(args.alpha), "--lora-dropout", "0",
+           "--learning-rate", str(args.lr), "--cos-decay-steps", "0", "--adam-decay", "0",
+           "--adam-gclip", str(args.grad_clip), "--adam-iter", str(args.steps), "--epochs", "1000",
+           "--save-every", "0", "-t", str(args.threads), "--seed", str(args.seed),
+           "--use-checkpointing" if args.checkpointing else "--no-checkpointing"]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    proc, peak = run_sampled(cmd, env=env)
+    if proc.returncode:
+        raise SystemExit(f"ggtrain finetune failed ({proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    log = [json.loads(line) for line in (outdir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in log if "tokens_per_s" in r]
+    if len(steps) != args.steps:
+        raise SystemExit(f"ggtrain finetune logged {len(steps)} steps, expected {args.steps}")
+    return {"seconds": [r["tokens"] / r["tokens_per_s"] for r in steps], "losses": [r["loss"] for r in steps],
+            "peak": peak, "log_peak": max(r.get("peak_rss_bytes", 0) for r in steps),
+            "tokens": [r["tokens"] for r in steps]}
+
+
+# -- PyTorch + PEFT -----------------------------------------------------------------------------
+def baseline_python(args: argparse.Namespace) -> str | None:
+    """The interpreter that runs the baseline, or None (with the reason printed) when it cannot."""
+    py = args.baseline_python or sys.executable
+    proc = subprocess.run([py, "-c", "import torch, transformers, peft"], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode:
+        why = (proc.stderr.strip().splitlines() or ["cannot run"])[-1]
+        print(f"PyTorch+PEFT baseline NOT measured: {py} cannot import torch, transformers and peft ({why}). "
+              f"To measure it: {INSTALL_HINT}")
+        return None
+    return py
+
+
+def run_peft(args: argparse.Namespace, py: str, batches: Path) -> dict:
+    cmd = [py, str(BENCH / "peft_baseline.py"), "--model", str(args.model), "--batches", str(batches),
+           "--threads", str(args.threads), "--lr", str(args.lr), "--rank", str(args.rank), "--alpha",
+           str(args.alpha), "--grad-clip", str(args.grad_clip)]
+    if not args.checkpointing:
+        cmd.append("--no-checkpointing")
+    proc, peak = run_sampled(cmd)
+    if proc.returncode:
+        raise SystemExit(f"PyTorch+PEFT baseline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["process_peak"] = max(peak, res["load_peak"], res["train_peak"])
+    res["peak"] = res["train_peak"]
+    return res
+
+
+# -- report -------------------------------------------------------------------------------------
+def rate(res: dict, tokens_per_step: int) -> float:
+    """Tokens/s over the steps after the warm-up step."""
+    secs = res["seconds"][1:] or res["seconds"]
+    return tokens_per_step * len(secs) / sum(secs)
+
+
+def common_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["-m", str(args.model), "--train-data", str(args.train_data), "-c", str(args.ctx), "-b",
+             str(args.batch), "--steps", str(args.steps), "-t", str(args.threads), "--rank", str(args.rank),
+             "--alpha", str(args.alpha), "--lr", str(args.lr), "--grad-clip", str(args.grad_clip),
+             "--seed", str(args.seed)]
+    return flags + ([] if args.checkpointing else ["--no-checkpointing"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", type=Path, help="GGUF model (default: the bundled Gemma 3 270M Q4_K_M)")
+    ap.add_argument("--train-data", type=Path, default=REPO / "data" / "alpaca.json",
+                    help="text to train on, read as plain text (default: data/alpaca.json)")
+    ap.add_argument("-c", "--ctx", type=int, default=256, help="tokens per row (default 256)")
+    ap.add_argument("-b", "--batch", type=int, default=2, help="rows per step (default 2: 512 tokens a step)")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps, the first a warm-up (default 4)")
+    ap.add_argument("-t", "--threads", type=int, default=2, help="threads on both sides (default 2)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (default 1)")
+    ap.add_argument("--seed", type=int, default=42, help="data order and LoRA init seed (default 42)")
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                    help="no gradient checkpointing on either side")
+    ap.add_argument("--ggtrain-side", choices=("auto", "cli", "library", "both"), default="auto",
+                    help="auto: `ggtrain finetune` when it exists, else the library loop")
+    ap.add_argument("--baseline-python", help="interpreter with torch, transformers, peft (default: this one)")
+    ap.add_argument("--worker-batches", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.model is None:
+        from ggtrain.defaults import default_model_path
+        args.model = default_model_path()
+    if args.worker_batches:
+        library_worker(args)
+        return
+
+    tokens_per_step = args.ctx * args.batch
+    print(f"model {args.model.name}, data {args.train_data.name} as text, ctx {args.ctx} x {args.batch} rows = "
+          f"{tokens_per_step} tokens a step, {args.steps} steps (first = warm-up), LoRA r {args.rank} alpha "
+          f"{args.alpha:g} on 7 projections, AdamW lr {args.lr:g}, clip {args.grad_clip:g}, checkpointing "
+          f"{'on' if args.checkpointing else 'off'}, threads {args.threads}", flush=True)
+    side = args.ggtrain_side
+    if side == "auto":
+        side = "cli" if finetune_available() else "library"
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="ggtrain-bench-train-") as tmp:
+        batches = Path(tmp) / "batches.npz"
+        info = make_batches(args, batches)
+        print(f"data: {info['file_tokens']} tokens in the file; {info['trained']} trained targets in the "
+              f"{args.steps} steps' batches (same tokens on every side)", flush=True)
+        runs = []
+        if side in ("cli", "both"):
+            runs.append(("ggtrain finetune", lambda: run_cli(args, Path(tmp) / "out")))
+        if side in ("library", "both"):
+            runs.append(("ggtrain (library)", lambda: run_library(args, batches)))
+        py = baseline_python(args)
+        if py is not None:
+            runs.append(("PyTorch+PEFT", lambda: run_peft(args, py, batches)))
+        for name, fn in runs:
+            print(f"running {name} ... {load_average()}", flush=True)
+            res = fn()
+            results[name] = res
+            extra = ""
+            if "process_peak" in res:
+                extra = (f" (training steps; whole process incl. GGUF load/dequantize "
+                         f"{res['process_peak'] / MiB:.0f} MiB; torch {res['versions']['torch']}, transformers "
+                         f"{res['versions']['transformers']}, peft {res['versions']['peft']})")
+            print(f"{name:18}: {rate(res, tokens_per_step):8.1f} tokens/s, peak RSS {res['peak'] / MiB:6.0f} MiB"
+                  f"{extra}; step seconds {', '.join(f'{s:.1f}' for s in res['seconds'])}; first-step loss "
+                  f"{res['losses'][0]:.4f}, last {res['losses'][-1]:.4f}; {load_average()}", flush=True)
+    ours = results.get("ggtrain finetune") or results.get("ggtrain (library)")
+    peft = results.get("PyTorch+PEFT")
+    if peft is None:
+        print(f"ratio (ggtrain / PyTorch+PEFT): not measured (no baseline: {INSTALL_HINT})")
+        return
+    print(f"ratio (ggtrain / PyTorch+PEFT): tokens/s {rate(ours, tokens_per_step) / rate(peft, tokens_per_step):.3f}, "
+          f"peak RSS {ours['peak'] / peft['peak']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
