@@ -177,3 +177,16 @@ def test_bad_shapes_are_rejected():
     q, k, v = _inputs(5, 3, 2, 8, 8)
     with pytest.raises(ValueError, match="GQA"):
         attention_forward(q, k, v, 0.3)
+
+
+def test_sliding_window_boundary_is_llama_cpp_standard():
+    # is_masked_swa(STANDARD) masks p1 - p0 >= n_swa: n_swa = 1 leaves each token only itself,
+    # n_swa = 2 exactly itself and the one before
+    q, k, v = _inputs(12, 2, 1, 8, 8, seed=6)
+    o1, _ = attention_forward(q, k, v, 0.3, n_swa=1)
+    np.testing.assert_allclose(o1, np.repeat(v, 2, axis=1), rtol=1e-13, atol=1e-14)
+    o2, _ = attention_forward(q, k, v, 0.3, n_swa=2)
+    s = 0.3 * np.einsum("thd,td->th", q[1:], k[:-1, 0]), 0.3 * np.einsum("thd,td->th", q[1:], k[1:, 0])
+    p_prev = 1.0 / (1.0 + np.exp(s[1] - s[0]))
+    expect = p_prev[..., None] * v[:-1, None, 0] + (1 - p_prev)[..., None] * v[1:, None, 0]
+    np.testing.assert_allclose(o2[1:], expect, rtol=1e-12, atol=1e-13)
