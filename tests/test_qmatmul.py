@@ -73,9 +73,9 @@ def test_every_type_against_float64(qt: Q, impl) -> None:
     check_both(make_weight(qt, 203, n, rng), qt, 37, rng)
 
 
-@pytest.mark.parametrize("T", [1, 2, 31, 33, 129])
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 31, 33, 129])
 def test_token_counts(T: int) -> None:
-    """A single token (by-rows split), a few (fewer than the threads' share), and odd counts."""
+    """A single token and up to 4 (sgemv per token), 5 (sgemm), odd counts, enough to split."""
     rng = np.random.default_rng(T)
     check_both(make_weight(Q.Q4_K, 77, 768, rng), Q.Q4_K, T, rng)
 
