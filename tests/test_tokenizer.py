@@ -241,6 +241,19 @@ def test_cli_output_identical_to_llama_tokenize(tmp_path, extra):
     assert ours.stdout.decode("utf-8", errors="replace") == theirs.stdout
 
 
+@pytest.mark.parametrize("name", ["qwen2", "phi-3"])
+def test_cli_pieces_identical_other_vocabs(tmp_path, name):
+    """Byte-level BPE pieces (partial UTF-8 included) and SentencePiece with RSTRIP specials."""
+    f = tmp_path / "mixed.txt"
+    f.write_text(MIXED + random_text(3, 300), encoding="utf-8")
+    ours = run_cli("-m", str(vocab_path(name)), "-f", str(f))
+    assert ours.returncode == 0, ours.stderr
+    theirs = llamacpp.run("llama-tokenize", "-m", vocab_path(name), "-f", f, "--log-disable")
+    # llamacpp.run reads text mode, which turns \r\n and \r into \n: do the same to ours
+    mine = ours.stdout.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    assert mine == theirs.stdout
+
+
 def test_cli_prompt_and_default_model():
     ours = run_cli("-p", "Hello\\nworld <start_of_turn>", "--ids")
     assert ours.returncode == 0, ours.stderr
