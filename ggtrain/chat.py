@@ -58,6 +58,12 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _join_text_parts(parts: list) -> str:
+    """Content parts -> one string: text parts joined by newlines (llama.cpp's concat_content_parts)."""
+    texts = [p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+    return "\n".join(texts)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlock, loopcontrols])
@@ -114,6 +120,18 @@ class ChatTemplate:
             add_bos, add_eos = tok.add_bos, tok.add_eos
         return cls(source, bos, eos, origin, add_bos, add_eos)
 
+    def _renders_typed_content(self) -> bool:
+        """Whether the template shows OpenAI-style content parts ([{"type": "text", ...}]); if not,
+        parts are joined into a string first, as llama.cpp does for such templates."""
+        if not hasattr(self, "_typed"):
+            probe = [{"role": "user", "content": [{"type": "text", "text": "ggtrain-probe-7f3a"}]}]
+            try:
+                self._typed = "ggtrain-probe-7f3a" in self.template.render(
+                    messages=probe, add_generation_prompt=False, bos_token=self.bos_token, eos_token=self.eos_token)
+            except Exception:  # noqa: BLE001 - any failure means: give it strings
+                self._typed = False
+        return self._typed
+
     def render(self, messages: list[dict], add_generation_prompt: bool, for_tokenizer: bool = False,
                **extra: Any) -> str:
         """The conversation as text.
@@ -124,6 +142,9 @@ class ChatTemplate:
         """
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise GGTrainError(f"{self.origin}: messages must be a list of {{'role': ..., 'content': ...}}")
+        if any(isinstance(m.get("content"), list) for m in messages) and not self._renders_typed_content():
+            messages = [{**m, "content": _join_text_parts(m["content"])} if isinstance(m.get("content"), list)
+                        else m for m in messages]
         context = {"messages": messages, "add_generation_prompt": add_generation_prompt,
                    "bos_token": self.bos_token, "eos_token": self.eos_token, **extra}
         try:

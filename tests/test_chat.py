@@ -120,6 +120,16 @@ def test_template_from_gguf_metadata():
         "<|im_start|>assistant\nHello!<|im_end|>\n")
 
 
+def test_content_parts():
+    """OpenAI-style content parts: joined by newlines for a template that shows only strings
+    (as llama.cpp does), passed as they are to one that iterates parts."""
+    parts = {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}
+    qwen = template("Qwen-Qwen2.5-7B-Instruct", "", "<|im_end|>")
+    assert qwen.render([SYSTEM, parts], True) == qwen.render([SYSTEM, {"role": "user", "content": "Hi\nthere"}], True)
+    typed = ChatTemplate("{% for m in messages %}{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endfor %}")
+    assert typed.render([parts], False) == "[Hi][there]"
+
+
 def test_helpers_and_sandbox(tmp_path):
     t = ChatTemplate("{{ messages | tojson }}|{{ strftime_now('%Y') | length }}|"
                      "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}"
