@@ -57,6 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model.parent, gguf_file=args.model.name,
                                                  dtype=torch.float32)
+    model.config.use_cache = False  # training: no KV cache
     config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGETS,
                              bias="none", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
@@ -88,7 +89,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(loss.item())
     print(json.dumps({"seconds": seconds, "losses": losses, "train_peak": vm_hwm(), "load_peak": load_peak,
                       "load_s": load_s, "n_lora": sum(p.numel() for p in params),
                       "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
