@@ -236,7 +236,7 @@ def binary(name: str) -> Path:
 
 
 def run(name: str, *args: str | os.PathLike, timeout: float = 600, check: bool = True,
-        threads_env: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+        input: str | None = None) -> subprocess.CompletedProcess:
     """Run a llama.cpp tool, capturing stdout and stderr as text.
 
     check=True raises RuntimeError with the output's tail when the exit code is not 0.
@@ -284,8 +284,8 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int 
     if chunks is not None:
         args += ["--chunks", str(chunks)]
     args += list(extra)
-    # llama.cpp logs from a background thread and now and then exits before it has written the
-    # last lines; the run itself is deterministic, so run it again when the figures are missing.
+    # llama.cpp logs from a background thread and could exit before writing the last lines; the
+    # source patch (_LOG_PATCH) fixes that, and a rerun (the run is deterministic) stays as a guard.
     for attempt in range(3):
         proc = run("llama-perplexity", *args, timeout=timeout)
         try:

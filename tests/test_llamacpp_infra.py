@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import llamacpp
@@ -100,3 +104,37 @@ def test_parse_perplexity_reads_the_final_line(license_text):
     assert len(chunks) == 3 and chunks[-1] == pytest.approx(final, rel=1e-6)
     with pytest.raises(ValueError, match="Final estimate"):
         llamacpp.parse_perplexity(out.replace("Final estimate", "x"))
+
+
+def test_write_tiny_model_copies_the_cached_file(tmp_path):
+    cached = tinymodels.tiny_model("gemma3", "Q8_0")
+    assert tinymodels.write_tiny_model(None, "gemma3", "Q8_0") == cached
+    out = tinymodels.write_tiny_model(tmp_path / "m.gguf", "gemma3", "Q8_0")
+    assert out == tmp_path / "m.gguf" and out.read_bytes() == cached.read_bytes()
+    with pytest.raises(TypeError, match="unknown tiny-model options"):
+        tinymodels.tiny_model("llama", n_embed=64)
+    with pytest.raises(ValueError, match="unsupported tiny-model type"):
+        tinymodels.tiny_model("llama", "Q8_1")
+
+
+def test_concurrent_writers_share_one_file(tmp_path):
+    """Two processes asking for the same new model: one writes it (under the lock), both get it."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # The llama.cpp tree and tools come from the real cache; only the tiny models are new.
+    (cache / f"llama.cpp-{llamacpp.VERSION}").symlink_to(llamacpp.cache_dir())
+    code = ("import tinymodels; print(tinymodels.tiny_model('gemma3', 'Q8_0', seed=7, n_embd=64, "
+            "n_head=2, n_head_kv=1, head_dim=32, n_ff=128))")
+    env = {**os.environ, "GGTRAIN_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1
+    path = Path(paths.pop())
+    assert path.parent == cache / "tinymodels"
+    assert [p.name for p in path.parent.glob("*.gguf*")] == [path.name]  # no temp files left
+    r = gguf.GGUFReader(path)
+    assert r.fields["gemma3.embedding_length"].contents() == 64
