@@ -18,7 +18,8 @@ recomputes the probabilities from it (FlashAttention-2):
     dq_i += scale Σ_j ds_ij k_j ;  dk_j += scale Σ_i ds_ij q_i
 
 Parallel: forward over heads × query blocks; backward over kv heads × key blocks (each task owns
-its dk/dv rows; dq goes to one buffer per thread, summed at the end). Blocks are visited in
+its dk/dv rows; dq goes to one buffer per thread, summed at the end, at most DQ_BUFFERS_BYTES of
+them: past that the backward runs on fewer threads). Blocks are visited in
 zig-zag order so causal work is balanced across threads. Inside a task the products are GEMMs on
 head-major (H, T, D) copies through Numba's np.dot, i.e. scipy's BLAS: ggtrain.threads.set_threads
 keeps that BLAS single-threaded so it does not oversubscribe the prange threads. Scratch per task is
@@ -36,6 +37,7 @@ from numba import njit, prange
 
 BLOCK_Q = 64  # query rows per forward task
 BLOCK_K = 64  # key rows per backward task (it owns their dk, dv rows)
+DQ_BUFFERS_BYTES = 512 << 20  # cap on the backward's per-thread dq buffers (n_threads × Hq × T × D)
 
 
 @njit(cache=True)
@@ -251,12 +253,18 @@ def attention_backward(
     lo, hi = visible_range(_segments(segments, T), int(n_swa))
     doh = _heads(do, dt)
     dsum = np.einsum("htd,thd->ht", doh, np.asarray(o, dtype=dt))  # (Hq, T): do_i·o_i, the softmax-backward row term
-    n_threads = numba.get_num_threads()
+    # one dq buffer per thread; on many cores cap their memory by running this kernel on fewer threads
+    all_threads = numba.get_num_threads()
+    n_threads = max(1, min(all_threads, DQ_BUFFERS_BYTES // (Hq * T * D * dt.itemsize)))
     dq_part = np.zeros((n_threads, Hq, T, D), dtype=dt)
     dkh = np.empty((Hkv, T, D), dtype=dt)
     dvh = np.empty((Hkv, T, v.shape[2]), dtype=dt)
-    _attn_bwd(_heads(q, dt), _heads(k, dt), _heads(v, dt), doh, np.ascontiguousarray(lse, dtype=dt), dsum, lo, hi,
-              dt.type(scale), dt.type(softcap), BLOCK_K, dt == np.float32, dq_part, dkh, dvh)
+    numba.set_num_threads(n_threads)
+    try:
+        _attn_bwd(_heads(q, dt), _heads(k, dt), _heads(v, dt), doh, np.ascontiguousarray(lse, dtype=dt), dsum, lo,
+                  hi, dt.type(scale), dt.type(softcap), BLOCK_K, dt == np.float32, dq_part, dkh, dvh)
+    finally:
+        numba.set_num_threads(all_threads)
     if n_threads == 1:
         dqh = dq_part[0]
     else:

@@ -190,3 +190,18 @@ def test_sliding_window_boundary_is_llama_cpp_standard():
     p_prev = 1.0 / (1.0 + np.exp(s[1] - s[0]))
     expect = p_prev[..., None] * v[:-1, None, 0] + (1 - p_prev)[..., None] * v[1:, None, 0]
     np.testing.assert_allclose(o2[1:], expect, rtol=1e-12, atol=1e-13)
+
+
+def test_dq_buffer_cap_runs_on_fewer_threads_with_the_same_result(monkeypatch):
+    import numba
+
+    q, k, v = _inputs(70, 4, 2, 8, 8, seed=7)
+    r = np.random.default_rng(8).standard_normal((70, 4, 8))
+    o, lse = attention_forward(q, k, v, 0.3, n_swa=20)
+    g = attention_backward(r, q, k, v, o, lse, 0.3, n_swa=20)
+    before = numba.get_num_threads()
+    monkeypatch.setattr(A, "DQ_BUFFERS_BYTES", 1)  # room for a single buffer: one thread
+    g1 = attention_backward(r, q, k, v, o, lse, 0.3, n_swa=20)
+    assert numba.get_num_threads() == before  # the thread count is restored
+    for a, b in zip(g1, g):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
