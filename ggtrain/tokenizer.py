@@ -13,6 +13,7 @@ parse_special, user-defined tokens always. The merge loops run in Numba (ggtrain
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 
@@ -61,6 +62,24 @@ _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
 def _codepoints(text: str) -> np.ndarray:
     """str -> int64 (n,) code points."""
     return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
+
+
+_GROUP_CHARS = 1 << 22  # characters of fragments per kernel call
+
+
+def _groups(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive fragment ranges [a, b) of about _GROUP_CHARS characters each (at least one)."""
+    if lengths.size == 0:
+        return []
+    gid = (np.cumsum(lengths) - 1) // _GROUP_CHARS
+    cut = [0, *(np.flatnonzero(np.diff(gid)) + 1).tolist(), lengths.size]
+    return list(itertools.pairwise(cut))
+
+
+def _join(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -422,9 +441,13 @@ class Tokenizer:
                                 dtype=np.uint8)
             prev_tok = np.concatenate([[True], ft[:-1] >= 0]) if ft.size else np.zeros(0, dtype=bool)
             prefix = (prev_tok & (ft < 0)) if self.add_space_prefix else np.zeros(ft.size, dtype=bool)
-            body, pos = kb.spm_encode_fragments(esc, at[fs], at[fe], ft, prefix, self._table, self._blob_u8,
-                                                self._offs, self.scores, self._byte_tok, self.n_vocab,
-                                                self._space_left)
+            # fragments are tokenized independently (as in llama.cpp): a few MB of them per kernel
+            # call keeps the kernel's working arrays small on a huge text
+            parts = [kb.spm_encode_fragments(esc, at[fs[a:b]], at[fe[a:b]], ft[a:b], prefix[a:b], self._table,
+                                             self._blob_u8, self._offs, self.scores, self._byte_tok,
+                                             self.n_vocab, self._space_left)
+                     for a, b in _groups(fe - fs)]
+            body, pos = _join(parts)
         else:
             from ggtrain.pretokenize import utf8_offsets
 
@@ -445,21 +468,22 @@ class Tokenizer:
 
         data = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
         flags = cpt_flags(cpts) if cpts.size else np.zeros(0, dtype=np.uint16)
-        ends: list[np.ndarray] = []
-        toks: list[np.ndarray] = []
-        for s, e, t in zip(fs.tolist(), fe.tolist(), ft.tolist()):  # fragments, not tokens
-            if t >= 0:
-                ends.append(np.array([at[e]], dtype=np.int64))
-                toks.append(np.array([t], dtype=np.int32))
-            else:
-                lens = self.pretokenizer.split_cpts(cpts[s:e], flags[s:e])
-                ends.append(at[s + np.cumsum(lens)])
-                toks.append(np.full(lens.size, -1, dtype=np.int32))
-        if not ends:
-            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
-        return kb.bpe_encode(data, np.concatenate(ends), np.concatenate(toks), self._table, self._blob_u8,
-                             self._offs, self.n_vocab, self._pkeys, self._prank, self._pres, self._byte_id,
-                             self.ignore_merges)
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for a, b in _groups(fe - fs):  # a few MB of fragments per kernel call
+            ends: list[np.ndarray] = []
+            toks: list[np.ndarray] = []
+            for s, e, t in zip(fs[a:b].tolist(), fe[a:b].tolist(), ft[a:b].tolist()):  # fragments
+                if t >= 0:
+                    ends.append(np.array([at[e]], dtype=np.int64))
+                    toks.append(np.array([t], dtype=np.int32))
+                else:
+                    lens = self.pretokenizer.split_cpts(cpts[s:e], flags[s:e])
+                    ends.append(at[s + np.cumsum(lens)])
+                    toks.append(np.full(lens.size, -1, dtype=np.int32))
+            out.append(kb.bpe_encode(data, at[fs[a]], np.concatenate(ends), np.concatenate(toks), self._table,
+                                     self._blob_u8, self._offs, self.n_vocab, self._pkeys, self._prank,
+                                     self._pres, self._byte_id, self.ignore_merges))
+        return _join(out)
 
     # -- decode ---------------------------------------------------------------------------------
     def _pieces_table(self) -> tuple[np.ndarray, np.ndarray]:

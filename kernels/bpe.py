@@ -495,10 +495,10 @@ def _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte
 
 
 @njit(cache=True)
-def bpe_encode(text, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id,
-               ignore_merges):
-    """Token ids of raw-byte text split into words (word i ends at word_ends[i]). -> int32 (k,)
-    A word with word_tok[i] >= 0 is that (special) token as it stands.
+def bpe_encode(text, word_start, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, prank, pres,
+               byte_id, ignore_merges):
+    """Token ids of raw-byte text split into words: the first starts at word_start, word i ends
+    at word_ends[i]. A word with word_tok[i] >= 0 is that (special) token as it stands.
     -> (ids int32 (k,), byte where each token starts int64 (k,))
 
     Each word starts as one symbol per byte; the lowest-rank adjacent pair merges first
@@ -506,12 +506,12 @@ def bpe_encode(text, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, pra
     A final symbol that is no token falls back to the tokens of its single bytes, where the
     byte's encoded form is one ASCII character (llama.cpp looks up each encoded byte).
     """
-    L = text.shape[0]
+    L = (word_ends[-1] - word_start) if word_ends.shape[0] else 0
     out = np.empty(L + word_ends.shape[0], dtype=np.int32)
     pos = np.empty(L + word_ends.shape[0], dtype=np.int64)
     k = 0
     longest = 0
-    ws = 0
+    ws = word_start
     for w in range(word_ends.shape[0]):
         longest = max(longest, word_ends[w] - ws)
         ws = word_ends[w]
@@ -535,7 +535,7 @@ def bpe_encode(text, word_ends, word_tok, table, blob, offs, n_vocab, pkeys, pra
     cos = np.empty(nw, dtype=np.int64)
     coc = np.empty(nw, dtype=np.int64)
     nent = 0
-    ws = 0
+    ws = word_start
     for w in range(nw):
         we = word_ends[w]
         if word_tok[w] >= 0:

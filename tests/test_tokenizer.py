@@ -223,6 +223,20 @@ def test_offsets_gemma(gemma):
     assert gemma.decode(answer) == "A: yes"
 
 
+def test_fragment_groups_do_not_change_results(gemma, monkeypatch):
+    """Kernels see a few MB of fragments at a time; tiny groups must give the same ids/offsets."""
+    import numpy as np
+
+    import ggtrain.tokenizer as tokenizer_module
+
+    toks = [gemma, vocab("qwen2"), vocab("llama-spm")]
+    texts = [MIXED, random_text(11, 1500)]
+    ref = [t.encode_offsets(x, True, ps) for t in toks for x in texts for ps in (True, False)]
+    monkeypatch.setattr(tokenizer_module, "_GROUP_CHARS", 37)
+    new = [t.encode_offsets(x, True, ps) for t in toks for x in texts for ps in (True, False)]
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(ref, new))
+
+
 # ---- the CLI against llama-tokenize -----------------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
