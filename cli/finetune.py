@@ -98,7 +98,8 @@ def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) 
 @click.option("--rank-ffn-down", type=click.IntRange(min=0), default=None,
               help="Rank for ffn_down (0: not trained).")
 @click.option("--rank-output", type=click.IntRange(min=0), default=None,
-              help="Rank for the output head (default 0; needs a model with a separate output.weight).")
+              help="Rank for the output head (llama.cpp's --rank-out); only 0 for now: training a LoRA on "
+                   "the head is not supported yet.")
 @click.option("--learning-rate", "--adam-alpha", "lr", type=click.FloatRange(min=0), default=1e-3,
               show_default=True, help="Peak learning rate of AdamW.")
 @click.option("--adam-beta1", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
@@ -177,6 +178,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
         kw.pop(k, None)
     if kw:
         raise AssertionError(f"unhandled options {sorted(kw)}")
+    if ranks.get("output"):
+        raise GGTrainError("--rank-output: training a LoRA on the output head is not supported yet (use 0)")
     lcfg = LoraConfig.make(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=DEFAULT_TARGETS, ranks=ranks)
     shapes = target_shapes(mf.tensors, lcfg, hp.n_layer, source=str(path))
     lora = LoraWeights.init(lcfg, shapes, seed=opts.seed)

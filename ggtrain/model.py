@@ -60,6 +60,34 @@ class QWeight:
         return kernels.get_rows(self.data, self.qtype, ids)
 
 
+class LoraHead:
+    """The output head W plus fixed (inference) LoRA updates: W' = W + Σ s·B·A, never merged.
+
+    Serves the cross-entropy's chunked products: rows r0:r1 of W' are W[r0:r1] + Σ s·B[r0:r1]·A.
+    """
+
+    def __init__(self, base: QWeight, loras: list[tuple[np.ndarray, np.ndarray, float]]):
+        self.base, self.loras, self.shape = base, loras, base.shape
+
+    def matmul(self, x: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
+        y = self.base.matmul(x, r0, r1)
+        for A, B, s in self.loras:
+            y += (x @ A.T * np.float32(s)) @ B[r0:r1].T
+        return y
+
+    def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
+        dx = self.base.matmul_t(dy, r0, r1)
+        for A, B, s in self.loras:
+            dx += (dy @ B[r0:r1] * np.float32(s)) @ A
+        return dx
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        w = self.base.rows(ids)
+        for A, B, s in self.loras:
+            w += (B[ids] * np.float32(s)) @ A
+        return w
+
+
 def _vector(mf: ModelFile, name: str) -> np.ndarray:
     """A small 1-D tensor (norm weight, bias) as f32."""
     t = mf.tensor(name)
@@ -179,6 +207,13 @@ class Model:
             e = self.trainable[name]
             out.append((e.A, e.B, e.scale, e.dropout, True))
         return out
+
+    def output_head(self) -> QWeight | LoraHead:
+        """The LM head, with any inference adapters' output.weight LoRA applied on the fly."""
+        if self.trainable is not None and "output.weight" in self.trainable:
+            raise GGTrainError("training a LoRA on the output head is not supported yet (use --rank-output 0)")
+        loras = [(A, B, s) for A, B, s, _, _ in self._loras("output.weight")]
+        return LoraHead(self.head, loras) if loras else self.head
 
     # -- rope ----------------------------------------------------------------------------------
     def _rope_tables(self, positions: np.ndarray) -> dict[int, np.ndarray]:
@@ -348,8 +383,9 @@ class Model:
             x, c = self.block_forward(il, x, batch, ropes[il], rng, keep=train and not checkpointing)
             caches.append(c)
         hf, rstd = rmsnorm_forward(x, self.output_norm, hp.norm_eps)
-        loss, loss_state = cross_entropy_forward(hf, self.head, batch.targets, batch.mask,
-                                                 final_softcap=hp.final_softcap, chunk=chunk)
+        # Training computes dL/dh in the same pass over the vocabulary (one head GEMM fewer).
+        loss, loss_state = cross_entropy_forward(hf, self.output_head(), batch.targets, batch.mask,
+                                                 final_softcap=hp.final_softcap, chunk=chunk, with_grad=train)
         state = StepState(batch, inputs, caches, x, rstd, hf, loss_state, ropes, step_seed, train)
         return float(loss), state
 
@@ -360,7 +396,7 @@ class Model:
         if not state.train:
             raise ValueError("backward needs a forward run with train=True")
         hp = self.hp
-        dhf = cross_entropy_backward(state.final_h, self.head, state.loss_state, dloss)
+        dhf = cross_entropy_backward(state.final_h, self.output_head(), state.loss_state, dloss)
         dx = rmsnorm_backward(dhf, state.final_x, self.output_norm, state.final_rstd)
         for il in reversed(range(hp.n_layer)):
             c = state.caches[il]
@@ -379,7 +415,7 @@ class Model:
         for il in range(hp.n_layer):
             x, _ = self.block_forward(il, x, batch, ropes[il], None, keep=False)
         hf, _ = rmsnorm_forward(x[rows], self.output_norm, hp.norm_eps)
-        z = self.head.matmul(np.ascontiguousarray(hf))
+        z = self.output_head().matmul(np.ascontiguousarray(hf))
         if hp.final_softcap:
             z = np.float32(hp.final_softcap) * np.tanh(z / np.float32(hp.final_softcap))
         return z
