@@ -101,7 +101,17 @@ def _meta_ids(meta: dict, key: str) -> int | None:
 
 
 class Tokenizer:
-    """encode/decode exactly as llama.cpp (llama_tokenize / llama_detokenize) for one GGUF vocab."""
+    """encode/decode exactly as llama.cpp (llama_tokenize / llama_detokenize) for one GGUF vocab.
+
+    encode(text, add_special, parse_special) -> list[int]; encode_array (int32 array);
+    encode_offsets (ids, start character of each token); decode(ids, special) -> str;
+    decode_bytes; piece(id) / piece_bytes(id).
+    n_vocab; bos_id, eos_id, eot_id, eom_id, unk_id, pad_id, sep_id (None when absent);
+    eog_ids (end-of-generation set); add_bos, add_eos, add_space_prefix; kind ("spm" / "bpe");
+    pre (tokenizer.ggml.pre); tokens (texts), token_to_id, scores, token_type (GGUF
+    TYPE_* per token), attr (llama.cpp ATTR_* bits); is_control / is_user_defined / is_byte /
+    is_eog; special_ids (tokens cut out of text, in llama.cpp's order).
+    """
 
     def __init__(self, meta: dict, path: object = "<metadata>"):
         self.path = path
