@@ -268,6 +268,23 @@ def _cache_find(ctab, cs, ce, text, s, e):
 
 
 @njit(cache=True)
+def _cache_copy(out, pos, k, cos, coc, j, shift):
+    """Append cached entry j's ids (positions moved by shift) at out[k:]; returns the new k."""
+    for q in range(coc[j]):
+        out[k + q] = out[cos[j] + q]
+        pos[k + q] = pos[cos[j] + q] + shift
+    return k + coc[j]
+
+
+@njit(cache=True)
+def _cache_put(ctab, cs, ce, cos, coc, nent, slot, s, e, k0, k):
+    """Record text[s:e] -> out[k0:k] as entry nent at slot; returns nent + 1."""
+    ctab[slot] = nent
+    cs[nent], ce[nent], cos[nent], coc[nent] = s, e, k0, k - k0
+    return nent + 1
+
+
+@njit(cache=True)
 def spm_encode(text, table, blob, offs, scores, byte_tok, n_vocab, space_left):
     """Token ids of one text fragment (spaces already escaped to U+2581). -> int32 (k,)
 
@@ -548,18 +565,12 @@ def bpe_encode(text, word_start, word_ends, word_tok, table, blob, offs, n_vocab
             continue
         j, slot = _cache_find(ctab, cs, ce, text, ws, we)
         if j >= 0:
-            for q in range(coc[j]):
-                out[k + q] = out[cos[j] + q]
-                pos[k + q] = pos[cos[j] + q] + (ws - cs[j])
-            k += coc[j]
-            ws = we
-            continue
-        k0 = k
-        k = _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id,
-                      ignore_merges, start, n, sid, prev, nxt, hk, hl, hr, hs, out, pos, k)
-        ctab[slot] = nent
-        cs[nent], ce[nent], cos[nent], coc[nent] = ws, we, k0, k - k0
-        nent += 1
+            k = _cache_copy(out, pos, k, cos, coc, j, ws - cs[j])
+        else:
+            k0 = k
+            k = _bpe_word(text, ws, we, table, blob, offs, n_vocab, pkeys, prank, pres, byte_id,
+                          ignore_merges, start, n, sid, prev, nxt, hk, hl, hr, hs, out, pos, k)
+            nent = _cache_put(ctab, cs, ce, cos, coc, nent, slot, ws, we, k0, k)
         ws = we
     return out[:k], pos[:k]
 
@@ -759,16 +770,11 @@ def spm_encode_ranges(text, bounds, frag_tok, table, blob, offs, scores, byte_to
             k0 = k
             j, slot = _cache_find(ctab, cs, ce, text, ps, pe)
             if j >= 0:
-                for q in range(coc[j]):
-                    out[k + q] = out[cos[j] + q]
-                    pos[k + q] = pos[cos[j] + q] + (ps - cs[j])
-                k += coc[j]
+                k = _cache_copy(out, pos, k, cos, coc, j, ps - cs[j])
             else:
                 k = _spm_piece(text, ps, pe, table, blob, offs, scores, byte_tok, n_vocab,
                                start, n, prev, nxt, hk, hl, hr, hs, out, pos, k)
-                ctab[slot] = nent
-                cs[nent], ce[nent], cos[nent], coc[nent] = ps, pe, k0, k - k0
-                nent += 1
+                nent = _cache_put(ctab, cs, ce, cos, coc, nent, slot, ps, pe, k0, k)
             frag[k0:k] = pfrag[i]
         ps = pe
     return out[:k], pos[:k], frag[:k]
