@@ -130,7 +130,8 @@ def read_hparams(mf: ModelFile) -> HParams:
         rope_freq_scale=freq_scale, rope_scaling_type=scaling_type,
         rope_scaling_orig_ctx=int(opt("rope.scaling.original_context_length", n_ctx_train)),
         rope_freq_base_swa=freq_base, rope_freq_scale_swa=freq_scale, n_swa=0,
-        tied_output="output.weight" not in mf.tensors,
+        # llama.cpp's gemma2 always uses token_embd as its head, even if a file has output.weight.
+        tied_output=arch == "gemma2" or "output.weight" not in mf.tensors,
     )
     hp.attn_scale = 1.0 / math.sqrt(head_dim)
 
