@@ -64,8 +64,8 @@ def set_kernel_blas_single_threaded() -> None:
 
 
 def set_threads(n: int) -> int:
-    """Use n threads in our OpenMP kernels, Numba and numpy's BLAS; scipy's BLAS (called by the
-    kernels from inside their threads) is kept at 1. Returns n."""
+    """Use n threads in our OpenMP kernels and Numba; both OpenBLAS copies stay at 1 (scipy's runs
+    inside the kernels' threads, numpy's only does the thin LoRA products). Returns n."""
     global _threads
     n = int(n)
     if n < 1:
@@ -74,7 +74,9 @@ def set_threads(n: int) -> int:
     kernels.set_num_threads(n)
     set_kernel_blas_single_threaded()
     if "numpy" in _openblas():
-        _openblas()["numpy"][0](n)
+        # numpy's BLAS only serves the LoRA products (rank r: far too thin to split), and a threaded
+        # OpenBLAS spins for its workers: on a busy machine a 0.2 ms product took 25 ms with 2.
+        _openblas()["numpy"][0](1)
     import numba
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     _threads = n
