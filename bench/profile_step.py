@@ -9,18 +9,19 @@ The batch is real text (a licence from /usr/share/common-licenses), LoRA rank r 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+# bench/tokenize.py would shadow the standard library's tokenize (pstats, numba, linecache import it):
+# bench/ goes to the end of the path, where only our helper module is looked up.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
+
 import argparse
 import cProfile
 import io
 import pstats
-import sys
 import time
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent
-# bench/tokenize.py would shadow the standard library's tokenize (numba, linecache import it): bench/
-# goes to the end of the path, where only our helper module is looked up.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
 
 from benchutil import load_average
 
