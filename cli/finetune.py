@@ -100,8 +100,9 @@ def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) 
 @click.option("--rank-output", type=click.IntRange(min=0), default=None,
               help="Rank for the output head (llama.cpp's --rank-out); only 0 for now: training a LoRA on "
                    "the head is not supported yet.")
-@click.option("--learning-rate", "--adam-alpha", "lr", type=click.FloatRange(min=0), default=1e-3,
-              show_default=True, help="Peak learning rate of AdamW.")
+@click.option("--learning-rate", "--adam-alpha", "lr", type=click.FloatRange(min=0), default=2e-4,
+              show_default=True, help="Peak learning rate of AdamW (llama.cpp's finetune used 1e-3, which "
+                                      "overfits small data sets within a few epochs).")
 @click.option("--adam-beta1", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
               help="AdamW beta1.")
 @click.option("--adam-beta2", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,

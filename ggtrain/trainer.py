@@ -14,7 +14,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +45,7 @@ class TrainConfig:
     batch: int = 4  # rows per batch
     grad_acc: int = 1  # batches per optimizer step
     micro_batch: int = 0  # rows per forward/backward (0: chosen from --mem-limit)
-    lr: float = 1e-3
+    lr: float = 2e-4
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -127,6 +127,21 @@ class _Signals:
 
 def to_model_batch(b: DataBatch) -> Batch:
     return Batch.from_rows(b.tokens, b.targets, b.mask, b.positions, b.segments)
+
+
+def mean_loss(model: Model, batches: Iterable[DataBatch], micro: int = 0) -> float | None:
+    """Mean loss over every trained target of `batches` (evaluation: no dropout, nothing kept),
+    `micro` rows at a time (0: whole batches); None when nothing is trained."""
+    total, count = 0.0, 0
+    for b in batches:
+        step = micro or b.n_rows
+        for r in range(0, b.n_rows, step):
+            mb = DataBatch(*(a[r:r + step] for a in (b.tokens, b.targets, b.mask, b.positions, b.segments)))
+            if mb.n_trained:
+                loss, _ = model.forward(to_model_batch(mb), train=False)
+                total += loss * mb.n_trained
+                count += mb.n_trained
+    return total / count if count else None
 
 
 @dataclass
@@ -297,17 +312,7 @@ class Trainer:
         """Mean loss over every trained token of the validation data."""
         if self.val is None:
             return None
-        total, count = 0.0, 0
-        for b in self.val.epoch_batches(0):
-            for r in range(0, b.n_rows, self.micro):
-                mb = DataBatch(*(a[r:r + self.micro] for a in (b.tokens, b.targets, b.mask, b.positions,
-                                                                 b.segments)))
-                if not mb.n_trained:
-                    continue
-                loss, _ = self.model.forward(to_model_batch(mb), train=False)
-                total += loss * mb.n_trained
-                count += mb.n_trained
-        self.last_val = total / count if count else None
+        self.last_val = mean_loss(self.model, self.val.epoch_batches(0), self.micro)
         return self.last_val
 
     # -- the loop ------------------------------------------------------------------------------

@@ -176,18 +176,14 @@ def test_config_toml_sets_flags_and_adapter_loads_back(model: Path, tmp_path: Pa
     from ggtrain.dataset import DataOptions, load_batches
     from ggtrain.model import Adapter, Model
     from ggtrain.tokenizer import Tokenizer
-    from ggtrain.trainer import to_model_batch
+    from ggtrain.trainer import mean_loss
 
     m = Model(mf)
     m.adapters.append(Adapter(lora))
     opts = DataOptions(train_data=Path(TEXT), format="text", ctx=64, val_split=0.2, seed=1)
     _, val, _ = load_batches(opts, Tokenizer.from_model_file(mf), 4, mf)
-    total = count = 0.0
-    for b in val.epoch_batches(0):
-        loss, _ = m.forward(to_model_batch(b), train=False)
-        total += loss * b.n_trained
-        count += b.n_trained
-    assert abs(total / count - val_logged) <= 1e-5 * val_logged
+    reloaded = mean_loss(m, val.epoch_batches(0))
+    assert abs(reloaded - val_logged) <= 1e-5 * val_logged
 
 
 def test_bad_config_and_missing_data_give_one_line(model: Path, tmp_path: Path) -> None:
