@@ -29,7 +29,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from ggtrain import kernels
 from ggtrain.modelfile import SUPPORTED_TYPES
-from ggtrain.threads import default_threads, set_threads
+from ggtrain.threads import blas_threads, default_threads, set_numpy_blas_threads, set_threads
 
 SHAPES = [(512, 640, 2048), (512, 2048, 640)]  # (T, n, rows)
 # f16 scale fields inside a block of the types gguf-py cannot quantize
@@ -50,16 +50,19 @@ def make_weight(qt: Q, rows: int, n: int, rng: np.random.Generator) -> np.ndarra
 
 
 def best_seconds(fns, repeat: int) -> list[float]:
-    """Best time of each function over `repeat` rounds, the functions alternating within a round so
-    that a change in the machine's load hits both sides alike."""
-    best = [float("inf")] * len(fns)
+    """Best time of each function over `repeat` back-to-back calls. Before each function's turn
+    the script sleeps: the other side's idle thread pool keeps spinning for a while after its last
+    call (OpenBLAS's workers ~0.1 s, OpenMP's a few ms) and would steal a core from this one."""
+    best = []
     for fn in fns:
-        fn()  # warm up (page faults, thread pools)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
+        time.sleep(0.2)
+        fn()  # warm up (page faults)
+        t = float("inf")
+        for _ in range(repeat):
             t0 = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
+            t = min(t, time.perf_counter() - t0)
+        best.append(t)
     return best
 
 
@@ -95,9 +98,11 @@ def main() -> None:
     ap.add_argument("--types", default="", help="comma-separated type names (default: all supported)")
     args = ap.parse_args()
     set_threads(args.threads)
+    set_numpy_blas_threads(args.threads)  # the baseline is numpy with as many threads as ours
     types = [Q[t] for t in args.types.split(",")] if args.types else sorted(SUPPORTED_TYPES, key=int)
     rng = np.random.default_rng(0)
-    print(f"threads {args.threads}, simd {kernels.simd_level}, best of {args.repeat}")
+    print(f"threads {args.threads} (BLAS: {blas_threads()}), simd {kernels.simd_level}, best of {args.repeat}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'type':7} {'X (T×n)·W(rows×n)ᵀ':22} {'dir':4} {'ours GF/s':>9} {'numpy GF/s':>10} {'ratio':>6} {'tile MiB':>8}")
     ratios = []
     for qt in types:

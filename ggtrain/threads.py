@@ -63,6 +63,12 @@ def set_kernel_blas_single_threaded() -> None:
         _openblas()["scipy"][0](1)
 
 
+def set_numpy_blas_threads(n: int) -> None:
+    """Threads of numpy's own OpenBLAS (set_threads keeps it at 1); for baselines in bench/."""
+    if "numpy" in _openblas():
+        _openblas()["numpy"][0](int(n))
+
+
 def set_threads(n: int) -> int:
     """Use n threads in our OpenMP kernels and Numba; both OpenBLAS copies stay at 1 (scipy's runs
     inside the kernels' threads, numpy's only does the thin LoRA products). Returns n."""

@@ -42,6 +42,15 @@ def test_importing_kernels_makes_scipy_blas_single_threaded() -> None:
     assert (int(before), int(after)) == (2, 1)
 
 
+def test_numpy_blas_for_baselines() -> None:
+    try:
+        threads.set_numpy_blas_threads(2)
+        assert threads.blas_threads()["numpy"] == 2
+    finally:
+        threads.set_threads(threads.default_threads())
+    assert threads.blas_threads()["numpy"] == 1
+
+
 def test_bad_count() -> None:
     with pytest.raises(ValueError, match=">= 1"):
         threads.set_threads(0)
