@@ -19,7 +19,8 @@ imports torch, transformers and peft), the model dequantized to float32 by trans
 
 tokens/s: all tokens of the steps after the first (a warm-up: JIT, page-in, allocator) over their
 time; with --rounds R the sides run in turn R times and each side's fastest run counts (a load
-spike from another process then rarely hits one side only). Peak RSS: the whole ggtrain process (sampled VmHWM); for PyTorch the training steps' peak
+spike from another process then rarely hits one side only) and each side's least peak RSS (a first
+run may include Numba compiling its kernel cache). Peak RSS: the whole ggtrain process (sampled VmHWM); for PyTorch the training steps' peak
 (VmHWM reset after loading, as the GGUF loader's own dequantization peak is not training), its
 whole-process peak printed beside it. Each side's first-step loss is printed: they agree when the
 tokens and the model are the same (B = 0 at the start). The last line is
@@ -255,8 +256,8 @@ def main() -> None:
                 best = results.get(name)
                 if best is None or res["rate"] > best["rate"]:
                     results[name] = res
-                if best is not None:  # memory does not depend on the load: the largest peak counts
-                    results[name]["peak"] = max(best["peak"], res["peak"])
+                if best is not None:  # a first run may include Numba filling its kernel cache: least peak
+                    results[name]["peak"] = min(best["peak"], res["peak"])
                 extra = ""
                 if "process_peak" in res:
                     extra = (f" (training steps; whole process incl. GGUF load/dequantize "
