@@ -8,6 +8,9 @@ scale; on F32 files the two forwards agree to float rounding.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import llamacpp
 import numpy as np
 import pytest
@@ -91,8 +94,29 @@ def test_gemma3_270m_perplexity_and_logits_match_llamacpp() -> None:
         ids = np.asarray(tok.encode(f.read()[:2000]), dtype=np.int32)[:160]
     ref_logits = llama_logits(path, ids, n_last=1)
     ours_logits = our_last_logits(Model(mf), ids, 1)
-    diff = np.abs(ref_logits - ours_logits).max()
-    print(f"Gemma 3 270M Q4_K_M: last-position max |logit diff| {diff:.4f} "
-          f"(logits up to {np.abs(ref_logits).max():.2f})")
-    assert diff < 0.05 * np.abs(ref_logits).max()
-    assert_same_top1(ours_logits, ref_logits, noise=2 * diff)
+    err = np.abs(ref_logits - ours_logits)[0]
+    scale = np.abs(ref_logits).max()
+    rms = float(np.sqrt(np.mean(np.square(err))))
+    print(f"Gemma 3 270M Q4_K_M: last-position |logit diff| max {err.max():.4f}, rms {rms:.4f} "
+          f"(logits up to {scale:.2f})")
+    # llama.cpp rounds activations to 8 bits inside its quantized matmuls: ~2% of the scale.
+    assert rms < 0.03 * scale
+    assert_same_top1(ours_logits, ref_logits, noise=2 * err.max())
+
+    # The same weights without that rounding: llama.cpp on its own F32 dequantization of the file
+    # (llama-quantize --allow-requantize ... F32) computes in f32 as we do.
+    exact = llama_logits(dequantized_f32(path), ids, n_last=1)
+    err32 = np.abs(exact - ours_logits).max()
+    print(f"Gemma 3 270M, llama.cpp on the dequantized F32 copy: max |logit diff| {err32:.5f}")
+    assert err32 < 1e-3 * np.abs(exact).max()
+    assert ours_logits.argmax() == exact.argmax()
+
+
+def dequantized_f32(path: Path) -> Path:
+    """llama.cpp's F32 copy of a quantized GGUF (its own dequantization), cached."""
+    out = llamacpp.cache_dir() / f"{path.stem}-{path.stat().st_size}-F32.gguf"
+    if not out.exists():
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        llamacpp.run("llama-quantize", "--allow-requantize", path, tmp, "F32", "2", timeout=900)
+        os.replace(tmp, out)
+    return out
