@@ -383,11 +383,24 @@ class Model:
             x, c = self.block_forward(il, x, batch, ropes[il], rng, keep=train and not checkpointing)
             caches.append(c)
         hf, rstd = rmsnorm_forward(x, self.output_norm, hp.norm_eps)
-        # Training computes dL/dh in the same pass over the vocabulary (one head GEMM fewer).
-        loss, loss_state = cross_entropy_forward(hf, self.output_head(), batch.targets, batch.mask,
-                                                 final_softcap=hp.final_softcap, chunk=chunk, with_grad=train)
+        if train:  # dL/dh comes in the same pass over the vocabulary (one head GEMM fewer)
+            loss, loss_state = cross_entropy_forward(hf, self.output_head(), batch.targets, batch.mask,
+                                                     final_softcap=hp.final_softcap, chunk=chunk, with_grad=True)
+        else:
+            loss, loss_state = self._scored_rows_loss(hf, batch, chunk)
         state = StepState(batch, inputs, caches, x, rstd, hf, loss_state, ropes, step_seed, train)
         return float(loss), state
+
+    def _scored_rows_loss(self, hf: np.ndarray, batch: Batch, chunk: int) -> tuple[float, CrossEntropyStats]:
+        """Evaluation: the head (most of a forward's work) runs only on rows whose target is scored;
+        per-token losses come back full length, 0 elsewhere."""
+        rows = np.flatnonzero(batch.mask)
+        loss, st = cross_entropy_forward(np.ascontiguousarray(hf[rows]), self.output_head(), batch.targets[rows],
+                                         batch.mask[rows], final_softcap=self.hp.final_softcap, chunk=chunk)
+        losses = np.zeros(hf.shape[0])
+        losses[rows] = st.losses
+        st.losses = losses
+        return loss, st
 
     def backward(self, state: StepState, grads: LoraWeights, dloss: float = 1.0) -> None:
         """Adds dloss · dL/dA, dL/dB of the trainable LoRA into grads (same layout as self.trainable).
