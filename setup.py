@@ -27,11 +27,11 @@ def kernel_extensions() -> list[Extension]:
     exts = []
     for pyx in sorted((HERE / "kernels").glob("*.pyx")):
         name = pyx.stem
-        common = dict(
-            include_dirs=[np.get_include(), str(HERE / "kernels")],
-            extra_link_args=["-fopenmp"],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        )
+        common = {
+            "include_dirs": [np.get_include(), str(HERE / "kernels")],
+            "extra_link_args": ["-fopenmp"],
+            "define_macros": [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        }
         if name.endswith("_simd"):
             # One source, one module per SIMD level: NAME_simd.pyx -> NAME_base, NAME_avx2.
             stem = name[: -len("_simd")]
