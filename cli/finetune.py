@@ -240,7 +240,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
         say(f"stopped at step {trainer.step}; resume with --checkpoint-in {out.checkpoints(trainer.step)[-1]}")
         sys.exit(128 + sig)
 
-    click.echo(f"done: {trainer.step} steps, final training loss {r_last(out.log)}"
+    click.echo(f"done: {trainer.step} steps, final training loss {last_logged_loss(out.log)}"
                + (f", validation loss {trainer.last_val:.4f}" if trainer.last_val is not None else ""))
     click.echo(f"adapter:    {adapter}")
     click.echo(f"checkpoint: {out.checkpoints(trainer.step)[-1]}")
@@ -254,7 +254,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
     click.echo(f"  ADAPTER {adapter.resolve()}")
 
 
-def r_last(log: Path) -> str:
+def last_logged_loss(log: Path) -> str:
     """The last step's training loss from train_log.jsonl, formatted."""
     import json
 

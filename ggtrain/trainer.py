@@ -216,7 +216,7 @@ class Trainer:
         self.step = ck.step
         self.train.load_state(ck.data_position)
 
-    def save(self, final: bool = False) -> list[Path]:
+    def save(self) -> list[Path]:
         """Checkpoint and adapter for the current step (atomic writes; earlier files stay intact)."""
         written = []
         ck = self.checkpoint()
@@ -326,13 +326,8 @@ class Trainer:
                 while self.step < self.total_steps:
                     try:
                         r = self.run_step(signals)
-                    except Interrupted as e:
-                        self.interrupted_by = e.signum
-                        name = signal.Signals(e.signum).name
-                        self.echo(f"\n{name} received: saving a checkpoint at step {self.step}")
-                        paths = self.save()
-                        self.echo("saved " + ", ".join(str(p) for p in paths))
-                        return "interrupted"
+                    except Interrupted as e:  # mid-step: the data position was rewound
+                        return self._stop(e.signum)
                     ema = r.loss if ema is None else 0.9 * ema + 0.1 * r.loss
                     rec = {"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr,
                            "grad_norm": r.grad_norm, "tokens": r.tokens, "trained_tokens": r.trained,
@@ -347,16 +342,19 @@ class Trainer:
                     if cfg.save_every and r.step % cfg.save_every == 0 and r.step < self.total_steps:
                         self.save()
                     if signals.received is not None:  # arrived during the update: the step is whole
-                        self.interrupted_by = signals.received
-                        self.echo(f"\n{signal.Signals(signals.received).name} received: saving a "
-                                  f"checkpoint at step {self.step}")
-                        paths = self.save()
-                        self.echo("saved " + ", ".join(str(p) for p in paths))
-                        return "interrupted"
+                        return self._stop(signals.received)
         finally:
             self.monitor.stop()
         if self.val is not None and (not cfg.eval_every or self.step % cfg.eval_every):
             v = self.validate()
             self.log({"step": self.step, "val_loss": v})
-        self.save(final=True)
+        self.save()
         return "done"
+
+    def _stop(self, signum: int) -> str:
+        """A signal arrived: save at the current step boundary and report it."""
+        self.interrupted_by = signum
+        self.echo(f"\n{signal.Signals(signum).name} received: saving a checkpoint at step {self.step}")
+        paths = self.save()
+        self.echo("saved " + ", ".join(str(p) for p in paths))
+        return "interrupted"
