@@ -19,8 +19,11 @@ HERE = Path(__file__).parent
 # -ffp-contract=off: no silent fused multiply-add, so dequantization stays bit-identical to gguf-py's numpy.
 BASE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-unused-function", "-Wno-unreachable-code"]
 SIMD_VARIANTS = {"base": [], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
-if sys.platform == "darwin" or not any(m in __import__("platform").machine().lower() for m in ("x86", "amd64")):
+X86 = sys.platform != "darwin" and any(m in __import__("platform").machine().lower() for m in ("x86", "amd64"))
+if not X86:
     SIMD_VARIANTS = {"base": [], "avx2": []}  # non-x86: both names, same portable code
+# NAME_avx512.pyx: code that exists only for AVX512-VNNI CPUs (x86 only; imported only where it runs).
+AVX512_ARGS = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
 
 
 def kernel_extensions() -> list[Extension]:
@@ -43,6 +46,10 @@ def kernel_extensions() -> list[Extension]:
                     src.write_text(text)
                 exts.append(Extension(f"ggtrain.kernels.{stem}_{level}", [str(src)],
                                       extra_compile_args=BASE_ARGS + flags, **common))
+        elif name.endswith("_avx512"):
+            if X86:
+                exts.append(Extension(f"ggtrain.kernels.{name}", [str(pyx.relative_to(HERE))],
+                                      extra_compile_args=BASE_ARGS + AVX512_ARGS, **common))
         else:
             exts.append(Extension(f"ggtrain.kernels.{name}", [str(pyx.relative_to(HERE))],
                                   extra_compile_args=BASE_ARGS, **common))

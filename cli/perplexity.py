@@ -37,13 +37,18 @@ def read_text(path: Path) -> str:
               help="Stop after this many chunks (-1: all).")
 @click.option("--lora", "loras", multiple=True, metavar="ADAPTER[:SCALE]",
               help="Apply a GGUF LoRA adapter, optionally scaled (llama.cpp's --lora / --lora-scaled). Repeatable.")
+@click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
+              help="Products with the quantized weights: int8 quantizes activations as llama.cpp does "
+                   "(AVX512-VNNI CPUs, ~4x faster); f32 multiplies dequantized f32 tiles, as training "
+                   "does; auto picks int8 where the CPU has it.")
 def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: int, threads: int | None,
-               n_chunks: int, loras: tuple[str, ...]) -> None:
+               n_chunks: int, loras: tuple[str, ...], matmul: str) -> None:
     """Perplexity of a model (plus adapters) on a text file, exactly as llama-perplexity measures it."""
     # Heavy imports (Numba kernels) here, so `ggtrain --help` stays quick.
     import numpy as np
     from tqdm import tqdm
 
+    from ggtrain import kernels
     from ggtrain.adapter import parse_lora_arg, read_gguf_adapter
     from ggtrain.defaults import default_model_path
     from ggtrain.model import Adapter, Model
@@ -55,7 +60,9 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
     set_threads(threads or default_threads())
     path = model_path or default_model_path()
     mf = ModelFile(path)
-    model = Model(mf)
+    if matmul == "auto":
+        matmul = "int8" if kernels.int8_available() else "f32"
+    model = Model(mf, matmul=matmul)
     for arg in loras:
         ad_path, scale = parse_lora_arg(arg)
         lora, _, _ = read_gguf_adapter(ad_path, base=mf, scale=scale)
@@ -68,6 +75,7 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
                f"{(time.perf_counter() - t0) * 1e3:.0f} ms", err=True)
     bos = tok.bos_id if tok.add_bos else None
     n_total = len(tokens) // n_ctx if n_chunks < 0 else min(n_chunks, len(tokens) // n_ctx)
+    click.echo(f"perplexity: {matmul} matmul", err=True)
     click.echo(f"perplexity: calculating perplexity over {n_total} chunks, n_ctx={n_ctx}, "
                f"batch_size={n_batch}, n_seq={max(1, n_batch // n_ctx)}", err=True)
     last = None

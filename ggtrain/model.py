@@ -42,13 +42,17 @@ PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"
 
 
 class QWeight:
-    """A frozen base weight W (rows, cols) kept in its GGUF type; products go through qmatmul."""
+    """A frozen base weight W (rows, cols) kept in its GGUF type; products go through qmatmul
+    (or, when int8 is set and the type allows, qmatmul_int8: inference only)."""
 
     def __init__(self, data: np.ndarray, qtype: int, shape: tuple[int, int]):
         self.data, self.qtype, self.shape = data, qtype, shape
+        self.int8 = False
 
     def matmul(self, x: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
         """x (T, cols) -> x·W[r0:r1]ᵀ (T, r1-r0)."""
+        if self.int8 and kernels.int8_supported(self.qtype):
+            return kernels.qmatmul_int8(x, self.data[r0:r1], self.qtype)
         return kernels.qmatmul(x, self.data[r0:r1], self.qtype)
 
     def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None,
@@ -160,10 +164,17 @@ class StepState:
     train: bool = True
 
 
-class Model:
-    """A GGUF model's frozen base plus LoRA adapters: forward, loss, backward."""
+MATMUL_MODES = ("f32", "int8")
 
-    def __init__(self, mf: ModelFile, hp: HParams | None = None):
+
+class Model:
+    """A GGUF model's frozen base plus LoRA adapters: forward, loss, backward.
+
+    matmul "f32" (the default, and the only mode training accepts) multiplies by dequantized f32
+    tiles; "int8" quantizes activations to int8 as llama.cpp does (qmatmul_int8), for evaluation.
+    """
+
+    def __init__(self, mf: ModelFile, hp: HParams | None = None, matmul: str = "f32"):
         self.mf = mf
         self.hp = hp or read_hparams(mf)
         hp = self.hp
@@ -177,6 +188,21 @@ class Model:
         self.adapters: list[Adapter] = []  # inference-time adapters (not trained)
         self.trainable: LoraWeights | None = None
         self.dropout = True
+        self.matmul = "f32"
+        self.set_matmul(matmul)
+
+    def base_weights(self) -> list[QWeight]:
+        return [self.tok_embd, self.head] + [w for layer in self.layers for w in layer.w.values()]
+
+    def set_matmul(self, mode: str) -> None:
+        """Switch every base product to "f32" or "int8" (int8 needs kernels.int8_available())."""
+        if mode not in MATMUL_MODES:
+            raise GGTrainError(f"matmul mode {mode!r}: expected one of {', '.join(MATMUL_MODES)}")
+        if mode == "int8" and not kernels.int8_available():
+            raise GGTrainError("int8 matmul needs a CPU with AVX512-VNNI (this one has none); use f32")
+        self.matmul = mode
+        for w in self.base_weights():
+            w.int8 = mode == "int8"
 
     def _load_layer(self, il: int) -> Layer:
         mf, p = self.mf, f"blk.{il}."
@@ -370,7 +396,10 @@ class Model:
         """Mean cross-entropy over the trained targets of `batch`, and the state backward needs.
 
         train=False keeps nothing for backward and uses no dropout (evaluation, perplexity).
+        Training needs the f32 matmul (int8 has no backward).
         """
+        if train and self.matmul != "f32":
+            raise GGTrainError(f"training needs the f32 matmul, not {self.matmul} (it has no backward)")
         hp = self.hp
         ropes = self._rope_tables(batch.positions)
         x = self.embed(batch.tokens)

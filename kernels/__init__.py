@@ -5,13 +5,17 @@
     qmatmul_backward_input(dy, w, qtype, out=None, accumulate=False)
                                                   dX = dY·W  dy f32 (T, rows) -> (T, n)  (+= if accumulate)
     get_rows(w, qtype, ids)                       embedding lookup: ids int (k,) -> f32 (k, n)
+    qmatmul_int8(x, w, qtype, out=None)           Y ≈ X·Wᵀ with X quantized to int8 (llama.cpp's way),
+                                                  on AVX512-VNNI CPUs (int8_available()) for the types
+                                                  int8_supported() accepts: inference only
 
 w may be any row slice (or block-aligned column slice) of a tensor's uint8 view: rows need not be
 adjacent, only each row's bytes. x, dy and out may be row-strided views with contiguous rows.
 Bad input (dtype, shape, unsupported type) raises GGTrainError saying what is wrong.
 
 The compiled code lives in quant_base / quant_avx2 (one source, kernels/quant_simd.pyx), picked at
-import from the CPU's flags; GGTRAIN_SIMD=base|avx2 overrides the choice.
+import from the CPU's flags; GGTRAIN_SIMD=base|avx2 overrides the choice. The int8 path lives in
+int8mm_avx512 (kernels/int8mm_avx512.pyx), imported only on a CPU with AVX512-VNNI.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ __all__ = [
     "dequantize",
     "get_num_threads",
     "get_rows",
+    "int8_available",
+    "int8_supported",
     "plan",
     "qmatmul",
     "qmatmul_backward_input",
+    "qmatmul_int8",
     "set_num_threads",
     "simd_level",
     "tile_bytes",
@@ -68,6 +75,31 @@ if simd_level == "avx2":
     from ggtrain.kernels import quant_avx2 as _impl
 else:
     from ggtrain.kernels import quant_base as _impl
+
+
+# The int8 path's instructions (AVX512 F/BW/VL/DQ + VNNI), as numpy names the CPU's features.
+INT8_CPU_FEATURES = ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX512VNNI", "F16C")
+
+
+def _load_int8():
+    """The int8mm_avx512 module, or None when this CPU (or build) cannot run it; GGTRAIN_INT8=0
+    turns it off."""
+    if os.environ.get("GGTRAIN_INT8", "").strip() == "0":
+        return None
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    if not all(__cpu_features__.get(f) for f in INT8_CPU_FEATURES):
+        return None
+    try:
+        from ggtrain.kernels import int8mm_avx512
+    except ImportError:  # not built (non-x86)
+        return None
+    return int8mm_avx512
+
+
+_int8 = _load_int8()
 
 
 # The kernels call scipy's OpenBLAS from inside their OpenMP threads: it must not add its own.
@@ -244,4 +276,31 @@ def get_rows(w: np.ndarray, qtype: int, ids: np.ndarray) -> np.ndarray:
     out = np.empty((ids.shape[0], n), dtype=np.float32)
     block, type_size = GGML_QUANT_SIZES[qt]
     _impl.get_rows(w, int(qt), block, type_size, np.ascontiguousarray(ids, dtype=np.int64), out)
+    return out
+
+
+def int8_available() -> bool:
+    """Whether qmatmul_int8 runs on this machine (CPU with AVX512-VNNI, x86 build)."""
+    return _int8 is not None
+
+
+def int8_supported(qtype: int) -> bool:
+    """Whether qtype has an exact int8 form (w = s·q + o per group of 16 or 32) on this machine;
+    F32, F16 and BF16 do not."""
+    return _int8 is not None and _int8.group_size(int(qtype)) > 0
+
+
+def qmatmul_int8(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Y ≈ X·Wᵀ as llama.cpp computes it: each token's x quantized to int8 per group of 16/32 (scale
+    max|x|/127, round half to even), W's quants used as they are, integer dot products (VNNI).
+    x f32 (T, n), w uint8 (rows, row_bytes) -> f32 (T, rows). For inference: there is no backward."""
+    qt = _qtype(qtype)
+    if not int8_supported(qt):
+        why = "this CPU lacks AVX512-VNNI" if _int8 is None else f"{qt.name} has no int8 form"
+        raise GGTrainError(f"qmatmul_int8: {why}")
+    n = _check_weight(w, qt)
+    x = _check_f32_2d(x, "x", n)
+    out = _check_out(out, (x.shape[0], w.shape[0]))
+    block, type_size = GGML_QUANT_SIZES[qt]
+    _int8.qmatmul_int8(int(qt), block, type_size, w, x, out, get_num_threads())
     return out

@@ -1,0 +1,351 @@
+/* int8 matmul over GGUF weights with AVX512-VNNI (compiled only into int8mm_avx512).
+
+   Y (T, R) = X (T, n) · Wᵀ, approximated as llama.cpp does: X is quantized to int8 in groups of G
+   consecutive elements (G = 16 or 32, the weight type's scale granularity), and every quant type is
+   rewritten, exactly, as  w = s·q + o  with q int8 and one scale s (and offset o) per group of G:
+
+       Y[t, r] = Σ_groups  s[r,g]·xs[t,g]·Σ q·xq  +  o[r,g]·xs[t,g]·Σ xq
+
+   The integer sums run on vpdpbusd, which multiplies unsigned by signed bytes: the activations are
+   stored as u = xq + 128 (always in 1..255) and 128·Σq is subtracted per group.
+
+   Layouts (all built per call; nothing is cached):
+     weight panel: q int8 (rows, n); s, o float and c int32 = 128·Σq, each (rows, n/G)
+     activations:  u uint8 [tg][n/4][16][4] for token groups of 16 (one zmm of int32 lanes is 16
+                   tokens × 4 consecutive k); xs, xsum (= xs·Σxq) float [tg][n/G][16]
+*/
+#ifndef GG_INT8_UTIL_H
+#define GG_INT8_UTIL_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float i8_f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static const int8_t I8_KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* ---- weights: one row of GGUF blocks -> q, s, o, c (o may be NULL for types without offset) ---- */
+
+static inline void i8_group_sums(const int8_t *q, int32_t *c, int64_t n, int G) {
+    for (int64_t g = 0; g < n / G; g++) {
+        int32_t sum = 0;
+        for (int j = 0; j < G; j++) sum += q[g * G + j];
+        c[g] = 128 * sum;
+    }
+}
+
+/* Converts nb blocks of one row; returns 0, or -1 for a type without an int8 form. */
+static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o,
+                            int32_t *c) {
+    int64_t i;
+    int j, l, h, sh, sub;
+    int64_t n = 0;
+    int G = 32;
+    switch (qtype) {
+    case 2: /* Q4_0: d | qs[16]; w = d (q - 8) */
+        for (i = 0; i < nb; i++, b += 18, q += 32) {
+            s[i] = i8_f16(b);
+            for (j = 0; j < 16; j++) {
+                q[j] = (int8_t)((b[2 + j] & 15) - 8);
+                q[j + 16] = (int8_t)((b[2 + j] >> 4) - 8);
+            }
+        }
+        n = nb * 32;
+        break;
+    case 3: /* Q4_1: d | m | qs[16]; w = d q + m */
+        for (i = 0; i < nb; i++, b += 20, q += 32) {
+            s[i] = i8_f16(b);
+            o[i] = i8_f16(b + 2);
+            for (j = 0; j < 16; j++) {
+                q[j] = (int8_t)(b[4 + j] & 15);
+                q[j + 16] = (int8_t)(b[4 + j] >> 4);
+            }
+        }
+        n = nb * 32;
+        break;
+    case 6: /* Q5_0: d | qh u32 | qs[16]; w = d (q - 16) */
+        for (i = 0; i < nb; i++, b += 22, q += 32) {
+            uint32_t qh;
+            memcpy(&qh, b + 2, 4);
+            s[i] = i8_f16(b);
+            for (j = 0; j < 16; j++) {
+                q[j] = (int8_t)(((b[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+                q[j + 16] = (int8_t)(((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+            }
+        }
+        n = nb * 32;
+        break;
+    case 7: /* Q5_1: d | m | qh u32 | qs[16]; w = d q + m */
+        for (i = 0; i < nb; i++, b += 24, q += 32) {
+            uint32_t qh;
+            memcpy(&qh, b + 4, 4);
+            s[i] = i8_f16(b);
+            o[i] = i8_f16(b + 2);
+            for (j = 0; j < 16; j++) {
+                q[j] = (int8_t)((b[8 + j] & 15) | (((qh >> j) & 1) << 4));
+                q[j + 16] = (int8_t)((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+            }
+        }
+        n = nb * 32;
+        break;
+    case 8: /* Q8_0: d | qs int8[32]; w = d q */
+        for (i = 0; i < nb; i++, b += 34, q += 32) {
+            s[i] = i8_f16(b);
+            memcpy(q, b + 2, 32);
+        }
+        n = nb * 32;
+        break;
+    case 10: /* Q2_K: scales[16] | qs[64] | d | dmin; groups of 16: w = d·sc q - dmin·m */
+        G = 16;
+        for (i = 0; i < nb; i++, b += 84, q += 256, s += 16, o += 16) {
+            float d = i8_f16(b + 80), dmin = i8_f16(b + 82);
+            for (j = 0; j < 16; j++) {
+                s[j] = d * (float)(b[j] & 15);
+                o[j] = -(dmin * (float)(b[j] >> 4));
+            }
+            for (h = 0; h < 2; h++)
+                for (sh = 0; sh < 4; sh++)
+                    for (l = 0; l < 32; l++)
+                        q[h * 128 + sh * 32 + l] = (int8_t)((b[16 + h * 32 + l] >> (2 * sh)) & 3);
+        }
+        n = nb * 256;
+        break;
+    case 11: /* Q3_K: hmask[32] | qs[64] | scales[12] | d; groups of 16: w = d (sc - 32) q3 */
+        G = 16;
+        for (i = 0; i < nb; i++, b += 110, q += 256, s += 16) {
+            const uint8_t *sc = b + 96;
+            float d = i8_f16(b + 108);
+            for (j = 0; j < 16; j++) {
+                int v = j < 8 ? (sc[j] & 15) : (sc[j - 8] >> 4);
+                v |= ((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
+                s[j] = d * (float)(int8_t)(v - 32);
+            }
+            for (h = 0; h < 2; h++)
+                for (sh = 0; sh < 4; sh++)
+                    for (l = 0; l < 32; l++)
+                        q[h * 128 + sh * 32 + l] = (int8_t)(((b[32 + h * 32 + l] >> (2 * sh)) & 3)
+                                                            - ((((b[l] >> (h * 4 + sh)) & 1) ^ 1) << 2));
+        }
+        n = nb * 256;
+        break;
+    case 12: /* Q4_K: d | dmin | scales[12] | qs[128]; groups of 32: w = d·sc q - dmin·m */
+    case 13: /* Q5_K: d | dmin | scales[12] | qh[32] | qs[128] */
+        for (i = 0; i < nb; i++, q += 256, s += 8, o += 8) {
+            float d = i8_f16(b), dmin = i8_f16(b + 2);
+            const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (qtype == 12 ? 16 : 48);
+            for (j = 0; j < 8; j++) {
+                int scale, mn;
+                if (j < 4) {
+                    scale = sc[j] & 63;
+                    mn = sc[j + 4] & 63;
+                } else {
+                    scale = (sc[j + 4] & 15) | ((sc[j - 4] >> 2) & 0x30);
+                    mn = (sc[j + 4] >> 4) | ((sc[j] >> 2) & 0x30);
+                }
+                s[j] = d * (float)scale;
+                o[j] = -(dmin * (float)mn);
+                for (l = 0; l < 32; l++) {
+                    int v = (qs[(j / 2) * 32 + l] >> (4 * (j % 2))) & 15;
+                    if (qtype == 13) v |= ((qh[l] >> j) & 1) << 4;
+                    q[j * 32 + l] = (int8_t)v;
+                }
+            }
+            b += qtype == 12 ? 144 : 176;
+        }
+        n = nb * 256;
+        break;
+    case 14: /* Q6_K: ql[128] | qh[64] | scales int8[16] | d; groups of 16: w = d·sc (q - 32) */
+        G = 16;
+        for (i = 0; i < nb; i++, b += 210, q += 256, s += 16) {
+            float d = i8_f16(b + 208);
+            for (j = 0; j < 16; j++) s[j] = d * (float)(int8_t)b[192 + j];
+            for (h = 0; h < 2; h++)
+                for (sh = 0; sh < 4; sh++)
+                    for (l = 0; l < 32; l++)
+                        q[h * 128 + sh * 32 + l] = (int8_t)(
+                            (((b[h * 64 + (sh % 2) * 32 + l] >> (4 * (sh / 2))) & 15)
+                             | (((b[128 + h * 32 + l] >> (2 * sh)) & 3) << 4)) - 32);
+        }
+        n = nb * 256;
+        break;
+    case 20: /* IQ4_NL: d | qs[16] (indices into the 16 levels); w = d kvalue */
+        for (i = 0; i < nb; i++, b += 18, q += 32) {
+            s[i] = i8_f16(b);
+            for (j = 0; j < 16; j++) {
+                q[j] = I8_KVALUES[b[2 + j] & 15];
+                q[j + 16] = I8_KVALUES[b[2 + j] >> 4];
+            }
+        }
+        n = nb * 32;
+        break;
+    case 23: /* IQ4_XS: d | scales_h u16 | scales_l[4] | qs[128]; groups of 32: w = d (ls - 32) kvalue */
+        for (i = 0; i < nb; i++, b += 136, q += 256, s += 8) {
+            float d = i8_f16(b);
+            uint16_t shi;
+            memcpy(&shi, b + 2, 2);
+            for (sub = 0; sub < 8; sub++) {
+                int ls = ((b[4 + sub / 2] >> (4 * (sub % 2))) & 15) | (((shi >> (2 * sub)) & 3) << 4);
+                s[sub] = d * (float)(int8_t)(ls - 32);
+                for (j = 0; j < 16; j++) {
+                    q[sub * 32 + j] = I8_KVALUES[b[8 + sub * 16 + j] & 15];
+                    q[sub * 32 + j + 16] = I8_KVALUES[b[8 + sub * 16 + j] >> 4];
+                }
+            }
+        }
+        n = nb * 256;
+        break;
+    default:
+        return -1;
+    }
+    (void)n;
+    (void)G;
+    return 0;
+}
+
+/* ---- activations: T rows of n floats -> u, xs, xsum in token groups of 16 ---- */
+
+/* One token: x (n floats) -> q8 (n int8, in order) and its lane of xs/xsum (xs[g*16], xsum[g*16]).
+   xs = max|x|/127 per group; q = rint(x / xs) in f32 (round half to even, as numpy's rint). */
+static void gg_i8_quantize_row(const float *x, int64_t n, int G, int8_t *q8, float *xs, float *xsum) {
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t g = 0; g < n / G; g++) {
+        const float *xg = x + g * G;
+        __m512 v0 = _mm512_loadu_ps(xg), v1 = G == 32 ? _mm512_loadu_ps(xg + 16) : _mm512_setzero_ps();
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, absmask), _mm512_and_ps(v1, absmask)));
+        float d = amax / 127.0f;
+        const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));  /* MXCSR default: nearest-even */
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        _mm_storeu_si128((__m128i *)(q8 + g * G), _mm512_cvtepi32_epi8(q0));
+        if (G == 32) _mm_storeu_si128((__m128i *)(q8 + g * G + 16), _mm512_cvtepi32_epi8(q1));
+        int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        xs[g * 16] = d;
+        xsum[g * 16] = d * (float)sum;
+    }
+}
+
+/* 16 tokens' q8 rows (row stride n) -> u [n/4][16][4] = q + 128: dword k4 of every token side by
+   side, the layout whose one 64-byte load feeds vpdpbusd 16 tokens × 4 k. */
+static void gg_i8_interleave(const int8_t *q8, int64_t n, uint8_t *u) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)n));
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t k4 = 0; k4 < n / 4; k4++) {
+        __m512i v = _mm512_i32gather_epi32(idx, (const void *)(q8 + k4 * 4), 1);
+        _mm512_store_si512((void *)(u + k4 * 64), _mm512_xor_si512(v, flip));
+    }
+}
+
+/* 4 rows × 16 tokens (vectors a..d, lane = token) -> y[t][0..3] for the 16 tokens (row stride ldy). */
+static inline void i8_store_4x16(__m512 a, __m512 b, __m512 c, __m512 d, float *y, int64_t ldy) {
+    __m512 t0 = _mm512_unpacklo_ps(a, b), t1 = _mm512_unpackhi_ps(a, b);
+    __m512 t2 = _mm512_unpacklo_ps(c, d), t3 = _mm512_unpackhi_ps(c, d);
+    __m512 r0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    __m512 r1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    __m512 r2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    __m512 r3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+#define I8_ST(L)                                                            \
+    _mm_storeu_ps(y + (4 * L + 0) * ldy, _mm512_extractf32x4_ps(r0, L));   \
+    _mm_storeu_ps(y + (4 * L + 1) * ldy, _mm512_extractf32x4_ps(r1, L));   \
+    _mm_storeu_ps(y + (4 * L + 2) * ldy, _mm512_extractf32x4_ps(r2, L));   \
+    _mm_storeu_ps(y + (4 * L + 3) * ldy, _mm512_extractf32x4_ps(r3, L));
+    I8_ST(0) I8_ST(1) I8_ST(2) I8_ST(3)
+#undef I8_ST
+}
+
+/* tile [4][J*16] (rows × tokens) -> y (token-major, row stride ldy): `rows` rows (<= 4) and
+   `tokens` tokens (<= J*16) are real, the rest padding. */
+static void gg_i8_store_tile(const float *tile, int J, int rows, int64_t tokens, float *y, int64_t ldy) {
+    for (int j = 0; j < J; j++) {
+        if (rows == 4 && tokens >= (j + 1) * 16) {
+            i8_store_4x16(_mm512_loadu_ps(tile + 0 * J * 16 + j * 16), _mm512_loadu_ps(tile + 1 * J * 16 + j * 16),
+                          _mm512_loadu_ps(tile + 2 * J * 16 + j * 16), _mm512_loadu_ps(tile + 3 * J * 16 + j * 16),
+                          y + j * 16 * ldy, ldy);
+        } else {
+            for (int64_t t = j * 16; t < (j + 1) * 16 && t < tokens; t++)
+                for (int r = 0; r < rows; r++) y[t * ldy + r] = tile[r * J * 16 + t];
+        }
+    }
+}
+
+/* ---- micro-kernel: 4 weight rows × J token groups (16 tokens each) over all n ---- */
+
+#define I8_R 4
+
+static inline __attribute__((always_inline)) void i8_tile(
+    int G, int J, int has_off, int64_t n, const int8_t *q, const float *s, const float *o,
+    const int32_t *c, const uint8_t *u, const float *xs, const float *xsum, int64_t ustride,
+    int64_t fstride, float *out /* [I8_R][J*16] */) {
+    const int64_t ng = n / G;
+    __m512 facc[I8_R][2];
+    for (int r = 0; r < I8_R; r++)
+        for (int j = 0; j < J; j++) facc[r][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i acc[I8_R][2];
+        for (int r = 0; r < I8_R; r++)
+            for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_si512();
+        for (int k4 = 0; k4 < G / 4; k4++) {
+            const int64_t kk = g * (G / 4) + k4;
+            __m512i xv[2];
+            for (int j = 0; j < J; j++) xv[j] = _mm512_load_si512((const void *)(u + j * ustride + kk * 64));
+            for (int r = 0; r < I8_R; r++) {
+                int32_t w4;
+                memcpy(&w4, q + r * n + kk * 4, 4);
+                const __m512i wb = _mm512_set1_epi32(w4);
+                for (int j = 0; j < J; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], xv[j], wb);
+            }
+        }
+        for (int j = 0; j < J; j++) {
+            const __m512 xsv = _mm512_load_ps(xs + j * fstride + g * 16);
+            __m512 xsumv = _mm512_setzero_ps();
+            if (has_off) xsumv = _mm512_load_ps(xsum + j * fstride + g * 16);
+            for (int r = 0; r < I8_R; r++) {
+                const __m512i t = _mm512_sub_epi32(acc[r][j], _mm512_set1_epi32(c[r * ng + g]));
+                const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(s[r * ng + g]), xsv);
+                facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, facc[r][j]);
+                if (has_off) facc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(o[r * ng + g]), xsumv, facc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < I8_R; r++)
+        for (int j = 0; j < J; j++) _mm512_storeu_ps(out + r * J * 16 + j * 16, facc[r][j]);
+}
+
+#define I8_TILE_VARIANT(G, J, OFF)                                                                   \
+    static void i8_tile_##G##_##J##_##OFF(int64_t n, const int8_t *q, const float *s, const float *o, \
+                                          const int32_t *c, const uint8_t *u, const float *xs,       \
+                                          const float *xsum, int64_t us, int64_t fs, float *out) {   \
+        i8_tile(G, J, OFF, n, q, s, o, c, u, xs, xsum, us, fs, out);                                 \
+    }
+I8_TILE_VARIANT(16, 1, 0)
+I8_TILE_VARIANT(16, 1, 1)
+I8_TILE_VARIANT(16, 2, 0)
+I8_TILE_VARIANT(16, 2, 1)
+I8_TILE_VARIANT(32, 1, 0)
+I8_TILE_VARIANT(32, 1, 1)
+I8_TILE_VARIANT(32, 2, 0)
+I8_TILE_VARIANT(32, 2, 1)
+
+/* out [I8_R][J*16] = 4 rows × J·16 tokens; o NULL when the type has no offset. */
+static void gg_i8_tile(int G, int J, int64_t n, const int8_t *q, const float *s, const float *o,
+                       const int32_t *c, const uint8_t *u, const float *xs, const float *xsum,
+                       int64_t ustride, int64_t fstride, float *out) {
+    int off = o != NULL;
+#define I8_CALL(GG, JJ, OO) i8_tile_##GG##_##JJ##_##OO(n, q, s, o, c, u, xs, xsum, ustride, fstride, out)
+    if (G == 16) {
+        if (J == 2) { if (off) I8_CALL(16, 2, 1); else I8_CALL(16, 2, 0); }
+        else { if (off) I8_CALL(16, 1, 1); else I8_CALL(16, 1, 0); }
+    } else {
+        if (J == 2) { if (off) I8_CALL(32, 2, 1); else I8_CALL(32, 2, 0); }
+        else { if (off) I8_CALL(32, 1, 1); else I8_CALL(32, 1, 0); }
+    }
+#undef I8_CALL
+}
+
+#endif

@@ -1,0 +1,174 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""int8 matmul Y = X·Wᵀ over GGUF weights on AVX512-VNNI (the math is in int8_util.h).
+
+Built only for x86 with -mavx512f/bw/vl/vnni; ggtrain.kernels imports it only on a CPU that has
+them. Work: the tokens are quantized once (one prange over tokens); then each work item is a panel
+of PANEL_ROWS weight rows, which its thread rewrites into int8 form in its own buffers and
+multiplies with every token: items write disjoint columns of Y, dynamic hand-out, no barriers.
+"""
+
+from cython.parallel cimport parallel, prange, threadid
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+cdef extern from "stdlib.h" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
+
+cdef extern from "int8_util.h" nogil:
+    int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o,
+                         int32_t *c)
+    void i8_group_sums(const int8_t *q, int32_t *c, int64_t n, int G)
+    void gg_i8_quantize_row(const float *x, int64_t n, int G, int8_t *q8, float *xs, float *xsum)
+    void gg_i8_interleave(const int8_t *q8, int64_t n, uint8_t *u)
+    void gg_i8_store_tile(const float *tile, int J, int rows, int64_t tokens, float *y, int64_t ldy)
+    void gg_i8_tile(int G, int J, int64_t n, const int8_t *q, const float *s, const float *o,
+                    const int32_t *c, const uint8_t *u, const float *xs, const float *xsum,
+                    int64_t ustride, int64_t fstride, float *out)
+    int I8_R
+
+# Weight rows a thread converts at a time: 64 rows of 2048 int8 = 128 KiB, L2-resident while every
+# token passes over them.
+DEF PANEL_ROWS = 64
+
+
+cdef int _group_size(int qtype) noexcept nogil:
+    if qtype == 10 or qtype == 11 or qtype == 14:  # Q2_K, Q3_K, Q6_K: a scale per 16
+        return 16
+    if qtype in (2, 3, 6, 7, 8, 12, 13, 20, 23):
+        return 32
+    return 0
+
+
+def group_size(int qtype):
+    """Elements per scale group of qtype's int8 form (16 or 32); 0 if qtype has none."""
+    return _group_size(qtype)
+
+
+def has_offset(int qtype):
+    """Whether qtype's int8 form has an offset o (w = s·q + o), i.e. a min per group."""
+    return qtype in (3, 7, 10, 12, 13)
+
+
+def weight_rows(int qtype, int block, int type_size, const uint8_t[:, :] w):
+    """The int8 form of w's rows: (q int8 (R, n), s f32 (R, n/G), o f32 (R, n/G), c int32 (R, n/G));
+    w = s·q + o per group of G. For tests: qmatmul never materializes it."""
+    import numpy as np
+    cdef int G = group_size(qtype)
+    cdef Py_ssize_t R = w.shape[0], nb = w.shape[1] // type_size, n = nb * block, i
+    q = np.zeros((R, n), dtype=np.int8)
+    s = np.zeros((R, n // G), dtype=np.float32)
+    o = np.zeros((R, n // G), dtype=np.float32)
+    c = np.zeros((R, n // G), dtype=np.int32)
+    cdef int8_t[:, ::1] qv = q
+    cdef float[:, ::1] sv = s
+    cdef float[:, ::1] ov = o
+    cdef int32_t[:, ::1] cv = c
+    for i in range(R):
+        if gg_i8_weight_row(qtype, &w[i, 0], nb, &qv[i, 0], &sv[i, 0], &ov[i, 0], &cv[i, 0]) != 0:
+            raise ValueError(f"type {qtype} has no int8 form")
+        i8_group_sums(&qv[i, 0], &cv[i, 0], n, G)
+    return q, s, o, c
+
+
+cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const uint8_t *w,
+                    Py_ssize_t wstride, Py_ssize_t R, Py_ssize_t n, const float *x, Py_ssize_t ldx,
+                    Py_ssize_t T, float *y, Py_ssize_t ldy, int nth) noexcept nogil:
+    cdef Py_ssize_t ng = n // G, nb = n // block, ntg = (T + 15) // 16
+    cdef Py_ssize_t ustride = n * 16, fstride = ng * 16
+    cdef uint8_t *u = <uint8_t *>aligned_alloc(64, ntg * ustride + 64)
+    cdef int8_t *q8 = <int8_t *>aligned_alloc(64, ntg * ustride + 64)
+    cdef float *xs = <float *>aligned_alloc(64, (ntg * fstride * 4 + 64) // 64 * 64)
+    cdef float *xsum = <float *>aligned_alloc(64, (ntg * fstride * 4 + 64) // 64 * 64)
+    # per thread: q (PANEL_ROWS, n) int8, s/o (PANEL_ROWS, ng) f32, c (PANEL_ROWS, ng) int32, out tile
+    cdef Py_ssize_t per_thread = PANEL_ROWS * n + 3 * PANEL_ROWS * ng * 4 + I8_R * 32 * 4 + 256
+    cdef uint8_t *bufs = <uint8_t *>aligned_alloc(64, (nth * per_thread + 64) // 64 * 64)
+    if u == NULL or q8 == NULL or xs == NULL or xsum == NULL or bufs == NULL:
+        free(u)
+        free(q8)
+        free(xs)
+        free(xsum)
+        free(bufs)
+        return -1
+    cdef Py_ssize_t t, item, r0, rows, i, tg, rt, j, J
+    cdef Py_ssize_t n_items = (R + PANEL_ROWS - 1) // PANEL_ROWS
+    cdef int8_t *q
+    cdef float *s
+    cdef float *o
+    cdef int32_t *c
+    cdef float *tile
+    # token t -> row t of q8 and lane t % 16 of its group's xs/xsum; padding tokens quantize to 0
+    for t in prange(ntg * 16, num_threads=nth, schedule="static"):
+        if t < T:
+            gg_i8_quantize_row(x + t * ldx, n, G, q8 + t * n, xs + (t // 16) * fstride + t % 16,
+                               xsum + (t // 16) * fstride + t % 16)
+        else:
+            memset(q8 + t * n, 0, n)
+            for j in range(ng):
+                xs[(t // 16) * fstride + j * 16 + t % 16] = 0
+                xsum[(t // 16) * fstride + j * 16 + t % 16] = 0
+    for tg in prange(ntg, num_threads=nth, schedule="static"):
+        gg_i8_interleave(q8 + tg * 16 * n, n, u + tg * ustride)
+    with parallel(num_threads=nth):
+        q = <int8_t *>(bufs + threadid() * per_thread)
+        s = <float *>(<uint8_t *>q + PANEL_ROWS * n)
+        o = s + PANEL_ROWS * ng
+        c = <int32_t *>(o + PANEL_ROWS * ng)
+        tile = <float *>(c + PANEL_ROWS * ng)
+        for item in prange(n_items, schedule="dynamic", chunksize=1):
+            r0 = item * PANEL_ROWS
+            rows = min(PANEL_ROWS, R - r0)
+            for i in range(rows):
+                gg_i8_weight_row(qtype, w + (r0 + i) * wstride, nb, q + i * n, s + i * ng, o + i * ng,
+                                 c + i * ng)
+                i8_group_sums(q + i * n, c + i * ng, n, G)
+            i = rows
+            while i % I8_R:  # pad to whole micro-tiles with zero rows (never written out)
+                memset(q + i * n, 0, n)
+                memset(s + i * ng, 0, ng * 4)
+                memset(o + i * ng, 0, ng * 4)
+                memset(c + i * ng, 0, ng * 4)
+                i = i + 1
+            tg = 0
+            while tg < ntg:
+                J = 2 if tg + 1 < ntg else 1
+                rt = 0
+                while rt < rows:
+                    gg_i8_tile(G, J, n, q + rt * n, s + rt * ng, o + rt * ng if off else NULL, c + rt * ng,
+                               u + tg * ustride, xs + tg * fstride, xsum + tg * fstride, ustride, fstride,
+                               tile)
+                    gg_i8_store_tile(tile, <int>J, <int>min(I8_R, rows - rt), T - tg * 16,
+                                     y + tg * 16 * ldy + r0 + rt, ldy)
+                    rt = rt + I8_R
+                tg = tg + J
+    free(u)
+    free(q8)
+    free(xs)
+    free(xsum)
+    free(bufs)
+    return 0
+
+
+def qmatmul_int8(int qtype, int block, int type_size, const uint8_t[:, :] w, const float[:, :] x,
+                 float[:, :] y, int nth):
+    """y (T, R) = x (T, n) · Wᵀ through the int8 form (inner strides 1, checked by the caller)."""
+    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, T = x.shape[0], i, j
+    cdef int G = group_size(qtype)
+    if G == 0:
+        raise ValueError(f"type {qtype} has no int8 form")
+    if T == 0 or R == 0:
+        return
+    if n == 0:
+        for i in range(T):
+            for j in range(R):
+                y[i, j] = 0
+        return
+    cdef Py_ssize_t ldx = x.strides[0] // 4 if T > 1 else n
+    cdef Py_ssize_t ldy = y.strides[0] // 4 if T > 1 else R
+    cdef int rc
+    cdef bint off = has_offset(qtype)
+    with nogil:
+        rc = i8_forward(qtype, G, off, block, type_size, &w[0, 0], w.strides[0], R, n,
+                        &x[0, 0], ldx, T, &y[0, 0], ldy, nth)
+    if rc != 0:
+        raise MemoryError("cannot allocate the int8 matmul buffers")
