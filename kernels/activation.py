@@ -26,7 +26,7 @@ from numba import njit, prange
 GELU_COEF_A = 0.044715
 SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 BLOCK = 4096  # elements per block (its scratch stays in L1)
-PARALLEL_MIN = 1 << 21  # elements: below this the kernels run serially
+PARALLEL_MIN = 1 << 18  # elements: below this the kernels run serially
 
 SWIGLU_FWD, SWIGLU_BWD, GEGLU_FWD, GEGLU_BWD = 0, 1, 2, 3
 

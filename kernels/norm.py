@@ -14,7 +14,7 @@ same: its sum is a ggml_float). Rows run in parallel for arrays of PARALLEL_MIN 
 import numpy as np
 from numba import njit, prange
 
-PARALLEL_MIN = 1 << 21  # elements: smaller arrays run on the calling thread (waking the pool costs more when busy)
+PARALLEL_MIN = 1 << 18  # elements: smaller arrays run on the calling thread (waking the pool costs more when busy)
 
 
 @njit(cache=True, fastmath=True)

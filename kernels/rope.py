@@ -22,7 +22,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-PARALLEL_MIN = 1 << 21  # elements: smaller tensors are rotated on the calling thread (waking the pool costs more)
+PARALLEL_MIN = 1 << 18  # elements: smaller tensors are rotated on the calling thread (waking the pool costs more)
 
 
 def _yarn_corr_dim(n_dims: int, n_ctx_orig: int, n_rot: float, base: float) -> float:
