@@ -34,6 +34,7 @@ __all__ = [
     "dequantize",
     "get_num_threads",
     "get_rows",
+    "avx512_module",
     "int8_available",
     "int8_supported",
     "plan",
@@ -77,29 +78,29 @@ else:
     from ggtrain.kernels import quant_base as _impl
 
 
-# The int8 path's instructions (AVX512 F/BW/VL/DQ + VNNI), as numpy names the CPU's features.
-INT8_CPU_FEATURES = ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX512VNNI", "F16C")
+# What the NAME_avx512 modules are compiled for (setup.py's AVX512_ARGS), as numpy names the CPU's features.
+AVX512_CPU_FEATURES = ("AVX2", "FMA3", "F16C", "AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX512VNNI")
 
 
-def _load_int8():
-    """The int8mm_avx512 module, or None when this CPU (or build) cannot run it; GGTRAIN_INT8=0
-    turns it off."""
-    if os.environ.get("GGTRAIN_INT8", "").strip() == "0":
+def avx512_module(name: str):
+    """ggtrain.kernels.NAME (an NAME_avx512 module), or None when this CPU or build cannot run it;
+    GGTRAIN_AVX512=0 turns all of them off (the portable paths then run)."""
+    if os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
         return None
     try:
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__
-    if not all(__cpu_features__.get(f) for f in INT8_CPU_FEATURES):
+    if not all(__cpu_features__.get(f) for f in AVX512_CPU_FEATURES):
         return None
     try:
-        from ggtrain.kernels import int8mm_avx512
+        import importlib
+        return importlib.import_module(f"ggtrain.kernels.{name}")
     except ImportError:  # not built (non-x86)
         return None
-    return int8mm_avx512
 
 
-_int8 = _load_int8()
+_int8 = avx512_module("int8mm_avx512")
 
 
 # The kernels call scipy's OpenBLAS from inside their OpenMP threads: it must not add its own.
