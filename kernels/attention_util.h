@@ -15,34 +15,9 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "avx512_math.h"
+
 #define AT_ROWS 8
-
-/* exp(x) for x in [-87, 88], ~1 ulp (Cephes-style: 2^n · poly(r), r = x - n ln2). */
-static inline __m512 at_exp(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|) <= 1: no overflow. */
-static inline __m512 at_tanh(__m512 y) {
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512 a = _mm512_and_ps(y, absmask);
-    const __m512 e = at_exp(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
-    const __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    return _mm512_or_ps(t, _mm512_andnot_ps(absmask, y));  /* sign of y */
-}
 
 /* Columns j0..j0+15 of kt (D, Tp) = k[j, g, :] for kv head g; k (T, Hkv, D); columns >= T zero.
    16 keys at a time: their 16 rows of k stay in L1 while all D rows of kt get them. */
@@ -106,7 +81,7 @@ static void gg_at_task(const float *q, const float *kt, const float *v, const in
             __m512 z = _mm512_loadu_ps(sr + c);
             if (softcap > 0.0f) {
                 const __m512 cap = _mm512_set1_ps(softcap);
-                z = _mm512_mul_ps(cap, at_tanh(_mm512_div_ps(z, cap)));
+                z = _mm512_mul_ps(cap, gg_tanh512(_mm512_div_ps(z, cap)));
                 _mm512_storeu_ps(sr + c, z);
             }
             vmax = _mm512_mask_max_ps(vmax, vis, vmax, z);
@@ -117,7 +92,7 @@ static void gg_at_task(const float *q, const float *kt, const float *v, const in
         for (int64_t c = 0; c < nk; c += 16) {
             const __m512i j = _mm512_add_epi32(_mm512_set1_epi32((int)(jlo + c)), iota);
             const __mmask16 vis = _mm512_cmpge_epi32_mask(j, vlo) & _mm512_cmple_epi32_mask(j, vhi);
-            const __m512 p = _mm512_maskz_mov_ps(vis, at_exp(_mm512_sub_ps(_mm512_loadu_ps(sr + c), vm)));
+            const __m512 p = _mm512_maskz_mov_ps(vis, gg_exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + c), vm)));
             _mm512_storeu_ps(sr + c, p);
             vsum = _mm512_add_ps(vsum, p);
         }

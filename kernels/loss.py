@@ -30,8 +30,11 @@ from typing import Protocol
 
 import numba
 import numpy as np
+from ggtrain.kernels import avx512_module, get_num_threads
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
+
+_avx512 = avx512_module("loss_avx512")  # the forward's f32 row work on AVX512 CPUs
 
 DEFAULT_CHUNK = 8192  # vocab rows per chunk: 512 tokens × 8192 × 4 B = 16 MiB of logits at a time
 
@@ -204,8 +207,12 @@ def cross_entropy_forward(
     for r0 in range(0, n_vocab, chunk):  # one GEMM per chunk through the (quantized) head
         r1 = min(n_vocab, r0 + chunk)
         logits = np.ascontiguousarray(head.matmul(h, r0, r1))
-        _ce_fwd_chunk(logits, r0, tgt, float(final_softcap), logits.dtype == np.float32, kbuf, run_max, run_sum,
-                      tgt_logit)
+        if _avx512 is not None and logits.dtype == np.float32:
+            _avx512.ce_forward_chunk(logits, r0, tgt, float(final_softcap), run_max, run_sum, tgt_logit,
+                                     get_num_threads())
+        else:
+            _ce_fwd_chunk(logits, r0, tgt, float(final_softcap), logits.dtype == np.float32, kbuf, run_max,
+                          run_sum, tgt_logit)
     lse = run_max + np.log(run_sum)
     losses = np.where(valid, lse - tgt_logit, 0.0)
     loss = float(np.dot(weights, losses))
