@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,10 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
         lora, _, _ = read_gguf_adapter(ad_path, base=mf, scale=scale)
         model.adapters.append(Adapter(lora))
     tok = Tokenizer.from_model_file(mf)
+    # The vocabulary's ~10^5 Python objects would be walked by every full garbage collection that
+    # the forward's array allocations trigger: they live as long as the run, so set them aside.
+    gc.collect()
+    gc.freeze()
     text = read_text(text_file)
     t0 = time.perf_counter()
     tokens = np.asarray(tok.encode(text, add_special=True, parse_special=False), dtype=np.int32)

@@ -32,8 +32,21 @@ static const int8_t I8_KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 
 
 /* ---- weights: one row of GGUF blocks -> q, s, o, c (o may be NULL for types without offset) ---- */
 
+/* c[g] = 128 · Σ q over group g (G = 16 or 32). psadbw sums unsigned bytes 8 at a time, so the
+   bytes are flipped to q + 128 and 128·G taken off again. */
 static inline void i8_group_sums(const int8_t *q, int32_t *c, int64_t n, int G) {
-    for (int64_t g = 0; g < n / G; g++) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int per = 64 / G;       /* groups in 64 bytes */
+    const int lanes = G / 8;      /* 64-bit psadbw lanes per group */
+    const __mmask8 first = (__mmask8)((1u << lanes) - 1);
+    int64_t g = 0;
+    for (; (g + per) * G <= n; g += per) {
+        const __m512i sad = _mm512_sad_epu8(_mm512_xor_si512(_mm512_loadu_si512((const void *)(q + g * G)), flip),
+                                            _mm512_setzero_si512());
+        for (int i = 0; i < per; i++)
+            c[g + i] = 128 * ((int32_t)_mm512_mask_reduce_add_epi64((__mmask8)(first << (i * lanes)), sad) - 128 * G);
+    }
+    for (; g < n / G; g++) {
         int32_t sum = 0;
         for (int j = 0; j < G; j++) sum += q[g * G + j];
         c[g] = 128 * sum;

@@ -10,7 +10,7 @@ multiplies with every token: items write disjoint columns of Y, dynamic hand-out
 from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cdef extern from "stdlib.h" nogil:
     void *aligned_alloc(size_t alignment, size_t size)
@@ -80,8 +80,10 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
     cdef int8_t *q8 = <int8_t *>aligned_alloc(64, ntg * ustride + 64)
     cdef float *xs = <float *>aligned_alloc(64, (ntg * fstride * 4 + 64) // 64 * 64)
     cdef float *xsum = <float *>aligned_alloc(64, (ntg * fstride * 4 + 64) // 64 * 64)
-    # per thread: q (PANEL_ROWS, n) int8, s/o (PANEL_ROWS, ng) f32, c (PANEL_ROWS, ng) int32, out tile
-    cdef Py_ssize_t per_thread = PANEL_ROWS * n + 3 * PANEL_ROWS * ng * 4 + I8_R * 32 * 4 + 256
+    # per thread: q (PANEL_ROWS, n) int8, s/o (PANEL_ROWS, ng) f32, c (PANEL_ROWS, ng) int32, a micro-tile
+    # and the panel's output for 32 tokens, pbuf (32, PANEL_ROWS) f32 (copied to y a row at a time)
+    cdef Py_ssize_t per_thread = (PANEL_ROWS * n + 3 * PANEL_ROWS * ng * 4 + I8_R * 32 * 4
+                                  + 32 * PANEL_ROWS * 4 + 256) // 64 * 64
     cdef uint8_t *bufs = <uint8_t *>aligned_alloc(64, (nth * per_thread + 64) // 64 * 64)
     if u == NULL or q8 == NULL or xs == NULL or xsum == NULL or bufs == NULL:
         free(u)
@@ -97,6 +99,7 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
     cdef float *o
     cdef int32_t *c
     cdef float *tile
+    cdef float *pbuf
     # token t -> row t of q8 and lane t % 16 of its group's xs/xsum; padding tokens quantize to 0
     for t in prange(ntg * 16, num_threads=nth, schedule="static"):
         if t < T:
@@ -115,6 +118,7 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
         o = s + PANEL_ROWS * ng
         c = <int32_t *>(o + PANEL_ROWS * ng)
         tile = <float *>(c + PANEL_ROWS * ng)
+        pbuf = tile + I8_R * 32
         for item in prange(n_items, schedule="dynamic", chunksize=1):
             r0 = item * PANEL_ROWS
             rows = min(PANEL_ROWS, R - r0)
@@ -137,9 +141,11 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
                     gg_i8_tile(G, J, n, q + rt * n, s + rt * ng, o + rt * ng if off else NULL, c + rt * ng,
                                u + tg * ustride, xs + tg * fstride, xsum + tg * fstride, ustride, fstride,
                                tile)
-                    gg_i8_store_tile(tile, <int>J, <int>min(I8_R, rows - rt), T - tg * 16,
-                                     y + tg * 16 * ldy + r0 + rt, ldy)
+                    gg_i8_store_tile(tile, <int>J, <int>min(I8_R, rows - rt), min(J * 16, T - tg * 16),
+                                     pbuf + rt, PANEL_ROWS)
                     rt = rt + I8_R
+                for t in range(tg * 16, min(T, (tg + J) * 16)):
+                    memcpy(y + t * ldy + r0, pbuf + (t - tg * 16) * PANEL_ROWS, rows * sizeof(float))
                 tg = tg + J
     free(u)
     free(q8)
