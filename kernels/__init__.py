@@ -31,10 +31,10 @@ from ggtrain.modelfile import SUPPORTED_TYPES, type_name
 
 __all__ = [
     "SUPPORTED_TYPES",
+    "avx512_module",
     "dequantize",
     "get_num_threads",
     "get_rows",
-    "avx512_module",
     "int8_available",
     "int8_supported",
     "plan",

@@ -17,6 +17,7 @@ import pytest
 from llamacpp_logits import llama_logits
 from tinymodels import tiny_model
 
+from ggtrain import kernels
 from ggtrain.defaults import default_model_path
 from ggtrain.model import Batch, Model
 from ggtrain.modelfile import ModelFile
@@ -44,13 +45,18 @@ def assert_same_top1(ours: np.ndarray, ref: np.ndarray, noise: float) -> None:
             print(f"near-tie: ours {o.argmax()}, llama.cpp {r.argmax()}, lead {top - r[o.argmax()]:.4f}")
 
 
-def our_perplexity(path, ctx: int, chunks: int) -> float:
+def our_perplexity(path, ctx: int, chunks: int, matmul: str = "f32") -> float:
     mf = ModelFile(path)
     tok = Tokenizer.from_model_file(mf)
     with open(LICENSE, encoding="utf-8") as f:
         ids = np.asarray(tok.encode(f.read(), add_special=True, parse_special=False), dtype=np.int32)
     ids = ids[:ctx * chunks]
-    return perplexity(Model(mf), ids, ctx, 4 * ctx, tok.bos_id if tok.add_bos else None).ppl
+    return perplexity(Model(mf, matmul=matmul), ids, ctx, 4 * ctx, tok.bos_id if tok.add_bos else None).ppl
+
+
+# int8 (activations quantized as llama.cpp does) needs AVX512-VNNI; f32 runs everywhere
+MATMULS = ["f32", pytest.param("int8", marks=pytest.mark.skipif(
+    not kernels.int8_available(), reason="this CPU has no AVX512-VNNI: the int8 matmul cannot run here"))]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -71,22 +77,48 @@ def test_logits_match_llamacpp(arch: str, qtype: str) -> None:
     assert_same_top1(ours, ref, noise=2 * diff)
 
 
+@pytest.mark.parametrize("matmul", MATMULS)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
-def test_perplexity_matches_llamacpp(arch: str, qtype: str) -> None:
+def test_perplexity_matches_llamacpp(arch: str, qtype: str, matmul: str) -> None:
     path = tiny_model(arch, qtype)
     ref, _ = llamacpp.perplexity(path, LICENSE, ctx=128, chunks=4)
-    ours = our_perplexity(path, 128, 4)
-    print(f"{arch} {qtype}: PPL ours {ours:.4f} llama.cpp {ref:.4f}")
+    ours = our_perplexity(path, 128, 4, matmul)
+    print(f"{arch} {qtype} {matmul}: PPL ours {ours:.4f} llama.cpp {ref:.4f}")
     assert abs(ours - ref) / ref < 0.01
 
 
-def test_gemma3_270m_perplexity_and_logits_match_llamacpp() -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+@pytest.mark.skipif(not kernels.int8_available(), reason="this CPU has no AVX512-VNNI: the int8 matmul cannot run here")
+def test_int8_logits_match_llamacpp_and_f32(arch: str, qtype: str) -> None:
+    # llama.cpp quantizes activations too: int8 lands as close to it as f32 does (or closer), and
+    # within int8's rounding of our own f32 forward
+    path = tiny_model(arch, qtype)
+    ids = np.random.default_rng(1).integers(10, 1000, 96).astype(np.int32)
+    ref = llama_logits(path, ids, n_last=4)
+    mf = ModelFile(path)
+    f32 = our_last_logits(Model(mf), ids, 4)
+    int8 = our_last_logits(Model(mf, matmul="int8"), ids, 4)
+    scale = np.abs(ref).max()
+    d_int8, d_f32, d_self = np.abs(int8 - ref).max(), np.abs(f32 - ref).max(), np.abs(int8 - f32).max()
+    print(f"{arch} {qtype}: max |logit diff| int8 vs llama.cpp {d_int8:.5f}, f32 vs llama.cpp {d_f32:.5f}, "
+          f"int8 vs f32 {d_self:.5f} (logits up to {scale:.2f})")
+    assert d_int8 < 4e-2 * scale and d_self < 4e-2 * scale
+    assert_same_top1(int8, ref, noise=2 * d_int8)
+
+
+@pytest.mark.parametrize("matmul", MATMULS)
+def test_gemma3_270m_perplexity_matches_llamacpp(matmul: str) -> None:
     path = default_model_path()
     ref, _ = llamacpp.perplexity(path, LICENSE, ctx=256, chunks=3)
-    ours = our_perplexity(path, 256, 3)
-    print(f"Gemma 3 270M Q4_K_M: PPL ours {ours:.4f} llama.cpp {ref:.4f}")
+    ours = our_perplexity(path, 256, 3, matmul)
+    print(f"Gemma 3 270M Q4_K_M {matmul}: PPL ours {ours:.4f} llama.cpp {ref:.4f}")
     assert abs(ours - ref) / ref < 0.01
+
+
+def test_gemma3_270m_logits_match_llamacpp() -> None:
+    path = default_model_path()
 
     mf = ModelFile(path)
     tok = Tokenizer.from_model_file(mf)

@@ -64,3 +64,19 @@ def test_parallel_and_serial_paths_agree_across_blocks(fwd, bwd, ref, monkeypatc
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(serial[0], ref(g.astype(np.float64), u.astype(np.float64)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fwd,bwd,ref", CASES, ids=["swiglu", "geglu"])
+def test_avx512_forward_matches_reference_and_the_numba_kernel(fwd, bwd, ref, monkeypatch):
+    from ggtrain.kernels import activation
+
+    if activation._avx512 is None:
+        pytest.skip("this CPU has no AVX512: the f32 AVX512 forward cannot run here")
+    rng = np.random.default_rng(4)
+    g = (rng.standard_normal((7, 40001)) * 5).astype(np.float32)  # several parallel blocks, a ragged tail
+    g[0, :4] = [-80.0, 80.0, 0.0, -12.0]
+    u = rng.standard_normal((7, 40001)).astype(np.float32)
+    y = fwd(g, u)
+    np.testing.assert_allclose(y, ref(g.astype(np.float64), u.astype(np.float64)), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(activation, "_avx512", None)
+    np.testing.assert_allclose(y, fwd(g, u), rtol=1e-5, atol=1e-6)

@@ -205,3 +205,28 @@ def test_dq_buffer_cap_runs_on_fewer_threads_with_the_same_result(monkeypatch):
     assert numba.get_num_threads() == before  # the thread count is restored
     for a, b in zip(g1, g):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+AVX512_CASES = {  # T, Hq, Hkv, D, Dv, scale, softcap, n_swa, segment lengths (Dv a multiple of 16)
+    "gemma_like": (300, 4, 1, 256, 256, 0.0625, 0.0, 0, None),
+    "gqa_swa_segments": (133, 4, 2, 40, 32, 0.2, 0.0, 17, (50, 3, 80)),
+    "softcap_dv48": (77, 6, 3, 64, 48, 0.125, 5.0, 0, None),
+    "t1": (1, 2, 1, 16, 16, 0.3, 0.0, 0, None),
+}
+
+
+@pytest.mark.skipif(A._avx512 is None, reason="this CPU has no AVX512: the f32 AVX512 forward cannot run here")
+@pytest.mark.parametrize("name", sorted(AVX512_CASES))
+def test_avx512_forward_matches_reference_and_the_numba_kernel(name, monkeypatch):
+    T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = AVX512_CASES[name]
+    q, k, v = _inputs(T, Hq, Hkv, D, Dv, seed=7)
+    seg = _seg(T, lens)
+    f = [a.astype(np.float32) for a in (q, k, v)]
+    o, lse = attention_forward(*f, scale, softcap=cap, n_swa=n_swa, segments=seg)  # the AVX512 kernel
+    np.testing.assert_allclose(o, ref_attention(q, k, v, scale, cap, n_swa, seg), rtol=1e-4, atol=1e-5)
+    _, lse64 = attention_forward(q, k, v, scale, softcap=cap, n_swa=n_swa, segments=seg)
+    np.testing.assert_allclose(lse, lse64, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(A, "_avx512", None)
+    o_nb, lse_nb = attention_forward(*f, scale, softcap=cap, n_swa=n_swa, segments=seg)
+    np.testing.assert_allclose(o, o_nb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lse, lse_nb, rtol=1e-5, atol=1e-5)

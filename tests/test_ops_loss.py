@@ -154,3 +154,22 @@ def test_vectorised_exp_is_float32_accurate():
     np.testing.assert_allclose(y[ok], ref[ok], rtol=5e-7, atol=0)
     assert 0.0 <= y[3] < 1e-37  # -inf clamps to a negligible value, never nan
     assert s == pytest.approx(ref.sum(), rel=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_avx512_chunk_kernel_matches_the_numba_kernel(softcap, monkeypatch):
+    from ggtrain.kernels import loss
+
+    if loss._avx512 is None:
+        pytest.skip("this CPU has no AVX512: the f32 AVX512 row kernel cannot run here")
+    h, w, t = _problem(T=40, d=16, V=3001, seed=2)
+    mask = np.arange(40) % 4 != 0
+    h32, w32 = h.astype(np.float32), w.astype(np.float32)
+    l_avx, st_avx = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=1000)
+    ref, ref_losses = ref_loss(h, w, t, mask, softcap)
+    assert l_avx == pytest.approx(ref, rel=1e-5)
+    np.testing.assert_allclose(st_avx.losses, ref_losses, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(loss, "_avx512", None)
+    l_nb, st_nb = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=1000)
+    assert l_avx == pytest.approx(l_nb, rel=1e-5)
+    np.testing.assert_allclose(st_avx.lse, st_nb.lse, rtol=1e-6)
