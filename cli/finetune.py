@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,10 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
     train, val, prep = load_batches(opts, tok, batch, mf)
     if not prep.train.samples:
         raise GGTrainError(f"{opts.train_data}: no usable training samples")
+    # The vocabulary and the samples live as long as the run: keep full garbage collections,
+    # triggered by every step's array allocations, from walking them again and again.
+    gc.collect()
+    gc.freeze()
 
     ranks = {RANK_FLAGS[k]: kw.pop(k) for k in list(RANK_FLAGS) if kw.get(k) is not None}
     for k in RANK_FLAGS:
