@@ -55,6 +55,15 @@ class QWeight:
             return kernels.qmatmul_int8(x, self.data[r0:r1], self.qtype)
         return kernels.qmatmul(x, self.data[r0:r1], self.qtype)
 
+    def lse_chunk(self, x: np.ndarray, r0: int, r1: int, targets: np.ndarray, softcap: float,
+                  run_max: np.ndarray, run_sum: np.ndarray, tgt_logit: np.ndarray) -> bool:
+        """As a head: fold rows r0:r1's logits for x straight into the cross-entropy's running stats
+        (kernels.qmatmul_int8_lse) and say True; False where that is not this weight's path (f32)."""
+        if not (self.int8 and kernels.int8_supported(self.qtype)):
+            return False
+        kernels.qmatmul_int8_lse(x, self.data[r0:r1], self.qtype, r0, targets, softcap, run_max, run_sum, tgt_logit)
+        return True
+
     def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None,
                  accumulate: bool = False) -> np.ndarray:
         """dy (T, r1-r0) -> dy·W[r0:r1] (T, cols)."""

@@ -8,6 +8,8 @@
     qmatmul_int8(x, w, qtype, out=None)           Y ≈ X·Wᵀ with X quantized to int8 (llama.cpp's way),
                                                   on AVX512-VNNI CPUs (int8_available()) for the types
                                                   int8_supported() accepts: inference only
+    qmatmul_int8_lse(x, w, qtype, r0, targets, softcap, run_max, run_sum, tgt_logit)
+                                                  the same product folded into cross-entropy stats
 
 w may be any row slice (or block-aligned column slice) of a tensor's uint8 view: rows need not be
 adjacent, only each row's bytes. x, dy and out may be row-strided views with contiguous rows.
@@ -41,6 +43,7 @@ __all__ = [
     "qmatmul",
     "qmatmul_backward_input",
     "qmatmul_int8",
+    "qmatmul_int8_lse",
     "set_num_threads",
     "simd_level",
     "tile_bytes",
@@ -305,3 +308,26 @@ def qmatmul_int8(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | Non
     block, type_size = GGML_QUANT_SIZES[qt]
     _int8.qmatmul_int8(int(qt), block, type_size, w, x, out, get_num_threads())
     return out
+
+
+def qmatmul_int8_lse(x: np.ndarray, w: np.ndarray, qtype: int, r0: int, targets: np.ndarray, softcap: float,
+                     run_max: np.ndarray, run_sum: np.ndarray, tgt_logit: np.ndarray) -> None:
+    """Cross-entropy over a vocabulary chunk without writing its logits: w holds the head's rows
+    r0.. (uint8 (rows, row_bytes)); the int8 logits x·wᵀ (capped if softcap > 0) of each token t
+    are merged into run_max[t], run_sum[t] (running max and Σexp, f64) and tgt_logit[t] is set when
+    targets[t] (int64) falls in the chunk. What loss.py does with qmatmul_int8's logits, fused."""
+    qt = _qtype(qtype)
+    if not int8_supported(qt):
+        raise GGTrainError(f"qmatmul_int8_lse: {qt.name} has no int8 form on this machine")
+    n = _check_weight(w, qt)
+    x = _check_f32_2d(x, "x", n)
+    T = x.shape[0]
+    for name, a, dt in (("targets", targets, np.int64), ("run_max", run_max, np.float64),
+                        ("run_sum", run_sum, np.float64), ("tgt_logit", tgt_logit, np.float64)):
+        if not (isinstance(a, np.ndarray) and a.dtype == dt and a.shape == (T,) and a.flags.c_contiguous):
+            raise GGTrainError(f"qmatmul_int8_lse: {name} must be a contiguous {np.dtype(dt)} array of shape ({T},)")
+    if T == 0 or w.shape[0] == 0:
+        return
+    block, type_size = GGML_QUANT_SIZES[qt]
+    _int8.qmatmul_int8_lse(int(qt), block, type_size, w, x, int(r0), targets, float(softcap), run_max, run_sum,
+                           tgt_logit, get_num_threads())

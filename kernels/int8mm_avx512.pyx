@@ -7,13 +7,19 @@ of PANEL_ROWS weight rows, which its thread rewrites into int8 form in its own b
 multiplies with every token: items write disjoint columns of Y, dynamic hand-out, no barriers.
 """
 
+import numpy as np
+
 from cython.parallel cimport parallel, prange, threadid
+from libc.math cimport exp
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 cdef extern from "stdlib.h" nogil:
     void *aligned_alloc(size_t alignment, size_t size)
+
+cdef extern from "loss_util.h" nogil:
+    void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s)
 
 cdef extern from "int8_util.h" nogil:
     int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o,
@@ -53,7 +59,6 @@ def has_offset(int qtype):
 def weight_rows(int qtype, int block, int type_size, const uint8_t[:, :] w):
     """The int8 form of w's rows: (q int8 (R, n), s f32 (R, n/G), o f32 (R, n/G), c int32 (R, n/G));
     w = s·q + o per group of G. For tests: qmatmul never materializes it."""
-    import numpy as np
     cdef int G = group_size(qtype)
     cdef Py_ssize_t R = w.shape[0], nb = w.shape[1] // type_size, n = nb * block, i
     q = np.zeros((R, n), dtype=np.int8)
@@ -71,9 +76,30 @@ def weight_rows(int qtype, int block, int type_size, const uint8_t[:, :] w):
     return q, s, o, c
 
 
+cdef struct LseOut:
+    # instead of writing Y: cross-entropy row stats of Y's rows as vocabulary rows vocab_r0.. (see
+    # qmatmul_int8_lse); stats: per thread (running max, Σexp) of every token, 2·T doubles
+    const int64_t *targets
+    int64_t vocab_r0
+    float softcap
+    double *stats
+    double *tgt_logit
+
+
+cdef inline void merge_lse(double *mx, double *sm, double m, double s) noexcept nogil:
+    """(mx, sm) := the running (max, Σexp) with a part's (m, s) merged in."""
+    if m > mx[0]:
+        sm[0] = sm[0] * exp(mx[0] - m) + s
+        mx[0] = m
+    else:
+        sm[0] = sm[0] + s * exp(m - mx[0])
+
+
 cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const uint8_t *w,
                     Py_ssize_t wstride, Py_ssize_t R, Py_ssize_t n, const float *x, Py_ssize_t ldx,
-                    Py_ssize_t T, float *y, Py_ssize_t ldy, int nth) noexcept nogil:
+                    Py_ssize_t T, float *y, Py_ssize_t ldy, int nth, LseOut *lse) noexcept nogil:
+    """y (T, R) = x · Wᵀ; with lse given, y is not written: each token's logits over W's rows are
+    folded into lse's per-thread stats (and its target logit picked) panel by panel."""
     cdef Py_ssize_t ng = n // G, nb = n // block, ntg = (T + 15) // 16
     cdef Py_ssize_t ustride = n * 16, fstride = ng * 16
     cdef uint8_t *u = <uint8_t *>aligned_alloc(64, ntg * ustride + 64)
@@ -100,6 +126,9 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
     cdef int32_t *c
     cdef float *tile
     cdef float *pbuf
+    cdef int tid
+    cdef double m, ssum
+    cdef float *prow
     # token t -> row t of q8 and lane t % 16 of its group's xs/xsum; padding tokens quantize to 0
     for t in prange(ntg * 16, num_threads=nth, schedule="static"):
         if t < T:
@@ -119,6 +148,7 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
         c = <int32_t *>(o + PANEL_ROWS * ng)
         tile = <float *>(c + PANEL_ROWS * ng)
         pbuf = tile + I8_R * 32
+        tid = threadid()
         for item in prange(n_items, schedule="dynamic", chunksize=1):
             r0 = item * PANEL_ROWS
             rows = min(PANEL_ROWS, R - r0)
@@ -145,7 +175,17 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
                                      pbuf + rt, PANEL_ROWS)
                     rt = rt + I8_R
                 for t in range(tg * 16, min(T, (tg + J) * 16)):
-                    memcpy(y + t * ldy + r0, pbuf + (t - tg * 16) * PANEL_ROWS, rows * sizeof(float))
+                    prow = pbuf + (t - tg * 16) * PANEL_ROWS
+                    if lse == NULL:
+                        memcpy(y + t * ldy + r0, prow, rows * sizeof(float))
+                    else:
+                        m = 0
+                        ssum = 0
+                        gg_ce_row(prow, rows, lse.softcap, &m, &ssum)  # caps prow in place
+                        j = lse.targets[t] - lse.vocab_r0 - r0
+                        if 0 <= j < rows:
+                            lse.tgt_logit[t] = prow[j]
+                        merge_lse(lse.stats + tid * 2 * T + t, lse.stats + tid * 2 * T + T + t, m, ssum)
                 tg = tg + J
     free(u)
     free(q8)
@@ -175,6 +215,43 @@ def qmatmul_int8(int qtype, int block, int type_size, const uint8_t[:, :] w, con
     cdef bint off = has_offset(qtype)
     with nogil:
         rc = i8_forward(qtype, G, off, block, type_size, &w[0, 0], w.strides[0], R, n,
-                        &x[0, 0], ldx, T, &y[0, 0], ldy, nth)
+                        &x[0, 0], ldx, T, &y[0, 0], ldy, nth, NULL)
     if rc != 0:
         raise MemoryError("cannot allocate the int8 matmul buffers")
+
+
+def qmatmul_int8_lse(int qtype, int block, int type_size, const uint8_t[:, :] w, const float[:, :] x,
+                     int64_t vocab_r0, const int64_t[::1] targets, float softcap, double[::1] run_max,
+                     double[::1] run_sum, double[::1] tgt_logit, int nth):
+    """The head's chunk W (vocabulary rows vocab_r0.. of the head) times x, folded straight into the
+    cross-entropy's running stats, as loss.py's chunk kernels do with written-out logits: logits
+    capped (softcap > 0), each token's (max, Σexp) merged into run_max/run_sum, its target logit
+    picked when the target lies in the chunk. The (T, rows) logits never reach memory."""
+    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, T = x.shape[0], t, k
+    cdef int G = group_size(qtype)
+    if G == 0:
+        raise ValueError(f"type {qtype} has no int8 form")
+    if T == 0 or R == 0 or n == 0:
+        raise ValueError("qmatmul_int8_lse needs tokens, rows and columns")
+    cdef Py_ssize_t ldx = x.strides[0] // 4 if T > 1 else n
+    cdef double[::1] stats = np.empty(nth * 2 * T)
+    for k in range(nth):
+        stats[k * 2 * T:k * 2 * T + T] = -np.inf
+        stats[k * 2 * T + T:(k + 1) * 2 * T] = 0.0
+    cdef LseOut lse
+    lse.targets = &targets[0]
+    lse.vocab_r0 = vocab_r0
+    lse.softcap = softcap
+    lse.stats = &stats[0]
+    lse.tgt_logit = &tgt_logit[0]
+    cdef bint off = has_offset(qtype)
+    cdef int rc
+    with nogil:
+        rc = i8_forward(qtype, G, off, block, type_size, &w[0, 0], w.strides[0], R, n, &x[0, 0], ldx, T,
+                        NULL, 0, nth, &lse)
+    if rc != 0:
+        raise MemoryError("cannot allocate the int8 matmul buffers")
+    for k in range(nth):
+        for t in range(T):
+            if stats[k * 2 * T + t] > -np.inf:
+                merge_lse(&run_max[t], &run_sum[t], stats[k * 2 * T + t], stats[k * 2 * T + T + t])

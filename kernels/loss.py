@@ -40,6 +40,9 @@ DEFAULT_CHUNK = 8192  # vocab rows per chunk: 512 tokens × 8192 × 4 B = 16 MiB
 
 
 class Head(Protocol):
+    """Optionally also lse_chunk(h, r0, r1, targets, softcap, run_max, run_sum, tgt_logit) -> bool: the
+    chunk's logits folded into the running stats without writing them (True if it did)."""
+
     shape: tuple[int, int]  # (vocab, d): only read when n_vocab is not given
 
     def matmul(self, x: np.ndarray, r0: int, r1: int) -> np.ndarray: ...  # (T, d) -> (T, r1-r0)
@@ -204,8 +207,12 @@ def cross_entropy_forward(
     run_sum = np.zeros(T)
     tgt_logit = np.zeros(T)
     kbuf = np.empty((numba.get_num_threads(), min(chunk, n_vocab)), dtype=np.int32)
+    fused = getattr(head, "lse_chunk", None)  # a head that folds its logits into the stats itself (int8)
+    h_rows = np.ascontiguousarray(h, dtype=np.float32) if fused is not None else h
     for r0 in range(0, n_vocab, chunk):  # one GEMM per chunk through the (quantized) head
         r1 = min(n_vocab, r0 + chunk)
+        if fused is not None and fused(h_rows, r0, r1, tgt, float(final_softcap), run_max, run_sum, tgt_logit):
+            continue
         logits = np.ascontiguousarray(head.matmul(h, r0, r1))
         if _avx512 is not None and logits.dtype == np.float32:
             _avx512.ce_forward_chunk(logits, r0, tgt, float(final_softcap), run_max, run_sum, tgt_logit,

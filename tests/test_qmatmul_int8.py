@@ -178,3 +178,26 @@ def test_perplexity_cli_int8_without_avx512_is_a_clear_error(tmp_path) -> None:
     assert fast.returncode == 0 and "int8 matmul" in fast.stderr
     ppl = [float(p.stdout.split("Final estimate: PPL = ")[1].split()[0]) for p in (auto, fast)]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-2)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_lse_fused_head_matches_written_logits(softcap: float) -> None:
+    # the cross-entropy stats folded inside the kernel equal those of qmatmul_int8's logits, chunk
+    # by chunk, merged in float64 (targets inside and outside each chunk, ragged last panel)
+    rng = np.random.default_rng(11)
+    V, n, T = 1000, 256, 37
+    w = make_weight(Q.Q8_0, V, n, rng)
+    x = rng.standard_normal((T, n), dtype=np.float32)
+    targets = rng.integers(0, V, T).astype(np.int64)
+    logits = kernels.qmatmul_int8(x, w, Q.Q8_0).astype(np.float64)
+    if softcap > 0:
+        logits = softcap * np.tanh(logits / softcap)
+    m = logits.max(axis=1)
+    lse_ref = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+    run_max, run_sum, tgt = np.full(T, -np.inf), np.zeros(T), np.zeros(T)
+    for r0 in range(0, V, 300):
+        kernels.qmatmul_int8_lse(x, w[r0:r0 + 300], Q.Q8_0, r0, targets, softcap, run_max, run_sum, tgt)
+    np.testing.assert_allclose(run_max + np.log(run_sum), lse_ref, rtol=1e-6)
+    np.testing.assert_allclose(tgt, logits[np.arange(T), targets], rtol=1e-5, atol=1e-6)
+    with pytest.raises(GGTrainError, match="targets must be a contiguous int64"):
+        kernels.qmatmul_int8_lse(x, w, Q.Q8_0, 0, targets.astype(np.int32), softcap, run_max, run_sum, tgt)
