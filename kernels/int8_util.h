@@ -287,18 +287,22 @@ static void gg_i8_store_tile(const float *tile, int J, int rows, int64_t tokens,
     }
 }
 
-/* ---- micro-kernel: 4 weight rows × J token groups (16 tokens each) over all n ---- */
+/* ---- micro-kernel: 4 weight rows × J token groups (16 tokens each) over nk columns ---- */
 
 #define I8_R 4
 
+/* out [I8_R][J*16] (=, or += with accumulate) Σ over the nk columns at q, s, o, c, u, xs, xsum
+   (pointers already at the first column / group); rows of q are qstride bytes apart, rows of s, o,
+   c gstride groups apart. */
 static inline __attribute__((always_inline)) void i8_tile(
-    int G, int J, int has_off, int64_t n, const int8_t *q, const float *s, const float *o,
-    const int32_t *c, const uint8_t *u, const float *xs, const float *xsum, int64_t ustride,
-    int64_t fstride, float *out /* [I8_R][J*16] */) {
-    const int64_t ng = n / G;
+    int G, int J, int has_off, int64_t nk, int64_t qstride, int64_t gstride, const int8_t *q,
+    const float *s, const float *o, const int32_t *c, const uint8_t *u, const float *xs,
+    const float *xsum, int64_t ustride, int64_t fstride, int accumulate, float *out) {
+    const int64_t ng = nk / G;
     __m512 facc[I8_R][2];
     for (int r = 0; r < I8_R; r++)
-        for (int j = 0; j < J; j++) facc[r][j] = _mm512_setzero_ps();
+        for (int j = 0; j < J; j++)
+            facc[r][j] = accumulate ? _mm512_loadu_ps(out + r * J * 16 + j * 16) : _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
         __m512i acc[I8_R][2];
         for (int r = 0; r < I8_R; r++)
@@ -309,7 +313,7 @@ static inline __attribute__((always_inline)) void i8_tile(
             for (int j = 0; j < J; j++) xv[j] = _mm512_load_si512((const void *)(u + j * ustride + kk * 64));
             for (int r = 0; r < I8_R; r++) {
                 int32_t w4;
-                memcpy(&w4, q + r * n + kk * 4, 4);
+                memcpy(&w4, q + r * qstride + kk * 4, 4);
                 const __m512i wb = _mm512_set1_epi32(w4);
                 for (int j = 0; j < J; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], xv[j], wb);
             }
@@ -319,10 +323,10 @@ static inline __attribute__((always_inline)) void i8_tile(
             __m512 xsumv = _mm512_setzero_ps();
             if (has_off) xsumv = _mm512_load_ps(xsum + j * fstride + g * 16);
             for (int r = 0; r < I8_R; r++) {
-                const __m512i t = _mm512_sub_epi32(acc[r][j], _mm512_set1_epi32(c[r * ng + g]));
-                const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(s[r * ng + g]), xsv);
+                const __m512i t = _mm512_sub_epi32(acc[r][j], _mm512_set1_epi32(c[r * gstride + g]));
+                const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(s[r * gstride + g]), xsv);
                 facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, facc[r][j]);
-                if (has_off) facc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(o[r * ng + g]), xsumv, facc[r][j]);
+                if (has_off) facc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(o[r * gstride + g]), xsumv, facc[r][j]);
             }
         }
     }
@@ -330,11 +334,14 @@ static inline __attribute__((always_inline)) void i8_tile(
         for (int j = 0; j < J; j++) _mm512_storeu_ps(out + r * J * 16 + j * 16, facc[r][j]);
 }
 
-#define I8_TILE_VARIANT(G, J, OFF)                                                                   \
-    static void i8_tile_##G##_##J##_##OFF(int64_t n, const int8_t *q, const float *s, const float *o, \
-                                          const int32_t *c, const uint8_t *u, const float *xs,       \
-                                          const float *xsum, int64_t us, int64_t fs, float *out) {   \
-        i8_tile(G, J, OFF, n, q, s, o, c, u, xs, xsum, us, fs, out);                                 \
+#define I8_TILE_ARGS                                                                                   \
+    int64_t nk, int64_t qstride, int64_t gstride, const int8_t *q, const float *s, const float *o,     \
+        const int32_t *c, const uint8_t *u, const float *xs, const float *xsum, int64_t ustride,       \
+        int64_t fstride, int accumulate, float *out
+#define I8_TILE_VARIANT(G, J, OFF)                                                                     \
+    static void i8_tile_##G##_##J##_##OFF(I8_TILE_ARGS) {                                              \
+        i8_tile(G, J, OFF, nk, qstride, gstride, q, s, o, c, u, xs, xsum, ustride, fstride, accumulate, \
+                out);                                                                                  \
     }
 I8_TILE_VARIANT(16, 1, 0)
 I8_TILE_VARIANT(16, 1, 1)
@@ -345,12 +352,11 @@ I8_TILE_VARIANT(32, 1, 1)
 I8_TILE_VARIANT(32, 2, 0)
 I8_TILE_VARIANT(32, 2, 1)
 
-/* out [I8_R][J*16] = 4 rows × J·16 tokens; o NULL when the type has no offset. */
-static void gg_i8_tile(int G, int J, int64_t n, const int8_t *q, const float *s, const float *o,
-                       const int32_t *c, const uint8_t *u, const float *xs, const float *xsum,
-                       int64_t ustride, int64_t fstride, float *out) {
+/* i8_tile for run-time G (16/32) and J (1/2); o NULL when the type has no offset. */
+static void gg_i8_tile(int G, int J, I8_TILE_ARGS) {
     int off = o != NULL;
-#define I8_CALL(GG, JJ, OO) i8_tile_##GG##_##JJ##_##OO(n, q, s, o, c, u, xs, xsum, ustride, fstride, out)
+#define I8_CALL(GG, JJ, OO) \
+    i8_tile_##GG##_##JJ##_##OO(nk, qstride, gstride, q, s, o, c, u, xs, xsum, ustride, fstride, accumulate, out)
     if (G == 16) {
         if (J == 2) { if (off) I8_CALL(16, 2, 1); else I8_CALL(16, 2, 0); }
         else { if (off) I8_CALL(16, 1, 1); else I8_CALL(16, 1, 0); }

@@ -2,9 +2,10 @@
 """int8 matmul Y = X·Wᵀ over GGUF weights on AVX512-VNNI (the math is in int8_util.h).
 
 Built only for x86 with -mavx512f/bw/vl/vnni; ggtrain.kernels imports it only on a CPU that has
-them. Work: the tokens are quantized once (one prange over tokens); then each work item is a panel
-of PANEL_ROWS weight rows, which its thread rewrites into int8 form in its own buffers and
-multiplies with every token: items write disjoint columns of Y, dynamic hand-out, no barriers.
+them. Work, in one parallel region: the tokens are quantized once (a prange over tokens); then
+each work item is a panel of PANEL_ROWS weight rows, which its thread rewrites into int8 form in
+its own buffers and multiplies with every token, K_BLOCK columns at a time: items write disjoint
+columns of Y (or fold them into per-thread cross-entropy stats), dynamic hand-out, no barriers.
 """
 
 import numpy as np
@@ -28,14 +29,17 @@ cdef extern from "int8_util.h" nogil:
     void gg_i8_quantize_row(const float *x, int64_t n, int G, int8_t *q8, float *xs, float *xsum)
     void gg_i8_interleave(const int8_t *q8, int64_t n, uint8_t *u)
     void gg_i8_store_tile(const float *tile, int J, int rows, int64_t tokens, float *y, int64_t ldy)
-    void gg_i8_tile(int G, int J, int64_t n, const int8_t *q, const float *s, const float *o,
-                    const int32_t *c, const uint8_t *u, const float *xs, const float *xsum,
-                    int64_t ustride, int64_t fstride, float *out)
+    void gg_i8_tile(int G, int J, int64_t nk, int64_t qstride, int64_t gstride, const int8_t *q,
+                    const float *s, const float *o, const int32_t *c, const uint8_t *u, const float *xs,
+                    const float *xsum, int64_t ustride, int64_t fstride, int accumulate, float *out)
     int I8_R
 
 # Weight rows a thread converts at a time: 64 rows of 2048 int8 = 128 KiB, L2-resident while every
 # token passes over them.
 DEF PANEL_ROWS = 64
+# Columns a micro-tile runs over before the next row tile takes its turn: 32 tokens × 512 = 16 KiB
+# of activations stay in L1 across the panel's row tiles (all of a 2048-wide row would not).
+DEF K_BLOCK = 512
 
 
 cdef int _group_size(int qtype) noexcept nogil:
@@ -106,10 +110,11 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
     cdef int8_t *q8 = <int8_t *>aligned_alloc(64, ntg * ustride + 64)
     cdef float *xs = <float *>aligned_alloc(64, (ntg * fstride * 4 + 64) // 64 * 64)
     cdef float *xsum = <float *>aligned_alloc(64, (ntg * fstride * 4 + 64) // 64 * 64)
-    # per thread: q (PANEL_ROWS, n) int8, s/o (PANEL_ROWS, ng) f32, c (PANEL_ROWS, ng) int32, a micro-tile
-    # and the panel's output for 32 tokens, pbuf (32, PANEL_ROWS) f32 (copied to y a row at a time)
-    cdef Py_ssize_t per_thread = (PANEL_ROWS * n + 3 * PANEL_ROWS * ng * 4 + I8_R * 32 * 4
-                                  + 32 * PANEL_ROWS * 4 + 256) // 64 * 64
+    # per thread: q (PANEL_ROWS, n) int8, s/o (PANEL_ROWS, ng) f32, c (PANEL_ROWS, ng) int32, the
+    # panel's micro-tile sums for 32 tokens, acc (PANEL_ROWS / I8_R, I8_R, 32) f32, and the same
+    # token-major, pbuf (32, PANEL_ROWS) f32 (copied to y a row at a time)
+    cdef Py_ssize_t per_thread = (PANEL_ROWS * n + 3 * PANEL_ROWS * ng * 4 + 2 * 32 * PANEL_ROWS * 4
+                                  + 256) // 64 * 64
     cdef uint8_t *bufs = <uint8_t *>aligned_alloc(64, (nth * per_thread + 64) // 64 * 64)
     if u == NULL or q8 == NULL or xs == NULL or xsum == NULL or bufs == NULL:
         free(u)
@@ -118,7 +123,7 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
         free(xsum)
         free(bufs)
         return -1
-    cdef Py_ssize_t t, item, r0, rows, i, tg, rt, j, J
+    cdef Py_ssize_t t, item, r0, rows, i, tg, rt, j, J, k0, nk, tq, jq, tgq
     cdef Py_ssize_t n_items = (R + PANEL_ROWS - 1) // PANEL_ROWS
     cdef int8_t *q
     cdef float *s
@@ -129,26 +134,27 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
     cdef int tid
     cdef double m, ssum
     cdef float *prow
-    # token t -> row t of q8 and lane t % 16 of its group's xs/xsum; padding tokens quantize to 0
-    for t in prange(ntg * 16, num_threads=nth, schedule="static"):
-        if t < T:
-            gg_i8_quantize_row(x + t * ldx, n, G, q8 + t * n, xs + (t // 16) * fstride + t % 16,
-                               xsum + (t // 16) * fstride + t % 16)
-        else:
-            memset(q8 + t * n, 0, n)
-            for j in range(ng):
-                xs[(t // 16) * fstride + j * 16 + t % 16] = 0
-                xsum[(t // 16) * fstride + j * 16 + t % 16] = 0
-    for tg in prange(ntg, num_threads=nth, schedule="static"):
-        gg_i8_interleave(q8 + tg * 16 * n, n, u + tg * ustride)
     with parallel(num_threads=nth):
         q = <int8_t *>(bufs + threadid() * per_thread)
         s = <float *>(<uint8_t *>q + PANEL_ROWS * n)
         o = s + PANEL_ROWS * ng
         c = <int32_t *>(o + PANEL_ROWS * ng)
         tile = <float *>(c + PANEL_ROWS * ng)
-        pbuf = tile + I8_R * 32
+        pbuf = tile + PANEL_ROWS * 32
         tid = threadid()
+        # token tq -> row tq of q8 and lane tq % 16 of its group's xs/xsum; padding tokens quantize to 0
+        for tq in prange(ntg * 16, schedule="static"):
+            if tq < T:
+                gg_i8_quantize_row(x + tq * ldx, n, G, q8 + tq * n, xs + (tq // 16) * fstride + tq % 16,
+                                   xsum + (tq // 16) * fstride + tq % 16)
+            else:
+                memset(q8 + tq * n, 0, n)
+                for jq in range(ng):
+                    xs[(tq // 16) * fstride + jq * 16 + tq % 16] = 0
+                    xsum[(tq // 16) * fstride + jq * 16 + tq % 16] = 0
+        for tgq in prange(ntg, schedule="static"):
+            gg_i8_interleave(q8 + tgq * 16 * n, n, u + tgq * ustride)
+        # (each prange ends in a barrier: every token is quantized before any panel starts)
         for item in prange(n_items, schedule="dynamic", chunksize=1):
             r0 = item * PANEL_ROWS
             rows = min(PANEL_ROWS, R - r0)
@@ -166,12 +172,21 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
             tg = 0
             while tg < ntg:
                 J = 2 if tg + 1 < ntg else 1
+                k0 = 0
+                while k0 < n:  # K blocks outside, row tiles inside: the block's activations stay in L1
+                    nk = min(K_BLOCK, n - k0)
+                    rt = 0
+                    while rt < rows:
+                        gg_i8_tile(G, J, nk, n, ng, q + rt * n + k0, s + rt * ng + k0 // G,
+                                   o + rt * ng + k0 // G if off else NULL, c + rt * ng + k0 // G,
+                                   u + tg * ustride + k0 * 16, xs + tg * fstride + (k0 // G) * 16,
+                                   xsum + tg * fstride + (k0 // G) * 16, ustride, fstride, k0 > 0,
+                                   tile + rt * 32)
+                        rt = rt + I8_R
+                    k0 = k0 + nk
                 rt = 0
                 while rt < rows:
-                    gg_i8_tile(G, J, n, q + rt * n, s + rt * ng, o + rt * ng if off else NULL, c + rt * ng,
-                               u + tg * ustride, xs + tg * fstride, xsum + tg * fstride, ustride, fstride,
-                               tile)
-                    gg_i8_store_tile(tile, <int>J, <int>min(I8_R, rows - rt), min(J * 16, T - tg * 16),
+                    gg_i8_store_tile(tile + rt * 32, <int>J, <int>min(I8_R, rows - rt), min(J * 16, T - tg * 16),
                                      pbuf + rt, PANEL_ROWS)
                     rt = rt + I8_R
                 for t in range(tg * 16, min(T, (tg + J) * 16)):
