@@ -81,6 +81,7 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
     bos = tok.bos_id if tok.add_bos else None
     n_total = len(tokens) // n_ctx if n_chunks < 0 else min(n_chunks, len(tokens) // n_ctx)
     click.echo(f"perplexity: {matmul} matmul", err=True)
+    model.warmup()
     click.echo(f"perplexity: calculating perplexity over {n_total} chunks, n_ctx={n_ctx}, "
                f"batch_size={n_batch}, n_seq={max(1, n_batch // n_ctx)}", err=True)
     last = None

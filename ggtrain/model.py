@@ -200,6 +200,12 @@ class Model:
         self.matmul = "f32"
         self.set_matmul(matmul)
 
+    def warmup(self) -> None:
+        """One tiny evaluation forward (2 tokens), as llama.cpp runs before its first decode: pages in
+        the mmap'd weights and pays first-call costs before anything is timed."""
+        ids = np.zeros((1, 2), dtype=np.int32)
+        self.forward(Batch.from_rows(ids, ids, np.ones(ids.shape, np.float32)), train=False)
+
     def base_weights(self) -> list[QWeight]:
         return [self.tok_embd, self.head] + [w for layer in self.layers for w in layer.w.values()]
 

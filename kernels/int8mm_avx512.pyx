@@ -3,7 +3,7 @@
 
 Built only for x86 with -mavx512f/bw/vl/vnni; ggtrain.kernels imports it only on a CPU that has
 them. Work, in one parallel region: the tokens are quantized once (a prange over tokens); then
-each work item is a panel of PANEL_ROWS weight rows, which its thread rewrites into int8 form in
+each work item is a panel of up to PANEL_ROWS weight rows, which its thread rewrites into int8 form in
 its own buffers and multiplies with every token, K_BLOCK columns at a time: items write disjoint
 columns of Y (or fold them into per-thread cross-entropy stats), dynamic hand-out, no barriers.
 """
@@ -124,7 +124,10 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
         free(bufs)
         return -1
     cdef Py_ssize_t t, item, r0, rows, i, tg, rt, j, J, k0, nk, tq, jq, tgq
-    cdef Py_ssize_t n_items = (R + PANEL_ROWS - 1) // PANEL_ROWS
+    # panels of up to PANEL_ROWS rows, at least 4 per thread when R allows (a 256-row k/v projection
+    # in 4 panels left a thread idle at the end)
+    cdef Py_ssize_t prows = min(PANEL_ROWS, max(I8_R, ((R + 4 * nth - 1) // (4 * nth) + I8_R - 1) // I8_R * I8_R))
+    cdef Py_ssize_t n_items = (R + prows - 1) // prows
     cdef int8_t *q
     cdef float *s
     cdef float *o
@@ -156,8 +159,8 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
             gg_i8_interleave(q8 + tgq * 16 * n, n, u + tgq * ustride)
         # (each prange ends in a barrier: every token is quantized before any panel starts)
         for item in prange(n_items, schedule="dynamic", chunksize=1):
-            r0 = item * PANEL_ROWS
-            rows = min(PANEL_ROWS, R - r0)
+            r0 = item * prows
+            rows = min(prows, R - r0)
             for i in range(rows):
                 gg_i8_weight_row(qtype, w + (r0 + i) * wstride, nb, q + i * n, s + i * ng, o + i * ng,
                                  c + i * ng)
