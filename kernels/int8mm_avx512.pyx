@@ -107,7 +107,6 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
     cdef Py_ssize_t ng = n // G, nb = n // block, ntg = (T + 15) // 16
     cdef Py_ssize_t ustride = n * 16, fstride = ng * 16
     cdef uint8_t *u = <uint8_t *>aligned_alloc(64, ntg * ustride + 64)
-    cdef int8_t *q8 = <int8_t *>aligned_alloc(64, ntg * ustride + 64)
     cdef float *xs = <float *>aligned_alloc(64, (ntg * fstride * 4 + 64) // 64 * 64)
     cdef float *xsum = <float *>aligned_alloc(64, (ntg * fstride * 4 + 64) // 64 * 64)
     # per thread: q (PANEL_ROWS, n) int8, s/o (PANEL_ROWS, ng) f32, c (PANEL_ROWS, ng) int32, the
@@ -116,14 +115,13 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
     cdef Py_ssize_t per_thread = (PANEL_ROWS * n + 3 * PANEL_ROWS * ng * 4 + 2 * 32 * PANEL_ROWS * 4
                                   + 256) // 64 * 64
     cdef uint8_t *bufs = <uint8_t *>aligned_alloc(64, (nth * per_thread + 64) // 64 * 64)
-    if u == NULL or q8 == NULL or xs == NULL or xsum == NULL or bufs == NULL:
+    if u == NULL or xs == NULL or xsum == NULL or bufs == NULL:
         free(u)
-        free(q8)
         free(xs)
         free(xsum)
         free(bufs)
         return -1
-    cdef Py_ssize_t t, item, r0, rows, i, tg, rt, j, J, k0, nk, tq, jq, tgq
+    cdef Py_ssize_t t, item, r0, rows, i, tg, rt, j, J, k0, nk, tq, jq, tgq, lane
     # panels of up to PANEL_ROWS rows, at least 4 per thread when R allows (a 256-row k/v projection
     # in 4 panels left a thread idle at the end)
     cdef Py_ssize_t prows = min(PANEL_ROWS, max(I8_R, ((R + 4 * nth - 1) // (4 * nth) + I8_R - 1) // I8_R * I8_R))
@@ -145,18 +143,20 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
         tile = <float *>(c + PANEL_ROWS * ng)
         pbuf = tile + PANEL_ROWS * 32
         tid = threadid()
-        # token tq -> row tq of q8 and lane tq % 16 of its group's xs/xsum; padding tokens quantize to 0
-        for tq in prange(ntg * 16, schedule="static"):
-            if tq < T:
-                gg_i8_quantize_row(x + tq * ldx, n, G, q8 + tq * n, xs + (tq // 16) * fstride + tq % 16,
-                                   xsum + (tq // 16) * fstride + tq % 16)
-            else:
-                memset(q8 + tq * n, 0, n)
-                for jq in range(ng):
-                    xs[(tq // 16) * fstride + jq * 16 + tq % 16] = 0
-                    xsum[(tq // 16) * fstride + jq * 16 + tq % 16] = 0
+        # token group tgq: its 16 tokens quantized row by row into q (free until the panels start),
+        # then interleaved into u; token tq -> lane tq % 16 of xs/xsum; padding tokens quantize to 0
         for tgq in prange(ntg, schedule="static"):
-            gg_i8_interleave(q8 + tgq * 16 * n, n, u + tgq * ustride)
+            for lane in range(16):
+                tq = tgq * 16 + lane
+                if tq < T:
+                    gg_i8_quantize_row(x + tq * ldx, n, G, q + lane * n, xs + tgq * fstride + lane,
+                                       xsum + tgq * fstride + lane)
+                else:
+                    memset(q + lane * n, 0, n)
+                    for jq in range(ng):
+                        xs[tgq * fstride + jq * 16 + lane] = 0
+                        xsum[tgq * fstride + jq * 16 + lane] = 0
+            gg_i8_interleave(q, n, u + tgq * ustride)
         # (each prange ends in a barrier: every token is quantized before any panel starts)
         for item in prange(n_items, schedule="dynamic", chunksize=1):
             r0 = item * prows
@@ -206,7 +206,6 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
                         merge_lse(lse.stats + tid * 2 * T + t, lse.stats + tid * 2 * T + T + t, m, ssum)
                 tg = tg + J
     free(u)
-    free(q8)
     free(xs)
     free(xsum)
     free(bufs)
