@@ -223,10 +223,14 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
 
 /* ---- activations: T rows of n floats -> u, xs, xsum in token groups of 16 ---- */
 
-/* One token: x (n floats) -> q8 (n int8, in order) and its lane of xs/xsum (xs[g*16], xsum[g*16]).
-   xs = max|x|/127 per group; q = rint(x / xs) in f32 (round half to even, as numpy's rint). */
-static void gg_i8_quantize_row(const float *x, int64_t n, int G, int8_t *q8, float *xs, float *xsum) {
+/* One token into lane `lane` of its group: x (n floats) -> u (the group's [n/4][16][4] bytes, each
+   q + 128) and xs/xsum (xs[g*16], xsum[g*16]). xs = max|x|/127 per group; q = rint(x / xs) in
+   f32 (round half to even, as numpy's rint). Each 4 consecutive k go to their dword of the lane. */
+static void gg_i8_quantize_token(const float *x, int64_t n, int G, int lane, uint8_t *u, float *xs,
+                                 float *xsum) {
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    uint8_t *ul = u + lane * 4;
     for (int64_t g = 0; g < n / G; g++) {
         const float *xg = x + g * G;
         __m512 v0 = _mm512_loadu_ps(xg), v1 = G == 32 ? _mm512_loadu_ps(xg + 16) : _mm512_setzero_ps();
@@ -235,23 +239,33 @@ static void gg_i8_quantize_row(const float *x, int64_t n, int G, int8_t *q8, flo
         const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));  /* MXCSR default: nearest-even */
         __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-        _mm_storeu_si128((__m128i *)(q8 + g * G), _mm512_cvtepi32_epi8(q0));
-        if (G == 32) _mm_storeu_si128((__m128i *)(q8 + g * G + 16), _mm512_cvtepi32_epi8(q1));
+        const __m128i b0 = _mm_xor_si128(_mm512_cvtepi32_epi8(q0), flip);
+        uint8_t *dst = ul + (g * G / 4) * 64;
+        uint32_t w;
+        w = (uint32_t)_mm_extract_epi32(b0, 0); memcpy(dst + 0 * 64, &w, 4);
+        w = (uint32_t)_mm_extract_epi32(b0, 1); memcpy(dst + 1 * 64, &w, 4);
+        w = (uint32_t)_mm_extract_epi32(b0, 2); memcpy(dst + 2 * 64, &w, 4);
+        w = (uint32_t)_mm_extract_epi32(b0, 3); memcpy(dst + 3 * 64, &w, 4);
+        if (G == 32) {
+            const __m128i b1 = _mm_xor_si128(_mm512_cvtepi32_epi8(q1), flip);
+            w = (uint32_t)_mm_extract_epi32(b1, 0); memcpy(dst + 4 * 64, &w, 4);
+            w = (uint32_t)_mm_extract_epi32(b1, 1); memcpy(dst + 5 * 64, &w, 4);
+            w = (uint32_t)_mm_extract_epi32(b1, 2); memcpy(dst + 6 * 64, &w, 4);
+            w = (uint32_t)_mm_extract_epi32(b1, 3); memcpy(dst + 7 * 64, &w, 4);
+        }
         int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         xs[g * 16] = d;
         xsum[g * 16] = d * (float)sum;
     }
 }
 
-/* 16 tokens' q8 rows (row stride n) -> u [n/4][16][4] = q + 128: dword k4 of every token side by
-   side, the layout whose one 64-byte load feeds vpdpbusd 16 tokens × 4 k. */
-static void gg_i8_interleave(const int8_t *q8, int64_t n, uint8_t *u) {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)n));
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t k4 = 0; k4 < n / 4; k4++) {
-        __m512i v = _mm512_i32gather_epi32(idx, (const void *)(q8 + k4 * 4), 1);
-        _mm512_store_si512((void *)(u + k4 * 64), _mm512_xor_si512(v, flip));
+/* A padding lane: q = 0 (u = 128) everywhere, scales 0. */
+static void gg_i8_zero_token(int64_t n, int G, int lane, uint8_t *u, float *xs, float *xsum) {
+    const uint32_t w = 0x80808080u;
+    for (int64_t k4 = 0; k4 < n / 4; k4++) memcpy(u + k4 * 64 + lane * 4, &w, 4);
+    for (int64_t g = 0; g < n / G; g++) {
+        xs[g * 16] = 0.0f;
+        xsum[g * 16] = 0.0f;
     }
 }
 

@@ -26,8 +26,9 @@ cdef extern from "int8_util.h" nogil:
     int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o,
                          int32_t *c)
     void i8_group_sums(const int8_t *q, int32_t *c, int64_t n, int G)
-    void gg_i8_quantize_row(const float *x, int64_t n, int G, int8_t *q8, float *xs, float *xsum)
-    void gg_i8_interleave(const int8_t *q8, int64_t n, uint8_t *u)
+    void gg_i8_quantize_token(const float *x, int64_t n, int G, int lane, uint8_t *u, float *xs,
+                              float *xsum)
+    void gg_i8_zero_token(int64_t n, int G, int lane, uint8_t *u, float *xs, float *xsum)
     void gg_i8_store_tile(const float *tile, int J, int rows, int64_t tokens, float *y, int64_t ldy)
     void gg_i8_tile(int G, int J, int64_t nk, int64_t qstride, int64_t gstride, const int8_t *q,
                     const float *s, const float *o, const int32_t *c, const uint8_t *u, const float *xs,
@@ -121,7 +122,7 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
         free(xsum)
         free(bufs)
         return -1
-    cdef Py_ssize_t t, item, r0, rows, i, tg, rt, j, J, k0, nk, tq, jq, tgq, lane
+    cdef Py_ssize_t t, item, r0, rows, i, tg, rt, j, J, k0, nk, tq, tgq, lane
     # panels of up to PANEL_ROWS rows, at least 4 per thread when R allows (a 256-row k/v projection
     # in 4 panels left a thread idle at the end)
     cdef Py_ssize_t prows = min(PANEL_ROWS, max(I8_R, ((R + 4 * nth - 1) // (4 * nth) + I8_R - 1) // I8_R * I8_R))
@@ -143,20 +144,17 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
         tile = <float *>(c + PANEL_ROWS * ng)
         pbuf = tile + PANEL_ROWS * 32
         tid = threadid()
-        # token group tgq: its 16 tokens quantized row by row into q (free until the panels start),
-        # then interleaved into u; token tq -> lane tq % 16 of xs/xsum; padding tokens quantize to 0
+        # token group tgq (one thread writes all 16 lanes of its cache lines): token tq -> lane
+        # tq % 16 of u, xs, xsum; padding tokens quantize to 0
         for tgq in prange(ntg, schedule="static"):
             for lane in range(16):
                 tq = tgq * 16 + lane
                 if tq < T:
-                    gg_i8_quantize_row(x + tq * ldx, n, G, q + lane * n, xs + tgq * fstride + lane,
-                                       xsum + tgq * fstride + lane)
+                    gg_i8_quantize_token(x + tq * ldx, n, G, lane, u + tgq * ustride, xs + tgq * fstride + lane,
+                                         xsum + tgq * fstride + lane)
                 else:
-                    memset(q + lane * n, 0, n)
-                    for jq in range(ng):
-                        xs[tgq * fstride + jq * 16 + lane] = 0
-                        xsum[tgq * fstride + jq * 16 + lane] = 0
-            gg_i8_interleave(q, n, u + tgq * ustride)
+                    gg_i8_zero_token(n, G, lane, u + tgq * ustride, xs + tgq * fstride + lane,
+                                     xsum + tgq * fstride + lane)
         # (each prange ends in a barrier: every token is quantized before any panel starts)
         for item in prange(n_items, schedule="dynamic", chunksize=1):
             r0 = item * prows
