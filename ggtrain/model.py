@@ -43,7 +43,7 @@ PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"
 
 class QWeight:
     """A frozen base weight W (rows, cols) kept in its GGUF type; products go through qmatmul
-    (or, when int8 is set and the type allows, qmatmul_int8: inference only)."""
+    (or, when int8 is set — only for types with an int8 form — qmatmul_int8: inference only)."""
 
     def __init__(self, data: np.ndarray, qtype: int, shape: tuple[int, int]):
         self.data, self.qtype, self.shape = data, qtype, shape
@@ -51,7 +51,7 @@ class QWeight:
 
     def matmul(self, x: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
         """x (T, cols) -> x·W[r0:r1]ᵀ (T, r1-r0)."""
-        if self.int8 and kernels.int8_supported(self.qtype):
+        if self.int8:
             return kernels.qmatmul_int8(x, self.data[r0:r1], self.qtype)
         return kernels.qmatmul(x, self.data[r0:r1], self.qtype)
 
@@ -59,7 +59,7 @@ class QWeight:
                   run_max: np.ndarray, run_sum: np.ndarray, tgt_logit: np.ndarray) -> bool:
         """As a head: fold rows r0:r1's logits for x straight into the cross-entropy's running stats
         (kernels.qmatmul_int8_lse) and say True; False where that is not this weight's path (f32)."""
-        if not (self.int8 and kernels.int8_supported(self.qtype)):
+        if not self.int8:
             return False
         kernels.qmatmul_int8_lse(x, self.data[r0:r1], self.qtype, r0, targets, softcap, run_max, run_sum, tgt_logit)
         return True
@@ -216,8 +216,8 @@ class Model:
         if mode == "int8" and not kernels.int8_available():
             raise GGTrainError("int8 matmul needs a CPU with AVX512-VNNI (this one has none); use f32")
         self.matmul = mode
-        for w in self.base_weights():
-            w.int8 = mode == "int8"
+        for w in self.base_weights():  # F32/F16/BF16 weights keep the f32 product
+            w.int8 = mode == "int8" and kernels.int8_supported(w.qtype)
 
     def _load_layer(self, il: int) -> Layer:
         mf, p = self.mf, f"blk.{il}."

@@ -30,7 +30,7 @@ static inline float i8_f16(const uint8_t *p) {
 
 static const int8_t I8_KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
-/* ---- weights: one row of GGUF blocks -> q, s, o, c (o may be NULL for types without offset) ---- */
+/* ---- weights: one row of GGUF blocks -> q, s, o (o untouched for types without offset) ---- */
 
 /* c[g] = 128 · Σ q over group g (G = 16 or 32). psadbw sums unsigned bytes 8 at a time, so the
    bytes are flipped to q + 128 and 128·G taken off again. */
@@ -53,13 +53,11 @@ static inline void i8_group_sums(const int8_t *q, int32_t *c, int64_t n, int G) 
     }
 }
 
-/* Converts nb blocks of one row; returns 0, or -1 for a type without an int8 form. */
-static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o,
-                            int32_t *c) {
+/* Converts nb blocks of one row into q, s (and o for types with a min); returns 0, or -1 for a
+   type without an int8 form. The sums c come from i8_group_sums. */
+static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o) {
     int64_t i;
     int j, l, h, sh, sub;
-    int64_t n = 0;
-    int G = 32;
     switch (qtype) {
     case 2: /* Q4_0: d | qs[16]; w = d (q - 8) */
         for (i = 0; i < nb; i++, b += 18, q += 32) {
@@ -69,7 +67,6 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                 q[j + 16] = (int8_t)((b[2 + j] >> 4) - 8);
             }
         }
-        n = nb * 32;
         break;
     case 3: /* Q4_1: d | m | qs[16]; w = d q + m */
         for (i = 0; i < nb; i++, b += 20, q += 32) {
@@ -80,7 +77,6 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                 q[j + 16] = (int8_t)(b[4 + j] >> 4);
             }
         }
-        n = nb * 32;
         break;
     case 6: /* Q5_0: d | qh u32 | qs[16]; w = d (q - 16) */
         for (i = 0; i < nb; i++, b += 22, q += 32) {
@@ -92,7 +88,6 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                 q[j + 16] = (int8_t)(((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
             }
         }
-        n = nb * 32;
         break;
     case 7: /* Q5_1: d | m | qh u32 | qs[16]; w = d q + m */
         for (i = 0; i < nb; i++, b += 24, q += 32) {
@@ -105,17 +100,14 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                 q[j + 16] = (int8_t)((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
             }
         }
-        n = nb * 32;
         break;
     case 8: /* Q8_0: d | qs int8[32]; w = d q */
         for (i = 0; i < nb; i++, b += 34, q += 32) {
             s[i] = i8_f16(b);
             memcpy(q, b + 2, 32);
         }
-        n = nb * 32;
         break;
     case 10: /* Q2_K: scales[16] | qs[64] | d | dmin; groups of 16: w = d·sc q - dmin·m */
-        G = 16;
         for (i = 0; i < nb; i++, b += 84, q += 256, s += 16, o += 16) {
             float d = i8_f16(b + 80), dmin = i8_f16(b + 82);
             for (j = 0; j < 16; j++) {
@@ -127,10 +119,8 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                     for (l = 0; l < 32; l++)
                         q[h * 128 + sh * 32 + l] = (int8_t)((b[16 + h * 32 + l] >> (2 * sh)) & 3);
         }
-        n = nb * 256;
         break;
     case 11: /* Q3_K: hmask[32] | qs[64] | scales[12] | d; groups of 16: w = d (sc - 32) q3 */
-        G = 16;
         for (i = 0; i < nb; i++, b += 110, q += 256, s += 16) {
             const uint8_t *sc = b + 96;
             float d = i8_f16(b + 108);
@@ -145,7 +135,6 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                         q[h * 128 + sh * 32 + l] = (int8_t)(((b[32 + h * 32 + l] >> (2 * sh)) & 3)
                                                             - ((((b[l] >> (h * 4 + sh)) & 1) ^ 1) << 2));
         }
-        n = nb * 256;
         break;
     case 12: /* Q4_K: d | dmin | scales[12] | qs[128]; groups of 32: w = d·sc q - dmin·m */
     case 13: /* Q5_K: d | dmin | scales[12] | qh[32] | qs[128] */
@@ -171,10 +160,8 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
             }
             b += qtype == 12 ? 144 : 176;
         }
-        n = nb * 256;
         break;
     case 14: /* Q6_K: ql[128] | qh[64] | scales int8[16] | d; groups of 16: w = d·sc (q - 32) */
-        G = 16;
         for (i = 0; i < nb; i++, b += 210, q += 256, s += 16) {
             float d = i8_f16(b + 208);
             for (j = 0; j < 16; j++) s[j] = d * (float)(int8_t)b[192 + j];
@@ -185,7 +172,6 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                             (((b[h * 64 + (sh % 2) * 32 + l] >> (4 * (sh / 2))) & 15)
                              | (((b[128 + h * 32 + l] >> (2 * sh)) & 3) << 4)) - 32);
         }
-        n = nb * 256;
         break;
     case 20: /* IQ4_NL: d | qs[16] (indices into the 16 levels); w = d kvalue */
         for (i = 0; i < nb; i++, b += 18, q += 32) {
@@ -195,7 +181,6 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                 q[j + 16] = I8_KVALUES[b[2 + j] >> 4];
             }
         }
-        n = nb * 32;
         break;
     case 23: /* IQ4_XS: d | scales_h u16 | scales_l[4] | qs[128]; groups of 32: w = d (ls - 32) kvalue */
         for (i = 0; i < nb; i++, b += 136, q += 256, s += 8) {
@@ -211,13 +196,10 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
                 }
             }
         }
-        n = nb * 256;
         break;
     default:
         return -1;
     }
-    (void)n;
-    (void)G;
     return 0;
 }
 

@@ -11,7 +11,6 @@ columns of Y (or fold them into per-thread cross-entropy stats), dynamic hand-ou
 import numpy as np
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport exp
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -21,10 +20,10 @@ cdef extern from "stdlib.h" nogil:
 
 cdef extern from "loss_util.h" nogil:
     void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s)
+    void gg_lse_merge(double *mx, double *sm, double m, double s)
 
 cdef extern from "int8_util.h" nogil:
-    int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o,
-                         int32_t *c)
+    int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o)
     void i8_group_sums(const int8_t *q, int32_t *c, int64_t n, int G)
     void gg_i8_quantize_token(const float *x, int64_t n, int G, int lane, uint8_t *u, float *xs,
                               float *xsum)
@@ -75,7 +74,7 @@ def weight_rows(int qtype, int block, int type_size, const uint8_t[:, :] w):
     cdef float[:, ::1] ov = o
     cdef int32_t[:, ::1] cv = c
     for i in range(R):
-        if gg_i8_weight_row(qtype, &w[i, 0], nb, &qv[i, 0], &sv[i, 0], &ov[i, 0], &cv[i, 0]) != 0:
+        if gg_i8_weight_row(qtype, &w[i, 0], nb, &qv[i, 0], &sv[i, 0], &ov[i, 0]) != 0:
             raise ValueError(f"type {qtype} has no int8 form")
         i8_group_sums(&qv[i, 0], &cv[i, 0], n, G)
     return q, s, o, c
@@ -89,15 +88,6 @@ cdef struct LseOut:
     float softcap
     double *stats
     double *tgt_logit
-
-
-cdef inline void merge_lse(double *mx, double *sm, double m, double s) noexcept nogil:
-    """(mx, sm) := the running (max, Σexp) with a part's (m, s) merged in."""
-    if m > mx[0]:
-        sm[0] = sm[0] * exp(mx[0] - m) + s
-        mx[0] = m
-    else:
-        sm[0] = sm[0] + s * exp(m - mx[0])
 
 
 cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const uint8_t *w,
@@ -160,8 +150,7 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
             r0 = item * prows
             rows = min(prows, R - r0)
             for i in range(rows):
-                gg_i8_weight_row(qtype, w + (r0 + i) * wstride, nb, q + i * n, s + i * ng, o + i * ng,
-                                 c + i * ng)
+                gg_i8_weight_row(qtype, w + (r0 + i) * wstride, nb, q + i * n, s + i * ng, o + i * ng)
                 i8_group_sums(q + i * n, c + i * ng, n, G)
             i = rows
             while i % I8_R:  # pad to whole micro-tiles with zero rows (never written out)
@@ -201,7 +190,7 @@ cdef int i8_forward(int qtype, int G, bint off, int block, int type_size, const 
                         j = lse.targets[t] - lse.vocab_r0 - r0
                         if 0 <= j < rows:
                             lse.tgt_logit[t] = prow[j]
-                        merge_lse(lse.stats + tid * 2 * T + t, lse.stats + tid * 2 * T + T + t, m, ssum)
+                        gg_lse_merge(lse.stats + tid * 2 * T + t, lse.stats + tid * 2 * T + T + t, m, ssum)
                 tg = tg + J
     free(u)
     free(xs)
@@ -269,4 +258,4 @@ def qmatmul_int8_lse(int qtype, int block, int type_size, const uint8_t[:, :] w,
     for k in range(nth):
         for t in range(T):
             if stats[k * 2 * T + t] > -np.inf:
-                merge_lse(&run_max[t], &run_sum[t], stats[k * 2 * T + t], stats[k * 2 * T + T + t])
+                gg_lse_merge(&run_max[t], &run_sum[t], stats[k * 2 * T + t], stats[k * 2 * T + T + t])

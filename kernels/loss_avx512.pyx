@@ -3,11 +3,11 @@
 contract; the math is in loss_util.h). Rows run in parallel, each on its own entries."""
 
 from cython.parallel cimport prange
-from libc.math cimport exp
 from libc.stdint cimport int64_t
 
 cdef extern from "loss_util.h" nogil:
     void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s)
+    void gg_lse_merge(double *mx, double *sm, double m, double s)
 
 
 def ce_forward_chunk(float[:, ::1] logits, int64_t r0, const int64_t[::1] targets, float softcap,
@@ -15,7 +15,7 @@ def ce_forward_chunk(float[:, ::1] logits, int64_t r0, const int64_t[::1] target
     """logits (T, c) raw, capped in place; merges each row's (max, Σexp) into run_max/run_sum and
     picks the target logit when the target falls in [r0, r0 + c)."""
     cdef Py_ssize_t T = logits.shape[0], c = logits.shape[1], t, j
-    cdef double m, s, mo
+    cdef double m, s
     if T == 0 or c == 0:
         return
     for t in prange(T, nogil=True, num_threads=nth, schedule="static"):
@@ -25,9 +25,4 @@ def ce_forward_chunk(float[:, ::1] logits, int64_t r0, const int64_t[::1] target
         j = targets[t] - r0
         if 0 <= j < c:
             tgt_logit[t] = logits[t, j]
-        mo = run_max[t]
-        if m > mo:
-            run_sum[t] = run_sum[t] * exp(mo - m) + s
-            run_max[t] = m
-        else:
-            run_sum[t] = run_sum[t] + s * exp(m - mo)
+        gg_lse_merge(&run_max[t], &run_sum[t], m, s)

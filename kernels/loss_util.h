@@ -33,4 +33,14 @@ static void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s
     *s = _mm512_reduce_add_ps(acc);
 }
 
+/* (*mx, *sm) := the running (max, Σexp) with a part's (m, s) merged in (*mx may be -inf). */
+static inline void gg_lse_merge(double *mx, double *sm, double m, double s) {
+    if (m > *mx) {
+        *sm = *sm * exp(*mx - m) + s;
+        *mx = m;
+    } else {
+        *sm = *sm + s * exp(m - *mx);
+    }
+}
+
 #endif
