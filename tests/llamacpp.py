@@ -5,8 +5,9 @@ ggml-vocab-*.gguf test vocabularies included), fetched with pip once and cached:
 
     $GGTRAIN_CACHE (default ~/.cache/ggtrain)/llama.cpp-0.3.36/
         source/       llama.cpp tree (vendor/llama.cpp of the sdist)
-        build/        CMake build directory (incremental; may be half-done after an interrupt)
-        bin/          the built tools, copied here and renamed into place only when the build succeeded
+        build-KEY/    CMake build directory (incremental; may be half-done after an interrupt)
+        bin-KEY/      the built tools, copied here and renamed into place only when the build succeeded
+                      (KEY: a hash of the CMake options, which name the CPU's SIMD levels)
     $GGTRAIN_CACHE/llama.cpp-0.3.36.lock   fcntl lock: one process fetches / builds, others wait
 
 GGTRAIN_LLAMACPP_SDIST=/path/llama_cpp_python-0.3.36.tar.gz uses a local copy of that sdist instead of
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -34,10 +37,57 @@ PACKAGE = "llama-cpp-python"
 # The tools the tests and benches use; built in one `cmake --build` of just these targets.
 TARGETS = ("llama-perplexity", "llama-tokenize", "llama-completion", "llama-server",
            "llama-quantize", "llama-export-lora")
+# What the reference is built for: the SIMD levels this CPU has, named explicitly, never
+# GGML_NATIVE (-march=native). On this machine kind's Intel Xeons a native build enables AMX,
+# whose kernels die with SIGILL in a worker thread (`tilezero`); AMX stays off everywhere.
+# /proc/cpuinfo flags -> the ggml CMake option that needs them (all of them).
+_X86_FEATURE_OPTIONS = (
+    (("sse4_2",), "GGML_SSE42"),
+    (("avx",), "GGML_AVX"),
+    (("avx2",), "GGML_AVX2"),
+    (("fma",), "GGML_FMA"),
+    (("f16c",), "GGML_F16C"),
+    (("bmi2",), "GGML_BMI2"),
+    (("avx_vnni",), "GGML_AVX_VNNI"),
+    (("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"), "GGML_AVX512"),
+    (("avx512vbmi",), "GGML_AVX512_VBMI"),
+    (("avx512_vnni",), "GGML_AVX512_VNNI"),
+    (("avx512_bf16",), "GGML_AVX512_BF16"),
+)
+_AMX_OPTIONS = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def simd_options(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """-DGGML_<feature>=ON|OFF for every x86 level llama.cpp knows, from the CPU's flags; AMX off.
+
+    Off x86 (no such flags), only GGML_NATIVE=OFF: ggml's portable defaults for that platform.
+    """
+    flags = cpu_flags() if flags is None else flags
+    opts = ["-DGGML_NATIVE=OFF"]
+    if "sse2" not in flags:  # not x86
+        return tuple(opts)
+    for needs, option in _X86_FEATURE_OPTIONS:
+        opts.append(f"-D{option}={'ON' if all(f in flags for f in needs) else 'OFF'}")
+    opts += [f"-D{option}=OFF" for option in _AMX_OPTIONS]
+    return tuple(opts)
+
+
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",
-    "-DGGML_NATIVE=ON",  # test-only reference: tuned for this machine is fine
+    *simd_options(),
     "-DLLAMA_OPENSSL=OFF",  # no network code paths (LLAMA_CURL is gone in this version)
     "-DLLAMA_USE_PREBUILT_UI=OFF",  # else the server build fetches its web UI from Hugging Face
     "-DLLAMA_BUILD_UI=OFF",
@@ -56,6 +106,8 @@ _LOG_PATCH = (f"\n        std::atexit([]() {{ log->pause(); }});  // {_LOG_PATCH
 # Identifies what bin/ was built from: a change here rebuilds (incrementally).
 BUILD_STAMP = json.dumps({"version": VERSION, "targets": TARGETS, "options": CMAKE_OPTIONS,
                           "patches": [_LOG_PATCH_MARK]}, sort_keys=True)
+# build/ and bin/ are keyed by the compile options, so machines with other CPUs never share tools.
+BUILD_KEY = hashlib.sha256(json.dumps(CMAKE_OPTIONS).encode()).hexdigest()[:12]
 
 
 def _log(msg: str) -> None:
@@ -180,20 +232,52 @@ def _built(out: Path) -> bool:
 
 def bin_dir() -> Path:
     """Directory of the built tools (building them all first if needed)."""
-    out = cache_dir() / "bin"
-    if _built(out):
-        return out
-    with _locked():
-        if _built(out):
-            return out
-        _build(out)
+    out = cache_dir() / f"bin-{BUILD_KEY}"
+    if not _built(out):
+        with _locked():
+            if not _built(out):
+                _build(out)
+    _verify(out)
     return out
+
+
+_verified: set[Path] = set()
+
+
+def _verify(out: Path) -> None:
+    """Check once per process that the built tools run here: a one-chunk perplexity on a tiny model.
+
+    A build for the wrong CPU dies with SIGILL; say so plainly instead of failing every comparison.
+    """
+    if out in _verified:
+        return
+    import tinymodels  # lazily: tinymodels needs this module for its vocabularies
+
+    model = out / "verify-model.gguf"  # here, not in tinymodels' cache, which tests list
+    if not model.is_file():
+        tmp = out / f".verify-model.{os.getpid()}.tmp"
+        tinymodels.write_uncached(tmp, "llama", "Q8_0")
+        os.replace(tmp, model)
+    text = cache_dir() / "verify.txt"
+    if not text.is_file():
+        text.write_text(" ".join(f"word{i % 97} and {i}" for i in range(400)) + "\n")
+    cmd = [str(out / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", "128", "-b", "128",
+           "-t", "2", "--chunks", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                          errors="replace")
+    if proc.returncode or "Final estimate" not in proc.stdout + proc.stderr:
+        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit code {proc.returncode}")
+        raise RuntimeError(f"the llama.cpp tools built in {out} do not run on this CPU ({how}); "
+                           f"built with {' '.join(o for o in CMAKE_OPTIONS if 'GGML_' in o)}. "
+                           f"Command: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    _verified.add(out)
 
 
 def _build(out: Path) -> None:
     src = source_dir()
     _patch_source(src)  # a tree fetched before the patch existed
-    build = cache_dir() / "build"
+    build = cache_dir() / f"build-{BUILD_KEY}"
     t0 = time.time()
     _log(f"building llama.cpp {VERSION} ({', '.join(TARGETS)}) in {build} with -j {BUILD_JOBS}; "
          "this takes a while on a small machine (once, then cached)")

@@ -138,3 +138,27 @@ def test_concurrent_writers_share_one_file(tmp_path):
     assert [p.name for p in path.parent.glob("*.gguf*")] == [path.name]  # no temp files left
     r = gguf.GGUFReader(path)
     assert r.fields["gemma3.embedding_length"].contents() == 64
+
+
+def _flags(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+def test_reference_build_names_the_cpu_levels_and_never_amx():
+    """No -march=native / GGML_NATIVE: explicit levels from the CPU's flags, AMX always off."""
+    xeon = _flags("sse2 sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512vl avx512dq avx512bw "
+                  "avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16")
+    opts = llamacpp.simd_options(xeon)
+    assert "-DGGML_NATIVE=OFF" in opts and "-DGGML_NATIVE=ON" not in opts
+    assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AVX2=ON"} <= set(opts)
+    assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(opts)
+    laptop = _flags("sse2 sse4_2 avx avx2 fma f16c bmi2")
+    opts = llamacpp.simd_options(laptop)
+    assert "-DGGML_AVX2=ON" in opts and "-DGGML_AVX512=OFF" in opts and "-DGGML_AVX512_VNNI=OFF" in opts
+    # AVX512F without the rest of ggml's AVX512 set is not enough.
+    assert "-DGGML_AVX512=OFF" in llamacpp.simd_options(laptop | {"avx512f"})
+    assert llamacpp.simd_options(frozenset()) == ("-DGGML_NATIVE=OFF",)
+    # The real build follows this CPU, and its cache is keyed by those options.
+    assert set(llamacpp.simd_options()) <= set(llamacpp.CMAKE_OPTIONS)
+    assert llamacpp.bin_dir().name == f"bin-{llamacpp.BUILD_KEY}"
+    assert not any("march=native" in o or "NATIVE=ON" in o for o in llamacpp.CMAKE_OPTIONS)

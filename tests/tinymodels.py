@@ -158,6 +158,15 @@ def write_tiny_model(path: str | os.PathLike | None, arch: str, qtype: str = "F3
     return path
 
 
+def write_uncached(path: str | os.PathLike, arch: str, qtype: str = "F32", seed: int = 0,
+                   **kw: Any) -> Path:
+    """Write a tiny model of a type gguf-py quantizes (GGUF_PY_TYPES) to path, outside the cache."""
+    if qtype not in GGUF_PY_TYPES:
+        raise ValueError(f"write_uncached writes only {GGUF_PY_TYPES}, not {qtype!r}")
+    _write(Path(path), arch, qtype, seed, model_config(arch, **kw))
+    return Path(path)
+
+
 # -- writing ------------------------------------------------------------------------------------
 def _vocab_fields(arch: str) -> list[tuple[str, Any, gguf.GGUFValueType, gguf.GGUFValueType | None]]:
     """tokenizer.* metadata of the arch's vocab GGUF as (key, value, type, array element type).
