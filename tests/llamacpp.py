@@ -230,6 +230,11 @@ def _built(out: Path) -> bool:
             and all((out / t).is_file() for t in TARGETS))
 
 
+def build_dir() -> Path:
+    """The CMake build directory of this machine's options (its static libraries link test tools)."""
+    return cache_dir() / f"build-{BUILD_KEY}"
+
+
 def bin_dir() -> Path:
     """Directory of the built tools (building them all first if needed)."""
     out = cache_dir() / f"bin-{BUILD_KEY}"
@@ -277,7 +282,7 @@ def _verify(out: Path) -> None:
 def _build(out: Path) -> None:
     src = source_dir()
     _patch_source(src)  # a tree fetched before the patch existed
-    build = cache_dir() / f"build-{BUILD_KEY}"
+    build = build_dir()
     t0 = time.time()
     _log(f"building llama.cpp {VERSION} ({', '.join(TARGETS)}) in {build} with -j {BUILD_JOBS}; "
          "this takes a while on a small machine (once, then cached)")

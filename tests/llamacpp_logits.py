@@ -21,11 +21,11 @@ SOURCE = Path(__file__).parent / "c" / "llama_logits.cpp"
 def tool() -> Path:
     """Path of the compiled llama_logits tool (built on first use, cached by source hash)."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    exe = llamacpp.cache_dir() / "tools" / f"llama_logits-{digest}"
+    exe = llamacpp.cache_dir() / "tools" / f"llama_logits-{digest}-{llamacpp.BUILD_KEY}"
     if exe.is_file():
         return exe
     llamacpp.bin_dir()  # the libraries come with the tools' build
-    src, build = llamacpp.source_dir(), llamacpp.cache_dir() / "build"
+    src, build = llamacpp.source_dir(), llamacpp.build_dir()
     libs = [build / "src" / "libllama.a", build / "ggml" / "src" / "libggml.a",
             build / "ggml" / "src" / "libggml-cpu.a", build / "ggml" / "src" / "libggml-base.a"]
     exe.parent.mkdir(parents=True, exist_ok=True)
