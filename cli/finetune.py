@@ -55,21 +55,26 @@ def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) 
 @data_options
 @click.option("--outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
               show_default=True, help="Directory for adapters, checkpoints and train_log.jsonl.")
-@click.option("--lora-out", default="ggml-lora-ITERATION-f32.gguf", show_default=True,
+@click.option("--lora-out", default=None,
               help="Adapter file name (relative to --outdir); ITERATION becomes the step number and a "
-                   "LATEST copy is kept beside it.")
+                   "LATEST copy is kept beside it. [default: ggml-lora-ITERATION-TYPE.gguf, TYPE being "
+                   "--lora-out-type]")
 @click.option("--lora-out-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
               help="Tensor type of the written adapter.")
 @click.option("--checkpoint-out", default="checkpoint-ITERATION.npz", show_default=True,
               help="Checkpoint file name (relative to --outdir); ITERATION and LATEST as for --lora-out.")
 @click.option("--checkpoint-in", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Resume from this checkpoint (LoRA, optimizer, step and data position).")
+              help="Resume from this checkpoint (LoRA, optimizer, step and data position). A relative "
+                   "name is looked up in --outdir first (as --checkpoint-out writes it), then in the "
+                   "current directory; a LATEST name that does not exist yet starts a fresh run.")
 @click.option("--save-every", type=click.IntRange(min=0), default=10, show_default=True,
               help="Save a checkpoint and adapter every N steps (0: only at the end).")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Passes over the training data.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over the training data [default: 1; with --adam-iter and no --epochs, no "
+                   "limit: --adam-iter decides, as in llama.cpp's finetune].")
 @click.option("--adam-iter", "max_steps", type=int, default=-1, show_default=True,
-              help="Stop after this many optimizer steps (-1: no limit; --epochs decides).")
+              help="Optimizer steps to run, over as many epochs as that takes (-1: no limit; --epochs "
+                   "decides).")
 @click.option("-b", "--batch", "--batch-size", "batch", type=click.IntRange(min=1), default=4, show_default=True,
               help="Rows of --ctx tokens per batch.")
 @click.option("--grad-acc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -124,8 +129,8 @@ def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) 
                    "(less memory, ~30% more compute).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Validation loss every N steps (0: at the end only); needs --val-data or --val-split.")
-def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type: str, checkpoint_out: str,
-             checkpoint_in: Path | None, save_every: int, epochs: int, max_steps: int, batch: int,
+def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_out_type: str, checkpoint_out: str,
+             checkpoint_in: Path | None, save_every: int, epochs: int | None, max_steps: int, batch: int,
              grad_acc: int, micro_batch: int, mem_limit: str | None, threads: int | None, lora_r: int,
              lora_alpha: float, lora_dropout: float, lr: float, adam_beta1: float, adam_beta2: float,
              adam_eps: float, adam_decay: float, adam_gclip: float, warmup: int, cos_decay_steps: int,
@@ -138,6 +143,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
     # Heavy imports (Numba kernels) here, so `ggtrain --help` stays quick.
     from tqdm import tqdm
 
+    from ggtrain import kernels
     from ggtrain.arch import read_hparams
     from ggtrain.atomic import OutdirLock, check_writable
     from ggtrain.checkpoint import load_checkpoint
@@ -149,7 +155,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
     from ggtrain.modelfile import ModelFile
     from ggtrain.threads import default_threads, set_threads
     from ggtrain.tokenizer import Tokenizer
-    from ggtrain.trainer import OutputPaths, TrainConfig, Trainer
+    from ggtrain.trainer import OutputPaths, TrainConfig, Trainer, data_digest
 
     def say(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
@@ -159,6 +165,10 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
         raise GGTrainError("--train-data FILE is required (see `ggtrain data --help` for the formats)")
     if batch % (micro_batch or batch):
         raise GGTrainError(f"--micro-batch {micro_batch} must divide --batch {batch}")
+    if epochs is None:
+        epochs = None if max_steps >= 0 else 1  # llama.cpp's finetune: --adam-iter alone decides
+    lora_out = lora_out or f"ggml-lora-ITERATION-{lora_out_type}.gguf"
+    checkpoint_in = resolve_checkpoint_in(checkpoint_in, outdir, say)
 
     # Outputs first: an unwritable --outdir fails now, not after an hour of training.
     check_writable(outdir, need_bytes=16 << 20)
@@ -171,9 +181,15 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
     hp = read_hparams(mf)
     model = Model(mf, hp)
     tok = Tokenizer.from_model_file(mf)
+    notice = kernels.first_run_notice()
+    if notice:
+        say(notice)
     train, val, prep = load_batches(opts, tok, batch, mf)
     if not prep.train.samples:
         raise GGTrainError(f"{opts.train_data}: no usable training samples")
+    if eval_every and val is None:
+        raise GGTrainError(f"--eval-every {eval_every}: there is no validation data; give --val-data FILE "
+                           "or --val-split F (e.g. 0.1), or drop --eval-every")
     # The vocabulary and the samples live as long as the run: keep full garbage collections,
     # triggered by every step's array allocations, from walking them again and again.
     gc.collect()
@@ -188,6 +204,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
         raise GGTrainError("--rank-output: training a LoRA on the output head is not supported yet (use 0)")
     lcfg = LoraConfig.make(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=DEFAULT_TARGETS, ranks=ranks)
     shapes = target_shapes(mf.tensors, lcfg, hp.n_layer, source=str(path))
+    for warning in rank_warnings(shapes, {t: spec.rank for t, spec in lcfg.targets.items()}):
+        say(f"warning: {warning}")
     lora = LoraWeights.init(lcfg, shapes, seed=opts.seed)
 
     limit = parse_size(mem_limit) if mem_limit else default_mem_limit()
@@ -195,16 +213,24 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
                       lr=lr, beta1=adam_beta1, beta2=adam_beta2, eps=adam_eps, weight_decay=adam_decay,
                       grad_clip=adam_gclip, warmup=warmup, cos_decay_steps=cos_decay_steps,
                       cos_decay_min=cos_decay_min, checkpointing=checkpointing, save_every=save_every,
-                      eval_every=eval_every, seed=opts.seed, mem_limit=limit, lora=lcfg.to_dict())
+                      eval_every=eval_every, seed=opts.seed, mem_limit=limit, lora=lcfg.to_dict(),
+                      ctx=opts.ctx, train_data=str(opts.train_data), data_digest=data_digest(opts.train_data))
     out = OutputPaths(outdir, lora_out, checkpoint_out, lora_out_type)
     trainer = Trainer(model, lora, train, val, cfg, out, echo=say)
     micro = trainer.choose_micro_batch(hp, lcfg, opts.ctx, path.stat().st_size)
 
     if checkpoint_in is not None:
         ck = load_checkpoint(checkpoint_in, base=mf)
-        trainer.restore(ck)
+        changed = trainer.resume_differences(ck, str(checkpoint_in))
+        trainer.restore(ck, checkpoint_in)
+        if trainer.step >= trainer.total_steps:
+            raise GGTrainError(f"{checkpoint_in}: the checkpoint is at step {trainer.step}, and this run "
+                               f"ends at step {trainer.total_steps}: nothing left to train; raise --adam-iter "
+                               "or --epochs to train further")
         trainer.trim_log()
-        say(f"resuming from {checkpoint_in} at step {trainer.step} (epoch {train.epoch})")
+        say(f"resuming from {checkpoint_in} at step {trainer.step} (epoch {train.epoch + 1})")
+        for c in changed:
+            say(f"note: resuming with {c}")
     elif out.log.exists():
         out.log.unlink()  # a fresh run: a fresh log
 
@@ -217,22 +243,28 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
     say(f"lora: r {lora_r}, alpha {lora_alpha:g} on {', '.join(lcfg.targets)}: {n_params:,} parameters")
     say(f"training: {trainer.total_steps} steps, batch {batch} x grad-acc {grad_acc}, micro-batch {micro}, "
         f"{n_threads} threads, memory limit {format_bytes(limit)}")
+    if epochs is not None and 0 <= max_steps and trainer.total_steps < max_steps:
+        say(f"note: --epochs {epochs} ends the run after {trainer.total_steps} steps, before --adam-iter "
+            f"{max_steps} (drop --epochs to let --adam-iter decide)")
 
     bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=None)
-    tok_rate: list[float] = []
+    step_seconds: list[float] = []
 
     def progress(r: Any, ema: float, tr: Trainer) -> None:
-        tok_rate.append(r.tokens / r.seconds)
+        step_seconds.append(r.seconds)
         post = {"epoch": r.epoch + 1, "loss": f"{ema:.4f}", "tok/s": f"{r.tokens / r.seconds:.0f}",
                 "rss": format_bytes(tr.monitor.rss)}
         if tr.last_val is not None:
             post["val"] = f"{tr.last_val:.4f}"
         bar.set_postfix(post, refresh=False)
         bar.update(1)
-        if bar.disable:  # no terminal: one line a step instead of a bar
-            say(f"step {r.step}/{tr.total_steps} epoch {r.epoch + 1} loss {r.loss:.4f} lr {r.lr:.2e} "
-                f"tok/s {r.tokens / r.seconds:.0f} rss {format_bytes(tr.monitor.rss)}")
+        if bar.disable:  # no terminal: one line a step instead of a bar, with the bar's ETA
+            recent = step_seconds[-20:]
+            eta = (tr.total_steps - r.step) * sum(recent) / len(recent)
+            say(f"step {r.step}/{tr.total_steps} epoch {r.epoch + 1} loss {r.loss:.4f} (smoothed {ema:.4f}) "
+                f"lr {r.lr:.2e} tok/s {r.tokens / r.seconds:.0f} rss {format_bytes(tr.monitor.rss)} "
+                f"eta {format_duration(eta)}")
 
     try:
         status = trainer.fit(progress)
@@ -240,23 +272,74 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str, lora_out_type
         bar.close()
         lock.release()
     adapter = out.adapters(trainer.step)[-1]
+    if status == "diverged":
+        d = trainer.diverged
+        assert d is not None
+        kept = (f"the last good state (step {trainer.saved[0]}) is kept: checkpoint {trainer.saved[1]}, "
+                f"adapter {out.adapters(trainer.saved[0])[-1]}" if trainer.saved else "nothing was saved")
+        raise GGTrainError(f"training diverged at step {d.step}: loss {d.loss:.4g}, gradient norm "
+                           f"{d.grad_norm:.4g}; {kept}. Try a lower --learning-rate (now {lr:g}), a longer "
+                           f"--warmup (now {warmup}) or --adam-gclip 1.0 (now {adam_gclip:g})")
     if status != "done":
         sig = trainer.interrupted_by or 2
-        say(f"stopped at step {trainer.step}; resume with --checkpoint-in {out.checkpoints(trainer.step)[-1]}")
+        resume = trainer.saved[1] if trainer.saved else out.checkpoints(trainer.step)[-1]
+        say(f"stopped at step {trainer.step}; resume with --checkpoint-in {resume}")
         sys.exit(128 + sig)
 
-    click.echo(f"done: {trainer.step} steps, final training loss {last_logged_loss(out.log)}"
-               + (f", validation loss {trainer.last_val:.4f}" if trainer.last_val is not None else ""))
+    val_part = f", validation loss {trainer.last_val:.4f}" if trainer.last_val is not None else ""
+    click.echo(f"done: {trainer.step} steps; training loss: last step {last_logged_loss(out.log)}, "
+               f"smoothed {trainer.ema:.4f}{val_part}" if trainer.ema is not None else
+               f"done: {trainer.step} steps{val_part}")
+    base, adapter = path.resolve(), adapter.resolve()
     click.echo(f"adapter:    {adapter}")
-    click.echo(f"checkpoint: {out.checkpoints(trainer.step)[-1]}")
-    click.echo(f"log:        {out.log}")
+    click.echo(f"checkpoint: {out.checkpoints(trainer.step)[-1].resolve()}")
+    click.echo(f"log:        {out.log.resolve()}")
     click.echo("")
     click.echo("use it with llama.cpp:")
-    click.echo(f"  llama-cli -m {path} --lora {adapter}")
-    click.echo(f"  llama-server -m {path} --lora {adapter}     (or --lora-scaled {adapter}:0.5)")
+    click.echo(f"  llama-cli -m {base} --lora {adapter}")
+    click.echo(f"  llama-server -m {base} --lora {adapter}     (or --lora-scaled {adapter}:0.5)")
     click.echo("or with Ollama (Modelfile):")
-    click.echo(f"  FROM {path}")
-    click.echo(f"  ADAPTER {adapter.resolve()}")
+    click.echo(f"  FROM {base}")
+    click.echo(f"  ADAPTER {adapter}")
+
+
+def resolve_checkpoint_in(value: Path | None, outdir: Path, say: Any) -> Path | None:
+    """--checkpoint-in: absolute as given; relative, in --outdir first (where --checkpoint-out writes),
+    then the current directory. A LATEST name found in neither is a fresh start (the tutorial's
+    command, re-run, resumes); any other missing name is an error."""
+    if value is None:
+        return None
+    candidates = [value] if value.is_absolute() else [outdir / value, value]
+    for c in candidates:
+        if c.exists():
+            return c
+    if "LATEST" in value.name:
+        say(f"--checkpoint-in {value}: not there yet ({' or '.join(map(str, dict.fromkeys(candidates)))}): "
+            "starting a fresh run")
+        return None
+    raise GGTrainError(f"--checkpoint-in {value}: no such checkpoint (looked for "
+                       f"{' and '.join(map(str, dict.fromkeys(candidates)))})")
+
+
+def rank_warnings(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> list[str]:
+    """A rank above a projection's smaller dimension adds parameters but no capacity: say so once
+    per target (shapes: tensor name -> (out, in); ranks: target -> r)."""
+    seen: dict[str, str] = {}
+    for name, (n_out, n_in) in shapes.items():
+        target = name.split(".")[-2]
+        r = ranks.get(target, 0)
+        if r > min(n_out, n_in) and target not in seen:
+            seen[target] = (f"rank {r} on {target} is above its smaller dimension {min(n_out, n_in)} "
+                            f"({n_out} x {n_in}): the extra rank adds parameters but no capacity")
+    return list(seen.values())
+
+
+def format_duration(seconds: float) -> str:
+    """h:mm:ss or m:ss, as tqdm shows its ETA."""
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
 
 
 def last_logged_loss(log: Path) -> str:

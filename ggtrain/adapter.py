@@ -55,6 +55,9 @@ def write_gguf_adapter(path: str | os.PathLike, lora: LoraWeights, base: ModelFi
         raise GGTrainError(f"adapter type '{dtype}' is not one of {', '.join(ADAPTER_DTYPES)}")
     if len(lora) == 0:
         raise GGTrainError(f"{path}: the adapter has no tensors")
+    if not np.isfinite(lora.flat).all():  # a diverged run: never let a NaN reach llama.cpp
+        bad = next(n for n, e in lora.entries.items() if not (np.isfinite(e.A).all() and np.isfinite(e.B).all()))
+        raise GGTrainError(f"refusing to write {path}: the LoRA weights of '{bad}' are not finite (NaN/inf)")
     arch = base.architecture
     for tname, e in lora.entries.items():
         t = base.tensors.get(tname)
@@ -195,6 +198,11 @@ def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None,
     finally:
         mf.close()
 
+    for bname, pair in arrays.items():
+        for suffix, arr in zip(("lora_a", "lora_b"), pair):
+            if not np.isfinite(arr).all():
+                raise GGTrainError(f"{path}: tensor '{bname}.{suffix}' holds NaN or inf values (an adapter "
+                                   "from a run that diverged?); it cannot be used")
     lora = LoraWeights(layout)
     for bname, (a, b) in arrays.items():
         lora[bname].A[...] = a

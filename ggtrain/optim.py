@@ -5,11 +5,13 @@ eps added after the square root), which is also what llama.cpp's old `finetune` 
 --adam-alpha (lr), --adam-beta1/2, --adam-decay (wd) and --adam-gclip. Parameters are a dict of
 float32 arrays updated in place (LoraWeights.flat as {"lora": flat} is one array for everything).
 
-The schedule is the old finetune's `learning_schedule` (common/train.cpp): linear warmup
-step/warmup for step < warmup, then cosine decay from 1 to cos_decay_min over cos_decay_steps —
-counted from step 0, as finetune did, not from the end of the warmup — optionally with restarts.
-Steps are 1-based optimizer iterations (finetune's opt->iter), so the first step's multiplier
-is 1/warmup, not 0.
+The schedule is the old finetune's shape (common/train.cpp's `learning_schedule`): linear
+warmup step/warmup for step < warmup, then cosine decay from 1 to cos_decay_min over
+cos_decay_steps, optionally with restarts. Steps are 1-based optimizer iterations (finetune's
+opt->iter), so the first warmup step's multiplier is 1/warmup, not 0. Unlike finetune, the cosine
+is counted from the end of the warmup (as --cos-decay-steps' help says) and from 0 at its first
+step: a run without warmup takes its first step at the full --learning-rate, not already decayed
+(a 1-step run used to train at the minimum).
 """
 
 from __future__ import annotations
@@ -80,18 +82,27 @@ class Schedule:
         elif self.cos_decay_steps <= 0:
             result = 1.0
         elif self.enable_restart:
-            s, period = step - self.warmup, self.cos_decay_steps
+            s, period = self.decay_position(step), self.cos_decay_steps
             while s > period:
                 s -= period
                 period = int(self.cos_decay_restart * period)
             result = _cosine_decay(s, period, self.cos_decay_min)
         else:
-            result = _cosine_decay(step, self.cos_decay_steps, self.cos_decay_min)
+            result = _cosine_decay(self.decay_position(step), self.cos_decay_steps, self.cos_decay_min)
         floor = self.min_lr / self.lr if self.lr else 0.0
         return floor + result * (1.0 - floor)
 
     def __call__(self, step: int) -> float:
         return self.lr * self.multiplier(step)
+
+    def decay_position(self, step: int) -> int:
+        """Steps into the cosine: 0 at the first step after the warmup (the first step without one)."""
+        return max(0, step - max(self.warmup, 1))
+
+    @staticmethod
+    def whole_run_decay(total_steps: int, warmup: int) -> int:
+        """cos_decay_steps that ends the cosine exactly at a run's last step (0: no decay to do)."""
+        return max(0, total_steps - max(warmup, 1))
 
 
 def _cosine_decay(step: int, decay_steps: int, minimum: float) -> float:

@@ -3,16 +3,25 @@
 One optimizer step consumes `grad_acc` batches of `batch` rows. Each batch is run in micro-batches
 of `micro` rows (chosen by the memory monitor); every micro-batch's gradient is weighted by its share
 of the step's trained tokens, so the step's gradient is exactly that of the mean loss over all of
-them whatever the micro-batch size. A step is all or nothing: an interrupt mid-step rewinds the data
-position to the step's start before the checkpoint is written, so a resumed run repeats that step
-and continues exactly as an uninterrupted one.
+them whatever the micro-batch size.
+
+Stopping is always at a step boundary, so a resumed run continues exactly as an uninterrupted one.
+Ctrl-C (or SIGTERM) once: the current step finishes, a checkpoint and the adapter are saved.
+Twice: the rest of the step is dropped (the data position rewinds to its start, so a resume runs it
+again) and the save starts at once. A press during the save does not abandon it; only the third
+press quits without saving, saying which earlier checkpoint is left.
+A non-finite loss or gradient stops the run before the update (Diverged): the weights are still
+those of the last good step, and they are saved; a NaN never reaches an adapter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -40,7 +49,7 @@ if TYPE_CHECKING:
 class TrainConfig:
     """Every setting of a run that the checkpoint records (JSON-able)."""
 
-    epochs: int = 1
+    epochs: int | None = 1  # None: no limit (--adam-iter decides, as in llama.cpp's finetune)
     max_steps: int = -1  # --adam-iter: stop after this many optimizer steps (-1: no limit)
     batch: int = 4  # rows per batch
     grad_acc: int = 1  # batches per optimizer step
@@ -60,6 +69,34 @@ class TrainConfig:
     seed: int = 42
     mem_limit: int = 0  # bytes (0: no limit)
     lora: dict[str, Any] = field(default_factory=dict)  # LoraConfig.to_dict()
+    ctx: int = 0  # tokens per row (the data position is meaningless under another one)
+    train_data: str = ""  # the training data's file name, for messages
+    data_digest: str = ""  # data_digest() of the training data: resuming on other data is refused
+
+
+# Settings whose change makes a checkpoint's data position point at other rows: a resume with
+# another value is refused. Any other difference is allowed and named.
+RESUME_MUST_MATCH = {"ctx": "-c/--ctx", "data_digest": "--train-data (its contents)", "seed": "--seed",
+                     "batch": "-b/--batch"}
+RESUME_FLAG_NAMES = {"lr": "--learning-rate", "epochs": "--epochs", "max_steps": "--adam-iter",
+                     "grad_acc": "--grad-acc", "beta1": "--adam-beta1", "beta2": "--adam-beta2",
+                     "eps": "--adam-eps", "weight_decay": "--adam-decay", "grad_clip": "--adam-gclip",
+                     "warmup": "--warmup", "cos_decay_steps": "--cos-decay-steps",
+                     "cos_decay_min": "--cos-decay-min", "checkpointing": "--use-checkpointing",
+                     "lora": "the LoRA settings (--lora-alpha, --lora-dropout)"}
+
+
+def data_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a data file's bytes, or of every file's name and bytes under a directory."""
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else "").encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 @dataclass
@@ -92,17 +129,38 @@ class OutputPaths:
 
 
 class Interrupted(Exception):
-    """Raised inside the loop when SIGINT/SIGTERM arrived; the trainer saves and exits."""
+    """Raised inside a step at the second Ctrl-C: the step is dropped, the trainer saves and exits."""
 
     def __init__(self, signum: int):
         self.signum = signum
 
 
-class _Signals:
-    """SIGINT/SIGTERM set a flag the loop checks between micro-batches (a step is never half-saved)."""
+class Diverged(Exception):
+    """A step's loss or gradient is not finite; raised before the update touches the weights."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"step {step}: loss {loss}, gradient norm {grad_norm}")
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+def _say_now(msg: str) -> None:
+    """Write to stderr from a signal handler: os.write, since the handler may interrupt a buffered
+    write to the same stream (which would raise 'reentrant call')."""
+    try:
+        os.write(sys.stderr.fileno(), ("\n" + msg + "\n").encode())
+    except (OSError, ValueError):
+        pass
+
+
+class _Signals:
+    """SIGINT/SIGTERM, counted (see the module docstring): 1 finish the step and save, 2 drop the
+    step and save now, 3 quit without saving. `status()` words what a third press would lose."""
+
+    def __init__(self, status: Callable[[], tuple[int, str]]) -> None:
         self.received: int | None = None
+        self.count = 0
+        self.saving = False
+        self.status = status  # () -> (current step, what is saved so far)
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> Self:
@@ -111,14 +169,31 @@ class _Signals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:  # a second Ctrl-C: stop now
-            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+        self.count += 1
+        name = signal.Signals(signum).name
+        step, saved = self.status()
+        if self.count == 1:
+            self.received = signum
+            _say_now(f"{name} received: finishing step {step + 1}, then saving a checkpoint and the adapter. "
+                     "Press Ctrl-C again to save now without finishing the step, a third time to quit "
+                     "without saving.")
+        elif self.count == 2:
+            if self.saving:
+                _say_now(f"{name} received: still saving, please wait. Press Ctrl-C once more to quit "
+                         f"without saving ({saved}).")
+            else:
+                _say_now(f"{name} received: dropping step {step + 1} (a resume runs it again) and saving "
+                         f"step {step} now. Press Ctrl-C once more to quit without saving.")
+        else:
+            for s, h in self._old.items():  # a fourth press gets Python's default
+                signal.signal(s, h)
+            _say_now(f"{name} received a third time: quitting without saving; {saved}.")
             raise KeyboardInterrupt
-        self.received = signum
 
     def check(self) -> None:
-        if self.received is not None:
-            raise Interrupted(self.received)
+        """Inside a step: the second press drops the step."""
+        if self.count >= 2 and not self.saving:
+            raise Interrupted(self.received or signal.SIGINT)
 
     def __exit__(self, *exc: object) -> None:
         for s, h in self._old.items():
@@ -170,7 +245,8 @@ class Trainer:
                          weight_decay=cfg.weight_decay)
         self.step = 0
         self.total_steps = self._plan_steps()
-        decay = cfg.cos_decay_steps if cfg.cos_decay_steps >= 0 else self.total_steps
+        decay = cfg.cos_decay_steps if cfg.cos_decay_steps >= 0 else \
+            Schedule.whole_run_decay(self.total_steps, cfg.warmup)
         self.schedule = Schedule(lr=cfg.lr, warmup=cfg.warmup, cos_decay_steps=decay,
                                  cos_decay_min=cfg.cos_decay_min)
         self.micro = cfg.micro_batch or cfg.batch
@@ -179,15 +255,26 @@ class Trainer:
         self.last_val: float | None = None
         self.micro_log: list[int] = []  # micro-batch used at each step (tests, logs)
         self.interrupted_by: int | None = None  # the signal that stopped fit()
+        self.diverged: Diverged | None = None  # why fit() stopped early, if it diverged
+        self.saved: tuple[int, Path] | None = None  # (step, path) of the newest checkpoint on disk
+        self.ema: float | None = None  # smoothed training loss
 
     # -- planning ------------------------------------------------------------------------------
     def _plan_steps(self) -> int:
-        """Optimizer steps of the whole run: epochs of batches, grad_acc batches a step, capped."""
-        batches = self.train.total_steps(self.cfg.epochs)
-        steps = math.ceil(batches / self.cfg.grad_acc)
+        """Optimizer steps of the whole run: --adam-iter, or epochs of batches (grad_acc batches a
+        step), whichever ends first; with no --epochs, --adam-iter alone decides."""
+        if self.cfg.epochs is None:
+            if self.cfg.max_steps < 0:
+                raise ValueError("a run needs an epoch limit or a step limit")
+            return self.cfg.max_steps
+        steps = self.epoch_steps()
         if self.cfg.max_steps >= 0:
             steps = min(steps, self.cfg.max_steps)
         return steps
+
+    def epoch_steps(self) -> int:
+        """Optimizer steps that cfg.epochs passes over the data take (cfg.epochs must be set)."""
+        return math.ceil(self.train.total_steps(self.cfg.epochs) / self.cfg.grad_acc)
 
     def choose_micro_batch(self, hp: Any, lora_config: LoraConfig, ctx: int, file_bytes: int) -> int:
         """The largest micro-batch that fits cfg.mem_limit (refusing a limit nothing fits in)."""
@@ -205,7 +292,25 @@ class Trainer:
                           config=asdict(self.cfg), base_fingerprint=self.fingerprint,
                           base_name=self.model.mf.path.name)
 
-    def restore(self, ck: Checkpoint) -> None:
+    def resume_differences(self, ck: Checkpoint, source: str) -> list[str]:
+        """Settings that differ from the checkpoint's run, worded for the user. Raises GGTrainError
+        for a difference that makes the resume meaningless (the LoRA layout, the data position)."""
+        if ck.lora.layout != self.lora.layout:
+            raise GGTrainError(f"{source}: the checkpoint's LoRA layout (targets, ranks) differs from this "
+                               "run's flags; resume with the same --lora-r/--rank-* settings")
+        old, new = ck.config, asdict(self.cfg)
+        for key, flag in RESUME_MUST_MATCH.items():
+            if key in old and old[key] != new[key]:
+                was = old.get("train_data") or "other data" if key == "data_digest" else old[key]
+                now = new.get("train_data") or "other data" if key == "data_digest" else new[key]
+                raise GGTrainError(f"{source}: the checkpoint was trained with {flag} {was}, this run has "
+                                   f"{now}; its data position means nothing here. Resume with the same "
+                                   "setting, or start a fresh run without --checkpoint-in")
+        return [f"{RESUME_FLAG_NAMES[k]} {new[k]} (the checkpoint's run had {old[k]})"
+                for k in RESUME_FLAG_NAMES if k in old and old[k] != new[k]]
+
+    def restore(self, ck: Checkpoint, source: Path | None = None) -> None:
+        """Continue from ck (read from source: named in messages as the newest saved state)."""
         if ck.lora.layout != self.lora.layout:
             raise GGTrainError("the checkpoint's LoRA layout (targets, ranks) differs from this run's flags; "
                                "resume with the same --lora-r/--rank-* settings")
@@ -215,6 +320,8 @@ class Trainer:
         self.opt.t = int(opt_state.get("t", ck.step))
         self.step = ck.step
         self.train.load_state(ck.data_position)
+        if source is not None:
+            self.saved = (ck.step, source)
 
     def save(self) -> list[Path]:
         """Checkpoint and adapter for the current step (atomic writes; earlier files stay intact)."""
@@ -254,7 +361,14 @@ class Trainer:
         return [k for k in range(b, 0, -1) if b % k == 0]
 
     def run_step(self, signals: _Signals | None = None) -> StepResult:
-        """One optimizer step. Raises Interrupted (data position rewound) when a signal arrived."""
+        """One optimizer step. Raises Interrupted (data position rewound) at a second Ctrl-C, Diverged
+        (data position rewound, weights untouched) for a non-finite loss or gradient."""
+        # Overflow is caught as a non-finite loss or gradient below, with a message saying what to
+        # do: numpy's warnings on the way there would only bury it.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._run_step(signals)
+
+    def _run_step(self, signals: _Signals | None) -> StepResult:
         t0 = time.perf_counter()
         start_pos = self.train.state()
         batches = [self.train.next() for _ in range(self.cfg.grad_acc)]
@@ -284,11 +398,17 @@ class Trainer:
                         loss_sum += loss * n_mb
                     row += mb.n_rows
                     self._maybe_shrink()
+            if signals is not None:  # the last chance to drop the step: before the update
+                signals.check()
         except Interrupted:
             self.train.load_state(start_pos)  # the step did not happen
             raise
         grad_norm = clip_grad_norm({"lora": self.grads.flat}, self.cfg.grad_clip) if self.cfg.grad_clip > 0 \
             else float(np.linalg.norm(self.grads.flat))
+        mean = loss_sum / n_trained if n_trained else 0.0
+        if not (math.isfinite(mean) and math.isfinite(grad_norm)):
+            self.train.load_state(start_pos)  # the weights are the last good step's: resume from here
+            raise Diverged(self.step + 1, mean, grad_norm)
         lr = self.schedule(self.step + 1)
         if n_trained:
             self.opt.step({"lora": self.grads.flat}, lr=lr)
@@ -321,15 +441,19 @@ class Trainer:
         cfg = self.cfg
         self.monitor.start()
         ema: float | None = None
+        self.signals = signals = _Signals(self._saved_status)
         try:
-            with _Signals() as signals:
+            with signals:
                 while self.step < self.total_steps:
                     try:
                         r = self.run_step(signals)
-                    except Interrupted as e:  # mid-step: the data position was rewound
+                    except Interrupted as e:  # second press mid-step: the data position was rewound
                         return self._stop(e.signum)
+                    except Diverged as e:
+                        return self._diverged(e)
                     ema = r.loss if ema is None else 0.9 * ema + 0.1 * r.loss
-                    rec = {"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr,
+                    self.ema = ema
+                    rec = {"step": r.step, "epoch": r.epoch + 1, "loss": r.loss, "lr": r.lr,
                            "grad_norm": r.grad_norm, "tokens": r.tokens, "trained_tokens": r.trained,
                            "seconds": r.seconds, "tokens_per_s": r.tokens / r.seconds,
                            "rss_bytes": self.monitor.rss, "peak_rss_bytes": self.monitor.peak,
@@ -339,22 +463,49 @@ class Trainer:
                     self.log(rec)
                     if progress is not None:
                         progress(r, ema, self)
-                    if cfg.save_every and r.step % cfg.save_every == 0 and r.step < self.total_steps:
-                        self.save()
-                    if signals.received is not None:  # arrived during the update: the step is whole
+                    if signals.received is not None and self.step < self.total_steps:  # a whole step
                         return self._stop(signals.received)
+                    if cfg.save_every and r.step % cfg.save_every == 0 and r.step < self.total_steps:
+                        self._save(signals)
+                if self.val is not None and (not cfg.eval_every or self.step % cfg.eval_every):
+                    v = self.validate()
+                    self.log({"step": self.step, "val_loss": v})
+                self._save(signals)
+                return "done"
         finally:
             self.monitor.stop()
-        if self.val is not None and (not cfg.eval_every or self.step % cfg.eval_every):
-            v = self.validate()
-            self.log({"step": self.step, "val_loss": v})
-        self.save()
-        return "done"
+
+    def _save(self, signals: _Signals) -> list[Path]:
+        """save(), with Ctrl-C presses during it counted as 'still saving' rather than 'drop the step'."""
+        signals.saving = True
+        try:
+            paths = self.save()
+        finally:
+            signals.saving = False
+        self.saved = (self.step, self.out.checkpoints(self.step)[0])
+        return paths
+
+    def _saved_status(self) -> tuple[int, str]:
+        """(current step, what is kept if the run quits now without saving) for the signal messages."""
+        if self.saved is None:
+            return self.step, "this run has saved nothing yet"
+        saved_step, kept = self.saved
+        lost = self.step - saved_step
+        return self.step, f"the newest checkpoint is {kept} (step {saved_step})" + (
+            f"; {lost} later step{'s' if lost != 1 else ''} would be lost" if lost else "")
 
     def _stop(self, signum: int) -> str:
         """A signal arrived: save at the current step boundary and report it."""
         self.interrupted_by = signum
-        self.echo(f"\n{signal.Signals(signum).name} received: saving a checkpoint at step {self.step}")
-        paths = self.save()
-        self.echo("saved " + ", ".join(str(p) for p in paths))
+        if self.saved is None or self.saved[0] != self.step:
+            self.echo(f"saving a checkpoint at step {self.step} ...")
+            paths = self._save(self.signals)
+            self.echo("saved " + ", ".join(str(p) for p in paths))
         return "interrupted"
+
+    def _diverged(self, e: Diverged) -> str:
+        """A non-finite loss or gradient: keep the last good state (saved, if any step was done)."""
+        self.diverged = e
+        if self.step and (self.saved is None or self.saved[0] != self.step):
+            self._save(self.signals)
+        return "diverged"

@@ -22,6 +22,7 @@ int8mm_avx512 (kernels/int8mm_avx512.pyx), imported only on a CPU with AVX512-VN
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "SUPPORTED_TYPES",
     "avx512_module",
     "dequantize",
+    "first_run_notice",
     "get_num_threads",
     "get_rows",
     "int8_available",
@@ -331,3 +333,17 @@ def qmatmul_int8_lse(x: np.ndarray, w: np.ndarray, qtype: int, r0: int, targets:
     block, type_size = GGML_QUANT_SIZES[qt]
     _int8.qmatmul_int8_lse(int(qt), block, type_size, w, x, int(r0), targets, float(softcap), run_max, run_sum,
                            tgt_logit, get_num_threads())
+
+
+def first_run_notice() -> str | None:
+    """A line to print before the Numba kernels' first use when none of them is compiled yet (the
+    first run compiles them for ~30 s, then they load from NUMBA_CACHE_DIR); None when cached."""
+    cache = os.environ.get("NUMBA_CACHE_DIR")
+    if not cache:
+        return None
+    # Numba keeps each source folder's cache in <cache>/<folder name>_<sha1 of its path>.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sub = os.path.join(cache, f"{os.path.basename(here)}_{hashlib.sha1(here.encode()).hexdigest()}")
+    if os.path.isdir(sub) and any(f.endswith(".nbi") for f in os.listdir(sub)):
+        return None
+    return (f"first run: compiling the Numba kernels (about 30 s, once; they are cached in {cache})")

@@ -134,28 +134,36 @@ def test_clip_grad_norm_like_torch():
     np.testing.assert_array_equal(big[0], np.full(4, 10.0, np.float32))
 
 
-def test_schedule_matches_finetune_learning_schedule():
+def test_schedule_warmup_then_cosine_after_it():
     s = Schedule(lr=1e-3, warmup=10, cos_decay_steps=100, cos_decay_min=0.1)
     assert s(0) == 0.0
     assert s(1) == pytest.approx(1e-4)  # step/warmup
     assert s(5) == pytest.approx(5e-4)
-    # after the warmup: finetune's cosine_decay(step, decay_steps, min), counted from step 0
-    for step in (10, 37, 50, 99, 100):
-        c = 0.5 * (1 + math.cos(math.pi * step / 100))
+    assert s(10) == pytest.approx(1e-3)  # the warmup ends at the full rate
+    # after the warmup: cosine_decay(step - warmup, decay_steps, min), counted from the warmup's end
+    for step in (10, 37, 60, 99, 110):
+        c = 0.5 * (1 + math.cos(math.pi * (step - 10) / 100))
         assert s(step) == pytest.approx(1e-3 * (0.9 * c + 0.1))
-    assert s(50) == pytest.approx(1e-3 * 0.55)
-    assert s(100) == pytest.approx(1e-4) and s(10_000) == pytest.approx(1e-4)  # stays at the minimum
-    steps = [s(t) for t in range(10, 101)]
+    assert s(60) == pytest.approx(1e-3 * 0.55)
+    assert s(110) == pytest.approx(1e-4) and s(10_000) == pytest.approx(1e-4)  # stays at the minimum
+    steps = [s(t) for t in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(steps))
+    # No warmup: the first step runs at the full rate, the decay over the whole run ends at its last.
+    n = 7
+    w = Schedule(lr=2e-4, warmup=0, cos_decay_steps=Schedule.whole_run_decay(n, 0), cos_decay_min=0.1)
+    assert w(1) == pytest.approx(2e-4) and w(n) == pytest.approx(2e-5)
+    one = Schedule(lr=2e-4, warmup=0, cos_decay_steps=Schedule.whole_run_decay(1, 0), cos_decay_min=0.1)
+    assert one(1) == pytest.approx(2e-4)  # a 1-step run is not at the minimum
     # --adam-min-alpha floors everything, the warmup included
     f = Schedule(lr=1e-3, warmup=10, cos_decay_steps=100, cos_decay_min=0.0, min_lr=2e-4)
-    assert f(0) == pytest.approx(2e-4) and f(100) == pytest.approx(2e-4)
+    assert f(0) == pytest.approx(2e-4) and f(110) == pytest.approx(2e-4)
     assert f(5) == pytest.approx(2e-4 + 0.5 * 8e-4)
     # restarts: the period grows by cos_decay_restart each time, counted after the warmup
     r = Schedule(lr=1.0, warmup=0, cos_decay_steps=10, cos_decay_min=0.0, enable_restart=True,
                  cos_decay_restart=2.0)
-    assert r(10) == pytest.approx(0.0, abs=1e-12)
-    assert r(11) == pytest.approx(0.5 * (1 + math.cos(math.pi * 1 / 20)))
+    assert r(1) == pytest.approx(1.0)
+    assert r(11) == pytest.approx(0.0, abs=1e-12)
+    assert r(12) == pytest.approx(0.5 * (1 + math.cos(math.pi * 1 / 20)))
     # no decay
     assert Schedule(lr=0.5, warmup=0, cos_decay_steps=0)(1000) == 0.5
     assert FINETUNE_DEFAULTS["warmup"] == 100 and FINETUNE_DEFAULTS["cos_decay_min"] == 0.1
