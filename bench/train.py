@@ -138,7 +138,8 @@ def run_cli(args: argparse.Namespace, outdir: Path) -> dict:
            "--learning-rate", str(args.lr), "--cos-decay-steps", "0", "--adam-decay", "0",
            "--adam-gclip", str(args.grad_clip), "--adam-iter", str(args.steps), "--epochs", "1000",
            "--save-every", "0", "-t", str(args.threads), "--seed", str(args.seed),
-           "--use-checkpointing" if args.checkpointing else "--no-checkpointing"]
+           "--use-checkpointing" if args.checkpointing else "--no-checkpointing",
+           "--overwrite"]  # every round replaces the previous round's outputs
     env = dict(os.environ, TQDM_DISABLE="1")
     proc, peak = run_sampled(cmd, env=env)
     if proc.returncode:

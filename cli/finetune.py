@@ -57,7 +57,7 @@ def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) 
               show_default=True, help="Directory for adapters, checkpoints and train_log.jsonl.")
 @click.option("--lora-out", default=None,
               help="Adapter file name (relative to --outdir); ITERATION becomes the step number and a "
-                   "LATEST copy is kept beside it. [default: ggml-lora-ITERATION-TYPE.gguf, TYPE being "
+                   "LATEST hard link to the newest is kept beside it. [default: ggml-lora-ITERATION-TYPE.gguf, TYPE being "
                    "--lora-out-type]")
 @click.option("--lora-out-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
               help="Tensor type of the written adapter.")
@@ -129,12 +129,19 @@ def load_config(ctx: click.Context, param: click.Parameter, value: Path | None) 
                    "(less memory, ~30% more compute).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Validation loss every N steps (0: at the end only); needs --val-data or --val-split.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace an earlier run's results in --outdir: its adapters, checkpoints and train_log.jsonl "
+                   "are removed before the first step (without it, a new run there is refused).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Keep the N newest ITERATION checkpoints and adapters, removing older ones after each save "
+                   "(0: keep all). LATEST is always kept.")
 def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_out_type: str, checkpoint_out: str,
              checkpoint_in: Path | None, save_every: int, epochs: int | None, max_steps: int, batch: int,
              grad_acc: int, micro_batch: int, mem_limit: str | None, threads: int | None, lora_r: int,
              lora_alpha: float, lora_dropout: float, lr: float, adam_beta1: float, adam_beta2: float,
              adam_eps: float, adam_decay: float, adam_gclip: float, warmup: int, cos_decay_steps: int,
-             cos_decay_min: float, checkpointing: bool, eval_every: int, **kw: Any) -> None:
+             cos_decay_min: float, checkpointing: bool, eval_every: int, overwrite: bool, keep_checkpoints: int,
+             **kw: Any) -> None:
     """Fine-tune a LoRA adapter on a quantized GGUF model.
 
     The base stays in its GGUF type; the adapter is written in llama.cpp's GGUF LoRA format
@@ -145,7 +152,6 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
 
     from ggtrain import kernels
     from ggtrain.arch import read_hparams
-    from ggtrain.atomic import OutdirLock, check_writable
     from ggtrain.checkpoint import load_checkpoint
     from ggtrain.dataset import load_batches
     from ggtrain.defaults import default_model_path
@@ -153,9 +159,10 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     from ggtrain.memory import default_mem_limit, format_bytes, parse_size
     from ggtrain.model import Model
     from ggtrain.modelfile import ModelFile
+    from ggtrain.outputs import OutputPaths, RunOutputs
     from ggtrain.threads import default_threads, set_threads
     from ggtrain.tokenizer import Tokenizer
-    from ggtrain.trainer import OutputPaths, TrainConfig, Trainer, data_digest
+    from ggtrain.trainer import TrainConfig, Trainer, data_digest
 
     def say(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
@@ -170,9 +177,12 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     lora_out = lora_out or f"ggml-lora-ITERATION-{lora_out_type}.gguf"
     checkpoint_in = resolve_checkpoint_in(checkpoint_in, outdir, say)
 
-    # Outputs first: an unwritable --outdir fails now, not after an hour of training.
-    check_writable(outdir, need_bytes=16 << 20)
-    lock = OutdirLock(outdir).acquire()
+    # Outputs first: an unwritable --outdir, or one holding an earlier run's results, fails now,
+    # before anything is loaded. A run that fails before its first step leaves nothing behind.
+    out = OutputPaths(outdir, lora_out, checkpoint_out, lora_out_type, keep=keep_checkpoints)
+    fresh = checkpoint_in is None
+    outputs = RunOutputs(out, fresh=fresh, resume_from=checkpoint_in, overwrite=overwrite)
+    click.get_current_context().call_on_close(outputs.release)
     n_threads = set_threads(threads or default_threads())
 
     t0 = time.perf_counter()
@@ -215,11 +225,10 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
                       cos_decay_min=cos_decay_min, checkpointing=checkpointing, save_every=save_every,
                       eval_every=eval_every, seed=opts.seed, mem_limit=limit, lora=lcfg.to_dict(),
                       ctx=opts.ctx, train_data=str(opts.train_data), data_digest=data_digest(opts.train_data))
-    out = OutputPaths(outdir, lora_out, checkpoint_out, lora_out_type)
     trainer = Trainer(model, lora, train, val, cfg, out, echo=say)
     micro = trainer.choose_micro_batch(hp, lcfg, opts.ctx, path.stat().st_size)
 
-    if checkpoint_in is not None:
+    if not fresh:
         ck = load_checkpoint(checkpoint_in, base=mf)
         changed = trainer.resume_differences(ck, str(checkpoint_in))
         trainer.restore(ck, checkpoint_in)
@@ -231,8 +240,10 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
         say(f"resuming from {checkpoint_in} at step {trainer.step} (epoch {train.epoch + 1})")
         for c in changed:
             say(f"note: resuming with {c}")
-    elif out.log.exists():
-        out.log.unlink()  # a fresh run: a fresh log
+    # Room for the largest save, now that the LoRA's size is known (the step's buffers are not
+    # allocated yet); then --overwrite removes the earlier run's files, so nothing of it mixes in.
+    outputs.check_space(lora.layout, trainer.step, trainer.total_steps, save_every)
+    outputs.clear()
 
     n_params = lora.n_params
     say(f"model: {path.name} ({hp.arch}, {hp.n_layer} layers, {format_bytes(path.stat().st_size)}), "
@@ -270,7 +281,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
         status = trainer.fit(progress)
     finally:
         bar.close()
-        lock.release()
+        outputs.release()
     adapter = out.adapters(trainer.step)[-1]
     if status == "diverged":
         d = trainer.diverged

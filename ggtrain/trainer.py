@@ -40,6 +40,7 @@ from ggtrain.lora import LoraConfig, LoraWeights
 from ggtrain.memory import MemoryMonitor, choose_micro_batch, format_bytes
 from ggtrain.model import Batch, Model
 from ggtrain.optim import AdamW, Schedule, clip_grad_norm
+from ggtrain.outputs import OutputPaths
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -97,35 +98,6 @@ def data_digest(path: str | os.PathLike) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-@dataclass
-class OutputPaths:
-    """Where a run writes. ITERATION in a name becomes the step number, and every save also writes
-    the LATEST copy (llama.cpp finetune's convention)."""
-
-    outdir: Path
-    lora_out: str = "ggml-lora-ITERATION-f32.gguf"
-    checkpoint_out: str = "checkpoint-ITERATION.npz"
-    adapter_dtype: str = "f32"
-
-    def _names(self, pattern: str, step: int) -> list[Path]:
-        p = Path(pattern)
-        p = p if p.is_absolute() else self.outdir / p
-        if "ITERATION" not in p.name:
-            return [p]
-        return [p.with_name(p.name.replace("ITERATION", str(step))),
-                p.with_name(p.name.replace("ITERATION", "LATEST"))]
-
-    def adapters(self, step: int) -> list[Path]:
-        return self._names(self.lora_out, step)
-
-    def checkpoints(self, step: int) -> list[Path]:
-        return self._names(self.checkpoint_out, step)
-
-    @property
-    def log(self) -> Path:
-        return self.outdir / "train_log.jsonl"
 
 
 class Interrupted(Exception):
@@ -324,20 +296,31 @@ class Trainer:
             self.saved = (ck.step, source)
 
     def save(self) -> list[Path]:
-        """Checkpoint and adapter for the current step (atomic writes; earlier files stay intact)."""
-        written = []
+        """Checkpoint and adapter for the current step (atomic writes; earlier files stay intact),
+        then the ITERATION files beyond --keep-checkpoints are pruned. A failed write (full disk,
+        I/O error) is one GGTrainError naming the file and the newest checkpoint to resume from."""
         ck = self.checkpoint()
-        for p in self.out.checkpoints(self.step):
-            written.append(save_checkpoint(p, ck))
         meta = {"training.steps": self.step, "training.epochs": self.train.epoch}
-        for p in self.out.adapters(self.step):
-            written.append(write_gguf_adapter(p, self.lora, self.model.mf, dtype=self.out.adapter_dtype,
-                                              extra_meta=meta))
+        try:
+            written = self.out.save(
+                self.step, lambda p: save_checkpoint(p, ck),
+                lambda p: write_gguf_adapter(p, self.lora, self.model.mf, dtype=self.out.adapter_dtype,
+                                             extra_meta=meta))
+        except (GGTrainError, OSError) as e:
+            raise self._write_failed(f"saving step {self.step}", e) from None
+        self.out.prune(self.step)
         return written
 
+    def _write_failed(self, doing: str, e: GGTrainError | OSError) -> GGTrainError:
+        what = str(e) if isinstance(e, GGTrainError) else f"{e.filename or self.out.outdir}: {e.strerror or e}"
+        return GGTrainError(f"{doing} failed: {what}; {self.out.resume_hint()}")
+
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.out.log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.out.log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise self._write_failed(f"logging step {record.get('step')}", e) from None
 
     def trim_log(self) -> None:
         """On resume: drop log lines of steps after the checkpoint (they will be run again)."""
