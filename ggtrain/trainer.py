@@ -358,3 +358,21 @@ class Trainer:
         paths = self.save()
         self.echo("saved " + ", ".join(str(p) for p in paths))
         return "interrupted"
+
+
+def check_plan(trainer: Trainer, checkpoint_in: Path | None = None) -> None:
+    """Refuse a run whose flags cannot be met by its data (before the first step): more batches a
+    step than an epoch holds (--grad-acc), or a resumed run with no step left to take."""
+    cfg, train = trainer.cfg, trainer.train
+    rows, n = train.rows_in_epoch(0), train.steps_in_epoch(0)
+    if rows == 0:
+        raise GGTrainError(f"the training data gives no row to train at --ctx {train.ctx} (no window holds a "
+                           "trained token)")
+    if cfg.grad_acc > n:
+        raise GGTrainError(f"--grad-acc {cfg.grad_acc} asks for {cfg.grad_acc} batches a step, but an epoch of the "
+                           f"training data has {n} batch{'es' if n > 1 else ''} of --batch {cfg.batch} ({rows} "
+                           f"rows of --ctx {train.ctx}): use --grad-acc {n} or less")
+    if checkpoint_in is not None and trainer.step >= trainer.total_steps:
+        raise GGTrainError(f"--checkpoint-in {checkpoint_in}: the checkpoint is at step {trainer.step}, and this "
+                           f"run has {trainer.total_steps} steps, so there is nothing left to train (raise --epochs "
+                           "or --adam-iter to train further)")
