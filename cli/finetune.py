@@ -147,15 +147,17 @@ def _toml_repr(v: Any) -> str:
 @click.option("--rank-output", type=Int(min=0), default=None,
               help="Rank for the output head (llama.cpp's --rank-out); only 0 for now: training a LoRA on "
                    "the head is not supported yet.")
-@click.option("--learning-rate", "--adam-alpha", "lr", type=Float(min=0), default=2e-4,
+# --learning-rate and --adam-decay at most 1: AdamW's decoupled decay scales the weights by 1 - lr·decay
+# every step, which must stay in [0, 1]; an Adam step moves every weight by about lr.
+@click.option("--learning-rate", "--adam-alpha", "lr", type=Float(0, 1), default=2e-4,
               show_default=True, help="Peak learning rate of AdamW (llama.cpp's finetune used 1e-3, which "
                                       "overfits small data sets within a few epochs).")
 @click.option("--adam-beta1", type=Float(0, 1, max_open=True), default=0.9, show_default=True,
               help="AdamW beta1.")
 @click.option("--adam-beta2", type=Float(0, 1, max_open=True), default=0.999, show_default=True,
               help="AdamW beta2.")
-@click.option("--adam-eps", type=Float(min=0, min_open=True), default=1e-8, show_default=True, help="AdamW epsilon.")
-@click.option("--adam-decay", type=Float(min=0), default=0.0, show_default=True,
+@click.option("--adam-eps", type=Float(0, 1, min_open=True), default=1e-8, show_default=True, help="AdamW epsilon.")
+@click.option("--adam-decay", type=Float(0, 1), default=0.0, show_default=True,
               help="AdamW (decoupled) weight decay.")
 @click.option("--adam-gclip", type=Float(min=0), default=1.0, show_default=True,
               help="Clip the gradient's global norm to this (0: no clipping).")

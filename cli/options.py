@@ -174,7 +174,7 @@ class LoraArg(click.ParamType):
         if not isinstance(value, str) or not value.strip():
             self.fail("expected ADAPTER.gguf or ADAPTER.gguf:SCALE, got an empty string", param, ctx)
         path, scale = parse_lora_arg(value)
-        if not str(path).strip():
+        if value.startswith(":") or not str(path).strip():
             self.fail(f"{value!r}: no adapter file before the ':'", param, ctx)
         if not math.isfinite(scale) or abs(scale) > F32_MAX:
             self.fail(f"{value!r}: the scale {scale} is not a finite number", param, ctx)

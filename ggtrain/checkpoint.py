@@ -126,6 +126,8 @@ def _looks_like(head: bytes) -> str:
         return "a single .npy array"
     if head[:1] == b"\x80":
         return "a Python pickle, which ggtrain never loads"
+    if b"\x00" in head:
+        return "binary data"
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as e:
