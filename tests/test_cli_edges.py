@@ -51,8 +51,11 @@ TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the 
 
 # --- the world the cases run in -------------------------------------------------------------------
 
+BINARY = bytes(range(256)) * 4 + b"\x00\xff" * 100
+
+
 def make_world(root: Path) -> dict[str, str]:
-    """Tiny model, data and text files, an adapter, and the bad files the walker gives path options."""
+    """Tiny model, data and text files, an adapter, and the bad files the other tests give options."""
     from tinymodels import tiny_model
 
     from ggtrain.adapter import write_gguf_adapter
@@ -64,15 +67,22 @@ def make_world(root: Path) -> dict[str, str]:
     model = tiny_model("llama", "Q8_0")
     (root / "train.txt").write_text(TEXT * 2)
     (root / "ppl.txt").write_text(TEXT * 6)
-    (root / "binary.bin").write_bytes(bytes(range(256)) * 4 + b"\x00\xff" * 100)
-    (root / "a-directory").mkdir(exist_ok=True)
+    (root / "binary.bin").write_bytes(BINARY)
     mf = ModelFile(model)
     lcfg = LoraConfig.make(r=2, alpha=2)
     lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, read_hparams(mf).n_layer), seed=1)
     adapter = write_gguf_adapter(root / "adapter.gguf", lora, mf)
     return {"root": str(root), "model": str(model), "train": str(root / "train.txt"), "ppl": str(root / "ppl.txt"),
-            "binary": str(root / "binary.bin"), "dir": str(root / "a-directory"),
-            "missing": str(root / "no-such-file.txt"), "adapter": str(adapter)}
+            "binary": str(root / "binary.bin"), "adapter": str(adapter)}
+
+
+def case_files(root: Path, cid: int) -> dict[str, str]:
+    """A missing file, a directory and a binary file of the case's own: an accepted case may write
+    where it is pointed (--outdir, --lora-out), and must not change what the next case is given."""
+    d = root / "files" / str(cid)
+    (d / "a-directory").mkdir(parents=True)
+    (d / "binary.bin").write_bytes(BINARY)
+    return {"@missing": str(d / "no-such-file.txt"), "@dir": str(d / "a-directory"), "@binary": str(d / "binary.bin")}
 
 
 def base_values(w: dict[str, str]) -> dict[str, dict[str, str]]:
@@ -101,9 +111,9 @@ def _render(p: click.Parameter, value: str) -> list[str]:
 
 
 def values_for(p: click.Parameter, w: dict[str, str]) -> list[str]:
-    """The edge values the walker gives parameter p."""
+    """The edge values the walker gives parameter p (@missing, @dir, @binary: the case's own files)."""
     t = p.type
-    paths = [w["missing"], w["dir"], w["binary"]]
+    paths = ["@missing", "@dir", "@binary"]
     if isinstance(p, click.Option) and p.is_flag:
         return ["abc"]  # --flag=abc: a flag takes no value
     vals = list(NUMBERS)
@@ -115,8 +125,13 @@ def values_for(p: click.Parameter, w: dict[str, str]) -> list[str]:
     return vals
 
 
+# (command, walked option) -> a base option to leave out, as the two exclude each other
+EXCLUSIVE = {("tokenize", "file"): "prompt"}
+
+
 def build_cases(w: dict[str, str]) -> list[dict[str, Any]]:
     base = base_values(w)
+    root = Path(w["root"])
     cases: list[dict[str, Any]] = []
     for cmd_name, cmd in main.commands.items():
         params = {p.name: p for p in cmd.params}
@@ -124,9 +139,11 @@ def build_cases(w: dict[str, str]) -> list[dict[str, Any]]:
         for p in [None, *walked]:  # None: the base case alone, which must succeed
             for value in ([None] if p is None else values_for(p, w)):
                 cid = len(cases)
+                if value is not None and value.startswith("@"):
+                    value = case_files(root, cid)[value]
                 args = [cmd_name]
                 for name, v in base[cmd_name].items():
-                    if p is not None and name == p.name:
+                    if p is not None and name in (p.name, EXCLUSIVE.get((cmd_name, p.name))):
                         continue
                     v = v.replace("OUTDIR", f"{w['root']}/out/{cid}")
                     args += [v] if isinstance(params[name], click.Argument) else [_long(params[name]), v]
