@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from ggtrain.cli.dataflags import data_options, data_options_from
+from ggtrain.cli.options import Command, Int, PathType
 
 from ggtrain.dataset import Sample, TokenData, data_stats, prepare_data
 from ggtrain.defaults import default_model_path
@@ -77,12 +78,12 @@ def _report(name: str, data: TokenData, opts, tok, show: int, color: bool) -> No
         click.echo(render_sample(tok, s, color), color=color)
 
 
-@click.command()
-@click.option("-m", "--model", "model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.command(cls=Command)
+@click.option("-m", "--model", "model", type=PathType(exists=True, dir_okay=False, path_type=Path),
               default=None, help="GGUF model whose tokenizer (and chat template) is used "
                                  "(default: Gemma 3 270M Q4_K_M).")
 @data_options
-@click.option("--show", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--show", type=Int(min=0), default=3, show_default=True,
               help="How many samples to print with their trained tokens marked.")
 @click.option("--color/--no-color", default=None,
               help="Mark trained tokens in colour (default: when stdout is a terminal), else [[like this]].")

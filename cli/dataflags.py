@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+from ggtrain.cli.options import SEED_REFUSALS, UINT32_MAX, Float, Int, PathType, Text
 
 from ggtrain.dataset import DEFAULT_CTX, DEFAULT_SEED, DataOptions
 from ggtrain.formats import FORMATS
 
-_FILE = click.Path(exists=True, path_type=Path)
+_FILE = PathType(exists=True, path_type=Path)
 
 # (param declarations, keyword arguments) in the order --help lists them.
 DATA_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -29,23 +30,23 @@ DATA_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
           "dataset directory (save_to_disk output or parquet files)."}),
     (("--val-data",), {"type": _FILE, "default": None, "metavar": "FILE",
      "help": "Held-out data for validation loss, read with the same flags as --train-data."}),
-    (("--val-split",), {"type": click.FloatRange(0.0, 1.0, max_open=True), "default": 0.0, "show_default": True,
+    (("--val-split",), {"type": Float(0.0, 1.0, max_open=True), "default": 0.0, "show_default": True,
      "metavar": "F", "help": "Hold out this fraction of the training samples (chosen with --seed) for "
                        "validation; a single text stream is split at its last F of tokens."}),
     (("--format", "data_format"), {"type": click.Choice(FORMATS), "default": "auto", "show_default": True,
      "help": "Force the file format (text, json, jsonl, csv, tsv, hf) or the record schema (alpaca, "
           "chat, sharegpt, completion); auto detects the format from the file name and the schema "
           "from the fields of the first record."}),
-    (("--text-column",), {"default": None, "metavar": "NAME",
+    (("--text-column",), {"type": Text(), "default": None, "metavar": "NAME",
      "help": "Field holding the text to train on in JSON/CSV/HF data (default: text). Naming it "
           "makes that field win over Alpaca/chat fields."}),
-    (("--chat-template",), {"type": click.Path(exists=True, dir_okay=False, path_type=Path), "default": None,
+    (("--chat-template",), {"type": PathType(exists=True, dir_okay=False, path_type=Path), "default": None,
      "metavar": "FILE", "help": "Jinja chat template for chat/ShareGPT data, instead of the model's own "
                           "(needed when the GGUF has none)."}),
     (("--train-on-prompt",), {"is_flag": True, "default": False,
      "help": "Train on every token. By default only responses (Alpaca output, completion, assistant "
           "turns) are trained and prompts are context."}),
-    (("--sample-start",), {"default": None, "metavar": "STR",
+    (("--sample-start",), {"type": Text(nonempty=False), "default": None, "metavar": "STR",
      "help": "Plain text: a sample begins at every occurrence of STR (e.g. '### Instruction'). "
           "Without it the file is one stream cut into --ctx windows."}),
     (("--include-sample-start",), {"is_flag": True, "default": False,
@@ -64,12 +65,12 @@ DATA_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--sample-random-offsets",), {"is_flag": True, "default": False,
      "help": "Each epoch, split samples longer than --ctx (or cut them, with --truncate) at a random "
           "offset, so window boundaries vary between epochs."}),
-    (("-c", "--ctx"), {"type": click.IntRange(min=2), "default": DEFAULT_CTX, "show_default": True,
+    (("-c", "--ctx"), {"type": Int(min=2), "default": DEFAULT_CTX, "show_default": True,
      "help": "Context length of a training row, in tokens."}),
     (("--truncate",), {"is_flag": True, "default": False,
      "help": "Cut samples longer than --ctx to their first --ctx tokens instead of splitting them "
           "into several windows."}),
-    (("--seed",), {"type": click.IntRange(min=0), "default": DEFAULT_SEED, "show_default": True,
+    (("--seed",), {"type": Int(min=0, max=UINT32_MAX, refusals=SEED_REFUSALS), "default": DEFAULT_SEED, "show_default": True,
      "help": "Seed for shuffling, random offsets and the validation split."}),
     (("--skip-bad-lines",), {"is_flag": True, "default": False,
      "help": "Skip (and count) malformed or unusable records instead of stopping at the first one."}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from ggtrain.cli.options import Command, PathType
 
 from ggtrain.arch import ROPE_NEOX, read_hparams
 from ggtrain.defaults import default_model_path
@@ -19,9 +20,9 @@ def _human(n: int) -> str:
     raise AssertionError
 
 
-@click.command()
+@click.command(cls=Command)
 # No exists/dir checks here: ModelFile reports those as one line naming the file, like any bad input.
-@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.argument("model", required=False, type=PathType(path_type=Path))
 def info(model: Path | None) -> None:
     """Show MODEL.gguf's architecture, hyper-parameters, tensor types and tokenizer.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from ggtrain.cli.options import Command
 
 from ggtrain import __version__
 from ggtrain.errors import GGTrainError
@@ -14,6 +15,8 @@ EXIT_BAD_INPUT = 2
 
 class Group(click.Group):
     """Turns GGTrainError (bad input) into one line on stderr and exit code 2, no traceback."""
+
+    command_class = Command
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+from ggtrain.cli.options import THREADS_MAX, Command, Int, LoraArg, PathType
 
 from ggtrain.errors import GGTrainError
 
@@ -23,20 +24,20 @@ def read_text(path: Path) -> str:
         raise GGTrainError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-@click.command()
-@click.option("-m", "--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.command(cls=Command)
+@click.option("-m", "--model", "model_path", type=PathType(dir_okay=False, path_type=Path),
               help="Base model GGUF (default: the bundled Gemma 3 270M Q4_K_M).")
-@click.option("-f", "--file", "text_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-f", "--file", "text_file", required=True, type=PathType(dir_okay=False, path_type=Path),
               help="Text file to measure perplexity on.")
-@click.option("-c", "--ctx-size", "n_ctx", default=512, show_default=True, type=click.IntRange(4),
+@click.option("-c", "--ctx-size", "n_ctx", default=512, show_default=True, type=Int(min=4),
               help="Tokens per chunk; the second half of each chunk is scored.")
-@click.option("-b", "--batch-size", "n_batch", default=2048, show_default=True, type=click.IntRange(1),
+@click.option("-b", "--batch-size", "n_batch", default=2048, show_default=True, type=Int(min=1),
               help="Tokens per forward pass: batch-size // ctx-size chunks are evaluated together.")
-@click.option("-t", "--threads", default=None, type=click.IntRange(1),
+@click.option("-t", "--threads", default=None, type=Int(min=1, max=THREADS_MAX),
               help="Threads for every kernel (default: physical cores).")
-@click.option("--chunks", "n_chunks", default=-1, show_default=True, type=int,
+@click.option("--chunks", "n_chunks", default=-1, show_default=True, type=Int(min=1, also={-1: "all"}),
               help="Stop after this many chunks (-1: all).")
-@click.option("--lora", "loras", multiple=True, metavar="ADAPTER[:SCALE]",
+@click.option("--lora", "loras", type=LoraArg(), multiple=True, metavar="ADAPTER[:SCALE]",
               help="Apply a GGUF LoRA adapter, optionally scaled (llama.cpp's --lora / --lora-scaled). Repeatable.")
 @click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
               help="Products with the quantized weights: int8 quantizes activations as llama.cpp does "

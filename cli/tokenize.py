@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from ggtrain.cli.options import Command, PathType
 
 from ggtrain.defaults import default_model_path
 from ggtrain.errors import GGTrainError
@@ -47,11 +48,11 @@ def process_escapes(raw: bytes) -> bytes:
     return bytes(out)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-m", "--model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-m", "--model", type=PathType(dir_okay=False, path_type=Path), default=None,
               help="GGUF model whose tokenizer to use (default: the default model, Gemma 3 270M).")
 @click.option("-p", "--prompt", type=str, default=None, help="Text to tokenize.")
-@click.option("-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-f", "--file", "file", type=PathType(dir_okay=False, path_type=Path), default=None,
               help="Read the text from FILE, byte for byte (a final newline is a token too).")
 @click.option("--stdin", "use_stdin", is_flag=True, help="Read the text from standard input.")
 @click.option("--ids", is_flag=True,

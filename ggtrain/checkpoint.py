@@ -113,33 +113,100 @@ def save_checkpoint(path: str | os.PathLike, ck: Checkpoint) -> Path:
     return path
 
 
+_WHAT_IT_TAKES = "a checkpoint is the checkpoint-*.npz that ggtrain finetune writes into its --outdir"
+
+
+def _looks_like(head: bytes) -> str:
+    """What a file that is no zip archive seems to be, from its first bytes, for the refusal."""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (a model or an adapter)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array"
+    if head[:1] == b"\x80":
+        return "a Python pickle, which ggtrain never loads"
+    if b"\x00" in head:
+        return "binary data"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not merely a character cut at the end of the sample
+            return "binary data"
+    return "a text file"
+
+
+def _holds_objects(z: Any, name: str) -> bool:
+    """Whether npz member `name` is an object (pickled) array, read from its .npy header alone."""
+    fmt = np.lib.format
+    try:
+        with z.zip.open(f"{name}.npy") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            return bool(read(f)[2].hasobject)
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile):  # reported as corruption by the caller
+        return False
+
+
+def _read_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, arrays) of a checkpoint file; anything else is a GGTrainError saying what the file is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise GGTrainError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip archive (npz) or nothing of ours
+        raise GGTrainError(f"{path}: not a ggtrain checkpoint: it is {_looks_like(head)}; {_WHAT_IT_TAKES}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise GGTrainError(f"{path}: not a ggtrain checkpoint (a zip archive without ggtrain's 'meta' "
+                                   f"member; {_WHAT_IT_TAKES})")
+            arrays: dict[str, np.ndarray] = {}
+            for k in z.files:
+                try:
+                    a = z[k]
+                except ValueError:
+                    if _holds_objects(z, k):
+                        raise GGTrainError(f"{path}: not a ggtrain checkpoint: member '{k}' holds pickled Python "
+                                           "objects, which ggtrain never loads (its checkpoints hold only "
+                                           "numeric arrays)") from None
+                    raise
+                if not isinstance(a, np.ndarray):
+                    raise GGTrainError(f"{path}: not a ggtrain checkpoint (member '{k}' is not a numpy array)")
+                arrays[k] = a
+    except GGTrainError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise GGTrainError(f"{path}: corrupt or truncated checkpoint ({e})") from None
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise GGTrainError(f"{path}: corrupt checkpoint (unreadable metadata)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise GGTrainError(f"{path}: not a ggtrain checkpoint ({_WHAT_IT_TAKES})")
+    return meta, arrays
+
+
 def load_checkpoint(path: str | os.PathLike, base: ModelFile | None = None,
                     fingerprint: str | None = None) -> Checkpoint:
     """Read and validate a checkpoint. With `base` (or its `fingerprint`), one written for another
-    base model is refused. Truncated, corrupt or foreign files give a GGTrainError naming the file."""
+    base model is refused. Truncated, corrupt or foreign files (text, a GGUF, another zip, an npz
+    with pickles) give a GGTrainError naming the file and what it is; nothing is ever unpickled."""
     path = Path(path)
     if not path.exists():
         raise GGTrainError(f"{path}: no such checkpoint")
     if path.is_dir():
         raise GGTrainError(f"{path}: is a directory, not a checkpoint file")
+    meta, arrays = _read_arrays(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "meta" not in z.files:
-                raise GGTrainError(f"{path}: not a ggtrain checkpoint (no 'meta' member)")
-            meta_raw = z["meta"]
-            try:
-                meta = json.loads(meta_raw.tobytes().decode())
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise GGTrainError(f"{path}: corrupt checkpoint (unreadable metadata)") from None
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise GGTrainError(f"{path}: not a ggtrain checkpoint")
-            arrays = {k: z[k] for k in z.files if k != "meta"}
-    except GGTrainError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        what = "not a ggtrain checkpoint" if not zipfile.is_zipfile(path) else "corrupt or truncated checkpoint"
-        raise GGTrainError(f"{path}: {what} ({e})") from None
+        return _checkpoint_from(path, meta, arrays, base, fingerprint)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise GGTrainError(f"{path}: corrupt checkpoint (bad or missing metadata: {type(e).__name__} {e})") from None
 
+
+def _checkpoint_from(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray], base: ModelFile | None,
+                     fingerprint: str | None) -> Checkpoint:
     if int(meta.get("version", 0)) > VERSION:
         raise GGTrainError(f"{path}: checkpoint format version {meta['version']} is newer than this "
                            f"ggtrain reads ({VERSION}); upgrade ggtrain")

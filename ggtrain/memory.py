@@ -20,6 +20,7 @@ then a safety margin. The lead validates this against measured RSS on the real m
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import threading
@@ -135,11 +136,27 @@ def estimate_step_memory(hparams: Any, lora_config: LoraConfig, ctx: int, micro_
 
 
 def _divisors_desc(n: int) -> list[int]:
-    return sorted((k for k in range(1, n + 1) if n % k == 0), reverse=True)
+    small = [k for k in range(1, int(n ** 0.5) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]), reverse=True)
+
+
+def _ranks(lora_config: LoraConfig) -> str:
+    ranks = {t: spec.rank for t, spec in lora_config.targets.items()}
+    if len(set(ranks.values())) == 1:
+        return f"LoRA rank {next(iter(ranks.values()))}"
+    return "LoRA ranks " + ", ".join(f"{t} {r}" for t, r in ranks.items())
+
+
+def _too_big(limit: int, limit_given: bool, what: str, parts: dict[str, int], hints: list[str]) -> GGTrainError:
+    detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if k != "total")
+    lim = (f"--mem-limit {format_bytes(limit)}" if limit_given else
+           f"the memory limit {format_bytes(limit)} (a share of the available RAM; --mem-limit sets it)")
+    return GGTrainError(f"{lim} is too small: {what} needs about {format_bytes(parts['total'])} ({detail}); "
+                        + ", or ".join(hints))
 
 
 def choose_micro_batch(batch: int, limit: int, hparams: Any, lora_config: LoraConfig, ctx: int,
-                       checkpointing: bool, model_file_bytes: int, **kw: Any) -> int:
+                       checkpointing: bool, model_file_bytes: int, limit_given: bool = True, **kw: Any) -> int:
     """The largest micro-batch dividing `batch` whose step fits in `limit` bytes.
 
     The effective batch stays `batch` through gradient accumulation (batch // micro_batch micro-steps
@@ -151,15 +168,29 @@ def choose_micro_batch(batch: int, limit: int, hparams: Any, lora_config: LoraCo
         if estimate_step_memory(hparams, lora_config, ctx, mb, checkpointing, model_file_bytes, **kw) <= limit:
             return mb
     parts = memory_breakdown(hparams, lora_config, ctx, 1, checkpointing, model_file_bytes, **kw)
-    detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if k != "total")
-    hints = ["lower --ctx"]
+    hints = ["raise --mem-limit", "lower --ctx"]
     if not checkpointing:
         parts_ck = memory_breakdown(hparams, lora_config, ctx, 1, True, model_file_bytes, **kw)
-        hints.insert(0, f"use --use-checkpointing (needs about {format_bytes(parts_ck['total'])})")
-    hints.append("lower the LoRA ranks")
-    raise GGTrainError(
-        f"--mem-limit {format_bytes(limit)} is too small: one training step at ctx {ctx}, micro-batch 1 needs "
-        f"about {format_bytes(parts['total'])} ({detail}); raise --mem-limit or " + ", or ".join(hints))
+        hints.insert(1, f"use --use-checkpointing (needs about {format_bytes(parts_ck['total'])})")
+    hints.append("lower the LoRA ranks (--lora-r, --rank-*)")
+    what = f"one training step at --ctx {ctx}, micro-batch 1, {_ranks(lora_config)}"
+    raise _too_big(limit, limit_given, what, parts, hints)
+
+
+def check_fits(batch: int, micro_batch: int, limit: int, hparams: Any, lora_config: LoraConfig, ctx: int,
+               checkpointing: bool, model_file_bytes: int, limit_given: bool = True, **kw: Any) -> int:
+    """The micro-batch a run will use: `micro_batch` when given (0: the largest that fits), refusing
+    settings whose training step cannot fit in `limit` bytes. Called before the model, the data or
+    the LoRA weights are allocated, so a rank or --ctx far too big fails at once with the estimate."""
+    if not micro_batch:
+        return choose_micro_batch(batch, limit, hparams, lora_config, ctx, checkpointing, model_file_bytes,
+                                  limit_given=limit_given, **kw)
+    parts = memory_breakdown(hparams, lora_config, ctx, micro_batch, checkpointing, model_file_bytes, **kw)
+    if parts["total"] > limit:
+        what = f"one training step at --ctx {ctx}, --micro-batch {micro_batch}, {_ranks(lora_config)}"
+        hints = ["use a smaller --micro-batch (0 chooses one that fits)", "raise --mem-limit", "lower --ctx"]
+        raise _too_big(limit, limit_given, what, parts, hints)
+    return micro_batch
 
 
 def smaller_micro_batch(batch: int, micro_batch: int) -> int | None:
@@ -204,7 +235,10 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise GGTrainError(f"cannot read memory size {text!r} (examples: 8G, 512M, 1.5GiB)")
     mult = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
+    n = float(m.group(1)) * mult
+    if not math.isfinite(n) or n >= 1 << 80:  # a yottabyte: no machine's RAM, and a float that stays exact
+        raise GGTrainError(f"memory size {text!r} is too large (examples: 8G, 512M, 1.5GiB)")
+    return int(n)
 
 
 def format_bytes(n: float) -> str:

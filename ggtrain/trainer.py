@@ -239,14 +239,18 @@ class Trainer:
             if self.cfg.max_steps < 0:
                 raise ValueError("a run needs an epoch limit or a step limit")
             return self.cfg.max_steps
-        steps = self.epoch_steps()
-        if self.cfg.max_steps >= 0:
-            steps = min(steps, self.cfg.max_steps)
-        return steps
+        cap = self.cfg.max_steps if self.cfg.max_steps >= 0 else None
+        return min(self.epoch_steps(cap), cap) if cap is not None else self.epoch_steps()
 
-    def epoch_steps(self) -> int:
-        """Optimizer steps that cfg.epochs passes over the data take (cfg.epochs must be set)."""
-        return math.ceil(self.train.total_steps(self.cfg.epochs) / self.cfg.grad_acc)
+    def epoch_steps(self, enough: int | None = None) -> int:
+        """Optimizer steps that cfg.epochs passes over the data take (cfg.epochs must be set);
+        counting stops once `enough` steps are reached (a huge --epochs with --adam-iter)."""
+        batches = 0
+        for e in range(self.cfg.epochs or 0):
+            batches += self.train.steps_in_epoch(e)
+            if enough is not None and batches >= enough * self.cfg.grad_acc:
+                break
+        return math.ceil(batches / self.cfg.grad_acc)
 
     def choose_micro_batch(self, hp: Any, lora_config: LoraConfig, ctx: int, file_bytes: int) -> int:
         """The largest micro-batch that fits cfg.mem_limit (refusing a limit nothing fits in)."""
@@ -492,3 +496,20 @@ class Trainer:
         if self.step and (self.saved is None or self.saved[0] != self.step):
             self._save(self.signals)
         return "diverged"
+
+def check_plan(trainer: Trainer, checkpoint_in: Path | None = None) -> None:
+    """Refuse a run whose flags cannot be met by its data (before the first step): more batches a
+    step than an epoch holds (--grad-acc), or a resumed run with no step left to take."""
+    cfg, train = trainer.cfg, trainer.train
+    rows, n = train.rows_in_epoch(0), train.steps_in_epoch(0)
+    if rows == 0:
+        raise GGTrainError(f"the training data gives no row to train at --ctx {train.ctx} (no window holds a "
+                           "trained token)")
+    if cfg.grad_acc > n:
+        raise GGTrainError(f"--grad-acc {cfg.grad_acc} asks for {cfg.grad_acc} batches a step, but an epoch of the "
+                           f"training data has {n} batch{'es' if n > 1 else ''} of --batch {cfg.batch} ({rows} "
+                           f"rows of --ctx {train.ctx}): use --grad-acc {n} or less")
+    if checkpoint_in is not None and trainer.step >= trainer.total_steps:
+        raise GGTrainError(f"--checkpoint-in {checkpoint_in}: the checkpoint is at step {trainer.step}, and this "
+                           f"run has {trainer.total_steps} steps, so there is nothing left to train (raise --epochs "
+                           "or --adam-iter to train further)")
