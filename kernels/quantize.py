@@ -30,9 +30,15 @@ round to even and out-of-range values give the same garbage the C code then clam
 "numpy": a float division by zero gives inf/NaN as in C instead of raising.
 
 Rows are independent (llama-quantize quantizes the whole tensor as one run of blocks for the types
-above, and no block looks at another), so rows run in parallel for arrays of PARALLEL_MIN elements
-or more. Bad input (dtype, shape, type) raises GGTrainError.
+above, and no block looks at another), so rows run in parallel (one compiled variant only: this
+runs once per tensor, where waking the thread pool costs nothing that matters). The first call
+compiles for ~40 s; later processes load it from NUMBA_CACHE_DIR. Bad input (dtype, shape, type)
+raises GGTrainError.
 """
+
+# The C code's `if (v < min) min = v` keeps the first of equal values (0.0 before -0.0, whose sign
+# reaches the f16 bytes); min()/max() need not, so ruff's rewrite into them is off here.
+# ruff: noqa: PLR1730, FURB136
 
 from __future__ import annotations
 
@@ -45,8 +51,6 @@ from numba.extending import intrinsic
 from ggtrain.errors import GGTrainError
 
 __all__ = ["QUANTIZE_TYPES", "quantize", "row_bytes"]
-
-PARALLEL_MIN = 1 << 16  # elements: smaller arrays run on the calling thread (waking the pool costs more)
 
 _T = GGMLQuantizationType
 QUANTIZE_TYPES = frozenset((_T.F32, _T.F16, _T.BF16, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q8_0,
@@ -861,14 +865,9 @@ def _quantize_row(code, x, out, values):
             _iq4_xs_block(xb, ob, L, values, scales)
 
 
-@njit(cache=True, error_model="numpy")
-def _rows_serial(code, x, out, values):
-    for r in range(x.shape[0]):
-        _quantize_row(code, x[r], out[r], values)
-
-
 @njit(cache=True, error_model="numpy", parallel=True)
-def _rows_parallel(code, x, out, values):
+def _quantize_rows(code, x, out, values):
+    # x (rows, n) f32 -> out (rows, row_bytes) u8, rows in parallel
     for r in prange(x.shape[0]):
         _quantize_row(code, x[r], out[r], values)
 
@@ -903,6 +902,5 @@ def quantize(rows: np.ndarray, qtype: int) -> np.ndarray:
     if qt == _T.F32:
         out[:] = x.view(np.uint8)
     elif x.shape[0]:
-        run = _rows_parallel if x.size >= PARALLEL_MIN and x.shape[0] > 1 else _rows_serial
-        run(int(qt), x, out, KVALUES_IQ4NL)
+        _quantize_rows(int(qt), x, out, KVALUES_IQ4NL)
     return out.reshape(*rows.shape[:-1], out.shape[1])
