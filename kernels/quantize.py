@@ -24,7 +24,8 @@ Bit-exact means the same float32 operations in the same order as ggml-quants.c: 
 is np.float32 and every int is converted to float32 before it meets one (Numba would otherwise
 promote to float64); no fastmath, so LLVM neither reassociates nor fuses a*b+c into an FMA. The
 reference agrees: ggml-base (ggml-quants.c) is compiled for baseline x86-64 without -mfma, so the
-llama-quantize binary has no FMA in these functions either (checked with objdump). nearest_int is
+llama-quantize binary has no FMA in these functions either (checked with objdump), and ours has
+no double-precision operation and no FMA (checked in _quantize_rows' LLVM IR and assembly). nearest_int is
 ggml's own trick (add 1.5·2²³, keep the mantissa bits), reproduced on the float's bits, so ties
 round to even and out-of-range values give the same garbage the C code then clamps. error_model
 "numpy": a float division by zero gives inf/NaN as in C instead of raising.
@@ -33,7 +34,8 @@ Rows are independent (llama-quantize quantizes the whole tensor as one run of bl
 above, and no block looks at another), so rows run in parallel (one compiled variant only: this
 runs once per tensor, where waking the thread pool costs nothing that matters). The first call
 compiles for ~40 s; later processes load it from NUMBA_CACHE_DIR. Bad input (dtype, shape, type)
-raises GGTrainError.
+raises GGTrainError. Values are taken as finite: for NaN/inf the bytes are whatever the same
+arithmetic gives (llama-quantize refuses such rows when it validates its output).
 """
 
 # The C code's `if (v < min) min = v` keeps the first of equal values (0.0 before -0.0, whose sign
