@@ -12,6 +12,9 @@ ggml-vocab-*.gguf test vocabularies included), fetched with pip once and cached:
 
 GGTRAIN_LLAMACPP_SDIST=/path/llama_cpp_python-0.3.36.tar.gz uses a local copy of that sdist instead of
 downloading it (offline machines). Importable as a plain module from tests/ and bench/.
+
+`with server(model, "--lora", a, ...) as url:` runs llama-server on 127.0.0.1 (a free port) for the
+block and stops it after; http_json(url + "/lora-adapters") talks to it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 VERSION = "0.3.36"
 PACKAGE = "llama-cpp-python"
@@ -407,6 +414,108 @@ def load_info(model: str | os.PathLike, timeout: float = 300) -> dict[str, objec
     info["is_swa"] = [layers[i] for i in range(int(str(info["n_layer"]))) if i in layers]
     return info
 
+
+
+# -- llama-server -------------------------------------------------------------------------------
+# Requests go straight to the loopback server, never through an http_proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_json(url: str, body: Any = None, timeout: float = 120) -> Any:
+    """GET url (body None) or POST body as JSON; the decoded JSON answer.
+
+    An HTTP error status raises RuntimeError with the server's error body."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with _NO_PROXY.open(req, timeout=timeout) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{'POST' if data else 'GET'} {url} -> HTTP {e.code}: "
+                           f"{e.read().decode(errors='replace')[:2000]}") from None
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it for a socket bound to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after `grace` seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.is_file() else ""
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with _NO_PROXY.open(url + "/health", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):  # refused while starting, 503 while loading
+        return False
+
+
+@contextlib.contextmanager
+def server(model: str | os.PathLike, *args: str | os.PathLike, startup_timeout: float = 300,
+           attempts: int = 3) -> Iterator[str]:
+    """Run llama-server on `model` with `args`, bound to 127.0.0.1 on a free port; yield its base URL
+    ("http://127.0.0.1:PORT") once GET /health says it is ready; always stop it on exit.
+
+    The port is one the OS just handed out for 127.0.0.1; if another process takes it first (the
+    server cannot bind), a new port is tried, `attempts` times in all. Startup that exceeds
+    `startup_timeout` seconds, or a server that exits, raises RuntimeError with its log's tail.
+    """
+    args = tuple(map(str, args))
+    for flag in ("--host", "--port"):
+        if flag in args:
+            raise ValueError(f"server() chooses {flag} itself (127.0.0.1 and a free port)")
+    env = dict(os.environ)
+    env.setdefault("LLAMA_LOG_COLORS", "0")
+    with tempfile.TemporaryDirectory(prefix="llama-server-") as tmp:
+        log = Path(tmp) / "server.log"
+        proc, url = None, ""
+        for attempt in range(attempts):
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            cmd = [str(binary("llama-server")), "-m", str(model), *args, "--host", "127.0.0.1",
+                   "--port", str(port)]
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        env=env)
+            deadline = time.monotonic() + startup_timeout
+            try:
+                while proc.poll() is None and time.monotonic() < deadline and not _healthy(url):
+                    time.sleep(0.2)
+            except BaseException:
+                _stop(proc)
+                raise
+            exited = proc.poll() is not None
+            if not exited and time.monotonic() < deadline:
+                break  # healthy
+            _stop(proc)
+            if exited and "couldn't bind" in _tail(log) and attempt + 1 < attempts:
+                _log(f"llama-server could not bind port {port}; trying another")
+                continue
+            why = f"exited with {proc.returncode}" if exited else f"not ready after {startup_timeout:.0f} s"
+            raise RuntimeError(f"llama-server {why}: {' '.join(cmd)}\n{_tail(log)}")
+        assert proc is not None
+        try:
+            yield url
+        except BaseException:
+            _log(f"llama-server log (tail):\n{_tail(log)}")
+            raise
+        finally:
+            _stop(proc)
 
 if __name__ == "__main__":  # python tests/llamacpp.py: fetch + build now (e.g. in CI set-up)
     print(source_dir())
