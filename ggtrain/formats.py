@@ -519,10 +519,12 @@ def _pair_headers(text: str) -> list[_Header]:
     return out
 
 
-def _without_common_indent(text: str) -> str:
-    """The text with the indentation every non-blank line shares removed (a sample copied from an
-    indented code block in a tutorial), else as it is."""
-    indent = os.path.commonprefix(re.findall(r"^([ \t]*)\S", text, re.MULTILINE))
+def _common_indent(text: str) -> str:
+    """The indentation every non-blank line shares: a file copied from a tutorial's indented code block."""
+    return os.path.commonprefix(re.findall(r"^([ \t]*)\S", text, re.MULTILINE))
+
+
+def _dedent(text: str, indent: str) -> str:
     return re.sub(f"^{re.escape(indent)}", "", text, flags=re.MULTILINE) if indent else text
 
 
@@ -628,12 +630,13 @@ def _examples_text(rd: _Reader, text: str, sample_start: str | None, include_sam
         if not rd.check_utf8(line, f"line {i + 1}"):
             lines[i] = None  # type: ignore[call-overload]
     text = "\n".join(ln for ln in lines if ln is not None)
-    flat = _without_common_indent(text)
+    # Pairs are read without the indentation all lines share; plain text stays as it is.
+    indent = _common_indent(text)
+    dedented = "; the indentation all lines share is removed" if indent else ""
     if not sample_start:
-        pairs = _instruction_pairs(rd, flat, forced_pairs)
+        pairs = _instruction_pairs(rd, _dedent(text, indent), forced_pairs)
         if pairs is not None:
-            rd.notes.insert(0, f"{len(pairs)} samples read as {_PAIR_NAME} pairs" + (
-                "; the indentation all lines share is removed" if flat != text else ""))
+            rd.notes.insert(0, f"{len(pairs)} samples read as {_PAIR_NAME} pairs{dedented}")
             return "alpaca", pairs
         return "text", [Example("line 1", text=text)]
     starts = [m.start() for m in re.finditer(re.escape(sample_start), text)]
@@ -649,17 +652,15 @@ def _examples_text(rd: _Reader, text: str, sample_start: str | None, include_sam
     skip = 0 if include_sample_start else len(sample_start)
     samples = [(at.of(s), text[s + skip:(starts[k + 1] if k + 1 < len(starts) else len(text))])
                for k, s in enumerate(starts)]
-    indent = flat != text
-    if indent:
-        samples = [(ln, _without_common_indent(t) if t.strip() else t) for ln, t in samples]
-    n_pairs = sum(any(h.kind == "response" for h in _pair_headers(t)) for _, t in samples)
+    flat = [(ln, _dedent(t, indent)) for ln, t in samples]
+    n_pairs = sum(any(h.kind == "response" for h in _pair_headers(t)) for _, t in flat)
     if not n_pairs and not forced_pairs:
         return "text", [Example(f"line {ln}", text=t) for ln, t in samples]
     if not n_pairs:
         raise rd.fatal(f"line {samples[0][0]}", "no --sample-start sample has a '### Response' line "
                                                 "(what --format alpaca reads in a text file)")
-    out = [ex for ln, t in samples if (ex := _pair_example(rd, t, ln)) is not None]
-    note = f"{len(out)} --sample-start samples read as {_PAIR_NAME} pairs"
+    out = [ex for ln, t in flat if (ex := _pair_example(rd, t, ln)) is not None]
+    note = f"{len(out)} --sample-start samples read as {_PAIR_NAME} pairs{dedented}"
     if skip and re.match(r"#+\s*instruction", sample_start.strip(), re.IGNORECASE):
         note += (f"; {sample_start!r} is removed from each prompt, as llama.cpp's finetune did "
                  f"(--include-sample-start keeps it)")
