@@ -619,11 +619,12 @@ def _instruction_pairs(rd: _Reader, text: str, forced: bool) -> list[Example] | 
 
 
 def _examples_text(rd: _Reader, text: str, sample_start: str | None, include_sample_start: bool,
-                   forced_pairs: bool) -> tuple[str, list[Example]]:
+                   pairs: bool | None) -> tuple[str, list[Example]]:
     """Plain text, llama.cpp finetune style: one stream, or samples that begin at each sample_start.
     Samples in the '### Instruction: ... ### Response: ...' form are Alpaca pairs (schema "alpaca"):
     the whole file cut at its '### Instruction' lines, or each --sample-start sample that has a
-    '### Response' line. forced_pairs: --format alpaca, the samples must be pairs."""
+    '### Response' line. pairs: None detects them, True (--format alpaca) requires them, False
+    (--format text) reads plain text only."""
     # Undecodable lines: an error, or with --skip-bad-lines dropped (counted) from the text.
     lines = text.split("\n")
     for i, line in enumerate(lines):
@@ -633,11 +634,17 @@ def _examples_text(rd: _Reader, text: str, sample_start: str | None, include_sam
     # Pairs are read without the indentation all lines share; plain text stays as it is.
     indent = _common_indent(text)
     dedented = "; the indentation all lines share is removed" if indent else ""
+    forced_pairs = pairs is True
+    if pairs is False:
+        if {h.kind for h in _pair_headers(_dedent(text, indent))} >= {"instruction", "response"}:
+            rd.notes.append(f"--format text: read as plain text, every token trained (without it, "
+                            f"{_PAIR_NAME} pairs train their responses only)")
+    elif not sample_start:
+        found = _instruction_pairs(rd, _dedent(text, indent), forced_pairs)
+        if found is not None:
+            rd.notes.insert(0, f"{len(found)} samples read as {_PAIR_NAME} pairs{dedented}")
+            return "alpaca", found
     if not sample_start:
-        pairs = _instruction_pairs(rd, _dedent(text, indent), forced_pairs)
-        if pairs is not None:
-            rd.notes.insert(0, f"{len(pairs)} samples read as {_PAIR_NAME} pairs{dedented}")
-            return "alpaca", pairs
         return "text", [Example("line 1", text=text)]
     starts = [m.start() for m in re.finditer(re.escape(sample_start), text)]
     if not starts:
@@ -653,7 +660,7 @@ def _examples_text(rd: _Reader, text: str, sample_start: str | None, include_sam
     samples = [(at.of(s), text[s + skip:(starts[k + 1] if k + 1 < len(starts) else len(text))])
                for k, s in enumerate(starts)]
     flat = [(ln, _dedent(t, indent)) for ln, t in samples]
-    n_pairs = sum(any(h.kind == "response" for h in _pair_headers(t)) for _, t in flat)
+    n_pairs = 0 if pairs is False else sum(any(h.kind == "response" for h in _pair_headers(t)) for _, t in flat)
     if not n_pairs and not forced_pairs:
         return "text", [Example(f"line {ln}", text=t) for ln, t in samples]
     if not n_pairs:
@@ -693,7 +700,8 @@ def read_examples(path: str | Path, fmt: str = "auto", text_column: str | None =
     if container == "text":
         if sample_start and escape:
             sample_start = process_escapes(sample_start)
-        schema, examples = _examples_text(rd, text, sample_start, include_sample_start, schema == "alpaca")
+        pairs = {"alpaca": True, "text": False}.get(fmt)  # --format forces pairs or plain text; auto detects
+        schema, examples = _examples_text(rd, text, sample_start, include_sample_start, pairs)
         return ReadResult(path, container, schema, examples, rd.bad, rd.notes)
 
     if container == "hf":

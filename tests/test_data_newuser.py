@@ -135,6 +135,21 @@ def test_instruction_text_variants(tmp_path):
         ("line 9", f"{pre}\n\n### Instruction:\nC?\n\n### Response:\n", "D.")]
 
 
+def test_format_text_reads_pairs_as_plain_text(tmp_path):
+    """--format text is the way back to llama.cpp's finetune: the file as one stream (or as its
+    --sample-start samples), every token trained, no EOS added."""
+    text = alpaca_text(PAIRS)
+    p = write(tmp_path, "pairs.txt", text)
+    rr = read_examples(p, fmt="text")
+    assert (rr.schema, [e.text for e in rr.examples]) == ("text", [text])
+    assert rr.notes == [("--format text: read as plain text, every token trained (without it, '### Instruction' "
+                        "/ '### Response' pairs train their responses only)")]
+    rr = read_examples(p, fmt="text", sample_start="### Instruction", include_sample_start=True)
+    assert rr.schema == "text" and "".join(e.text for e in rr.examples) == text
+    data = load_file(p, TOK, replace(OPTS, format="text"))
+    assert TOK.decode(data.samples[0].ids.tolist()) == "<bos>" + text and data.samples[0].train[1:].all()
+
+
 def test_sample_start_samples_that_are_pairs(tmp_path):
     """The old tutorial's --sample-start keeps llama.cpp's meaning (where samples begin, the string
     removed unless --include-sample-start); a sample with a '### Response' line trains the response."""
