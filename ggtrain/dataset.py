@@ -362,11 +362,11 @@ def prepare_data(opts: DataOptions, tok: TokenizerLike, mf: Any = None,
         train, val = split_validation(train, opts.val_split, opts.seed)
         src = f"--val-split {opts.val_split:g} of the training file"
     elif layout is not None and layout.valid is not None:
-        val, src = load_file(layout.valid, tok, opts, mf, tmpl), f"{layout.valid}"
+        val, src = load_file(layout.valid, tok, opts, mf, tmpl), str(layout.valid)
     if layout is not None:
         if layout.valid is None:
             use = "it has no valid.jsonl"
-        elif src == str(layout.valid):
+        elif opts.val_data is None and not opts.val_split:
             use = "valid.jsonl for validation"
         else:
             use = f"valid.jsonl is not used ({'--val-data' if opts.val_data else '--val-split'} given)"
