@@ -59,7 +59,7 @@ def kernel_extensions() -> list[Extension]:
 setup(
     packages=["ggtrain", "ggtrain.kernels", "ggtrain.cli", "ggtrain.samples"],
     package_dir={"ggtrain": "ggtrain", "ggtrain.kernels": "kernels", "ggtrain.cli": "cli", "ggtrain.samples": "data"},
-    package_data={"ggtrain.kernels": ["*.pxd", "*.pyx", "*.h"], "ggtrain.samples": ["*.txt", "*.json", "*.jsonl", "*.csv", "*.tsv"]},
+    package_data={"ggtrain.kernels": ["*.pxd", "*.pyx", "*.h"], "ggtrain.samples": ["*.txt", "*.json", "*.jsonl", "*.csv", "*.tsv", "*.jinja"]},
     ext_modules=cythonize(
         kernel_extensions(),
         compiler_directives={

@@ -51,9 +51,13 @@ def _report(name: str, data: TokenData, opts, tok, show: int, color: bool) -> No
     click.echo(f"tokens:       {st.n_tokens:,}  (mean {st.n_tokens / st.n_samples:.1f}, "
                f"longest {st.max_len:,} a sample)")
     pct = 100.0 * st.n_trained / max(st.n_tokens, 1)
-    click.echo(f"trained:      {st.n_trained:,} tokens ({pct:.1f}%)"
-               + ("" if opts.train_on_prompt or data.schema == "text" else "  (responses only; "
-                  "--train-on-prompt trains all)"))
+    n_context = st.n_tokens - st.n_trained
+    if opts.train_on_prompt or data.schema == "text":
+        split = "  (prompts too: --train-on-prompt)" if opts.train_on_prompt and data.schema != "text" else ""
+    else:
+        what = "assistant turns" if data.schema in ("chat", "sharegpt") else "responses"
+        split = f"  ({what} only; {n_context:,} prompt tokens are context: --train-on-prompt trains all)"
+    click.echo(f"trained:      {st.n_trained:,} tokens ({pct:.1f}%){split}")
     longer = f"{st.n_split:,} samples longer than --ctx {opts.ctx}"
     if opts.truncate:
         click.echo(f"truncated:    {longer} cut to --ctx ({st.n_cut_tokens:,} tokens dropped)")
@@ -94,7 +98,7 @@ def data(model: Path | None, show: int, color: bool | None, **kw) -> None:
 
     opts = data_options_from(kw)
     if opts.train_data is None:
-        raise GGTrainError("no training data: pass --train-data FILE")
+        raise GGTrainError("no training data: pass --train-data FILE (or a directory)")
     mf = ModelFile(model or default_model_path())
     tok = Tokenizer.from_model_file(mf)
     prep = prepare_data(opts, tok, mf)
@@ -104,6 +108,5 @@ def data(model: Path | None, show: int, color: bool | None, **kw) -> None:
     if prep.val is not None:
         click.echo("")
         vs = data_stats(prep.val, opts)
-        src = opts.val_data or f"--val-split {opts.val_split:g} of the training file"
         click.echo(f"validation:   {vs.n_samples:,} samples, {vs.n_tokens:,} tokens, {vs.n_trained:,} trained, "
-                   f"{vs.n_rows:,} rows ({src})")
+                   f"{vs.n_rows:,} rows ({prep.val_source})")

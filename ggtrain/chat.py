@@ -7,6 +7,9 @@ loop controls extension ({% break %}, {% continue %}), transformers' {% generati
 a tojson filter that does not HTML-escape (json.dumps, ensure_ascii=False). The context holds
 messages, add_generation_prompt, bos_token and eos_token (the texts of the model's BOS / EOS
 tokens), plus anything passed as extra keyword arguments (tools, enable_thinking, ...).
+
+A GGUF without a template whose family has one ggtrain ships (Gemma 3: the bundled base model's
+GGUF has none, though its vocabulary has the turn tokens) gets that template, and says so in `note`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,27 @@ if TYPE_CHECKING:
     from ggtrain.tokenizer import Tokenizer
 
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+
+# architecture -> (template file in ggtrain.samples, tokens its output uses, the family's name): used
+# for a GGUF of that architecture that has no template but has those tokens.
+BUNDLED_TEMPLATES = {
+    "gemma3": ("gemma3_chat_template.jinja", ("<start_of_turn>", "<end_of_turn>"), "Gemma 3"),
+}
+
+
+def bundled_template(mf: ModelFile) -> tuple[Path, str] | None:
+    """The template file ggtrain ships for this model's family and the family's name, if it has one
+    and the model's vocabulary holds the special tokens it writes."""
+    from ggtrain.samples import sample_path
+
+    entry = BUNDLED_TEMPLATES.get(str(mf.metadata.get("general.architecture")))
+    if entry is None:
+        return None
+    name, needs, family = entry
+    vocab = mf.metadata.get("tokenizer.ggml.tokens") or []
+    if not all(t in vocab for t in needs):
+        return None
+    return sample_path(name), family
 
 
 class TemplateRefused(Exception):
@@ -77,9 +101,10 @@ class ChatTemplate:
     """A compiled chat template plus the BOS / EOS texts it is rendered with."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "", origin: str = "<template>",
-                 add_bos: bool = False, add_eos: bool = False):
+                 add_bos: bool = False, add_eos: bool = False, note: str | None = None):
         self.source = source
         self.origin = origin
+        self.note = note  # which template is used and why, when it is not the model's own or the user's
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.add_bos = add_bos  # the tokenizer adds BOS / EOS itself (see render's for_tokenizer)
@@ -92,11 +117,23 @@ class ChatTemplate:
     @classmethod
     def from_model_file(cls, mf: ModelFile, override_path: str | Path | None = None,
                         tokenizer: Tokenizer | None = None) -> ChatTemplate:
-        """The model's template, or the file override_path (--chat-template) when given.
+        """The model's template, or the file override_path (--chat-template) when given, or for a GGUF
+        without one, the template ggtrain ships for its family (`bundled_template`).
         bos_token / eos_token come from the model's tokenizer (pass it to skip building it again)."""
         from ggtrain.tokenizer import Tokenizer
 
-        if override_path is not None:
+        note = None
+        source = mf.metadata.get(CHAT_TEMPLATE_KEY)
+        bundled = None
+        if override_path is None and not (isinstance(source, str) and source.strip()):
+            bundled = bundled_template(mf)
+        if bundled is not None:
+            path, family = bundled
+            source = path.read_text(encoding="utf-8")
+            origin = f"{path} (ggtrain's {family} chat template)"
+            note = (f"chat template: ggtrain's {family} template ({path.name}), as this {family} GGUF has "
+                    f"none ({CHAT_TEMPLATE_KEY}); --chat-template FILE gives another")
+        elif override_path is not None:
             path = Path(override_path)
             if not path.is_file():
                 raise GGTrainError(f"{path}: no such chat template file (--chat-template)")
@@ -106,7 +143,6 @@ class ChatTemplate:
                 raise GGTrainError(f"{path}: cannot read the chat template: {e}") from None
             origin = str(path)
         else:
-            source = mf.metadata.get(CHAT_TEMPLATE_KEY)
             if not isinstance(source, str) or not source.strip():
                 raise GGTrainError(f"{mf.path}: the model has no chat template ({CHAT_TEMPLATE_KEY}); "
                                    f"give one with --chat-template FILE (a Jinja template)")
@@ -118,7 +154,7 @@ class ChatTemplate:
             bos = tok.piece(tok.bos_id) if tok.bos_id is not None else ""
             eos = tok.piece(tok.eos_id) if tok.eos_id is not None else ""
             add_bos, add_eos = tok.add_bos, tok.add_eos
-        return cls(source, bos, eos, origin, add_bos, add_eos)
+        return cls(source, bos, eos, origin, add_bos, add_eos, note)
 
     def _renders_typed_content(self) -> bool:
         """Whether the template shows OpenAI-style content parts ([{"type": "text", ...}]); if not,

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ggtrain.errors import GGTrainError
-from ggtrain.formats import Example, ReadResult, read_examples
+from ggtrain.formats import DataDir, Example, ReadResult, data_dir, read_examples
 
 DEFAULT_CTX = 256
 DEFAULT_SEED = 42
@@ -277,11 +277,12 @@ def tokenize_file(rr: ReadResult, tok: TokenizerLike, opts: DataOptions,
     return TokenData(rr.path, rr.container, rr.schema, samples, tok.bos_id, bad, list(rr.notes))
 
 
-def load_chat_template(opts: DataOptions, mf: Any) -> TemplateLike:
+def load_chat_template(opts: DataOptions, mf: Any, tok: TokenizerLike | None = None) -> TemplateLike:
     from ggtrain.chat import ChatTemplate
 
     try:
-        return ChatTemplate.from_model_file(mf, override_path=opts.chat_template)
+        return ChatTemplate.from_model_file(mf, override_path=opts.chat_template,
+                                            tokenizer=tok if hasattr(tok, "piece") else None)
     except GGTrainError as e:
         if "--chat-template" in str(e):
             raise
@@ -294,8 +295,11 @@ def load_file(path: Path, tok: TokenizerLike, opts: DataOptions, mf: Any = None,
     rr = read_examples(path, opts.format, opts.text_column, opts.sample_start, opts.include_sample_start,
                        opts.escape, opts.skip_bad_lines)
     if rr.schema in ("chat", "sharegpt") and tmpl is None:
-        tmpl = load_chat_template(opts, mf)
-    return tokenize_file(rr, tok, opts, tmpl)
+        tmpl = load_chat_template(opts, mf, tok)
+    data = tokenize_file(rr, tok, opts, tmpl)
+    if rr.schema in ("chat", "sharegpt") and getattr(tmpl, "note", None):
+        data.notes.append(tmpl.note)  # type: ignore[union-attr]
+    return data
 
 
 def split_validation(data: TokenData, frac: float, seed: int) -> tuple[TokenData, TokenData]:
@@ -326,24 +330,49 @@ def split_validation(data: TokenData, frac: float, seed: int) -> tuple[TokenData
 class Prepared:
     train: TokenData
     val: TokenData | None
+    val_source: str | None = None   # where the validation set came from, for the summary
+
+
+def _mlx_dir(path: Path | None, opts: DataOptions) -> DataDir | None:
+    if path is None or opts.format == "hf" or not Path(path).is_dir():
+        return None
+    return data_dir(Path(path))
 
 
 def prepare_data(opts: DataOptions, tok: TokenizerLike, mf: Any = None,
                  tmpl: TemplateLike | None = None) -> Prepared:
-    """The training set and the held-out set (--val-data FILE, or --val-split of the training file)."""
+    """The training set and the held-out set: --val-data FILE, --val-split of the training file, or
+    the valid.jsonl of a --train-data directory in MLX-LM's layout (train.jsonl, valid.jsonl)."""
     if opts.train_data is None:
         raise GGTrainError("no training data: pass --train-data FILE")
     if opts.ctx < 2:
         raise GGTrainError(f"--ctx {opts.ctx}: expected at least 2")
     if opts.val_data is not None and opts.val_split:
         raise GGTrainError("pass either --val-data FILE or --val-split F, not both")
+    layout = _mlx_dir(opts.train_data, opts)
     train = load_file(Path(opts.train_data), tok, opts, mf, tmpl)
-    val = None
+    val, src = None, None
     if opts.val_data is not None:
-        val = load_file(Path(opts.val_data), tok, opts, mf, tmpl)
+        vdir = _mlx_dir(opts.val_data, opts)
+        if vdir is not None and vdir.valid is None:
+            raise GGTrainError(f"{opts.val_data}: a --val-data directory needs a valid.jsonl")
+        vpath = vdir.valid if vdir is not None else Path(opts.val_data)
+        val, src = load_file(vpath, tok, opts, mf, tmpl), f"--val-data {vpath}"
     elif opts.val_split:
         train, val = split_validation(train, opts.val_split, opts.seed)
-    return Prepared(train, val)
+        src = f"--val-split {opts.val_split:g} of the training file"
+    elif layout is not None and layout.valid is not None:
+        val, src = load_file(layout.valid, tok, opts, mf, tmpl), str(layout.valid)
+    if layout is not None:
+        if layout.valid is None:
+            use = "it has no valid.jsonl"
+        elif opts.val_data is None and not opts.val_split:
+            use = "valid.jsonl for validation"
+        else:
+            use = f"valid.jsonl is not used ({'--val-data' if opts.val_data else '--val-split'} given)"
+        train.notes.append(f"{layout.path} is an MLX-LM data directory: train.jsonl for training, {use}"
+                           + ("; test.jsonl is not read (MLX-LM keeps it for testing)" if layout.test else ""))
+    return Prepared(train, val, src)
 
 
 # --- windows, rows, batches --------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Reading training files: detect the container (text, JSON, JSONL, CSV/TSV, HF dir) and the schema
 (plain text, Alpaca, chat, ShareGPT, prompt/completion), and turn every record into an `Example`.
+A text file in the "### Instruction: / ### Response:" form is read as Alpaca pairs (see
+`_instruction_pairs`); a directory in MLX-LM's layout names its files with `data_dir_files`.
 
 Nothing here tokenises: an Example says which text is trained (response, assistant turns) and
 which is context (prompt); ggtrain.dataset turns it into tokens and a loss mask.
@@ -11,9 +13,12 @@ skip_bad_lines=True is skipped and counted in `ReadResult.bad`.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
+import itertools
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,8 +131,44 @@ class _Reader:
         return False
 
 
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
+class _Lines:
+    """Line numbers of many offsets into one text (bisect over its newlines, not a count each time)."""
+
+    def __init__(self, text: str):
+        self.newlines = [m.start() for m in re.finditer("\n", text)]
+
+    def of(self, pos: int) -> int:
+        return bisect.bisect_left(self.newlines, pos) + 1
+
+
+MLX_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")  # MLX-LM's data directory (mlx_lm.lora --data)
+
+
+@dataclass
+class DataDir:
+    """A directory in MLX-LM's layout: its training file, and its validation and test files if present."""
+
+    path: Path
+    train: Path
+    valid: Path | None
+    test: Path | None
+
+
+def data_dir(path: Path) -> DataDir | None:
+    """A --train-data directory: None for a Hugging Face dataset (read by hfdata), a DataDir for
+    MLX-LM's train.jsonl / valid.jsonl / test.jsonl; anything else is an error saying what is expected."""
+    from ggtrain import hfdata
+
+    if hfdata.is_hf_dir(path):
+        return None
+    train, valid, test = (path / n for n in MLX_FILES)
+    if train.is_file():
+        return DataDir(path, train, valid if valid.is_file() else None, test if test.is_file() else None)
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(found[:8]) + (f", ... ({len(found)} in all)" if len(found) > 8 else "") or "nothing"
+    raise GGTrainError(f"{path}: a data directory should hold train.jsonl (with valid.jsonl and test.jsonl "
+                       f"if you have them: MLX-LM's layout) or a Hugging Face dataset (save_to_disk output "
+                       f"with dataset_dict.json or state.json, or .parquet files); it holds {shown}")
 
 
 def detect_container(path: Path) -> str:
@@ -331,18 +372,19 @@ def _records_jsonl(rd: _Reader, text: str) -> list[tuple[str, Any]]:
 
 def _records_json_array(rd: _Reader, text: str) -> list[tuple[str, Any]]:
     """Elements of a top-level JSON array, each with the line it starts on."""
+    lines = _Lines(text)
     m = _SURROGATE.search(text)
     if m is not None:
-        raise rd.fatal(f"line {_line_of(text, m.start())}",
+        raise rd.fatal(f"line {lines.of(m.start())}",
                        f"bytes that are not UTF-8 (0x{ord(m.group()) - 0xDC00:02x}); re-save the file as UTF-8")
     dec = json.JSONDecoder()
     ws = re.compile(r"[ \t\r\n]*")
     pos = ws.match(text, 0).end()
     if not text.startswith("[", pos):
-        raise rd.fatal(f"line {_line_of(text, pos)}", "expected a JSON array ([{...}, ...]) or one object a line")
+        raise rd.fatal(f"line {lines.of(pos)}", "expected a JSON array ([{...}, ...]) or one object a line")
 
     def syntax(e_pos: int, msg: str) -> GGTrainError:
-        return rd.fatal(f"line {_line_of(text, e_pos)}",
+        return rd.fatal(f"line {lines.of(e_pos)}",
                         f"malformed JSON ({msg}); a JSON array cannot be read past a syntax error "
                         f"(--skip-bad-lines works on JSONL files)")
 
@@ -355,7 +397,7 @@ def _records_json_array(rd: _Reader, text: str) -> list[tuple[str, Any]]:
             obj, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise syntax(e.pos, f"{e.msg} at column {e.colno}") from None
-        out.append((f"line {_line_of(text, pos)}", obj))
+        out.append((f"line {lines.of(pos)}", obj))
         pos = ws.match(text, end).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
@@ -368,36 +410,76 @@ def _records_json_array(rd: _Reader, text: str) -> list[tuple[str, Any]]:
         raise syntax(pos, "expected ',' or ']' after an element")
 
 
+def _unterminated_quote(text: str, start: int, delimiter: str) -> int | None:
+    """Offset of the opening quote of a quoted field that is never closed, scanning the records from
+    offset `start` (the last record's start: an unclosed quote runs to the end of the file), or None.
+
+    csv's reader, as it is used here (not strict), reads such a field silently to the end of the
+    file, turning the rest of it into one value; its quoting rules are followed: a quote opens a
+    field only as its first character, and "" inside quotes is a literal quote.
+    """
+    field_start, opened, in_quote = start, -1, False
+    marks = re.compile(f'["{re.escape(delimiter)}\n]').finditer(text, start)
+    for m in marks:
+        c, pos = m.group(), m.start()
+        if in_quote:
+            if c == '"':
+                if text.startswith('"', pos + 1):
+                    next(marks, None)  # the second quote of ""
+                else:
+                    in_quote = False
+        elif c == '"':
+            if pos == field_start:
+                in_quote, opened = True, pos
+        else:
+            field_start = pos + 1  # after a delimiter or a newline a new field starts
+    return opened if in_quote else None
+
+
 def _records_csv(rd: _Reader, text: str, delimiter: str) -> list[tuple[str, Any]]:
+    kind = "CSV" if delimiter == "," else "TSV"
     csv.field_size_limit(2**31 - 1)  # the default 128 KiB per field is too small for long documents
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    lines = _Lines(text)
     try:
         header = next(reader)
     except (StopIteration, csv.Error) as e:
         raise rd.fatal("line 1", f"cannot read the header: {e}") from None
+    # Every record first (with the line it starts on), so an unclosed quote in the last one is
+    # reported as what it is before any of its symptoms (one huge field, too few fields).
+    raw: list[tuple[int, list[str] | csv.Error]] = []
+    start = reader.line_num + 1
+    while True:
+        try:
+            raw.append((start, next(reader)))
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raw.append((start, e))
+        start = reader.line_num + 1
+    last = raw[-1][0] if raw else 1
+    q = _unterminated_quote(text, lines.newlines[last - 2] + 1 if last > 1 else 0, delimiter)
+    if q is not None:
+        raise rd.fatal(f"line {lines.of(q)}", "a quoted field starts here and its closing quote is missing, "
+                                              "so the rest of the file would be read as one field; close it "
+                                              "(a quote inside a quoted field is written \"\")")
     if not rd.check_utf8(delimiter.join(header), "line 1"):
         raise rd.fatal("line 1", "the header has bytes that are not UTF-8")
     header = [h.strip() for h in header]
     out: list[tuple[str, Any]] = []
-    start = reader.line_num + 1
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            rd.fail(f"line {start}", f"malformed {'CSV' if delimiter == ',' else 'TSV'} ({e})")
-            start = reader.line_num + 1
+    for line, row in raw:
+        where = f"line {line}"
+        if isinstance(row, csv.Error):
+            rd.fail(where, f"malformed {kind} ({row})")
             continue
-        where = f"line {start}"
-        start = reader.line_num + 1
         if not any(c.strip() for c in row):
             continue  # blank line
         if not rd.check_utf8(delimiter.join(row), where):
             continue
         if len(row) != len(header):
+            sep = "a comma" if delimiter == "," else "a tab"
             rd.fail(where, f"has {len(row)} fields, the header has {len(header)} "
-                           f"({'a field with a comma needs quotes' if len(row) > len(header) else 'missing fields'})")
+                           f"({f'a field with {sep} needs quotes' if len(row) > len(header) else 'missing fields'})")
             continue
         out.append((where, dict(zip(header, row))))
     return out
@@ -411,59 +493,222 @@ def _records_hf(rd: _Reader, path: Path) -> list[tuple[str, Any]]:
     return [(f"row {i}", r) for i, r in enumerate(rows, 1)]
 
 
-def _examples_text(rd: _Reader, text: str, sample_start: str | None, include_sample_start: bool) -> list[Example]:
-    """Plain text, llama.cpp finetune style: one stream, or samples that begin at each sample_start."""
+# --- plain text: one stream, --sample-start samples, or "### Instruction / ### Response" pairs ---------
+
+# A header line of the Alpaca text form: "### Instruction:", "## Response", "### Input: text" (the
+# colon may carry the field's first line). "### Response time" is a heading, not a header.
+_PAIR_HEADER = re.compile(r"^#{2,4}[ \t]*(instruction|input|response)\b[ \t]*(:?)([^\n]*)$", re.IGNORECASE | re.MULTILINE)
+_FENCE = re.compile(r"^[ \t]*(?:```|~~~)", re.MULTILINE)  # headers inside fenced code are text (a markdown doc)
+_PAIR_NAME = "'### Instruction' / '### Response'"
+
+
+@dataclass
+class _Header:
+    kind: str        # instruction / input / response
+    line_start: int  # offset of its line
+    end: int         # offset just after it: after the colon, or at the end of its line
+
+
+def _pair_headers(text: str) -> list[_Header]:
+    fences = [m.start() for m in _FENCE.finditer(text)]
+    out = []
+    for m in _PAIR_HEADER.finditer(text):
+        if (not m.group(2) and m.group(3).strip()) or bisect.bisect_right(fences, m.start()) % 2:
+            continue
+        out.append(_Header(m.group(1).lower(), m.start(), m.end(2) if m.group(2) else m.end()))
+    return out
+
+
+def _common_indent(text: str) -> str:
+    """The indentation every non-blank line shares: a file copied from a tutorial's indented code block."""
+    return os.path.commonprefix(re.findall(r"^([ \t]*)\S", text, re.MULTILINE))
+
+
+def _dedent(text: str, indent: str) -> str:
+    return re.sub(f"^{re.escape(indent)}", "", text, flags=re.MULTILINE) if indent else text
+
+
+def _pair_example(rd: _Reader, text: str, first_line: int) -> Example | None:
+    """One sample in the Alpaca text form -> Example(prompt, response), as an Alpaca record becomes.
+
+    The prompt is the sample's text up to its '### Response' header and the line break after it,
+    as written; the response is the rest without trailing blank lines (the end of a sample is the
+    EOS that tokenisation appends, as for Alpaca).
+    """
+    def line(pos: int) -> str:
+        return f"line {first_line + text.count(chr(10), 0, pos)}"
+
+    heads = _pair_headers(text)
+    resp = [h for h in heads if h.kind == "response"]
+    if not resp:
+        rd.fail(f"line {first_line}", "no '### Response' line in this sample, while other samples of the "
+                                      "file have one (each sample needs its '### Response')")
+        return None
+    r = resp[0]
+    late = [h for h in heads if h.line_start > r.line_start]
+    if late:
+        h = late[0]
+        what = (f"a second '### Response' in the sample that starts at line {first_line}" if h.kind == "response"
+                else f"'### {h.kind.capitalize()}' after '### Response' (the order is ### Instruction, "
+                     f"### Input, ### Response)")
+        rd.fail(line(h.line_start), what)
+        return None
+    rest = text[r.end:]
+    lead = rest[:len(rest) - len(rest.lstrip())]
+    k = lead.rfind("\n") + 1  # line breaks after the header belong to the prompt; inline text does not
+    response = rest[k:].rstrip()
+    if not response:
+        rd.fail(line(r.line_start), "nothing after '### Response' (the response is empty)")
+        return None
+    return Example(f"line {first_line}", prompt=text[:r.end + k], response=response)
+
+
+def _shared_preamble(text: str, starts: list[int]) -> list[int] | None:
+    """Sample starts moved back to a preamble that precedes every '### Instruction' (Stanford Alpaca's
+    "Below is an instruction that describes a task. ..."), or None if the text before the first one
+    is not repeated before each."""
+    pre = text[:starts[0]].strip()
+    if len(starts) < 2:
+        return None
+    out = [text.index(pre)]
+    for a, b in itertools.pairwise(starts):
+        f = text.rfind(pre, a, b)
+        if f < 0 or text[f + len(pre):b].strip():
+            return None
+        out.append(f)
+    return out
+
+
+def _instruction_pairs(rd: _Reader, text: str, forced: bool) -> list[Example] | None:
+    """The text cut into '### Instruction' samples read as pairs, or None when it is not in that form
+    (forced: --format alpaca, the text must be).
+
+    It is in that form when it has '### Instruction' and '### Response' header lines outside code
+    fences and begins with its first '### Instruction' (or with a preamble repeated before each):
+    ordinary prose or markdown with '###' headings stays plain text.
+    """
+    heads = _pair_headers(text)
+    starts = [h.line_start for h in heads if h.kind == "instruction"]
+    if not starts or all(h.kind != "response" for h in heads):
+        if forced:
+            raise rd.fatal("line 1", f"no {_PAIR_NAME} pairs in the text (what --format alpaca reads in a "
+                                     f"text file; JSON lines start with '{{')")
+        return None
+    lines = _Lines(text)
+    lead = text[:starts[0]].strip()
+    if lead:
+        moved = _shared_preamble(text, starts)
+        if moved is not None:
+            starts = moved
+            rd.notes.append(f"the text before each '### Instruction' ({lead[:40]!r}...) is part of its prompt")
+        elif forced:
+            rd.notes.append(f"{len(lead)} characters before the first '### Instruction' (line "
+                            f"{lines.of(starts[0])}) are not part of any sample")
+        else:
+            rd.notes.append(f"read as plain text: {len(starts)} '### Instruction' headers, but the file does "
+                            f"not begin with one (the first is on line {lines.of(starts[0])}); remove the text "
+                            f"before it, or pass --format alpaca to read the pairs")
+            return None
+    out = []
+    for k, a in enumerate(starts):
+        b = starts[k + 1] if k + 1 < len(starts) else len(text)
+        ex = _pair_example(rd, text[a:b], lines.of(a))
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def _examples_text(rd: _Reader, text: str, sample_start: str | None, include_sample_start: bool,
+                   pairs: bool | None) -> tuple[str, list[Example]]:
+    """Plain text, llama.cpp finetune style: one stream, or samples that begin at each sample_start.
+    Samples in the '### Instruction: ... ### Response: ...' form are Alpaca pairs (schema "alpaca"):
+    the whole file cut at its '### Instruction' lines, or each --sample-start sample that has a
+    '### Response' line. pairs: None detects them, True (--format alpaca) requires them, False
+    (--format text) reads plain text only."""
     # Undecodable lines: an error, or with --skip-bad-lines dropped (counted) from the text.
     lines = text.split("\n")
     for i, line in enumerate(lines):
         if not rd.check_utf8(line, f"line {i + 1}"):
             lines[i] = None  # type: ignore[call-overload]
     text = "\n".join(ln for ln in lines if ln is not None)
+    # Pairs are read without the indentation all lines share; plain text stays as it is.
+    indent = _common_indent(text)
+    dedented = "; the indentation all lines share is removed" if indent else ""
+    forced_pairs = pairs is True
+    if pairs is False:
+        if {h.kind for h in _pair_headers(_dedent(text, indent))} >= {"instruction", "response"}:
+            rd.notes.append(f"--format text: read as plain text, every token trained (without it, "
+                            f"{_PAIR_NAME} pairs train their responses only)")
+    elif not sample_start:
+        found = _instruction_pairs(rd, _dedent(text, indent), forced_pairs)
+        if found is not None:
+            rd.notes.insert(0, f"{len(found)} samples read as {_PAIR_NAME} pairs{dedented}")
+            return "alpaca", found
     if not sample_start:
-        return [Example("line 1", text=text)]
+        return "text", [Example("line 1", text=text)]
     starts = [m.start() for m in re.finditer(re.escape(sample_start), text)]
     if not starts:
+        if forced_pairs:
+            raise rd.fatal("line 1", f"--sample-start {sample_start!r} not found")
         rd.notes.append(f"--sample-start {sample_start!r} not found: the whole file is one sample")
-        return [Example("line 1", text=text)]
+        return "text", [Example("line 1", text=text)]
+    at = _Lines(text)
     if text[:starts[0]].strip():
         rd.notes.append(f"{len(text[:starts[0]].strip())} characters before the first --sample-start "
                         f"are not part of any sample (as in llama.cpp's finetune)")
-    out = []
     skip = 0 if include_sample_start else len(sample_start)
-    for k, s in enumerate(starts):
-        e = starts[k + 1] if k + 1 < len(starts) else len(text)
-        out.append(Example(f"line {_line_of(text, s)}", text=text[s + skip:e]))
-    return out
+    samples = [(at.of(s), text[s + skip:(starts[k + 1] if k + 1 < len(starts) else len(text))])
+               for k, s in enumerate(starts)]
+    flat = [(ln, _dedent(t, indent)) for ln, t in samples]
+    n_pairs = 0 if pairs is False else sum(any(h.kind == "response" for h in _pair_headers(t)) for _, t in flat)
+    if not n_pairs and not forced_pairs:
+        return "text", [Example(f"line {ln}", text=t) for ln, t in samples]
+    if not n_pairs:
+        raise rd.fatal(f"line {samples[0][0]}", "no --sample-start sample has a '### Response' line "
+                                                "(what --format alpaca reads in a text file)")
+    out = [ex for ln, t in flat if (ex := _pair_example(rd, t, ln)) is not None]
+    note = f"{len(out)} --sample-start samples read as {_PAIR_NAME} pairs{dedented}"
+    if skip and re.match(r"#+\s*instruction", sample_start.strip(), re.IGNORECASE):
+        note += (f"; {sample_start!r} is removed from each prompt, as llama.cpp's finetune did "
+                 f"(--include-sample-start keeps it)")
+    rd.notes.insert(0, note)
+    return "alpaca", out
 
 
 def read_examples(path: str | Path, fmt: str = "auto", text_column: str | None = None,
                   sample_start: str | None = None, include_sample_start: bool = False,
                   escape: bool = False, skip_bad_lines: bool = False) -> ReadResult:
-    """Read one training file into Examples. fmt: one of FORMATS (a container, a schema, or auto)."""
+    """Read one training file into Examples. fmt: one of FORMATS (a container, a schema, or auto).
+    A directory in MLX-LM's layout is read as its train.jsonl (ggtrain.dataset takes its valid.jsonl)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise GGTrainError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if not path.exists():
         raise GGTrainError(f"{path}: no such file or directory")
+    if path.is_dir() and fmt != "hf":
+        layout = data_dir(path)  # a directory that is neither kind is an error saying what is expected
+        if layout is not None:
+            path = layout.train
     rd = _Reader(path, skip_bad_lines)
     container = fmt if fmt in CONTAINERS else detect_container(path)
     schema = fmt if fmt in SCHEMAS else None
-    if schema is not None and container == "text":
-        # --format alpaca on a .txt file: the records must be JSON lines.
+    text = rd.read_text() if container != "hf" else ""
+    if schema is not None and container == "text" and (schema != "alpaca" or text.lstrip().startswith("{")):
+        # --format chat (or alpaca) on a .txt file of JSON lines: read them as JSONL.
         container = "jsonl"
 
     if container == "text":
         if sample_start and escape:
             sample_start = process_escapes(sample_start)
-        examples = _examples_text(rd, rd.read_text(), sample_start, include_sample_start)
-        return ReadResult(path, container, "text", examples, rd.bad, rd.notes)
+        pairs = {"alpaca": True, "text": False}.get(fmt)  # --format forces pairs or plain text; auto detects
+        schema, examples = _examples_text(rd, text, sample_start, include_sample_start, pairs)
+        return ReadResult(path, container, schema, examples, rd.bad, rd.notes)
 
     if container == "hf":
         records = _records_hf(rd, path)
         if not records:
             raise rd.fatal("row 1", "the dataset has no rows")
     else:
-        text = rd.read_text()
         if container == "jsonl":
             records = _records_jsonl(rd, text)
         elif container == "json":

@@ -35,6 +35,14 @@ def _split_dir(path: Path) -> Path:
     return path / ("train" if "train" in splits else splits[0])
 
 
+def is_hf_dir(path: Path) -> bool:
+    """Whether a directory holds a Hugging Face dataset: save_to_disk output (dataset_dict.json or
+    state.json) or Arrow / parquet files."""
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return True
+    return any(True for _ in path.rglob("*.parquet")) or any(True for _ in path.rglob("*.arrow"))
+
+
 def _parquet_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]

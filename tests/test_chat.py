@@ -4,6 +4,7 @@ refused clearly; Llama 3, Qwen2.5, Gemma and Mistral templates give their docume
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import llamacpp
 import pytest
@@ -94,10 +95,36 @@ def test_mistral_formats():
         "<s>[SYSTEM_PROMPT]You are terse.[/SYSTEM_PROMPT][INST]Hi there[/INST]Hello!</s>")
 
 
-def test_default_model_has_no_template_and_override(tmp_path):
+def test_default_model_gets_the_bundled_gemma3_template():
+    """The bundled Gemma 3 270M GGUF has no template: ggtrain's copy of Gemma 3's is used, and said so;
+    a GGUF without a template and without Gemma's turn tokens still needs --chat-template."""
+    from ggtrain.samples import sample_path
+    from tinymodels import tiny_model
+
+    from ggtrain.chat import CHAT_TEMPLATE_KEY
+
     mf = ModelFile(default_model_path())
-    with pytest.raises(GGTrainError, match="no chat template.*--chat-template"):
-        ChatTemplate.from_model_file(mf)
+    assert CHAT_TEMPLATE_KEY not in mf.metadata and mf.metadata["general.architecture"] == "gemma3"
+    tok = Tokenizer.from_model_file(mf)
+    t = ChatTemplate.from_model_file(mf, tokenizer=tok)
+    assert t.note.startswith("chat template: ggtrain's Gemma 3 template (gemma3_chat_template.jinja), as this "
+                             "Gemma 3 GGUF has none (tokenizer.chat_template)")
+    bundled = sample_path("gemma3_chat_template.jinja").read_text(encoding="utf-8")
+    assert bundled == (Path(__file__).with_name("gemma3_chat_template.jinja")).read_text(encoding="utf-8")
+    # User/model turns as Gemma 2's template (llama.cpp's copy) writes them; Gemma 3 takes a system prompt.
+    gemma2 = ChatTemplate.from_model_file(mf, templates_dir() / "google-gemma-2-2b-it.jinja", tokenizer=tok)
+    for conv in ([USER], [USER, ASSISTANT], [USER, ASSISTANT, USER]):
+        assert t.render(conv, True) == gemma2.render(conv, True)
+    assert t.render(CONVERSATION, False) == ("<bos><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n"
+                                             "<start_of_turn>model\nHello!<end_of_turn>\n")
+    assert gemma2.note is None
+    for other in (tiny_model("gemma3"), tiny_model("llama")):  # (their vocabulary is llama's)
+        with pytest.raises(GGTrainError, match="no chat template.*--chat-template"):
+            ChatTemplate.from_model_file(ModelFile(other))
+
+
+def test_default_model_template_override(tmp_path):
+    mf = ModelFile(default_model_path())
     with pytest.raises(GGTrainError, match="no such chat template file.*--chat-template"):
         ChatTemplate.from_model_file(mf, tmp_path / "missing.jinja")
     tok = Tokenizer.from_model_file(mf)

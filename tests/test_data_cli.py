@@ -133,8 +133,11 @@ def test_chat_with_template_file_and_without():
            "[[The capital of Japan is Tokyo.<end_of_turn>\n]]" in out
     # The system prompt goes into the first user turn (Gemma 3's template) and is not trained.
     assert "<start_of_turn>user\nYou are a concise, friendly assistant.\n\nHow many centimetres" in out
-    msg = bad(run("--train-data", str(sample_path("chat.jsonl"))))
-    assert "--chat-template" in msg
+    # The bundled model's GGUF has no template: ggtrain's copy of Gemma 3's is used, and said so.
+    out = ok(run("--train-data", str(sample_path("chat.jsonl")), "--no-color", "--show", "1"))
+    assert ("note:         chat template: ggtrain's Gemma 3 template (gemma3_chat_template.jinja), as this "
+            "Gemma 3 GGUF has none (tokenizer.chat_template)") in out
+    assert "[[The capital of Japan is Tokyo.<end_of_turn>\n]]" in out
 
 
 def test_csv_and_val_split():
@@ -180,6 +183,7 @@ def test_skip_bad_lines_counts(tmp_path):
 def test_hf_dir_without_datasets_names_the_package(tmp_path):
     d = tmp_path / "hf"
     d.mkdir()
+    (d / "state.json").write_text("{}")
     msg = bad(run("--train-data", str(d), block=("datasets", "pyarrow")))
     assert "needs the 'datasets' package" in msg and "pip install datasets" in msg
 

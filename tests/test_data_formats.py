@@ -141,14 +141,21 @@ def test_text_one_stream_without_sample_start(tmp_path):
 
 
 def test_sample_start_split_and_include(tmp_path):
+    # Samples begin at --sample-start (removed unless --include-sample-start, as in llama.cpp); ones
+    # with a '### Response' line are pairs whose prompt ends after that line.
     p = write(tmp_path, "t.txt", DOC)
     rr = read_examples(p, sample_start="### Instruction:")
-    assert [(e.where, e.text) for e in rr.examples] == [
-        ("line 2", "\nA\n### Response:\nB\n"), ("line 6", "\nC\n### Response:\nD\n")]
+    assert rr.schema == "alpaca"
+    assert [(e.where, e.prompt, e.response) for e in rr.examples] == [
+        ("line 2", "\nA\n### Response:\n", "B"), ("line 6", "\nC\n### Response:\n", "D")]
     assert any("before the first --sample-start" in n for n in rr.notes)
+    assert any("'### Instruction:' is removed from each prompt" in n for n in rr.notes)
     rr = read_examples(p, sample_start="### Instruction:", include_sample_start=True)
-    assert [e.text for e in rr.examples] == ["### Instruction:\nA\n### Response:\nB\n",
-                                             "### Instruction:\nC\n### Response:\nD\n"]
+    assert [(e.prompt, e.response) for e in rr.examples] == [("### Instruction:\nA\n### Response:\n", "B"),
+                                                             ("### Instruction:\nC\n### Response:\n", "D")]
+    # Samples without '### Response' lines stay text, as before.
+    rr = read_examples(write(tmp_path, "u.txt", "x\n--\nfirst\n--\nsecond"), sample_start="--\n")
+    assert rr.schema == "text" and [e.text for e in rr.examples] == ["first\n", "second"]
 
 
 def test_escape(tmp_path):
@@ -257,6 +264,7 @@ def test_hf_missing_package_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "state.json").write_text("{}")
     with pytest.raises(GGTrainError, match=r"ds: .*needs the 'datasets' package.*pip install datasets"):
         read_examples(tmp_path / "ds")
 
@@ -290,8 +298,13 @@ def test_hf_parquet_and_save_to_disk_layout_with_pyarrow(tmp_path, monkeypatch):
     (tmp_path / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
     assert [e.response for e in read_examples(tmp_path / "saved").examples] == ["Blue.", "Apple."]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GGTrainError, match="not a Hugging Face dataset"):
+    with pytest.raises(GGTrainError, match="empty: a data directory should hold train.jsonl .* or a Hugging Face "
+                                           "dataset .*; it holds nothing"):
         read_examples(tmp_path / "empty")
+    (tmp_path / "nohf" / "train").mkdir(parents=True)  # a DatasetDict's split dir without its files
+    (tmp_path / "nohf" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    with pytest.raises(GGTrainError, match="not a Hugging Face dataset"):
+        read_examples(tmp_path / "nohf")
 
 
 def test_hf_save_to_disk_with_datasets(tmp_path):

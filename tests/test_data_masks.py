@@ -368,7 +368,12 @@ def test_sample_start_file(tmp_path):
     opts = replace(OPTS, train_data=p, sample_start="### Instruction", include_sample_start=True)
     data = prepare_data(opts, TOK).train
     assert [TOK.decode(s.ids.tolist()) for s in data.samples] == [
-        "<bos>### Instruction:\nQ1\n### Response:\nA1\n", "<bos>### Instruction:\nQ2\n### Response:\nA2\n"]
+        "<bos>### Instruction:\nQ1\n### Response:\nA1<eos>", "<bos>### Instruction:\nQ2\n### Response:\nA2<eos>"]
+    assert [TOK.decode(s.ids[s.train].tolist()) for s in data.samples] == ["A1<eos>", "A2<eos>"]
+    # Without pairs in it, a --sample-start file is text, every token trained (llama.cpp's finetune).
+    p.write_text("<s>first one\n<s>second one\n")
+    data = prepare_data(replace(opts, sample_start="<s>", include_sample_start=False), TOK).train
+    assert [TOK.decode(s.ids[s.train].tolist()) for s in data.samples] == ["first one\n", "second one\n"]
 
 
 def test_val_split_and_val_data(tmp_path):

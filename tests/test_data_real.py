@@ -79,15 +79,23 @@ def test_alpaca_file(tok, tmp_path):
         assert s.ids[1:-1].tolist() == llama_tokenize(tmp_path, text)
 
 
-def test_instruction_text_file(tok):
-    opts = DataOptions(train_data=sample_path("instructions.txt"), sample_start="### Instruction",
-                       include_sample_start=True)
-    data = prepare_data(opts, tok).train
-    chunks = ["### Instruction" + c for c in sample_path("instructions.txt").read_text().split("### Instruction")[1:]]
-    assert len(data.samples) == len(chunks) == 32
-    for s, c in zip(data.samples, chunks):
-        assert s.ids.tolist() == tok.encode(c, add_special=True, parse_special=False)
-        assert s.train[1:].all()
+def test_instruction_text_file_is_the_alpaca_rendering(tok, tmp_path):
+    """The bundled '### Instruction / ### Response' text file gives, token for token, the ids and
+    masks of the same pairs as Alpaca records: prompt context, response + EOS trained."""
+    text = sample_path("instructions.txt").read_text()
+    pairs = re.findall(r"### Instruction:\n(.*?)\n### Response:\n(.*?)(?:\n(?=### Instruction)|\n?$)", text, re.DOTALL)
+    assert len(pairs) == 32
+    alpaca = tmp_path / "same.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": i, "output": o}) + "\n" for i, o in pairs))
+    for flags in ({}, {"sample_start": "### Instruction", "include_sample_start": True}):
+        data = prepare_data(DataOptions(train_data=sample_path("instructions.txt"), **flags), tok).train
+        ref = prepare_data(DataOptions(train_data=alpaca), tok).train
+        assert (data.schema, len(data.samples)) == ("alpaca", 32)
+        for s, r, (i, o) in zip(data.samples, ref.samples, pairs):
+            assert s.ids.tolist() == r.ids.tolist() and s.train.tolist() == r.train.tolist()
+            p = tok.encode(ALPACA_PROMPT.format(instruction=i), add_special=True)
+            assert s.ids[:len(p)].tolist() == p and not s.train[:len(p)].any() and s.train[len(p):].all()
+            assert tok.decode(s.ids[s.train].tolist()) == o + "<eos>"
 
 
 def test_conversions_csv(tok):
