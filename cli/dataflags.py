@@ -26,8 +26,9 @@ _FILE = PathType(exists=True, path_type=Path)
 # (param declarations, keyword arguments) in the order --help lists them.
 DATA_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--train-data",), {"type": _FILE, "default": None, "metavar": "FILE",
-     "help": "Training data: a text file, JSON array, JSONL, CSV/TSV, or a local Hugging Face "
-          "dataset directory (save_to_disk output or parquet files)."}),
+     "help": "Training data: a text file (plain, or '### Instruction / ### Response' pairs), JSON "
+          "array, JSONL, CSV/TSV, a local Hugging Face dataset directory (save_to_disk output or "
+          "parquet files), or an MLX-LM data directory (train.jsonl, valid.jsonl)."}),
     (("--val-data",), {"type": _FILE, "default": None, "metavar": "FILE",
      "help": "Held-out data for validation loss, read with the same flags as --train-data."}),
     (("--val-split",), {"type": Float(0.0, 1.0, max_open=True), "default": 0.0, "show_default": True,
@@ -36,7 +37,8 @@ DATA_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--format", "data_format"), {"type": click.Choice(FORMATS), "default": "auto", "show_default": True,
      "help": "Force the file format (text, json, jsonl, csv, tsv, hf) or the record schema (alpaca, "
           "chat, sharegpt, completion); auto detects the format from the file name and the schema "
-          "from the fields of the first record."}),
+          "from the fields of the first record. text reads a text file as one plain stream, "
+          "every token trained, even when it holds instruction pairs."}),
     (("--text-column",), {"type": Text(), "default": None, "metavar": "NAME",
      "help": "Field holding the text to train on in JSON/CSV/HF data (default: text). Naming it "
           "makes that field win over Alpaca/chat fields."}),
@@ -47,8 +49,9 @@ DATA_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
      "help": "Train on every token. By default only responses (Alpaca output, completion, assistant "
           "turns) are trained and prompts are context."}),
     (("--sample-start",), {"type": Text(nonempty=False), "default": None, "metavar": "STR",
-     "help": "Plain text: a sample begins at every occurrence of STR (e.g. '### Instruction'). "
-          "Without it the file is one stream cut into --ctx windows."}),
+     "help": "Plain text: a sample begins at every occurrence of STR (e.g. '### Instruction'); a "
+          "sample with a '### Response' line trains only its response. Without it, a file of "
+          "instruction pairs is read as pairs, any other text as one stream cut into --ctx windows."}),
     (("--include-sample-start",), {"is_flag": True, "default": False,
      "help": "Keep the --sample-start string at the beginning of each sample (it is removed by default)."}),
     (("--escape",), {"is_flag": True, "default": False,

@@ -258,6 +258,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     if notice:
         say(notice)
     train, val, prep = load_batches(opts, tok, batch, mf)
+    for n in prep.train.notes:  # which template was used, how the file was read
+        say(f"note: {n}")
     if not prep.train.samples:
         raise GGTrainError(f"{opts.train_data}: no usable training samples")
     if eval_every and val is None:
@@ -340,8 +342,9 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
         kept = (f"the last good state (step {trainer.saved[0]}) is kept: checkpoint {trainer.saved[1]}, "
                 f"adapter {out.adapters(trainer.saved[0])[-1]}" if trainer.saved else "nothing was saved")
         raise GGTrainError(f"training diverged at step {d.step}: loss {d.loss:.4g}, gradient norm "
-                           f"{d.grad_norm:.4g}; {kept}. Try a lower --learning-rate (now {lr:g}), a longer "
-                           f"--warmup (now {warmup}) or --adam-gclip 1.0 (now {adam_gclip:g})")
+                           f"{d.grad_norm:.4g}; {kept}. Try a lower --learning-rate (now {lr:g}) or --lora-alpha "
+                           f"(now {lora_alpha:g}), a longer --warmup (now {warmup}) or --adam-gclip 1.0 (now "
+                           f"{adam_gclip:g})")
     if status != "done":
         sig = trainer.interrupted_by or 2
         resume = trainer.saved[1] if trainer.saved else out.checkpoints(trainer.step)[-1]

@@ -60,6 +60,9 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
     from ggtrain.tokenizer import Tokenizer
 
     set_threads(threads or default_threads())
+    notice = kernels.first_run_notice()
+    if notice:
+        click.echo(f"perplexity: {notice}", err=True)
     path = model_path or default_model_path()
     mf = ModelFile(path)
     if matmul == "auto":

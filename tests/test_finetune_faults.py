@@ -149,7 +149,9 @@ def test_eval_every_without_validation_data_says_so(model: Path, three_rows: Pat
 
 def test_divergence_stops_with_the_last_good_adapter(model: Path, three_rows: Path, tmp_path: Path) -> None:
     out = tmp_path / "d"
-    r = finetune(model, three_rows, out, "--adam-iter", "20", "--learning-rate", "1e5", "--adam-gclip", "0")
+    # A LoRA scale of 1e11 (alpha / r) with no clipping: the first step is finite, the second overflows.
+    r = finetune(model, three_rows, out, "--adam-iter", "20", "--learning-rate", "0.1", "--lora-alpha", "1e12",
+                 "--adam-gclip", "0")
     assert r.returncode == 2, r.stderr
     assert "training diverged at step" in r.stderr and "--learning-rate" in r.stderr
     assert "Traceback" not in r.stderr and "RuntimeWarning" not in r.stderr
