@@ -299,3 +299,12 @@ def test_ctrl_c_during_the_save_does_not_abandon_it_and_a_third_skips_it(model: 
     assert "quitting without saving" in err and "checkpoint-2.npz (step 2)" in err
     assert load_checkpoint(tmp_path / "s3" / "checkpoint-LATEST.npz").step == 2  # intact
     assert not list((tmp_path / "s3").glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_learning_rate_is_refused_and_writes_nothing(model: Path, three_rows: Path, tmp_path: Path,
+                                                                value: str) -> None:
+    out = tmp_path / "nan"
+    r = finetune(model, three_rows, out, "--adam-iter", "2", "--learning-rate", value)
+    assert r.returncode == 2 and "--learning-rate" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()  # no adapter, no checkpoint, no empty outdir
