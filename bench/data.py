@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from ggtrain.samples import sample_path
 
-from ggtrain.dataset import Batch, Batches, DataOptions, prepare_data
-from ggtrain.defaults import default_model_path
-from ggtrain.modelfile import ModelFile
-from ggtrain.tokenizer import Tokenizer
+from ggtrain.dataset.batches import Batch, Batches, DataOptions, prepare_data
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.text.tokenizer import Tokenizer
 
 
 def loop_get(b: Batches, epoch: int, index: int, n_rows: int) -> Batch:

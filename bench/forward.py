@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternating runs of each tool; best counts")
     args = ap.parse_args()
 
-    from ggtrain.defaults import default_model_path
+    from ggtrain.gguf.defaults import default_model_path
 
     model = args.model or default_model_path()
     print(f"model {model.name}, threads {args.threads}, ctx {args.ctx}, {args.chunks} chunks "

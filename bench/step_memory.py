@@ -1,5 +1,5 @@
 """Peak memory of one training step, with and without gradient checkpointing, beside the estimate
-of ggtrain.memory.estimate_step_memory.
+of ggtrain.train.memory.estimate_step_memory.
 
     python bench/step_memory.py [-m MODEL.gguf] [-c 512] [-b 1] [-r 8] [-t 2]
 
@@ -38,13 +38,13 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     import psutil
 
-    from ggtrain.arch import read_hparams
-    from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-    from ggtrain.model import PROJECTIONS, Batch, Model
-    from ggtrain.modelfile import ModelFile
-    from ggtrain.optim import AdamW
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+    from ggtrain.model.transformer import PROJECTIONS, Batch, Model
+    from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.threads import set_threads
-    from ggtrain.tokenizer import Tokenizer
+    from ggtrain.train.optim import AdamW
 
     set_threads(args.threads)
     proc = psutil.Process()
@@ -88,11 +88,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def estimate(model: Path, ctx: int, batch: int, rank: int, checkpointing: bool, threads: int) -> dict[str, int]:
-    from ggtrain.arch import read_hparams
-    from ggtrain.lora import LoraConfig
-    from ggtrain.memory import estimate_step_memory, memory_breakdown
-    from ggtrain.model import PROJECTIONS
-    from ggtrain.modelfile import ModelFile
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import LoraConfig
+    from ggtrain.model.transformer import PROJECTIONS
+    from ggtrain.train.memory import estimate_step_memory, memory_breakdown
 
     hp = read_hparams(ModelFile(model))
     lcfg = LoraConfig.make(r=rank, alpha=2.0 * rank, targets=PROJECTIONS)
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=("checkpointing", "no-checkpointing"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from ggtrain.defaults import default_model_path
+        from ggtrain.gguf.defaults import default_model_path
         args.model = default_model_path()
     if args.worker:
         args.checkpointing = args.worker == "checkpointing"

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import llamacpp
 
-from ggtrain.defaults import default_model_path
-from ggtrain.modelfile import ModelFile
-from ggtrain.tokenizer import Tokenizer
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.text.tokenizer import Tokenizer
 
 
 def english_text(repeat: int) -> str:

@@ -12,7 +12,7 @@ so each row is one sample and the PyTorch side needs no packing. The batches are
 ggtrain's data pipeline (load_batches, --seed) and the same tokens go to both sides.
 
 ggtrain: `ggtrain finetune` (a subprocess; its train_log.jsonl gives each step's time) when the
-command exists, else the library in a subprocess (Model.forward/backward + ggtrain.optim.AdamW, the
+command exists, else the library in a subprocess (Model.forward/backward + ggtrain.train.optim.AdamW, the
 loop the trainer runs). --ggtrain-side both runs the two.
 PyTorch + PEFT: bench/peft_baseline.py under --baseline-python (default: this interpreter, when it
 imports torch, transformers and peft), the model dequantized to float32 by transformers' GGUF loader.
@@ -56,9 +56,9 @@ def make_batches(args: argparse.Namespace, out: Path) -> dict:
     """The first --steps batches ggtrain's pipeline gives for these flags, saved as (steps, rows, ctx)."""
     import numpy as np
 
-    from ggtrain.dataset import DataOptions, load_batches
-    from ggtrain.modelfile import ModelFile
-    from ggtrain.tokenizer import Tokenizer
+    from ggtrain.dataset.batches import DataOptions, load_batches
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.text.tokenizer import Tokenizer
 
     mf = ModelFile(args.model)
     tok = Tokenizer.from_model_file(mf)
@@ -79,12 +79,12 @@ def library_worker(args: argparse.Namespace) -> None:
     """Runs in a subprocess: the training loop on the saved batches; prints a JSON line."""
     import numpy as np
 
-    from ggtrain.arch import read_hparams
-    from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-    from ggtrain.model import PROJECTIONS, Batch, Model
-    from ggtrain.modelfile import ModelFile
-    from ggtrain.optim import AdamW, clip_grad_norm
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+    from ggtrain.model.transformer import PROJECTIONS, Batch, Model
     from ggtrain.threads import set_threads
+    from ggtrain.train.optim import AdamW, clip_grad_norm
 
     set_threads(args.threads)
     mf = ModelFile(args.model)
@@ -221,7 +221,7 @@ def main() -> None:
     ap.add_argument("--worker-batches", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from ggtrain.defaults import default_model_path
+        from ggtrain.gguf.defaults import default_model_path
         args.model = default_model_path()
     if args.worker_batches:
         library_worker(args)

@@ -9,10 +9,10 @@ import click
 from ggtrain.cli.dataflags import data_options, data_options_from
 from ggtrain.cli.options import Command, Int, PathType
 
-from ggtrain.dataset import Sample, TokenData, data_stats, prepare_data
-from ggtrain.defaults import default_model_path
+from ggtrain.dataset.batches import Sample, TokenData, data_stats, prepare_data
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
 
 OPEN, CLOSE = "[[", "]]"  # trained text, when there is no colour
 
@@ -94,7 +94,7 @@ def _report(name: str, data: TokenData, opts, tok, show: int, color: bool) -> No
 def data(model: Path | None, show: int, color: bool | None, **kw) -> None:
     """Check training data before training: the detected format, counts of samples, tokens and
     trained tokens, how samples fit --ctx, and the first samples with trained tokens marked."""
-    from ggtrain.tokenizer import Tokenizer
+    from ggtrain.text.tokenizer import Tokenizer
 
     opts = data_options_from(kw)
     if opts.train_data is None:

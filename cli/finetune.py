@@ -199,18 +199,18 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     from tqdm import tqdm
 
     from ggtrain import kernels
-    from ggtrain.arch import read_hparams
-    from ggtrain.checkpoint import load_checkpoint
-    from ggtrain.dataset import load_batches
-    from ggtrain.defaults import default_model_path
-    from ggtrain.lora import DEFAULT_TARGETS, LoraConfig, LoraWeights, target_shapes
-    from ggtrain.memory import check_fits, default_mem_limit, format_bytes
-    from ggtrain.model import Model
-    from ggtrain.modelfile import ModelFile
-    from ggtrain.outputs import OutputPaths, RunOutputs
+    from ggtrain.dataset.batches import load_batches
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.defaults import default_model_path
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import DEFAULT_TARGETS, LoraConfig, LoraWeights, target_shapes
+    from ggtrain.model.transformer import Model
+    from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.threads import default_threads, set_threads
-    from ggtrain.tokenizer import Tokenizer
-    from ggtrain.trainer import TrainConfig, Trainer, check_plan, data_digest
+    from ggtrain.train.checkpoint import load_checkpoint
+    from ggtrain.train.memory import check_fits, default_mem_limit, format_bytes
+    from ggtrain.train.outputs import OutputPaths, RunOutputs
+    from ggtrain.train.trainer import TrainConfig, Trainer, check_plan, data_digest
 
     def say(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)

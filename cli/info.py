@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 from ggtrain.cli.options import Command, PathType
 
-from ggtrain.arch import ROPE_NEOX, read_hparams
-from ggtrain.defaults import default_model_path
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.arch import ROPE_NEOX, read_hparams
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
 
 
 def _human(n: int) -> str:

@@ -118,7 +118,7 @@ class Size(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         from ggtrain.errors import GGTrainError
-        from ggtrain.memory import parse_size
+        from ggtrain.train.memory import parse_size
 
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             self.fail(f"{value!r} is not a memory size (examples: 8G, 512M, 1.5GiB)", param, ctx)
@@ -163,13 +163,13 @@ class Text(click.ParamType):
 
 class LoraArg(click.ParamType):
     """ADAPTER[:SCALE] (llama.cpp's --lora / --lora-scaled): a non-empty path and a finite scale.
-    The value stays the string: ggtrain.adapter.parse_lora_arg splits it where it is used."""
+    The value stays the string: ggtrain.adapters.gguf_lora.parse_lora_arg splits it where it is used."""
 
     name = "adapter"
     toml_types: tuple[type, ...] = (str,)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from ggtrain.adapter import parse_lora_arg
+        from ggtrain.adapters.gguf_lora import parse_lora_arg
 
         if not isinstance(value, str) or not value.strip():
             self.fail("expected ADAPTER.gguf or ADAPTER.gguf:SCALE, got an empty string", param, ctx)

@@ -51,13 +51,13 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
     from tqdm import tqdm
 
     from ggtrain import kernels
-    from ggtrain.adapter import parse_lora_arg, read_gguf_adapter
-    from ggtrain.defaults import default_model_path
-    from ggtrain.model import Adapter, Model
-    from ggtrain.modelfile import ModelFile
-    from ggtrain.perplexity import perplexity_chunks
+    from ggtrain.adapters.gguf_lora import parse_lora_arg, read_gguf_adapter
+    from ggtrain.gguf.defaults import default_model_path
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.perplexity import perplexity_chunks
+    from ggtrain.model.transformer import Adapter, Model
+    from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.threads import default_threads, set_threads
-    from ggtrain.tokenizer import Tokenizer
 
     set_threads(threads or default_threads())
     notice = kernels.first_run_notice()

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 from ggtrain.cli.options import Command, PathType
 
-from ggtrain.defaults import default_model_path
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import ModelFile
-from ggtrain.tokenizer import Tokenizer
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.text.tokenizer import Tokenizer
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("'"): b"'", ord('"'): b'"',
             ord("\\"): b"\\"}

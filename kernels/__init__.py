@@ -30,7 +30,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggtrain import threads as _threads
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import SUPPORTED_TYPES, type_name
+from ggtrain.gguf.modelfile import SUPPORTED_TYPES, type_name
 
 __all__ = [
     "SUPPORTED_TYPES",

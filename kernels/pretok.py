@@ -4,7 +4,7 @@ per-code-point category flags and reproduce llama.cpp's splitting, quirks includ
 code point past the end of a chunk has no flags, so `\\s+(?!\\S)` keeps the last space only
 when more text follows).
 
-Input: cpts int64 (n,), flags uint16 (n,) (ggtrain.pretokenize's FLAG_* bits), lens int64 (k,)
+Input: cpts int64 (n,), flags uint16 (n,) (ggtrain.text.pretokenize's FLAG_* bits), lens int64 (k,)
 chunk lengths in code points summing to n. Output: int64 (k',) the new chunk lengths.
 """
 

@@ -1,4 +1,4 @@
-"""A tiny byte-level tokenizer and a jinja chat template, standing in for ggtrain.tokenizer / ggtrain.chat
+"""A tiny byte-level tokenizer and a jinja chat template, standing in for ggtrain.text.tokenizer / ggtrain.text.chat
 in the data tests that check format and mask logic (the real ones are tested on Gemma 3 as well).
 
 Ids 0..4 are special tokens, 5..260 the bytes 0..255: a token is exactly one byte, so a token's text
@@ -59,7 +59,7 @@ class ByteTokenizer:
 
 
 class JinjaTemplate:
-    """render(messages, add_generation_prompt) like ggtrain.chat.ChatTemplate, from a template file."""
+    """render(messages, add_generation_prompt) like ggtrain.text.chat.ChatTemplate, from a template file."""
 
     def __init__(self, source: str, bos_token: str = "<bos>", eos_token: str = "<eos>"):
         def raise_exception(msg):

@@ -23,7 +23,7 @@ LICENSE_TEXT = Path("/usr/share/common-licenses/GPL-3")
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     """The real Gemma 3 270M Q4_K_M GGUF (the default model, from its PyPI package)."""
-    from ggtrain.defaults import default_model_path
+    from ggtrain.gguf.defaults import default_model_path
 
     return default_model_path()
 

@@ -1,4 +1,4 @@
-"""ggtrain.adapter: llama.cpp GGUF LoRA adapters — format read back independently with gguf-py,
+"""ggtrain.adapters.gguf_lora: llama.cpp GGUF LoRA adapters — format read back independently with gguf-py,
 round trips, clear errors, atomic writes, and llama.cpp itself applying what we write exactly like
 a model whose weights we merged in float64."""
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as QT
 
-from ggtrain.adapter import parse_lora_arg, read_gguf_adapter, write_gguf_adapter
+from ggtrain.adapters.gguf_lora import parse_lora_arg, read_gguf_adapter, write_gguf_adapter
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp
@@ -341,7 +341,7 @@ def test_llamacpp_loads_our_adapter_on_the_real_gemma3(tmp_path):
     """The default model (Gemma 3 270M Q4_K_M): llama.cpp takes our adapter on all 7 projections; a
     fresh one (B = 0, as training starts) leaves the perplexity exactly as it is, a trained-looking
     one changes it."""
-    from ggtrain.defaults import default_model_path
+    from ggtrain.gguf.defaults import default_model_path
 
     model = default_model_path()
     base = ModelFile(model)

@@ -9,11 +9,11 @@ from pathlib import Path
 import llamacpp
 import pytest
 
-from ggtrain.chat import ChatTemplate
-from ggtrain.defaults import default_model_path
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import ModelFile
-from ggtrain.tokenizer import Tokenizer
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.text.chat import ChatTemplate
+from ggtrain.text.tokenizer import Tokenizer
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 USER = {"role": "user", "content": "Hi there"}
@@ -101,7 +101,7 @@ def test_default_model_gets_the_bundled_gemma3_template():
     from ggtrain.samples import sample_path
     from tinymodels import tiny_model
 
-    from ggtrain.chat import CHAT_TEMPLATE_KEY
+    from ggtrain.text.chat import CHAT_TEMPLATE_KEY
 
     mf = ModelFile(default_model_path())
     assert CHAT_TEMPLATE_KEY not in mf.metadata and mf.metadata["general.architecture"] == "gemma3"

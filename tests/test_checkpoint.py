@@ -1,4 +1,4 @@
-"""ggtrain.checkpoint: exact round trip (LoRA, AdamW state, step, data position, RNG), refusal of
+"""ggtrain.train.checkpoint: exact round trip (LoRA, AdamW state, step, data position, RNG), refusal of
 truncated / corrupt / foreign files and of another base model, and a failed save that leaves the
 previous checkpoint intact."""
 
@@ -11,7 +11,10 @@ import gguf
 import numpy as np
 import pytest
 
-from ggtrain.checkpoint import (
+from ggtrain.errors import GGTrainError
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+from ggtrain.train.checkpoint import (
     Checkpoint,
     load_checkpoint,
     model_fingerprint,
@@ -19,10 +22,7 @@ from ggtrain.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-from ggtrain.modelfile import ModelFile
-from ggtrain.optim import AdamW
+from ggtrain.train.optim import AdamW
 
 
 def write_base(path, seed=0, d=64, q8=False):
@@ -172,9 +172,9 @@ def test_real_write_failure_in_subprocess(tmp_path):
     code = textwrap.dedent(f"""
         import resource, signal, sys
         import numpy as np
-        from ggtrain.checkpoint import Checkpoint, save_checkpoint
+        from ggtrain.train.checkpoint import Checkpoint, save_checkpoint
         from ggtrain.errors import GGTrainError
-        from ggtrain.lora import LoraWeights
+        from ggtrain.model.lora import LoraWeights
         lw = LoraWeights({{"blk.0.attn_q.weight": (4096, 4096, 64, 64.0, 0.0)}})  # 2 MiB of LoRA
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 1000}, {len(before) + 1000}))

@@ -58,10 +58,10 @@ def make_world(root: Path) -> dict[str, str]:
     """Tiny model, data and text files, an adapter, and the bad files the other tests give options."""
     from tinymodels import tiny_model
 
-    from ggtrain.adapter import write_gguf_adapter
-    from ggtrain.arch import read_hparams
-    from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-    from ggtrain.modelfile import ModelFile
+    from ggtrain.adapters.gguf_lora import write_gguf_adapter
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
 
     root.mkdir(parents=True, exist_ok=True)
     model = tiny_model("llama", "Q8_0")

@@ -14,7 +14,7 @@ from ggtrain.cli.data import data as data_cmd
 from ggtrain.cli.dataflags import DATA_FLAGS, data_options, data_options_from
 from ggtrain.samples import sample_path
 
-from ggtrain.dataset import DataOptions
+from ggtrain.dataset.batches import DataOptions
 
 TEMPLATE = Path(__file__).with_name("gemma3_chat_template.jinja")
 
@@ -33,7 +33,7 @@ _TOK_CACHE: dict = {}
 @pytest.fixture
 def cached_tokenizer(monkeypatch):
     """In-process runs reuse one Tokenizer (building Gemma's 262k-token tables takes a second)."""
-    from ggtrain.tokenizer import Tokenizer
+    from ggtrain.text.tokenizer import Tokenizer
 
     orig = Tokenizer.from_model_file.__func__
 

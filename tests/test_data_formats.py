@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from ggtrain.errors import GGTrainError
-from ggtrain.formats import (
+from ggtrain.dataset.formats import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_INPUT,
     detect_container,
     process_escapes,
     read_examples,
 )
+from ggtrain.errors import GGTrainError
 
 
 def write(tmp_path, name, content):

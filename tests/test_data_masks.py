@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from bytetok import BYTE0, ByteTokenizer, JinjaTemplate
 
-from ggtrain.dataset import (
+from ggtrain.dataset.batches import (
     Batches,
     DataOptions,
     Sample,
@@ -23,8 +23,8 @@ from ggtrain.dataset import (
     prepare_data,
     tokenize_example,
 )
+from ggtrain.dataset.formats import Example
 from ggtrain.errors import GGTrainError
-from ggtrain.formats import Example
 
 TOK = ByteTokenizer()
 BOS, EOS = TOK.bos_id, TOK.eos_id
@@ -430,7 +430,7 @@ def test_prompt_response_boundary_clean_and_straddling():
     assert s.train.tolist() == [False, False, False, True, True]
     # The same at the end of a trained part followed by an untrained one (chat: "...\n" + "H...").
     parts_tok = MergingTokenizer(add_bos=False)
-    from ggtrain.dataset import _encode_parts
+    from ggtrain.dataset.batches import _encode_parts
 
     ids, train = _encode_parts(parts_tok, [("a", False), ("b\n", True), ("Hc", False)], False)
     assert ids.tolist() == [301, BYTE0 + 97, BYTE0 + 98, 300, BYTE0 + 99]
@@ -438,7 +438,7 @@ def test_prompt_response_boundary_clean_and_straddling():
 
 
 def test_load_batches_train_and_val(tmp_path):
-    from ggtrain.dataset import load_batches
+    from ggtrain.dataset.batches import load_batches
 
     p = write_jsonl(tmp_path, "d.jsonl", [{"prompt": f"Q{i}: ", "completion": "A" * (i + 1)} for i in range(30)])
     opts = replace(OPTS, train_data=p, val_split=0.2, ctx=20)

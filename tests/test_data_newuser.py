@@ -14,9 +14,9 @@ import pytest
 from bytetok import ByteTokenizer
 from ggtrain.samples import SAMPLES_DIR
 
-from ggtrain.dataset import DataOptions, load_batches, load_file, prepare_data
+from ggtrain.dataset.batches import DataOptions, load_batches, load_file, prepare_data
+from ggtrain.dataset.formats import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, read_examples
 from ggtrain.errors import GGTrainError
-from ggtrain.formats import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, read_examples
 
 TOK = ByteTokenizer()
 OPTS = DataOptions()

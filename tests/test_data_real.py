@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from ggtrain.samples import sample_path
 
-from ggtrain.dataset import Batches, DataOptions, data_stats, prepare_data
-from ggtrain.defaults import default_model_path
-from ggtrain.formats import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
-from ggtrain.modelfile import ModelFile
-from ggtrain.tokenizer import Tokenizer
+from ggtrain.dataset.batches import Batches, DataOptions, data_stats, prepare_data
+from ggtrain.dataset.formats import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.text.tokenizer import Tokenizer
 
 TEMPLATE = Path(__file__).with_name("gemma3_chat_template.jinja")
 
@@ -35,7 +35,7 @@ def tok(mf):
 
 @pytest.fixture(scope="module")
 def tmpl(mf):
-    from ggtrain.chat import ChatTemplate
+    from ggtrain.text.chat import ChatTemplate
 
     return ChatTemplate.from_model_file(mf, override_path=TEMPLATE)
 

@@ -15,9 +15,9 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from ggtrain import kernels
-from ggtrain.defaults import default_model_path
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import SUPPORTED_TYPES, ModelFile
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import SUPPORTED_TYPES, ModelFile
 
 ALL_TYPES = sorted(SUPPORTED_TYPES, key=int)
 # Types gguf-py can quantize (the others get random bytes with finite scales).

@@ -16,13 +16,13 @@ import psutil
 import pytest
 from tinymodels import tiny_model
 
-from ggtrain.adapter import read_gguf_adapter
-from ggtrain.arch import read_hparams
+from ggtrain.adapters.gguf_lora import read_gguf_adapter
 from ggtrain.atomic import OutdirLock
-from ggtrain.checkpoint import load_checkpoint
-from ggtrain.lora import LoraConfig
-from ggtrain.memory import estimate_step_memory
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.arch import read_hparams
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.lora import LoraConfig
+from ggtrain.train.checkpoint import load_checkpoint
+from ggtrain.train.memory import estimate_step_memory
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "/usr/share/common-licenses/GPL-3"
@@ -173,10 +173,10 @@ def test_config_toml_sets_flags_and_adapter_loads_back(model: Path, tmp_path: Pa
     # The validation loss logged at the end is reproduced from the written adapter alone.
     logged = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     val_logged = [x["val_loss"] for x in logged if "val_loss" in x][-1]
-    from ggtrain.dataset import DataOptions, load_batches
-    from ggtrain.model import Adapter, Model
-    from ggtrain.tokenizer import Tokenizer
-    from ggtrain.trainer import mean_loss
+    from ggtrain.dataset.batches import DataOptions, load_batches
+    from ggtrain.model.transformer import Adapter, Model
+    from ggtrain.text.tokenizer import Tokenizer
+    from ggtrain.train.trainer import mean_loss
 
     m = Model(mf)
     m.adapters.append(Adapter(lora))
@@ -198,11 +198,11 @@ def test_bad_config_and_missing_data_give_one_line(model: Path, tmp_path: Path) 
 def test_monitor_near_limit_shrinks_micro_batch_within_the_step(model: Path, tmp_path: Path) -> None:
     """In-process: when RSS nears the limit mid-step, the rest of the step runs with a smaller
     micro-batch and the step's loss and update are those of the unconstrained step."""
-    from ggtrain.dataset import DataOptions, load_batches
-    from ggtrain.lora import LoraWeights, target_shapes
-    from ggtrain.model import Model
-    from ggtrain.tokenizer import Tokenizer
-    from ggtrain.trainer import OutputPaths, TrainConfig, Trainer
+    from ggtrain.dataset.batches import DataOptions, load_batches
+    from ggtrain.model.lora import LoraWeights, target_shapes
+    from ggtrain.model.transformer import Model
+    from ggtrain.text.tokenizer import Tokenizer
+    from ggtrain.train.trainer import OutputPaths, TrainConfig, Trainer
 
     mf = ModelFile(model)
     hp = read_hparams(mf)

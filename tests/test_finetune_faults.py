@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from tinymodels import tiny_model
 
-from ggtrain.adapter import read_gguf_adapter
-from ggtrain.checkpoint import load_checkpoint
+from ggtrain.adapters.gguf_lora import read_gguf_adapter
+from ggtrain.train.checkpoint import load_checkpoint
 
 GGTRAIN = [sys.executable, "-m", "ggtrain.cli.main"]
 TEXT = "/usr/share/common-licenses/GPL-3"
@@ -189,13 +189,13 @@ def test_divergence_stops_with_the_last_good_adapter(model: Path, three_rows: Pa
 
 # -- Ctrl-C, in-process: the presses arrive exactly where the test wants them ----------------------
 def _trainer(model: Path, outdir: Path, steps: int, save_every: int = 0):
-    from ggtrain.arch import read_hparams
-    from ggtrain.dataset import DataOptions, load_batches
-    from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-    from ggtrain.model import Model
-    from ggtrain.modelfile import ModelFile
-    from ggtrain.tokenizer import Tokenizer
-    from ggtrain.trainer import OutputPaths, TrainConfig, Trainer
+    from ggtrain.dataset.batches import DataOptions, load_batches
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+    from ggtrain.model.transformer import Model
+    from ggtrain.text.tokenizer import Tokenizer
+    from ggtrain.train.trainer import OutputPaths, TrainConfig, Trainer
 
     mf = ModelFile(model)
     hp = read_hparams(mf)

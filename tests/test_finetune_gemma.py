@@ -11,13 +11,13 @@ from pathlib import Path
 import llamacpp
 import pytest
 
-from ggtrain.adapter import read_gguf_adapter
-from ggtrain.dataset import DataOptions, load_batches
-from ggtrain.defaults import default_model_path
-from ggtrain.model import Adapter, Model
-from ggtrain.modelfile import ModelFile
-from ggtrain.tokenizer import Tokenizer
-from ggtrain.trainer import mean_loss
+from ggtrain.adapters.gguf_lora import read_gguf_adapter
+from ggtrain.dataset.batches import DataOptions, load_batches
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.transformer import Adapter, Model
+from ggtrain.text.tokenizer import Tokenizer
+from ggtrain.train.trainer import mean_loss
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "instructions.txt"

@@ -1,4 +1,4 @@
-"""ggtrain.lora: config, PEFT init, flat layout, LoRA linear forward (float64 reference) and backward
+"""ggtrain.model.lora: config, PEFT init, flat layout, LoRA linear forward (float64 reference) and backward
 (central finite differences in float64), dropout semantics."""
 
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import (
+from ggtrain.model.lora import (
     DEFAULT_TARGETS,
     LoraConfig,
     LoraWeights,

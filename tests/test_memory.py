@@ -1,4 +1,4 @@
-"""ggtrain.memory: the step-memory estimate's behaviour, micro-batch choice and refusal, the default
+"""ggtrain.train.memory: the step-memory estimate's behaviour, micro-batch choice and refusal, the default
 limit, size parsing, and the RSS monitor seeing a real allocation."""
 
 import itertools
@@ -10,8 +10,8 @@ import psutil
 import pytest
 
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-from ggtrain.memory import (
+from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+from ggtrain.train.memory import (
     GiB,
     MemoryMonitor,
     MiB,

@@ -10,11 +10,11 @@ import pytest
 from llamacpp_logits import llama_logits
 from tinymodels import tiny_model
 
-from ggtrain.adapter import read_gguf_adapter, write_gguf_adapter
+from ggtrain.adapters.gguf_lora import read_gguf_adapter, write_gguf_adapter
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-from ggtrain.model import Adapter, Batch, Model
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+from ggtrain.model.transformer import Adapter, Batch, Model
 
 
 def random_adapter(mf: ModelFile, n_layer: int, targets: tuple[str, ...], r: int, seed: int) -> LoraWeights:

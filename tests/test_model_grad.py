@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from tinymodels import tiny_model
 
-from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-from ggtrain.model import Batch, Model
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+from ggtrain.model.transformer import Batch, Model
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

@@ -18,11 +18,11 @@ from llamacpp_logits import llama_logits
 from tinymodels import tiny_model
 
 from ggtrain import kernels
-from ggtrain.defaults import default_model_path
-from ggtrain.model import Batch, Model
-from ggtrain.modelfile import ModelFile
-from ggtrain.perplexity import perplexity
-from ggtrain.tokenizer import Tokenizer
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.perplexity import perplexity
+from ggtrain.model.transformer import Batch, Model
+from ggtrain.text.tokenizer import Tokenizer
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 LICENSE = "/usr/share/common-licenses/GPL-3"  # a text nobody here wrote

@@ -1,4 +1,4 @@
-"""ggtrain.modelfile / ggtrain.arch against gguf-py's reader and llama.cpp's own loader.
+"""ggtrain.gguf.modelfile / ggtrain.gguf.arch against gguf-py's reader and llama.cpp's own loader.
 
 Every tensor's type, shape, offset and bytes must equal what gguf.GGUFReader reports, views must
 point straight into the mapping, metadata must equal gguf-py's; hparams must equal what the tiny
@@ -21,9 +21,9 @@ import tinymodels
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as QT
 
-from ggtrain.arch import ROPE_NEOX, ROPE_NORM, read_hparams
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.arch import ROPE_NEOX, ROPE_NORM, read_hparams
+from ggtrain.gguf.modelfile import ModelFile
 
 # Tiny models whose files are read here: every arch in Q4_K, plus more types on the small vocab.
 # (qwen2 shares qwen3's 150k-token BPE vocab, slow for gguf-py to read: its hparams are checked below.)

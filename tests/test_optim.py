@@ -1,4 +1,4 @@
-"""ggtrain.optim: AdamW against a plain float64 transcription of torch.optim.AdamW's update, the
+"""ggtrain.train.optim: AdamW against a plain float64 transcription of torch.optim.AdamW's update, the
 finetune learning-rate schedule, global-norm clipping, state round trip."""
 
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ggtrain.errors import GGTrainError
-from ggtrain.optim import FINETUNE_DEFAULTS, AdamW, Schedule, clip_grad_norm, global_grad_norm
+from ggtrain.train.optim import FINETUNE_DEFAULTS, AdamW, Schedule, clip_grad_norm, global_grad_norm
 
 
 def reference_adamw(p0, grads, lrs, beta1, beta2, eps, wd):

@@ -1,4 +1,4 @@
-"""The files a run writes (ggtrain.outputs): no run destroys an earlier one's results, disk use is
+"""The files a run writes (ggtrain.train.outputs): no run destroys an earlier one's results, disk use is
 bounded (--keep-checkpoints, LATEST as a hard link) and checked before the first step, a failed save
 names the checkpoint to resume from, stale temp files and unused outdirs are cleaned up.
 
@@ -25,16 +25,16 @@ import pytest
 from tinymodels import tiny_model
 
 from ggtrain import atomic
-from ggtrain.adapter import read_gguf_adapter, write_gguf_adapter
-from ggtrain.arch import read_hparams
+from ggtrain.adapters.gguf_lora import read_gguf_adapter, write_gguf_adapter
 from ggtrain.atomic import LOCK_NAME, OutdirLock, atomic_link, remove_stale_temps
-from ggtrain.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraConfig, LoraWeights, target_shapes
-from ggtrain.modelfile import ModelFile
-from ggtrain.optim import AdamW
-from ggtrain.outputs import OutputPaths, adapter_nbytes, checkpoint_nbytes
-from ggtrain.trainer import TrainConfig
+from ggtrain.gguf.arch import read_hparams
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+from ggtrain.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ggtrain.train.optim import AdamW
+from ggtrain.train.outputs import OutputPaths, adapter_nbytes, checkpoint_nbytes
+from ggtrain.train.trainer import TrainConfig
 
 TEXT = "/usr/share/common-licenses/GPL-3"
 GGTRAIN = [sys.executable, "-m", "ggtrain.cli.main"]

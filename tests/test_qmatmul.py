@@ -19,7 +19,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from ggtrain import kernels
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import SUPPORTED_TYPES
+from ggtrain.gguf.modelfile import SUPPORTED_TYPES
 from ggtrain.threads import default_threads, get_threads, set_threads
 
 ALL_TYPES = sorted(SUPPORTED_TYPES, key=int)

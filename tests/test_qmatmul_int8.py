@@ -147,8 +147,8 @@ def test_avx512_paths_can_be_turned_off() -> None:
 def test_training_refuses_the_int8_matmul() -> None:
     from tinymodels import tiny_model
 
-    from ggtrain.model import Batch, Model
-    from ggtrain.modelfile import ModelFile
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.transformer import Batch, Model
 
     model = Model(ModelFile(tiny_model("llama", "Q8_0")), matmul="int8")
     ids = np.arange(10, 26, dtype=np.int32)[None]

@@ -21,7 +21,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from ggtrain import kernels
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.modelfile import ModelFile
 
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
          "IQ4_NL", "IQ4_XS", "F16", "BF16")

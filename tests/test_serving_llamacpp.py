@@ -35,11 +35,11 @@ from test_adapter import random_lora
 from test_model_llamacpp import dequantized_f32
 from tinymodels import tiny_model
 
-from ggtrain.adapter import read_gguf_adapter, write_gguf_adapter
-from ggtrain.lora import LoraConfig
-from ggtrain.model import Adapter, Batch, Model
-from ggtrain.modelfile import ModelFile
-from ggtrain.tokenizer import Tokenizer
+from ggtrain.adapters.gguf_lora import read_gguf_adapter, write_gguf_adapter
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.lora import LoraConfig
+from ggtrain.model.transformer import Adapter, Batch, Model
+from ggtrain.text.tokenizer import Tokenizer
 
 Setting = tuple[tuple[Path, float], ...]  # (adapter, scale) pairs; () is the base model
 TOP_K = 10

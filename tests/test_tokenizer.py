@@ -12,10 +12,10 @@ import sys
 import llamacpp
 import pytest
 
-from ggtrain.defaults import default_model_path
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import ModelFile
-from ggtrain.tokenizer import ATTR_CONTROL, ATTR_USER_DEFINED, Tokenizer
+from ggtrain.gguf.defaults import default_model_path
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.text.tokenizer import ATTR_CONTROL, ATTR_USER_DEFINED, Tokenizer
 
 VOCABS = ["llama-spm", "llama-bpe", "qwen2", "phi-3", "gpt-2", "deepseek-llm", "deepseek-coder",
           "command-r", "falcon", "starcoder", "refact", "mpt", "qwen35"]
@@ -227,7 +227,7 @@ def test_fragment_groups_do_not_change_results(gemma, monkeypatch):
     """Kernels see a few MB of fragments at a time; tiny groups must give the same ids/offsets."""
     import numpy as np
 
-    import ggtrain.tokenizer as tokenizer_module
+    import ggtrain.text.tokenizer as tokenizer_module
 
     toks = [gemma, vocab("qwen2"), vocab("llama-spm")]
     texts = [MIXED, random_text(11, 1500)]
@@ -295,7 +295,7 @@ def test_unicode_categories_equal_llamacpp_tables():
 
     import numpy as np
 
-    from ggtrain.pretokenize import FLAG_WHITESPACE, cpt_flags
+    from ggtrain.text.pretokenize import FLAG_WHITESPACE, cpt_flags
 
     src = (llamacpp.source_dir() / "src" / "unicode-data.cpp").read_text(encoding="utf-8")
     body = src[src.index("unicode_ranges_flags"):]

@@ -1,7 +1,7 @@
 """Memory: estimate a training step's peak from the model's dims, choose the micro-batch that fits,
 and watch RSS while training.
 
-The estimate follows what ggtrain.model keeps (T = micro_batch · ctx tokens, f32 = 4 bytes):
+The estimate follows what ggtrain.model.transformer keeps (T = micro_batch · ctx tokens, f32 = 4 bytes):
 - the base weights, mmap'd and all touched every step: the model file's size;
 - per layer, what block_forward keeps for backward: x, h, x2, h2 (4·d), q/k after RoPE and v,
   the attention output and its logsumexp, gate/up/act (3·ff), Gemma's pre-post-norm outputs,
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraConfig
+from ggtrain.model.lora import LoraConfig
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -40,7 +40,7 @@ F32 = 4
 MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_RUNTIME_BYTES = 384 * MiB  # python + numpy/numba/scipy (~110 MiB) + tokenizer + data + slack
-DEFAULT_CE_CHUNK = 16384  # ggtrain.model's default vocab rows per cross-entropy chunk
+DEFAULT_CE_CHUNK = 16384  # ggtrain.model.transformer's default vocab rows per cross-entropy chunk
 TILE_ROWS = 256  # rows of a dequantized qmatmul tile, per thread (an upper bound)
 SAFETY_FRACTION = 0.10
 SAFETY_BYTES = 64 * MiB

@@ -2,8 +2,8 @@
 pre-tokenizers split the same on every Python (whose own unicodedata is 14.0 on 3.11, 16.0 on 3.14).
 
 RANGES: "start:flag" in hex, each flag holding from its start to the next start; flag bits as in
-ggtrain.pretokenize (1 undefined, 2 number, 4 letter, 8 separator, 10 mark, 20 punctuation,
-40 symbol, 80 control). Made by `python -m ggtrain.unicode_ranges` with unicodedata2==15.1.0
+ggtrain.text.pretokenize (1 undefined, 2 number, 4 letter, 8 separator, 10 mark, 20 punctuation,
+40 symbol, 80 control). Made by `python -m ggtrain.text.unicode_ranges` with unicodedata2==15.1.0
 installed (Cn -> undefined; C*, L*, M*, N*, P*, S*, Z* by their first letter).
 """
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.modelfile import ModelFile
 
 ROPE_NORM = 0  # rotate pairs (2i, 2i+1): llama
 ROPE_NEOX = 2  # rotate pairs (i, i + d/2): qwen2, qwen3, gemma

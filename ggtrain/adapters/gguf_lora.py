@@ -23,8 +23,8 @@ from gguf.constants import GGMLQuantizationType as QT
 
 from ggtrain.atomic import atomic_path
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraWeights, target_of
-from ggtrain.modelfile import ModelFile, type_name
+from ggtrain.gguf.modelfile import ModelFile, type_name
+from ggtrain.model.lora import LoraWeights, target_of
 
 ADAPTER_DTYPES = ("f32", "f16", "q8_0")
 _FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -30,17 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ggtrain.adapter import write_gguf_adapter
+from ggtrain.adapters.gguf_lora import write_gguf_adapter
 from ggtrain.atomic import atomic_write
-from ggtrain.checkpoint import Checkpoint, model_fingerprint, save_checkpoint
-from ggtrain.dataset import Batch as DataBatch
-from ggtrain.dataset import Batches
+from ggtrain.dataset.batches import Batch as DataBatch
+from ggtrain.dataset.batches import Batches
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraConfig, LoraWeights
-from ggtrain.memory import MemoryMonitor, choose_micro_batch, format_bytes
-from ggtrain.model import Batch, Model
-from ggtrain.optim import AdamW, Schedule, clip_grad_norm
-from ggtrain.outputs import OutputPaths
+from ggtrain.model.lora import LoraConfig, LoraWeights
+from ggtrain.model.transformer import Batch, Model
+from ggtrain.train.checkpoint import Checkpoint, model_fingerprint, save_checkpoint
+from ggtrain.train.memory import MemoryMonitor, choose_micro_batch, format_bytes
+from ggtrain.train.optim import AdamW, Schedule, clip_grad_norm
+from ggtrain.train.outputs import OutputPaths
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ggtrain.errors import GGTrainError
-from ggtrain.model import Batch, Model
+from ggtrain.model.transformer import Batch, Model
 
 
 @dataclass

@@ -4,7 +4,7 @@ Two families (tokenizer.ggml.model):
 - "llama": SentencePiece-style (Llama 2, Mistral, Gemma, Phi-3): scores, byte fallback (<0xXX>),
   optional space prefix; spaces become U+2581 and the best-scoring pairs merge first.
 - "gpt2": byte-level BPE (Llama 3, Qwen2/3, GPT-2, DeepSeek, Command-R, ...): the pre-tokenizer
-  chosen by tokenizer.ggml.pre splits words (ggtrain.pretokenize), merges apply by rank.
+  chosen by tokenizer.ggml.pre splits words (ggtrain.text.pretokenize), merges apply by rank.
 
 Before either, special tokens written in the text are cut out as llama.cpp's
 tokenizer_st_partition does: longest text first; control and unknown tokens only when
@@ -20,8 +20,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from ggtrain.errors import GGTrainError
+from ggtrain.gguf.modelfile import ModelFile
 from ggtrain.kernels import bpe as kb
-from ggtrain.modelfile import ModelFile
 
 # GGUF tokenizer.ggml.token_type values
 TYPE_UNDEFINED, TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL = 0, 1, 2, 3
@@ -177,7 +177,7 @@ class Tokenizer:
             bos, eos, unk = 1, 2, 0
             self.add_space_prefix, self.add_bos, self.add_eos = True, True, False
         else:
-            from ggtrain.pretokenize import PreTokenizer, pre_tokenizer
+            from ggtrain.text.pretokenize import PreTokenizer, pre_tokenizer
 
             bos, eos, unk = 11, 11, None
             regexes, self.ignore_merges, self.clean_spaces, self.add_bos = pre_tokenizer(self.pre, path)
@@ -459,7 +459,7 @@ class Tokenizer:
                      for a, b in _groups(fe - fs)]
             body, pos = _join(parts)
         else:
-            from ggtrain.pretokenize import utf8_offsets
+            from ggtrain.text.pretokenize import utf8_offsets
 
             at = utf8_offsets(cpts)
             body, pos = self._encode_bpe_fragments(text, cpts, at, fs, fe, ft)
@@ -474,7 +474,7 @@ class Tokenizer:
 
     def _encode_bpe_fragments(self, text: str, cpts: np.ndarray, at: np.ndarray, fs: np.ndarray,
                               fe: np.ndarray, ft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from ggtrain.pretokenize import cpt_flags
+        from ggtrain.text.pretokenize import cpt_flags
 
         data = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
         flags = cpt_flags(cpts) if cpts.size else np.zeros(0, dtype=np.uint16)

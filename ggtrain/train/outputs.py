@@ -256,7 +256,7 @@ def checkpoint_nbytes(layout: Layout) -> int:
 
 
 def _tensor_nbytes(rows: int, cols: int, dtype: str) -> int:
-    """Bytes of one adapter tensor as ggtrain.adapter writes it: q8_0 only for rows of a multiple
+    """Bytes of one adapter tensor as ggtrain.adapters.gguf_lora writes it: q8_0 only for rows of a multiple
     of 32 values (34 bytes a block), f16 for the others."""
     if dtype == "f32":
         return 4 * rows * cols

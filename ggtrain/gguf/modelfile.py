@@ -144,7 +144,7 @@ class _Cursor:
 
 
 class ModelFile:
-    """A GGUF file opened by mmap: metadata dict, tensors by name, hparams via ggtrain.arch.
+    """A GGUF file opened by mmap: metadata dict, tensors by name, hparams via ggtrain.gguf.arch.
 
     Raises GGTrainError (naming the file) for anything that is not a well-formed GGUF.
     """

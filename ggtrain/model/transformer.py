@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ggtrain import kernels
-from ggtrain.arch import ROPE_NEOX, HParams, read_hparams
 from ggtrain.errors import GGTrainError
+from ggtrain.gguf.arch import ROPE_NEOX, HParams, read_hparams
+from ggtrain.gguf.modelfile import ModelFile
 from ggtrain.kernels.activation import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 from ggtrain.kernels.attention import attention_backward, attention_forward
 from ggtrain.kernels.loss import CrossEntropyStats, cross_entropy_backward, cross_entropy_forward
 from ggtrain.kernels.norm import rmsnorm_backward, rmsnorm_forward
 from ggtrain.kernels.rope import rope_backward, rope_cache, rope_forward
-from ggtrain.lora import LoraWeights, dropout_mask, lora_linear_backward, lora_linear_forward
-from ggtrain.modelfile import ModelFile
+from ggtrain.model.lora import LoraWeights, dropout_mask, lora_linear_backward, lora_linear_forward
 
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 

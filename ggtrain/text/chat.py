@@ -25,10 +25,10 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ggtrain.errors import GGTrainError
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.modelfile import ModelFile
 
 if TYPE_CHECKING:
-    from ggtrain.tokenizer import Tokenizer
+    from ggtrain.text.tokenizer import Tokenizer
 
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
@@ -120,7 +120,7 @@ class ChatTemplate:
         """The model's template, or the file override_path (--chat-template) when given, or for a GGUF
         without one, the template ggtrain ships for its family (`bundled_template`).
         bos_token / eos_token come from the model's tokenizer (pass it to skip building it again)."""
-        from ggtrain.tokenizer import Tokenizer
+        from ggtrain.text.tokenizer import Tokenizer
 
         note = None
         source = mf.metadata.get(CHAT_TEMPLATE_KEY)

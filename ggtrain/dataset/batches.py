@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ggtrain.dataset.formats import DataDir, Example, ReadResult, data_dir, read_examples
 from ggtrain.errors import GGTrainError
-from ggtrain.formats import DataDir, Example, ReadResult, data_dir, read_examples
 
 DEFAULT_CTX = 256
 DEFAULT_SEED = 42
@@ -278,7 +278,7 @@ def tokenize_file(rr: ReadResult, tok: TokenizerLike, opts: DataOptions,
 
 
 def load_chat_template(opts: DataOptions, mf: Any, tok: TokenizerLike | None = None) -> TemplateLike:
-    from ggtrain.chat import ChatTemplate
+    from ggtrain.text.chat import ChatTemplate
 
     try:
         return ChatTemplate.from_model_file(mf, override_path=opts.chat_template,

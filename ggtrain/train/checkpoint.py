@@ -28,8 +28,8 @@ import numpy as np
 
 from ggtrain.atomic import atomic_write
 from ggtrain.errors import GGTrainError
-from ggtrain.lora import LoraWeights
-from ggtrain.modelfile import ModelFile
+from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.model.lora import LoraWeights
 
 FORMAT = "ggtrain-checkpoint"
 VERSION = 1

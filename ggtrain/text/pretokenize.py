@@ -10,7 +10,7 @@ ggtrain.kernels.pretok. The others run on std::regex: a regex with \\p{..} class
 points with non-ASCII whitespace made \\v. Python's `re` on bytes (collapsed) or with re.ASCII
 (code points) has the same ASCII-only \\s and \\d as std::regex in the C locale, so we do the same.
 
-Character categories are llama.cpp's: Unicode 15.1 general categories (ggtrain.unicode_ranges,
+Character categories are llama.cpp's: Unicode 15.1 general categories (ggtrain.text.unicode_ranges,
 Cn undefined, C* control, L* letter, M* mark, N* number, P* punctuation, S* symbol, Z* separator)
 and its whitespace set.
 """
@@ -30,7 +30,7 @@ from ggtrain.kernels.pretok import (
     KIND_QWEN35,
     split_custom,
 )
-from ggtrain.unicode_ranges import category_flags
+from ggtrain.text.unicode_ranges import category_flags
 
 FLAG_UNDEFINED, FLAG_NUMBER, FLAG_LETTER, FLAG_SEPARATOR = 0x0001, 0x0002, 0x0004, 0x0008
 FLAG_MARK, FLAG_PUNCTUATION, FLAG_SYMBOL, FLAG_CONTROL = 0x0010, 0x0020, 0x0040, 0x0080

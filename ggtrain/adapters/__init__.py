@@ -1,0 +1,1 @@
+"""What leaves or enters: llama.cpp GGUF LoRA adapters."""

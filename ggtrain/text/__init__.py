@@ -1,0 +1,1 @@
+"""Text: the tokenizer (SPM, BPE, pre-tokenizers, unicode tables) and chat templates."""
