@@ -32,12 +32,12 @@ import math
 
 import numba
 import numpy as np
-from ggtrain.kernels import avx512_module, get_num_threads
+from ggtrain.kernels import get_num_threads, variant_module
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
 # f32 forward on AVX512 CPUs (own register-blocked products, twice what BLAS's AVX2 kernels give)
-_avx512 = avx512_module("attention_avx512")
+_avx512 = variant_module("attention_avx512")
 
 BLOCK_Q = 64  # query rows per forward task
 BLOCK_K = 64  # key rows per backward task (it owns their dk, dv rows)
