@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from ggtrain.kernels import variants
 from gguf.constants import GGML_QUANT_SIZES
 
 from ggtrain import kernels
-from ggtrain.kernels import variants
 
 REPO = Path(__file__).resolve().parent.parent
 # Modules that hold or load the matmul code: the quantized matmul (and scipy's BLAS behind it), the
