@@ -121,11 +121,7 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
         for (i = 0; i < nb; i++, b += GG_Q3_K_BYTES, q += GG_QK_K, s += 16) {
             const uint8_t *hm = b + GG_Q3_K_HMASK, *qs = b + GG_Q3_K_QS, *sc = b + GG_Q3_K_SCALES;
             float d = gg_load_f16(b + GG_Q3_K_D);
-            for (j = 0; j < 16; j++) {
-                int v = j < 8 ? (sc[j] & 15) : (sc[j - 8] >> 4);
-                v |= ((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
-                s[j] = d * (float)(int8_t)(v - 32);
-            }
+            for (j = 0; j < 16; j++) s[j] = d * (float)gg_q3_k_scale(sc, j);
             for (h = 0; h < 2; h++)
                 for (sh = 0; sh < 4; sh++)
                     for (l = 0; l < 32; l++)
@@ -143,13 +139,7 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
             const uint8_t *qs = b + (k5 ? GG_Q5_K_QS : GG_Q4_K_QS);
             for (j = 0; j < 8; j++) {
                 int scale, mn;
-                if (j < 4) {
-                    scale = sc[j] & 63;
-                    mn = sc[j + 4] & 63;
-                } else {
-                    scale = (sc[j + 4] & 15) | ((sc[j - 4] >> 2) & 0x30);
-                    mn = (sc[j + 4] >> 4) | ((sc[j] >> 2) & 0x30);
-                }
+                gg_k_scale_min(sc, j, &scale, &mn);
                 s[j] = d * (float)scale;
                 o[j] = -(dmin * (float)mn);
                 for (l = 0; l < 32; l++) {
@@ -187,12 +177,10 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
         break;
     case GG_TYPE_IQ4_XS: /* groups of 32: w = d (ls - 32) kvalue */
         for (i = 0; i < nb; i++, b += GG_IQ4_XS_BYTES, q += GG_QK_K, s += 8) {
-            const uint8_t *sl = b + GG_IQ4_XS_SCALES_L, *qs = b + GG_IQ4_XS_QS;
+            const uint8_t *qs = b + GG_IQ4_XS_QS;
             float d = gg_load_f16(b + GG_IQ4_XS_D);
-            uint16_t shi = gg_load_u16(b + GG_IQ4_XS_SCALES_H);
             for (sub = 0; sub < 8; sub++) {
-                int ls = ((sl[sub / 2] >> (4 * (sub % 2))) & 15) | (((shi >> (2 * sub)) & 3) << 4);
-                s[sub] = d * (float)(int8_t)(ls - 32);
+                s[sub] = d * (float)gg_iq4_xs_scale(b, sub);
                 for (j = 0; j < 16; j++) {
                     q[sub * 32 + j] = GG_KVALUES_IQ4NL[qs[sub * 16 + j] & 15];
                     q[sub * 32 + j + 16] = GG_KVALUES_IQ4NL[qs[sub * 16 + j] >> 4];

@@ -1,5 +1,6 @@
 /* GGUF tensor types as the kernels read them: ggml type ids, the byte layout of each type's block,
- * the IQ4_NL levels, and exact loads of unaligned little-endian fields (f16 included).
+ * the IQ4_NL levels, exact loads of unaligned little-endian fields (f16 included), and the
+ * decoders of the K-quants' and IQ4_XS's packed sub-block scales.
  *
  * The one place these are written down in C: quant_simd.pyx, quant_util.h (its AVX2 twins) and
  * int8_util.h (the int8 form) all include this header. ggtrain.kernels.SUPPORTED_TYPES is the
@@ -131,6 +132,27 @@ static inline void gg_f16_row(const uint8_t *src, float *dst, int64_t n) {
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
 #endif
     for (; i < n; i++) dst[i] = gg_load_f16(src + 2 * i);
+}
+
+/* ---- packed sub-block scales ----------------------------------------------------------------- */
+
+/* Q4_K / Q5_K: scale and min of sub-block j (0..7) from the 12 packed bytes at s (gguf-py
+ * Q4_K.get_scale_min) */
+static inline void gg_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) { *sc = s[j] & 63; *mn = s[j + 4] & 63; }
+    else { *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30); *mn = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30); }
+}
+
+/* Q3_K: the signed scale (6 bits, minus 32) of sub-block i (0..15) from the 12 packed bytes at s */
+static inline int gg_q3_k_scale(const uint8_t *s, int i) {
+    int low = i < 8 ? s[i] & 0x0F : s[i - 8] >> 4;
+    return (low | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32;
+}
+
+/* IQ4_XS: the signed scale (6 bits, minus 32) of sub-block ib (0..7) of the block at b */
+static inline int gg_iq4_xs_scale(const uint8_t *b, int ib) {
+    const uint16_t sh = gg_load_u16(b + GG_IQ4_XS_SCALES_H);
+    return (((b[GG_IQ4_XS_SCALES_L + ib / 2] >> (4 * (ib % 2))) & 0x0F) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
 }
 
 #endif

@@ -48,6 +48,9 @@ cdef extern from "quant_layout.h" nogil:
     uint32_t gg_load_u32(const uint8_t *p)
     float gg_load_f16(const uint8_t *p)
     void gg_f16_row(const uint8_t *src, float *dst, int64_t n)
+    void gg_k_scale_min(const uint8_t *s, int j, int *sc, int *mn)
+    int gg_q3_k_scale(const uint8_t *s, int i)
+    int gg_iq4_xs_scale(const uint8_t *b, int ib)
 
 cdef extern from "quant_util.h" nogil:
     # AVX2 twins of the dq_* loops below (return 0 in the base build)
@@ -230,11 +233,10 @@ cdef inline void dq_q2_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
 
 
 cdef inline void dq_q3_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # q = low2 - 4 * (hmask bit clear); scale i = (low nibble | 2 high bits << 4) - 32; x = d*scale * q
+    # q = low2 - 4 * (hmask bit clear); x = d * scale * q
     cdef Py_ssize_t i
-    cdef int h, s, l, sub, si
+    cdef int h, s, l, sub
     cdef float d, dl
-    cdef int8_t sc
     cdef const uint8_t *hm
     cdef const uint8_t *qs
     cdef const uint8_t *scales
@@ -248,28 +250,13 @@ cdef inline void dq_q3_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
         for h in range(2):
             for s in range(4):
                 for sub in range(2):
-                    si = h * 8 + s * 2 + sub
-                    if si < 8:
-                        sc = <int8_t>((scales[si] & 0x0F) | (((scales[8 + si % 4] >> (2 * (si // 4))) & 3) << 4))
-                    else:
-                        sc = <int8_t>((scales[si - 8] >> 4) | (((scales[8 + si % 4] >> (2 * (si // 4))) & 3) << 4))
-                    dl = d * <float>(<int8_t>(sc - 32))
+                    dl = d * <float>gg_q3_k_scale(scales, h * 8 + s * 2 + sub)
                     for l in range(16):
                         y[h * 128 + s * 32 + sub * 16 + l] = dl * <float>(
                             <int>((qs[h * 32 + sub * 16 + l] >> (2 * s)) & 3)
                             - ((((hm[sub * 16 + l] >> (h * 4 + s)) & 1) ^ 1) << 2))
         b += GG_Q3_K_BYTES
         y += GG_QK_K
-
-
-cdef inline void k_scale_min(const uint8_t *scales, int j, int *sc, int *mn) noexcept nogil:
-    # Q4_K / Q5_K: 8 pairs of 6-bit (scale, min) packed in 12 bytes (gguf-py Q4_K.get_scale_min)
-    if j < 4:
-        sc[0] = scales[j] & 63
-        mn[0] = scales[j + 4] & 63
-    else:
-        sc[0] = (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 2) & 0x30)
-        mn[0] = (scales[j + 4] >> 4) | ((scales[j] >> 2) & 0x30)
 
 
 cdef inline void dq_q4_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
@@ -285,7 +272,7 @@ cdef inline void dq_q4_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
         dmin = gg_load_f16(b + GG_Q4_K_DMIN)
         qs = b + GG_Q4_K_QS
         for j in range(8):
-            k_scale_min(b + GG_Q4_K_SCALES, j, &sc, &mn)
+            gg_k_scale_min(b + GG_Q4_K_SCALES, j, &sc, &mn)
             dd = d * <float>sc
             dm = dmin * <float>mn
             for l in range(32):
@@ -309,7 +296,7 @@ cdef inline void dq_q5_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
         qh = b + GG_Q5_K_QH
         qs = b + GG_Q5_K_QS
         for j in range(8):
-            k_scale_min(b + GG_Q5_K_SCALES, j, &sc, &mn)
+            gg_k_scale_min(b + GG_Q5_K_SCALES, j, &sc, &mn)
             dd = d * <float>sc
             dm = dmin * <float>mn
             for l in range(32):
@@ -370,19 +357,14 @@ cdef inline void dq_iq4_xs(const uint8_t *b, float_out y, Py_ssize_t nb) noexcep
     cdef Py_ssize_t i
     cdef int ib, j
     cdef float d, dl
-    cdef uint16_t sh
-    cdef const uint8_t *sl
     cdef const uint8_t *qs
     if gg_dq_iq4_xs_simd(b, y, nb):
         return
     for i in range(nb):
         d = gg_load_f16(b + GG_IQ4_XS_D)
-        sh = gg_load_u16(b + GG_IQ4_XS_SCALES_H)
-        sl = b + GG_IQ4_XS_SCALES_L
         qs = b + GG_IQ4_XS_QS
         for ib in range(8):
-            dl = d * <float>(<int8_t>(((sl[ib // 2] >> (4 * (ib % 2))) & 0x0F)
-                                      | (((sh >> (2 * ib)) & 3) << 4)) - 32)
+            dl = d * <float>gg_iq4_xs_scale(b, ib)
             for j in range(16):
                 y[ib * 32 + j] = dl * KVALUES_IQ4NL[qs[ib * 16 + j] & 0x0F]
                 y[ib * 32 + j + 16] = dl * KVALUES_IQ4NL[qs[ib * 16 + j] >> 4]

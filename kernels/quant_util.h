@@ -4,7 +4,7 @@
  * same float operations in the same order (int -> float is exact, then d * q, then + m or - m, each
  * rounded on its own), so both builds are bit-identical to gguf-py; tests check both.
  * Each returns 1 when it did the work, 0 in builds without AVX2 (the Cython loop then runs).
- * Block layouts, type ids and the f16 load: quant_layout.h.
+ * Block layouts, type ids, the f16 load and the packed-scale decoders: quant_layout.h.
  */
 #ifndef GGTRAIN_QUANT_UTIL_H
 #define GGTRAIN_QUANT_UTIL_H
@@ -97,21 +97,12 @@ static inline int gg_dq_iq4_nl_simd(const uint8_t *b, float *y, int64_t nb) {
 static inline int gg_dq_iq4_xs_simd(const uint8_t *b, float *y, int64_t nb) {
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)GG_KVALUES_IQ4NL));
     for (int64_t i = 0; i < nb; i++, b += GG_IQ4_XS_BYTES, y += GG_QK_K) {
-        const uint8_t *sl = b + GG_IQ4_XS_SCALES_L;
         float d = gg_load_f16(b + GG_IQ4_XS_D);
-        uint16_t sh = gg_load_u16(b + GG_IQ4_XS_SCALES_H);
-        for (int ib = 0; ib < 8; ib++) {
-            int ls = (((sl[ib / 2] >> (4 * (ib % 2))) & 0x0F) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
-            gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + GG_IQ4_XS_QS + ib * 16)), d * (float)ls,
-                        y + ib * 32);
-        }
+        for (int ib = 0; ib < 8; ib++)
+            gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + GG_IQ4_XS_QS + ib * 16)),
+                        d * (float)gg_iq4_xs_scale(b, ib), y + ib * 32);
     }
     return 1;
-}
-/* Q4_K / Q5_K scale and min j of the 12 packed bytes (gguf-py Q4_K.get_scale_min) */
-static inline void gg_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
-    if (j < 4) { *sc = s[j] & 63; *mn = s[j + 4] & 63; }
-    else { *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30); *mn = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30); }
 }
 static inline int gg_dq_q4_k_simd(const uint8_t *b, float *y, int64_t nb) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -187,14 +178,12 @@ static inline int gg_dq_q3_k_simd(const uint8_t *b, float *y, int64_t nb) {
         for (int h = 0; h < 2; h++)
             for (int s = 0; s < 4; s++)
                 for (int sub = 0; sub < 2; sub++) {
-                    int si = h * 8 + s * 2 + sub;
-                    int low = si < 8 ? scales[si] & 0x0F : scales[si - 8] >> 4;
-                    int8_t sc = (int8_t)(low | (((scales[8 + si % 4] >> (2 * (si / 4))) & 3) << 4));
                     __m128i q2 = gg_bits16(qs + h * 32 + sub * 16, 2 * s, 3);
                     /* minus 4 where the hmask bit is clear */
                     __m128i hb = gg_bits16(hm + sub * 16, h * 4 + s, 1);
                     __m128i q = _mm_sub_epi8(q2, _mm_slli_epi16(_mm_xor_si128(hb, _mm_set1_epi8(1)), 2));
-                    gg_st16_mul(q, d * (float)(int8_t)(sc - 32), y + h * 128 + s * 32 + sub * 16);
+                    gg_st16_mul(q, d * (float)gg_q3_k_scale(scales, h * 8 + s * 2 + sub),
+                                y + h * 128 + s * 32 + sub * 16);
                 }
     }
     return 1;

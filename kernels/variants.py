@@ -43,6 +43,11 @@ SIMD_LEVELS = ("base", "avx2")  # the levels every NAME_simd.pyx is built at, lo
 _NUMPY_NAMES = {"fma": "FMA3"}
 
 
+def numpy_name(feature: str) -> str:
+    """numpy's name (its __cpu_features__ key) of a /proc/cpuinfo feature: 'FMA3' for 'fma'."""
+    return _NUMPY_NAMES.get(feature, feature.upper().replace("_", ""))
+
+
 def variant_of(module: str) -> str | None:
     """The variant a module name is built for: 'avx512' for int8mm_avx512, 'avx2' for quant_avx2;
     None for a module with the common flags only."""
@@ -67,8 +72,7 @@ def cpu_features() -> frozenset[str]:
     except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__
     wanted = {f for v in VARIANTS.values() for f in v.cpu}
-    return frozenset(f for f in wanted
-                     if __cpu_features__.get(_NUMPY_NAMES.get(f, f.upper().replace("_", ""))))
+    return frozenset(f for f in wanted if __cpu_features__.get(numpy_name(f)))
 
 
 def runs_on(variant: str, features: frozenset[str]) -> bool:

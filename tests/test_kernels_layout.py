@@ -110,8 +110,7 @@ def test_cpu_features_agree_with_numpy() -> None:
         from numpy.core._multiarray_umath import __cpu_features__
     features = variants.cpu_features()
     for name in {f for v in variants.VARIANTS.values() for f in v.cpu}:
-        numpy_name = {"fma": "FMA3"}.get(name, name.upper().replace("_", ""))
-        assert (name in features) == bool(__cpu_features__.get(numpy_name)), name
+        assert (name in features) == bool(__cpu_features__.get(variants.numpy_name(name))), name
 
 
 def test_layout_header_matches_gguf() -> None:
