@@ -1,6 +1,6 @@
-"""Start-up cost of the light commands: wall time of `ggtrain --help` and `ggtrain tokenize -p Hello
---ids` (a fresh process each run, best and median of --repeat), and which ggtrain.kernels modules
-and how much of scipy.linalg (the BLAS the quantized matmul calls) each command imported.
+"""Start-up cost of the light commands: wall and CPU time of `ggtrain --help` and `ggtrain tokenize -p
+Hello --ids` (a fresh process each run, best and median of --repeat), and which ggtrain.kernels
+modules and how much of scipy.linalg (the BLAS the quantized matmul calls) each command imported.
 
     python bench/startup.py [--repeat 7]
 
@@ -35,10 +35,17 @@ _IMPORTED = ("import json, sys\n"
              "print(json.dumps(mods), file=sys.stderr)\n")
 
 
-def wall_seconds(args: list[str]) -> float:
+def seconds(args: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run of the command in a fresh process; CPU time (user + system,
+    all its threads) is the steadier figure on a busy machine."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ggtrain.cli.main", *args], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen([sys.executable, "-m", "ggtrain.cli.main", *args], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"ggtrain {' '.join(args)} exited with {proc.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def imported(args: list[str]) -> list[str]:
@@ -53,12 +60,13 @@ def main() -> None:
     a, b, c = os.getloadavg()
     print(f"load average {a:.2f} {b:.2f} {c:.2f}, {args.repeat} runs each")
     for cmd in COMMANDS:
-        wall_seconds(cmd)  # warm-up: Numba cache, page cache
-        times = [wall_seconds(cmd) for _ in range(args.repeat)]
+        seconds(cmd)  # warm-up: Numba cache, page cache
+        wall, cpu = zip(*(seconds(cmd) for _ in range(args.repeat)))
         mods = imported(cmd)
         kernels = [m.removeprefix("ggtrain.kernels.") for m in mods if m.startswith("ggtrain.kernels.")]
         n_linalg = sum(m.startswith("scipy.linalg") for m in mods)
-        print(f"ggtrain {' '.join(cmd):28s} best {min(times):.3f} s  median {statistics.median(times):.3f} s")
+        print(f"ggtrain {' '.join(cmd):28s} wall best {min(wall):.3f} s, median {statistics.median(wall):.3f} s; "
+              f"CPU best {min(cpu):.3f} s, median {statistics.median(cpu):.3f} s")
         print(f"    ggtrain.kernels.* imported: {', '.join(kernels) or '-'}; scipy.linalg modules: {n_linalg}")
 
 
