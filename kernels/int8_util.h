@@ -179,8 +179,9 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
         for (i = 0; i < nb; i++, b += GG_IQ4_XS_BYTES, q += GG_QK_K, s += 8) {
             const uint8_t *qs = b + GG_IQ4_XS_QS;
             float d = gg_load_f16(b + GG_IQ4_XS_D);
+            const uint16_t shi = gg_load_u16(b + GG_IQ4_XS_SCALES_H);
             for (sub = 0; sub < 8; sub++) {
-                s[sub] = d * (float)gg_iq4_xs_scale(b, sub);
+                s[sub] = d * (float)gg_iq4_xs_scale(b, shi, sub);
                 for (j = 0; j < 16; j++) {
                     q[sub * 32 + j] = GG_KVALUES_IQ4NL[qs[sub * 16 + j] & 15];
                     q[sub * 32 + j + 16] = GG_KVALUES_IQ4NL[qs[sub * 16 + j] >> 4];

@@ -149,9 +149,9 @@ static inline int gg_q3_k_scale(const uint8_t *s, int i) {
     return (low | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32;
 }
 
-/* IQ4_XS: the signed scale (6 bits, minus 32) of sub-block ib (0..7) of the block at b */
-static inline int gg_iq4_xs_scale(const uint8_t *b, int ib) {
-    const uint16_t sh = gg_load_u16(b + GG_IQ4_XS_SCALES_H);
+/* IQ4_XS: the signed scale (6 bits, minus 32) of sub-block ib (0..7) of the block at b, whose
+ * scales_h field the caller has loaded (once per block) into sh */
+static inline int gg_iq4_xs_scale(const uint8_t *b, uint16_t sh, int ib) {
     return (((b[GG_IQ4_XS_SCALES_L + ib / 2] >> (4 * (ib % 2))) & 0x0F) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
 }
 

@@ -50,7 +50,7 @@ cdef extern from "quant_layout.h" nogil:
     void gg_f16_row(const uint8_t *src, float *dst, int64_t n)
     void gg_k_scale_min(const uint8_t *s, int j, int *sc, int *mn)
     int gg_q3_k_scale(const uint8_t *s, int i)
-    int gg_iq4_xs_scale(const uint8_t *b, int ib)
+    int gg_iq4_xs_scale(const uint8_t *b, uint16_t sh, int ib)
 
 cdef extern from "quant_util.h" nogil:
     # AVX2 twins of the dq_* loops below (return 0 in the base build)
@@ -357,14 +357,16 @@ cdef inline void dq_iq4_xs(const uint8_t *b, float_out y, Py_ssize_t nb) noexcep
     cdef Py_ssize_t i
     cdef int ib, j
     cdef float d, dl
+    cdef uint16_t sh
     cdef const uint8_t *qs
     if gg_dq_iq4_xs_simd(b, y, nb):
         return
     for i in range(nb):
         d = gg_load_f16(b + GG_IQ4_XS_D)
+        sh = gg_load_u16(b + GG_IQ4_XS_SCALES_H)
         qs = b + GG_IQ4_XS_QS
         for ib in range(8):
-            dl = d * <float>gg_iq4_xs_scale(b, ib)
+            dl = d * <float>gg_iq4_xs_scale(b, sh, ib)
             for j in range(16):
                 y[ib * 32 + j] = dl * KVALUES_IQ4NL[qs[ib * 16 + j] & 0x0F]
                 y[ib * 32 + j + 16] = dl * KVALUES_IQ4NL[qs[ib * 16 + j] >> 4]

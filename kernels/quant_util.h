@@ -98,9 +98,10 @@ static inline int gg_dq_iq4_xs_simd(const uint8_t *b, float *y, int64_t nb) {
     const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)GG_KVALUES_IQ4NL));
     for (int64_t i = 0; i < nb; i++, b += GG_IQ4_XS_BYTES, y += GG_QK_K) {
         float d = gg_load_f16(b + GG_IQ4_XS_D);
+        uint16_t sh = gg_load_u16(b + GG_IQ4_XS_SCALES_H);
         for (int ib = 0; ib < 8; ib++)
             gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + GG_IQ4_XS_QS + ib * 16)),
-                        d * (float)gg_iq4_xs_scale(b, ib), y + ib * 32);
+                        d * (float)gg_iq4_xs_scale(b, sh, ib), y + ib * 32);
     }
     return 1;
 }
