@@ -13,28 +13,33 @@
 
 w may be any row slice (or block-aligned column slice) of a tensor's uint8 view: rows need not be
 adjacent, only each row's bytes. x, dy and out may be row-strided views with contiguous rows.
-Bad input (dtype, shape, unsupported type) raises GGTrainError saying what is wrong.
+Arguments the kernels cannot take raise TypeError (wrong dtype) or ValueError (shape, strides,
+type id): callers pass what they validated at the boundary (ggtrain.gguf.modelfile refuses a file with
+an unsupported tensor type, naming it, before any kernel sees it).
 
-The compiled code lives in quant_base / quant_avx2 (one source, kernels/quant_simd.pyx), picked at
-import from the CPU's flags; GGTRAIN_SIMD=base|avx2 overrides the choice. The int8 path lives in
-int8mm_avx512 (kernels/int8mm_avx512.pyx), imported only on a CPU with AVX512-VNNI.
+The compiled code lives in quant_base / quant_avx2 (one source, kernels/quant_simd.pyx) and, on a
+CPU with AVX512-VNNI, int8mm_avx512; which variant runs comes from kernels/variants.py's table
+(GGTRAIN_SIMD=base|avx2 overrides the SIMD level, GGTRAIN_AVX512=0 turns the AVX512 code off).
+They are imported on first use, not with this package: the tokenizer's kernels (bpe, pretok) live
+here too, and `ggtrain tokenize` or `--help` never load the matmul code or scipy's BLAS.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+from types import ModuleType
 
 import numpy as np
+from ggtrain.kernels import variants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ggtrain import threads as _threads
 from ggtrain.errors import GGTrainError
-from ggtrain.gguf.modelfile import SUPPORTED_TYPES, type_name
 
 __all__ = [
+    "PARALLEL_MIN",
     "SUPPORTED_TYPES",
-    "avx512_module",
     "dequantize",
     "first_run_notice",
     "get_num_threads",
@@ -49,7 +54,24 @@ __all__ = [
     "set_num_threads",
     "simd_level",
     "tile_bytes",
+    "variant_module",
 ]
+
+# Tensor types the kernels dequantize and multiply by: the types kernels/quant_layout.h lays out
+# (ggtrain.gguf.modelfile refuses the others when it loads a model).
+SUPPORTED_TYPES = frozenset(
+    GGMLQuantizationType[name]
+    for name in (
+        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+    )
+)
+
+# Elements below which a kernel runs on the calling thread: waking the thread pool costs more than
+# these memory-bound loops save, the more so on a busy machine. The one threshold for going
+# parallel: dequantize / get_rows here, and norm, rope and activation (which import it) ask it;
+# attention, the cross-entropy and the matmuls always have enough work and always run parallel.
+PARALLEL_MIN = 1 << 18
 
 # Floats in each thread's dequantization tile: 512 Ki floats = 2 MiB per thread, whatever the size
 # of W (bigger tiles re-pack X less often; measured, bench/qmatmul.py). qmatmul allocates nothing
@@ -62,73 +84,91 @@ FORWARD_TILE_COLS = 512
 MIN_TILE_ROWS = 16
 
 
+# ---- which compiled variants run here (the table: kernels/variants.py) ---------------------------
+
+def _cpu_features() -> frozenset[str]:
+    """The CPU's features, less every AVX512 one when GGTRAIN_AVX512=0 (read at each call)."""
+    features = variants.cpu_features()
+    if os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
+        return frozenset(f for f in features if not f.startswith("avx512"))
+    return features
+
+
 def _cpu_simd_level() -> str:
-    """'avx2' when the CPU has AVX2, FMA and F16C (what quant_avx2 is compiled for), else 'base'."""
+    """The SIMD level of the quant module to run: GGTRAIN_SIMD when set, else the best this CPU runs."""
     forced = os.environ.get("GGTRAIN_SIMD", "").strip().lower()
     if forced:
-        if forced not in ("base", "avx2"):
-            raise GGTrainError(f"GGTRAIN_SIMD={forced!r}: expected 'base' or 'avx2'")
+        if forced not in variants.SIMD_LEVELS:
+            expected = " or ".join(repr(level) for level in variants.SIMD_LEVELS)
+            raise GGTrainError(f"GGTRAIN_SIMD={forced!r}: expected {expected}")
         return forced
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__
-    except ImportError:  # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__
-    return "avx2" if all(__cpu_features__.get(f) for f in ("AVX2", "FMA3", "F16C")) else "base"
+    return variants.best_simd_level(_cpu_features())
 
 
-simd_level = _cpu_simd_level()
-if simd_level == "avx2":
-    from ggtrain.kernels import quant_avx2 as _impl
-else:
-    from ggtrain.kernels import quant_base as _impl
-
-
-# What the NAME_avx512 modules are compiled for (setup.py's AVX512_ARGS), as numpy names the CPU's features.
-AVX512_CPU_FEATURES = ("AVX2", "FMA3", "F16C", "AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX512VNNI")
-
-
-def avx512_module(name: str):
-    """ggtrain.kernels.NAME (an NAME_avx512 module), or None when this CPU or build cannot run it;
-    GGTRAIN_AVX512=0 turns all of them off (the portable paths then run)."""
-    if os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
+def variant_module(name: str) -> ModuleType | None:
+    """ggtrain.kernels.NAME, a module built for one variant only (NAME_avx512), or None when this
+    CPU cannot run that variant (GGTRAIN_AVX512=0 counts as no AVX512) or it was not built here."""
+    variant = variants.variant_of(name)
+    if variant is None or not variants.runs_on(variant, _cpu_features()):
         return None
     try:
-        from numpy._core._multiarray_umath import __cpu_features__
-    except ImportError:  # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__
-    if not all(__cpu_features__.get(f) for f in AVX512_CPU_FEATURES):
-        return None
-    try:
-        import importlib
         return importlib.import_module(f"ggtrain.kernels.{name}")
     except ImportError:  # not built (non-x86)
         return None
 
 
-_int8 = avx512_module("int8mm_avx512")
+# ---- the compiled modules, imported on first use -------------------------------------------------
+# `_impl` (the quant module), `simd_level` and `_int8` are module attributes that appear when first
+# needed (module __getattr__ below); tests may replace `_impl` with another variant.
+
+def _quant() -> ModuleType:
+    """quant_base or quant_avx2, imported the first time a kernel needs it."""
+    impl = globals().get("_impl")
+    if impl is None:
+        level = _cpu_simd_level()
+        impl = importlib.import_module(f"ggtrain.kernels.quant_{level}")
+        # It calls scipy's OpenBLAS (which it has just loaded) from inside its OpenMP threads:
+        # that BLAS must not start threads of its own.
+        from ggtrain import threads
+        threads.set_kernel_blas_single_threaded()
+        globals().update(_impl=impl, simd_level=level)
+    return impl
 
 
-# The kernels call scipy's OpenBLAS from inside their OpenMP threads: it must not add its own.
-_threads.set_kernel_blas_single_threaded()
+def _int8_module() -> ModuleType | None:
+    """int8mm_avx512, or None on a CPU without AVX512-VNNI; looked up once."""
+    if "_int8" not in globals():
+        globals()["_int8"] = variant_module("int8mm_avx512")
+    return globals()["_int8"]
+
+
+def __getattr__(name: str) -> object:
+    if name in ("_impl", "simd_level"):
+        _quant()
+    elif name == "_int8":
+        _int8_module()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return globals()[name]
 
 
 def set_num_threads(n: int) -> None:
     """Threads of the kernels' OpenMP loops (ggtrain.threads.set_threads sets every pool at once)."""
-    _impl.set_num_threads(int(n))
+    _quant().set_num_threads(int(n))
 
 
 def get_num_threads() -> int:
-    return _impl.get_num_threads()
+    return _quant().get_num_threads()
 
 
 def _qtype(qtype: int) -> GGMLQuantizationType:
     try:
         qt = GGMLQuantizationType(int(qtype))
     except (ValueError, TypeError):
-        raise GGTrainError(f"unknown tensor type {qtype!r}") from None
+        raise ValueError(f"unknown tensor type {qtype!r}") from None
     if qt not in SUPPORTED_TYPES:
-        raise GGTrainError(f"tensor type {type_name(qt)} is not supported by ggtrain.kernels "
-                           f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
+        raise ValueError(f"tensor type {qt.name} is not supported by ggtrain.kernels "
+                         f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
     return qt
 
 
@@ -136,16 +176,23 @@ def _describe(a: object) -> str:
     return f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
 
 
+def _check_array(a: object, dtype: type, ndim: int, what: str) -> None:
+    """TypeError unless a is an ndarray of dtype, ValueError unless it has ndim dimensions."""
+    if not isinstance(a, np.ndarray) or a.dtype != dtype:
+        raise TypeError(f"{what}, got {_describe(a)}")
+    if a.ndim != ndim:
+        raise ValueError(f"{what}, got {_describe(a)}")
+
+
 def _check_weight(w: np.ndarray, qt: GGMLQuantizationType, name: str = "weight") -> int:
     """Validates w uint8 (rows, row_bytes) with contiguous rows; returns n (elements per row)."""
-    if not isinstance(w, np.ndarray) or w.dtype != np.uint8 or w.ndim != 2:
-        raise GGTrainError(f"{name} must be a uint8 array (rows, row_bytes), got {_describe(w)}")
+    _check_array(w, np.uint8, 2, f"{name} must be a uint8 array (rows, row_bytes)")
     block, type_size = GGML_QUANT_SIZES[qt]
     if w.shape[1] % type_size:
-        raise GGTrainError(f"{name} row of {w.shape[1]} bytes is not a whole number of {qt.name} blocks "
-                           f"({type_size} bytes each)")
+        raise ValueError(f"{name} row of {w.shape[1]} bytes is not a whole number of {qt.name} blocks "
+                         f"({type_size} bytes each)")
     if w.shape[1] > 1 and w.strides[1] != 1:
-        raise GGTrainError(f"{name}: the bytes of each row must be contiguous (strides {w.strides})")
+        raise ValueError(f"{name}: the bytes of each row must be contiguous (strides {w.strides})")
     return w.shape[1] // type_size * block
 
 
@@ -159,23 +206,24 @@ def _rows_contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def _check_f32_2d(a: np.ndarray, name: str, cols: int) -> np.ndarray:
-    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 2:
-        raise GGTrainError(f"{name} must be a float32 array (tokens, {cols}), got {_describe(a)}")
+    _check_array(a, np.float32, 2, f"{name} must be a float32 array (tokens, {cols})")
     if a.shape[1] != cols:
-        raise GGTrainError(f"{name} has {a.shape[1]} columns, the weight needs {cols}")
+        raise ValueError(f"{name} has {a.shape[1]} columns, the weight needs {cols}")
     return _rows_contiguous(a)
 
 
 def _check_out(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     if out is None:
         return np.empty(shape, dtype=np.float32)
-    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape:
-        raise GGTrainError(f"out must be a float32 array of shape {shape}, got {_describe(out)}")
+    what = f"out must be a float32 array of shape {shape}"
+    _check_array(out, np.float32, len(shape), what)
+    if out.shape != shape:
+        raise ValueError(f"{what}, got {_describe(out)}")
     if not out.flags.writeable:
-        raise GGTrainError("out is read-only")
+        raise ValueError("out is read-only")
     if (shape[1] > 1 and out.strides[1] != 4) or (shape[0] > 1 and (out.strides[0] < shape[1] * 4
                                                                       or out.strides[0] % 4)):
-        raise GGTrainError(f"out must have contiguous, non-overlapping rows (strides {out.strides})")
+        raise ValueError(f"out must have contiguous, non-overlapping rows (strides {out.strides})")
     return out
 
 
@@ -224,20 +272,28 @@ def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threa
     return threads * tile_rows * tile_cols * 4
 
 
+def _threads_for(n_elements: int) -> int:
+    """All the kernels' threads, or 1 below PARALLEL_MIN elements."""
+    return get_num_threads() if n_elements >= PARALLEL_MIN else 1
+
+
 def dequantize(data: np.ndarray, qtype: int) -> np.ndarray:
     """Raw GGUF rows uint8 (..., row_bytes) -> float32 (..., n); bit-identical to gguf.quants.dequantize."""
     qt = _qtype(qtype)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim < 1:
-        raise GGTrainError(f"data must be a uint8 array (..., row_bytes), got {_describe(data)}")
+    what = "data must be a uint8 array (..., row_bytes)"
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise TypeError(f"{what}, got {_describe(data)}")
+    if data.ndim < 1:
+        raise ValueError(f"{what}, got {_describe(data)}")
     block, type_size = GGML_QUANT_SIZES[qt]
     if data.shape[-1] % type_size:
-        raise GGTrainError(f"row of {data.shape[-1]} bytes is not a whole number of {qt.name} blocks "
-                           f"({type_size} bytes each)")
+        raise ValueError(f"row of {data.shape[-1]} bytes is not a whole number of {qt.name} blocks "
+                         f"({type_size} bytes each)")
     rows = data.reshape(-1, data.shape[-1]) if data.size else data.reshape(-1, data.shape[-1] or 1)
     rows = _rows_contiguous(rows)
     n = data.shape[-1] // type_size * block
     out = np.empty((rows.shape[0], n), dtype=np.float32)
-    _impl.dequantize_rows(rows, int(qt), block, type_size, out)
+    _quant().dequantize_rows(rows, int(qt), block, type_size, out, _threads_for(out.size))
     return out.reshape(*data.shape[:-1], n)
 
 
@@ -250,7 +306,7 @@ def qmatmul(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = N
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     tr, tc, tp = plan(False, w.shape[0], n, x.shape[0], qt, nth)
-    _impl.qmatmul(False, int(qt), block, type_size, w, x, out, False, tr, tc, tp, nth)
+    _quant().qmatmul(False, int(qt), block, type_size, w, x, out, False, tr, tc, tp, nth)
     return out
 
 
@@ -261,12 +317,12 @@ def qmatmul_backward_input(dy: np.ndarray, w: np.ndarray, qtype: int, out: np.nd
     n = _check_weight(w, qt)
     dy = _check_f32_2d(dy, "dy", w.shape[0])
     if accumulate and out is None:
-        raise GGTrainError("qmatmul_backward_input: accumulate=True needs out")
+        raise ValueError("qmatmul_backward_input: accumulate=True needs out")
     out = _check_out(out, (dy.shape[0], n))
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     tr, tc, tp = plan(True, w.shape[0], n, dy.shape[0], qt, nth)
-    _impl.qmatmul(True, int(qt), block, type_size, w, dy, out, bool(accumulate), tr, tc, tp, nth)
+    _quant().qmatmul(True, int(qt), block, type_size, w, dy, out, bool(accumulate), tr, tc, tp, nth)
     return out
 
 
@@ -275,25 +331,29 @@ def get_rows(w: np.ndarray, qtype: int, ids: np.ndarray) -> np.ndarray:
     qt = _qtype(qtype)
     n = _check_weight(w, qt)
     ids = np.asarray(ids)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise GGTrainError(f"ids must be a 1-D integer array, got {_describe(ids)}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"ids must be a 1-D integer array, got {_describe(ids)}")
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be a 1-D integer array, got {_describe(ids)}")
     if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
-        raise GGTrainError(f"token ids out of range [0, {w.shape[0]}): min {ids.min()}, max {ids.max()}")
+        raise ValueError(f"token ids out of range [0, {w.shape[0]}): min {ids.min()}, max {ids.max()}")
     out = np.empty((ids.shape[0], n), dtype=np.float32)
     block, type_size = GGML_QUANT_SIZES[qt]
-    _impl.get_rows(w, int(qt), block, type_size, np.ascontiguousarray(ids, dtype=np.int64), out)
+    _quant().get_rows(w, int(qt), block, type_size, np.ascontiguousarray(ids, dtype=np.int64), out,
+                      _threads_for(out.size))
     return out
 
 
 def int8_available() -> bool:
     """Whether qmatmul_int8 runs on this machine (CPU with AVX512-VNNI, x86 build)."""
-    return _int8 is not None
+    return _int8_module() is not None
 
 
 def int8_supported(qtype: int) -> bool:
     """Whether qtype has an exact int8 form (w = s·q + o per group of 16 or 32) on this machine;
     F32, F16 and BF16 do not."""
-    return _int8 is not None and _int8.group_size(int(qtype)) > 0
+    int8 = _int8_module()
+    return int8 is not None and int8.group_size(int(qtype)) > 0
 
 
 def qmatmul_int8(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -301,14 +361,15 @@ def qmatmul_int8(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | Non
     max|x|/127, round half to even), W's quants used as they are, integer dot products (VNNI).
     x f32 (T, n), w uint8 (rows, row_bytes) -> f32 (T, rows). For inference: there is no backward."""
     qt = _qtype(qtype)
+    int8 = _int8_module()
     if not int8_supported(qt):
-        why = "this CPU lacks AVX512-VNNI" if _int8 is None else f"{qt.name} has no int8 form"
-        raise GGTrainError(f"qmatmul_int8: {why}")
+        why = "this CPU lacks AVX512-VNNI" if int8 is None else f"{qt.name} has no int8 form"
+        raise ValueError(f"qmatmul_int8: {why}")
     n = _check_weight(w, qt)
     x = _check_f32_2d(x, "x", n)
     out = _check_out(out, (x.shape[0], w.shape[0]))
     block, type_size = GGML_QUANT_SIZES[qt]
-    _int8.qmatmul_int8(int(qt), block, type_size, w, x, out, get_num_threads())
+    int8.qmatmul_int8(int(qt), block, type_size, w, x, out, get_num_threads())
     return out
 
 
@@ -320,19 +381,22 @@ def qmatmul_int8_lse(x: np.ndarray, w: np.ndarray, qtype: int, r0: int, targets:
     targets[t] (int64) falls in the chunk. What loss.py does with qmatmul_int8's logits, fused."""
     qt = _qtype(qtype)
     if not int8_supported(qt):
-        raise GGTrainError(f"qmatmul_int8_lse: {qt.name} has no int8 form on this machine")
+        raise ValueError(f"qmatmul_int8_lse: {qt.name} has no int8 form on this machine")
     n = _check_weight(w, qt)
     x = _check_f32_2d(x, "x", n)
     T = x.shape[0]
     for name, a, dt in (("targets", targets, np.int64), ("run_max", run_max, np.float64),
                         ("run_sum", run_sum, np.float64), ("tgt_logit", tgt_logit, np.float64)):
-        if not (isinstance(a, np.ndarray) and a.dtype == dt and a.shape == (T,) and a.flags.c_contiguous):
-            raise GGTrainError(f"qmatmul_int8_lse: {name} must be a contiguous {np.dtype(dt)} array of shape ({T},)")
+        what = f"qmatmul_int8_lse: {name} must be a contiguous {np.dtype(dt)} array of shape ({T},)"
+        if not (isinstance(a, np.ndarray) and a.dtype == dt):
+            raise TypeError(what)
+        if not (a.shape == (T,) and a.flags.c_contiguous):
+            raise ValueError(what)
     if T == 0 or w.shape[0] == 0:
         return
     block, type_size = GGML_QUANT_SIZES[qt]
-    _int8.qmatmul_int8_lse(int(qt), block, type_size, w, x, int(r0), targets, float(softcap), run_max, run_sum,
-                           tgt_logit, get_num_threads())
+    _int8_module().qmatmul_int8_lse(int(qt), block, type_size, w, x, int(r0), targets, float(softcap), run_max,
+                                    run_sum, tgt_logit, get_num_threads())
 
 
 def first_run_notice() -> str | None:

@@ -13,11 +13,12 @@ DEF BLOCK = 16384
 
 
 def gated_forward(bint geglu, const float[::1] g, const float[::1] u, float[::1] y, int nth):
-    """y = act(g) · u elementwise (act gelu_tanh if geglu else silu); 1-D, equal lengths."""
+    """y = act(g) · u elementwise (act gelu_tanh if geglu else silu); 1-D, equal lengths; on nth
+    threads (activation.py gives 1 below ggtrain.kernels.PARALLEL_MIN elements)."""
     cdef Py_ssize_t n = g.shape[0], nb = (n + BLOCK - 1) // BLOCK, b, i0
     if n == 0:
         return
-    for b in prange(nb, nogil=True, num_threads=nth if n >= 4 * BLOCK else 1, schedule="static"):
+    for b in prange(nb, nogil=True, num_threads=nth, schedule="static"):
         i0 = b * BLOCK
         if geglu:
             gg_geglu_fwd(&g[i0], &u[i0], &y[i0], min(BLOCK, n - i0))

@@ -21,8 +21,9 @@ Parallel: forward over heads × query blocks; backward over kv heads × key bloc
 its dk/dv rows; dq goes to one buffer per thread, summed at the end, at most DQ_BUFFERS_BYTES of
 them: past that the backward runs on fewer threads). Blocks are visited in
 zig-zag order so causal work is balanced across threads. Inside a task the products are GEMMs on
-head-major (H, T, D) copies through Numba's np.dot, i.e. scipy's BLAS: ggtrain.threads.set_threads
-keeps that BLAS single-threaded so it does not oversubscribe the prange threads. Scratch per task is
+head-major (H, T, D) copies through Numba's np.dot, i.e. scipy's BLAS: this module makes that BLAS
+single-threaded when it loads (ggtrain.threads.set_threads keeps it so) so it does not oversubscribe
+the prange threads. Scratch per task is
 one (block, span) score tile (span <= T): O(T) memory per task, never (H, T, T).
 Dtype-generic: f32 for training (f32 GEMMs, softmax in f32 with vecmath's vectorised exp, lse kept
 in f32); f64 (math.exp) in the tests.
@@ -32,12 +33,16 @@ import math
 
 import numba
 import numpy as np
-from ggtrain.kernels import avx512_module, get_num_threads
+from ggtrain.kernels import get_num_threads, variant_module
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
+from ggtrain import threads
+
 # f32 forward on AVX512 CPUs (own register-blocked products, twice what BLAS's AVX2 kernels give)
-_avx512 = avx512_module("attention_avx512")
+_avx512 = variant_module("attention_avx512")
+# The Numba kernels below call scipy's BLAS (np.dot) inside their prange: one thread each.
+threads.set_kernel_blas_single_threaded()
 
 BLOCK_Q = 64  # query rows per forward task
 BLOCK_K = 64  # key rows per backward task (it owns their dk, dv rows)

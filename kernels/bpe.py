@@ -284,22 +284,6 @@ def _cache_put(ctab, cs, ce, cos, coc, nent, slot, s, e, k0, k):
     return nent + 1
 
 
-@njit(cache=True)
-def spm_encode(text, table, blob, offs, scores, byte_tok, n_vocab, space_left):
-    """Token ids of one text fragment (spaces already escaped to U+2581). -> int32 (k,)
-
-    Symbols start as UTF-8 characters; the highest-scoring adjacent pair that is a vocabulary
-    token merges first (leftmost on ties) until no pair is a token. A final symbol that is not a
-    token becomes byte tokens (<0xXX>); byte_tok[b] = -1 drops a byte the vocabulary lacks.
-    The text is cut before every U+2581 that no token can span (space_left, see spm_space_left):
-    merges never cross such a cut, so each piece merges alone (same result as one long queue)
-    and a repeated piece is looked up instead of merged again.
-    """
-    bounds = np.array([0, text.shape[0]], dtype=np.int64)
-    return spm_encode_ranges(text, bounds, np.full(1, -1, dtype=np.int32), table, blob, offs, scores,
-                             byte_tok, n_vocab, space_left)[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # byte-level BPE (llama.cpp llm_tokenizer_bpe_session), run on raw bytes: GPT-2's byte-to-unicode
 # map is a bijection, so a raw-byte string and its encoded form name the same token.
@@ -695,9 +679,16 @@ def spm_encode_fragments(esc, frag_s, frag_e, frag_tok, frag_prefix, table, blob
 
 @njit(cache=True)
 def spm_encode_ranges(text, bounds, frag_tok, table, blob, offs, scores, byte_tok, n_vocab, space_left):
-    """spm_encode over the ranges text[bounds[f]:bounds[f+1]] (or token frag_tok[f] >= 0),
-    sharing one cache of pieces. -> (ids int32 (k,), byte of text where each starts int64 (k,),
-    fragment of each int64 (k,))"""
+    """Token ids of the ranges text[bounds[f]:bounds[f+1]] (spaces already escaped to U+2581), or
+    token frag_tok[f] where that is >= 0, sharing one cache of pieces. -> (ids int32 (k,), byte of
+    text where each starts int64 (k,), fragment of each int64 (k,))
+
+    Symbols start as UTF-8 characters; the highest-scoring adjacent pair that is a vocabulary
+    token merges first (leftmost on ties) until no pair is a token. A final symbol that is not a
+    token becomes byte tokens (<0xXX>); byte_tok[b] = -1 drops a byte the vocabulary lacks.
+    The text is cut before every U+2581 that no token can span (space_left, see spm_space_left):
+    merges never cross such a cut, so each piece merges alone (same result as one long queue)
+    and a repeated piece is looked up instead of merged again."""
     L = text.shape[0]
     nf = frag_tok.shape[0]
     # pieces: cut before each U+2581 no token can span, and at fragment ends

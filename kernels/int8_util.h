@@ -22,13 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float i8_f16(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
-static const int8_t I8_KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+#include "quant_layout.h"
 
 /* ---- weights: one row of GGUF blocks -> q, s, o (o untouched for types without offset) ---- */
 
@@ -59,140 +53,138 @@ static int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
     int64_t i;
     int j, l, h, sh, sub;
     switch (qtype) {
-    case 2: /* Q4_0: d | qs[16]; w = d (q - 8) */
-        for (i = 0; i < nb; i++, b += 18, q += 32) {
-            s[i] = i8_f16(b);
+    case GG_TYPE_Q4_0: /* w = d (q - 8) */
+        for (i = 0; i < nb; i++, b += GG_Q4_0_BYTES, q += GG_QK) {
+            const uint8_t *qs = b + GG_Q4_0_QS;
+            s[i] = gg_load_f16(b + GG_Q4_0_D);
             for (j = 0; j < 16; j++) {
-                q[j] = (int8_t)((b[2 + j] & 15) - 8);
-                q[j + 16] = (int8_t)((b[2 + j] >> 4) - 8);
+                q[j] = (int8_t)((qs[j] & 15) - 8);
+                q[j + 16] = (int8_t)((qs[j] >> 4) - 8);
             }
         }
         break;
-    case 3: /* Q4_1: d | m | qs[16]; w = d q + m */
-        for (i = 0; i < nb; i++, b += 20, q += 32) {
-            s[i] = i8_f16(b);
-            o[i] = i8_f16(b + 2);
+    case GG_TYPE_Q4_1: /* w = d q + m */
+        for (i = 0; i < nb; i++, b += GG_Q4_1_BYTES, q += GG_QK) {
+            const uint8_t *qs = b + GG_Q4_1_QS;
+            s[i] = gg_load_f16(b + GG_Q4_1_D);
+            o[i] = gg_load_f16(b + GG_Q4_1_M);
             for (j = 0; j < 16; j++) {
-                q[j] = (int8_t)(b[4 + j] & 15);
-                q[j + 16] = (int8_t)(b[4 + j] >> 4);
+                q[j] = (int8_t)(qs[j] & 15);
+                q[j + 16] = (int8_t)(qs[j] >> 4);
             }
         }
         break;
-    case 6: /* Q5_0: d | qh u32 | qs[16]; w = d (q - 16) */
-        for (i = 0; i < nb; i++, b += 22, q += 32) {
-            uint32_t qh;
-            memcpy(&qh, b + 2, 4);
-            s[i] = i8_f16(b);
+    case GG_TYPE_Q5_0: /* w = d (q - 16) */
+        for (i = 0; i < nb; i++, b += GG_Q5_0_BYTES, q += GG_QK) {
+            const uint8_t *qs = b + GG_Q5_0_QS;
+            const uint32_t qh = gg_load_u32(b + GG_Q5_0_QH);
+            s[i] = gg_load_f16(b + GG_Q5_0_D);
             for (j = 0; j < 16; j++) {
-                q[j] = (int8_t)(((b[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16);
-                q[j + 16] = (int8_t)(((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+                q[j] = (int8_t)(((qs[j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+                q[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
             }
         }
         break;
-    case 7: /* Q5_1: d | m | qh u32 | qs[16]; w = d q + m */
-        for (i = 0; i < nb; i++, b += 24, q += 32) {
-            uint32_t qh;
-            memcpy(&qh, b + 4, 4);
-            s[i] = i8_f16(b);
-            o[i] = i8_f16(b + 2);
+    case GG_TYPE_Q5_1: /* w = d q + m */
+        for (i = 0; i < nb; i++, b += GG_Q5_1_BYTES, q += GG_QK) {
+            const uint8_t *qs = b + GG_Q5_1_QS;
+            const uint32_t qh = gg_load_u32(b + GG_Q5_1_QH);
+            s[i] = gg_load_f16(b + GG_Q5_1_D);
+            o[i] = gg_load_f16(b + GG_Q5_1_M);
             for (j = 0; j < 16; j++) {
-                q[j] = (int8_t)((b[8 + j] & 15) | (((qh >> j) & 1) << 4));
-                q[j + 16] = (int8_t)((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+                q[j] = (int8_t)((qs[j] & 15) | (((qh >> j) & 1) << 4));
+                q[j + 16] = (int8_t)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
             }
         }
         break;
-    case 8: /* Q8_0: d | qs int8[32]; w = d q */
-        for (i = 0; i < nb; i++, b += 34, q += 32) {
-            s[i] = i8_f16(b);
-            memcpy(q, b + 2, 32);
+    case GG_TYPE_Q8_0: /* w = d q */
+        for (i = 0; i < nb; i++, b += GG_Q8_0_BYTES, q += GG_QK) {
+            s[i] = gg_load_f16(b + GG_Q8_0_D);
+            memcpy(q, b + GG_Q8_0_QS, 32);
         }
         break;
-    case 10: /* Q2_K: scales[16] | qs[64] | d | dmin; groups of 16: w = d·sc q - dmin·m */
-        for (i = 0; i < nb; i++, b += 84, q += 256, s += 16, o += 16) {
-            float d = i8_f16(b + 80), dmin = i8_f16(b + 82);
+    case GG_TYPE_Q2_K: /* groups of 16: w = d·sc q - dmin·m */
+        for (i = 0; i < nb; i++, b += GG_Q2_K_BYTES, q += GG_QK_K, s += 16, o += 16) {
+            const uint8_t *sc = b + GG_Q2_K_SCALES, *qs = b + GG_Q2_K_QS;
+            float d = gg_load_f16(b + GG_Q2_K_D), dmin = gg_load_f16(b + GG_Q2_K_DMIN);
             for (j = 0; j < 16; j++) {
-                s[j] = d * (float)(b[j] & 15);
-                o[j] = -(dmin * (float)(b[j] >> 4));
-            }
-            for (h = 0; h < 2; h++)
-                for (sh = 0; sh < 4; sh++)
-                    for (l = 0; l < 32; l++)
-                        q[h * 128 + sh * 32 + l] = (int8_t)((b[16 + h * 32 + l] >> (2 * sh)) & 3);
-        }
-        break;
-    case 11: /* Q3_K: hmask[32] | qs[64] | scales[12] | d; groups of 16: w = d (sc - 32) q3 */
-        for (i = 0; i < nb; i++, b += 110, q += 256, s += 16) {
-            const uint8_t *sc = b + 96;
-            float d = i8_f16(b + 108);
-            for (j = 0; j < 16; j++) {
-                int v = j < 8 ? (sc[j] & 15) : (sc[j - 8] >> 4);
-                v |= ((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
-                s[j] = d * (float)(int8_t)(v - 32);
+                s[j] = d * (float)(sc[j] & 15);
+                o[j] = -(dmin * (float)(sc[j] >> 4));
             }
             for (h = 0; h < 2; h++)
                 for (sh = 0; sh < 4; sh++)
                     for (l = 0; l < 32; l++)
-                        q[h * 128 + sh * 32 + l] = (int8_t)(((b[32 + h * 32 + l] >> (2 * sh)) & 3)
-                                                            - ((((b[l] >> (h * 4 + sh)) & 1) ^ 1) << 2));
+                        q[h * 128 + sh * 32 + l] = (int8_t)((qs[h * 32 + l] >> (2 * sh)) & 3);
         }
         break;
-    case 12: /* Q4_K: d | dmin | scales[12] | qs[128]; groups of 32: w = d·sc q - dmin·m */
-    case 13: /* Q5_K: d | dmin | scales[12] | qh[32] | qs[128] */
-        for (i = 0; i < nb; i++, q += 256, s += 8, o += 8) {
-            float d = i8_f16(b), dmin = i8_f16(b + 2);
-            const uint8_t *sc = b + 4, *qh = b + 16, *qs = b + (qtype == 12 ? 16 : 48);
+    case GG_TYPE_Q3_K: /* groups of 16: w = d (sc - 32) q3 */
+        for (i = 0; i < nb; i++, b += GG_Q3_K_BYTES, q += GG_QK_K, s += 16) {
+            const uint8_t *hm = b + GG_Q3_K_HMASK, *qs = b + GG_Q3_K_QS, *sc = b + GG_Q3_K_SCALES;
+            float d = gg_load_f16(b + GG_Q3_K_D);
+            for (j = 0; j < 16; j++) s[j] = d * (float)gg_q3_k_scale(sc, j);
+            for (h = 0; h < 2; h++)
+                for (sh = 0; sh < 4; sh++)
+                    for (l = 0; l < 32; l++)
+                        q[h * 128 + sh * 32 + l] = (int8_t)(((qs[h * 32 + l] >> (2 * sh)) & 3)
+                                                            - ((((hm[l] >> (h * 4 + sh)) & 1) ^ 1) << 2));
+        }
+        break;
+    case GG_TYPE_Q4_K: /* groups of 32: w = d·sc q - dmin·m */
+    case GG_TYPE_Q5_K: /* the same with a 5th bit from qh */
+        for (i = 0; i < nb; i++, q += GG_QK_K, s += 8, o += 8) {
+            const int k5 = qtype == GG_TYPE_Q5_K;
+            float d = gg_load_f16(b + (k5 ? GG_Q5_K_D : GG_Q4_K_D));
+            float dmin = gg_load_f16(b + (k5 ? GG_Q5_K_DMIN : GG_Q4_K_DMIN));
+            const uint8_t *sc = b + (k5 ? GG_Q5_K_SCALES : GG_Q4_K_SCALES), *qh = b + GG_Q5_K_QH;
+            const uint8_t *qs = b + (k5 ? GG_Q5_K_QS : GG_Q4_K_QS);
             for (j = 0; j < 8; j++) {
                 int scale, mn;
-                if (j < 4) {
-                    scale = sc[j] & 63;
-                    mn = sc[j + 4] & 63;
-                } else {
-                    scale = (sc[j + 4] & 15) | ((sc[j - 4] >> 2) & 0x30);
-                    mn = (sc[j + 4] >> 4) | ((sc[j] >> 2) & 0x30);
-                }
+                gg_k_scale_min(sc, j, &scale, &mn);
                 s[j] = d * (float)scale;
                 o[j] = -(dmin * (float)mn);
                 for (l = 0; l < 32; l++) {
                     int v = (qs[(j / 2) * 32 + l] >> (4 * (j % 2))) & 15;
-                    if (qtype == 13) v |= ((qh[l] >> j) & 1) << 4;
+                    if (k5) v |= ((qh[l] >> j) & 1) << 4;
                     q[j * 32 + l] = (int8_t)v;
                 }
             }
-            b += qtype == 12 ? 144 : 176;
+            b += k5 ? GG_Q5_K_BYTES : GG_Q4_K_BYTES;
         }
         break;
-    case 14: /* Q6_K: ql[128] | qh[64] | scales int8[16] | d; groups of 16: w = d·sc (q - 32) */
-        for (i = 0; i < nb; i++, b += 210, q += 256, s += 16) {
-            float d = i8_f16(b + 208);
-            for (j = 0; j < 16; j++) s[j] = d * (float)(int8_t)b[192 + j];
+    case GG_TYPE_Q6_K: /* groups of 16: w = d·sc (q - 32) */
+        for (i = 0; i < nb; i++, b += GG_Q6_K_BYTES, q += GG_QK_K, s += 16) {
+            const uint8_t *ql = b + GG_Q6_K_QL, *qh = b + GG_Q6_K_QH;
+            const int8_t *sc = (const int8_t *)(b + GG_Q6_K_SCALES);
+            float d = gg_load_f16(b + GG_Q6_K_D);
+            for (j = 0; j < 16; j++) s[j] = d * (float)sc[j];
             for (h = 0; h < 2; h++)
                 for (sh = 0; sh < 4; sh++)
                     for (l = 0; l < 32; l++)
                         q[h * 128 + sh * 32 + l] = (int8_t)(
-                            (((b[h * 64 + (sh % 2) * 32 + l] >> (4 * (sh / 2))) & 15)
-                             | (((b[128 + h * 32 + l] >> (2 * sh)) & 3) << 4)) - 32);
+                            (((ql[h * 64 + (sh % 2) * 32 + l] >> (4 * (sh / 2))) & 15)
+                             | (((qh[h * 32 + l] >> (2 * sh)) & 3) << 4)) - 32);
         }
         break;
-    case 20: /* IQ4_NL: d | qs[16] (indices into the 16 levels); w = d kvalue */
-        for (i = 0; i < nb; i++, b += 18, q += 32) {
-            s[i] = i8_f16(b);
+    case GG_TYPE_IQ4_NL: /* w = d kvalue */
+        for (i = 0; i < nb; i++, b += GG_IQ4_NL_BYTES, q += GG_QK) {
+            const uint8_t *qs = b + GG_IQ4_NL_QS;
+            s[i] = gg_load_f16(b + GG_IQ4_NL_D);
             for (j = 0; j < 16; j++) {
-                q[j] = I8_KVALUES[b[2 + j] & 15];
-                q[j + 16] = I8_KVALUES[b[2 + j] >> 4];
+                q[j] = GG_KVALUES_IQ4NL[qs[j] & 15];
+                q[j + 16] = GG_KVALUES_IQ4NL[qs[j] >> 4];
             }
         }
         break;
-    case 23: /* IQ4_XS: d | scales_h u16 | scales_l[4] | qs[128]; groups of 32: w = d (ls - 32) kvalue */
-        for (i = 0; i < nb; i++, b += 136, q += 256, s += 8) {
-            float d = i8_f16(b);
-            uint16_t shi;
-            memcpy(&shi, b + 2, 2);
+    case GG_TYPE_IQ4_XS: /* groups of 32: w = d (ls - 32) kvalue */
+        for (i = 0; i < nb; i++, b += GG_IQ4_XS_BYTES, q += GG_QK_K, s += 8) {
+            const uint8_t *qs = b + GG_IQ4_XS_QS;
+            float d = gg_load_f16(b + GG_IQ4_XS_D);
+            const uint16_t shi = gg_load_u16(b + GG_IQ4_XS_SCALES_H);
             for (sub = 0; sub < 8; sub++) {
-                int ls = ((b[4 + sub / 2] >> (4 * (sub % 2))) & 15) | (((shi >> (2 * sub)) & 3) << 4);
-                s[sub] = d * (float)(int8_t)(ls - 32);
+                s[sub] = d * (float)gg_iq4_xs_scale(b, shi, sub);
                 for (j = 0; j < 16; j++) {
-                    q[sub * 32 + j] = I8_KVALUES[b[8 + sub * 16 + j] & 15];
-                    q[sub * 32 + j + 16] = I8_KVALUES[b[8 + sub * 16 + j] >> 4];
+                    q[sub * 32 + j] = GG_KVALUES_IQ4NL[qs[sub * 16 + j] & 15];
+                    q[sub * 32 + j + 16] = GG_KVALUES_IQ4NL[qs[sub * 16 + j] >> 4];
                 }
             }
         }

@@ -22,6 +22,11 @@ cdef extern from "loss_util.h" nogil:
     void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s)
     void gg_lse_merge(double *mx, double *sm, double m, double s)
 
+cdef extern from "quant_layout.h" nogil:
+    enum:
+        GG_TYPE_Q4_0, GG_TYPE_Q4_1, GG_TYPE_Q5_0, GG_TYPE_Q5_1, GG_TYPE_Q8_0, GG_TYPE_Q2_K, GG_TYPE_Q3_K
+        GG_TYPE_Q4_K, GG_TYPE_Q5_K, GG_TYPE_Q6_K, GG_TYPE_IQ4_NL, GG_TYPE_IQ4_XS
+
 cdef extern from "int8_util.h" nogil:
     int gg_i8_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, float *s, float *o)
     void i8_group_sums(const int8_t *q, int32_t *c, int64_t n, int G)
@@ -42,22 +47,19 @@ DEF PANEL_ROWS = 64
 DEF K_BLOCK = 512
 
 
-cdef int _group_size(int qtype) noexcept nogil:
-    if qtype == 10 or qtype == 11 or qtype == 14:  # Q2_K, Q3_K, Q6_K: a scale per 16
+def group_size(int qtype):
+    """Elements per scale group of qtype's int8 form (16 or 32); 0 if qtype has none."""
+    if qtype == GG_TYPE_Q2_K or qtype == GG_TYPE_Q3_K or qtype == GG_TYPE_Q6_K:  # a scale per 16
         return 16
-    if qtype in (2, 3, 6, 7, 8, 12, 13, 20, 23):
+    if qtype in (GG_TYPE_Q4_0, GG_TYPE_Q4_1, GG_TYPE_Q5_0, GG_TYPE_Q5_1, GG_TYPE_Q8_0, GG_TYPE_Q4_K,
+                 GG_TYPE_Q5_K, GG_TYPE_IQ4_NL, GG_TYPE_IQ4_XS):
         return 32
     return 0
 
 
-def group_size(int qtype):
-    """Elements per scale group of qtype's int8 form (16 or 32); 0 if qtype has none."""
-    return _group_size(qtype)
-
-
 def has_offset(int qtype):
     """Whether qtype's int8 form has an offset o (w = s·q + o), i.e. a min per group."""
-    return qtype in (3, 7, 10, 12, 13)
+    return qtype in (GG_TYPE_Q4_1, GG_TYPE_Q5_1, GG_TYPE_Q2_K, GG_TYPE_Q4_K, GG_TYPE_Q5_K)
 
 
 def weight_rows(int qtype, int block, int type_size, const uint8_t[:, :] w):

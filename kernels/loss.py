@@ -30,11 +30,11 @@ from typing import Protocol
 
 import numba
 import numpy as np
-from ggtrain.kernels import avx512_module, get_num_threads
+from ggtrain.kernels import get_num_threads, variant_module
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
-_avx512 = avx512_module("loss_avx512")  # the forward's f32 row work on AVX512 CPUs
+_avx512 = variant_module("loss_avx512")  # the forward's f32 row work on AVX512 CPUs
 
 DEFAULT_CHUNK = 8192  # vocab rows per chunk: 512 tokens × 8192 × 4 B = 16 MiB of logits at a time
 

@@ -12,9 +12,8 @@ same: its sum is a ggml_float). Rows run in parallel for arrays of PARALLEL_MIN 
 """
 
 import numpy as np
+from ggtrain.kernels import PARALLEL_MIN  # smaller arrays run on the calling thread
 from numba import njit, prange
-
-PARALLEL_MIN = 1 << 18  # elements: smaller arrays run on the calling thread (waking the pool costs more when busy)
 
 
 @njit(cache=True, fastmath=True)

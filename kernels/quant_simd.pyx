@@ -14,12 +14,43 @@ disjoint block of the output: no locks, no races, no barriers.
 """
 
 from cython.parallel cimport parallel, prange, threadid
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, sgemv
 
 cimport openmp
+
+cdef extern from "quant_layout.h" nogil:
+    # ggml type ids, block sizes and field offsets, the IQ4_NL levels, the loads (all defined there)
+    enum:
+        GG_TYPE_F32, GG_TYPE_F16, GG_TYPE_BF16, GG_TYPE_Q4_0, GG_TYPE_Q4_1, GG_TYPE_Q5_0, GG_TYPE_Q5_1
+        GG_TYPE_Q8_0, GG_TYPE_Q2_K, GG_TYPE_Q3_K, GG_TYPE_Q4_K, GG_TYPE_Q5_K, GG_TYPE_Q6_K
+        GG_TYPE_IQ4_NL, GG_TYPE_IQ4_XS
+        GG_QK, GG_QK_K
+        GG_Q4_0_D, GG_Q4_0_QS, GG_Q4_0_BYTES
+        GG_Q4_1_D, GG_Q4_1_M, GG_Q4_1_QS, GG_Q4_1_BYTES
+        GG_Q5_0_D, GG_Q5_0_QH, GG_Q5_0_QS, GG_Q5_0_BYTES
+        GG_Q5_1_D, GG_Q5_1_M, GG_Q5_1_QH, GG_Q5_1_QS, GG_Q5_1_BYTES
+        GG_Q8_0_D, GG_Q8_0_QS, GG_Q8_0_BYTES
+        GG_Q2_K_SCALES, GG_Q2_K_QS, GG_Q2_K_D, GG_Q2_K_DMIN, GG_Q2_K_BYTES
+        GG_Q3_K_HMASK, GG_Q3_K_QS, GG_Q3_K_SCALES, GG_Q3_K_D, GG_Q3_K_BYTES
+        GG_Q4_K_D, GG_Q4_K_DMIN, GG_Q4_K_SCALES, GG_Q4_K_QS, GG_Q4_K_BYTES
+        GG_Q5_K_D, GG_Q5_K_DMIN, GG_Q5_K_SCALES, GG_Q5_K_QH, GG_Q5_K_QS, GG_Q5_K_BYTES
+        GG_Q6_K_QL, GG_Q6_K_QH, GG_Q6_K_SCALES, GG_Q6_K_D, GG_Q6_K_BYTES
+        GG_IQ4_NL_D, GG_IQ4_NL_QS, GG_IQ4_NL_BYTES
+        GG_IQ4_XS_D, GG_IQ4_XS_SCALES_H, GG_IQ4_XS_SCALES_L, GG_IQ4_XS_QS, GG_IQ4_XS_BYTES
+        GG_N_TYPES
+    const int8_t GG_KVALUES_IQ4NL[16]
+    const int32_t GG_TYPE_TABLE[][3]
+
+    uint16_t gg_load_u16(const uint8_t *p)
+    uint32_t gg_load_u32(const uint8_t *p)
+    float gg_load_f16(const uint8_t *p)
+    void gg_f16_row(const uint8_t *src, float *dst, int64_t n)
+    void gg_k_scale_min(const uint8_t *s, int j, int *sc, int *mn)
+    int gg_q3_k_scale(const uint8_t *s, int i)
+    int gg_iq4_xs_scale(const uint8_t *b, uint16_t sh, int ib)
 
 cdef extern from "quant_util.h" nogil:
     # AVX2 twins of the dq_* loops below (return 0 in the base build)
@@ -36,43 +67,28 @@ cdef extern from "quant_util.h" nogil:
     int gg_dq_iq4_nl_simd(const uint8_t *b, float *y, int64_t nb)
     int gg_dq_iq4_xs_simd(const uint8_t *b, float *y, int64_t nb)
 
-    uint16_t gg_load_u16(const uint8_t *p)
-    uint32_t gg_load_u32(const uint8_t *p)
-    float gg_load_f16(const uint8_t *p)
-    void gg_f16_row(const uint8_t *src, float *dst, int64_t n)
-
 cdef extern from *:
     # float * restrict: the quant bytes (uint8, which may alias anything) never overlap the output,
     # and telling the compiler so is what lets it vectorize the per-block loops.
     ctypedef float *float_out "float *__restrict__"
 
-# ggml type ids (gguf.constants.GGMLQuantizationType)
-cdef enum:
-    T_F32 = 0
-    T_F16 = 1
-    T_Q4_0 = 2
-    T_Q4_1 = 3
-    T_Q5_0 = 6
-    T_Q5_1 = 7
-    T_Q8_0 = 8
-    T_Q2_K = 10
-    T_Q3_K = 11
-    T_Q4_K = 12
-    T_Q5_K = 13
-    T_Q6_K = 14
-    T_IQ4_NL = 20
-    T_IQ4_XS = 23
-    T_BF16 = 30
-
-# IQ4_NL / IQ4_XS non-linear levels (gguf-py IQ4_NL.kvalues)
+# The IQ4_NL levels as floats, for the scalar loops' lookups
 cdef float KVALUES_IQ4NL[16]
-KVALUES_IQ4NL[:] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+for _i in range(16):
+    KVALUES_IQ4NL[_i] = GG_KVALUES_IQ4NL[_i]
+
+
+def type_table():
+    """{ggml type id: (elements per block, bytes per block)} of every type quant_layout.h lays out."""
+    return {GG_TYPE_TABLE[i][0]: (GG_TYPE_TABLE[i][1], GG_TYPE_TABLE[i][2]) for i in range(GG_N_TYPES)}
+
 
 cdef int _num_threads = openmp.omp_get_max_threads()
 
 
 def set_num_threads(int n):
-    """Threads of every parallel loop in this module (and omp_set_num_threads for other OpenMP code)."""
+    """The kernels' thread count (ggtrain.kernels hands it to every parallel loop), also given to
+    omp_set_num_threads for OpenMP code that does not name its own."""
     global _num_threads
     _num_threads = max(1, n)
     openmp.omp_set_num_threads(_num_threads)
@@ -94,7 +110,7 @@ cdef inline void dq_bf16(const uint8_t *b, float_out y, Py_ssize_t n) noexcept n
 
 
 cdef inline void dq_q4_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 18 bytes: d f16 | qs[16] (element j: low nibble of qs[j], element j+16: high nibble)
+    # x = d * (q - 8), q the nibbles in the Q4_0 order (block layouts: quant_layout.h)
     cdef Py_ssize_t i
     cdef int j
     cdef float d
@@ -102,18 +118,18 @@ cdef inline void dq_q4_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q4_0_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        qs = b + 2
+        d = gg_load_f16(b + GG_Q4_0_D)
+        qs = b + GG_Q4_0_QS
         for j in range(16):
             y[j] = d * <float>(<int>(qs[j] & 0x0F) - 8)
         for j in range(16):
             y[j + 16] = d * <float>(<int>(qs[j] >> 4) - 8)
-        b += 18
-        y += 32
+        b += GG_Q4_0_BYTES
+        y += GG_QK
 
 
 cdef inline void dq_q4_1(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 20 bytes: d f16 | m f16 | qs[16]; x = d * q + m
+    # x = d * q + m
     cdef Py_ssize_t i
     cdef int j
     cdef float d, m
@@ -121,19 +137,19 @@ cdef inline void dq_q4_1(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q4_1_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        m = gg_load_f16(b + 2)
-        qs = b + 4
+        d = gg_load_f16(b + GG_Q4_1_D)
+        m = gg_load_f16(b + GG_Q4_1_M)
+        qs = b + GG_Q4_1_QS
         for j in range(16):
             y[j] = d * <float>(qs[j] & 0x0F) + m
         for j in range(16):
             y[j + 16] = d * <float>(qs[j] >> 4) + m
-        b += 20
-        y += 32
+        b += GG_Q4_1_BYTES
+        y += GG_QK
 
 
 cdef inline void dq_q5_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 22 bytes: d f16 | qh u32 (bit j = 5th bit of element j) | qs[16]; x = d * (q - 16)
+    # x = d * (q - 16), bit j of qh the 5th bit of element j
     cdef Py_ssize_t i
     cdef int j
     cdef float d
@@ -142,18 +158,18 @@ cdef inline void dq_q5_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q5_0_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        qh = gg_load_u32(b + 2)
-        qs = b + 6
+        d = gg_load_f16(b + GG_Q5_0_D)
+        qh = gg_load_u32(b + GG_Q5_0_QH)
+        qs = b + GG_Q5_0_QS
         for j in range(16):
             y[j] = d * <float>(<int>((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16)
             y[j + 16] = d * <float>(<int>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16)
-        b += 22
-        y += 32
+        b += GG_Q5_0_BYTES
+        y += GG_QK
 
 
 cdef inline void dq_q5_1(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 24 bytes: d f16 | m f16 | qh u32 | qs[16]; x = d * q + m
+    # x = d * q + m, q with its 5th bit from qh
     cdef Py_ssize_t i
     cdef int j
     cdef float d, m
@@ -162,19 +178,19 @@ cdef inline void dq_q5_1(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q5_1_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        m = gg_load_f16(b + 2)
-        qh = gg_load_u32(b + 4)
-        qs = b + 8
+        d = gg_load_f16(b + GG_Q5_1_D)
+        m = gg_load_f16(b + GG_Q5_1_M)
+        qh = gg_load_u32(b + GG_Q5_1_QH)
+        qs = b + GG_Q5_1_QS
         for j in range(16):
             y[j] = d * <float>((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) + m
             y[j + 16] = d * <float>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m
-        b += 24
-        y += 32
+        b += GG_Q5_1_BYTES
+        y += GG_QK
 
 
 cdef inline void dq_q8_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 34 bytes: d f16 | qs int8[32]; x = q * d
+    # x = q * d
     cdef Py_ssize_t i
     cdef int j
     cdef float d
@@ -182,16 +198,15 @@ cdef inline void dq_q8_0(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q8_0_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        qs = <const int8_t *>(b + 2)
+        d = gg_load_f16(b + GG_Q8_0_D)
+        qs = <const int8_t *>(b + GG_Q8_0_QS)
         for j in range(32):
             y[j] = <float>qs[j] * d
-        b += 34
-        y += 32
+        b += GG_Q8_0_BYTES
+        y += GG_QK
 
 
 cdef inline void dq_q2_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 84 bytes: scales[16] (low nibble scale, high nibble min) | qs[64] (2 bits) | d f16 | dmin f16
     # element e = h*128 + s*32 + l: (qs[h*32 + l] >> 2s) & 3, sub-block e // 16; x = dl * q - ml
     cdef Py_ssize_t i
     cdef int h, s, l, sub
@@ -201,10 +216,10 @@ cdef inline void dq_q2_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q2_k_simd(b, y, nb):
         return
     for i in range(nb):
-        sc = b
-        qs = b + 16
-        d = gg_load_f16(b + 80)
-        dmin = gg_load_f16(b + 82)
+        sc = b + GG_Q2_K_SCALES
+        qs = b + GG_Q2_K_QS
+        d = gg_load_f16(b + GG_Q2_K_D)
+        dmin = gg_load_f16(b + GG_Q2_K_DMIN)
         for h in range(2):
             for s in range(4):
                 for sub in range(2):
@@ -213,57 +228,39 @@ cdef inline void dq_q2_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
                     for l in range(16):
                         y[h * 128 + s * 32 + sub * 16 + l] = (
                             dl * <float>((qs[h * 32 + sub * 16 + l] >> (2 * s)) & 3) - ml)
-        b += 84
-        y += 256
+        b += GG_Q2_K_BYTES
+        y += GG_QK_K
 
 
 cdef inline void dq_q3_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 110 bytes: hmask[32] | qs[64] (low 2 bits) | scales[12] (16 x 6 bits) | d f16
-    # q = low2 - 4 * (hmask bit clear); scale i = (low nibble | 2 high bits << 4) - 32; x = d*scale * q
+    # q = low2 - 4 * (hmask bit clear); x = d * scale * q
     cdef Py_ssize_t i
-    cdef int h, s, l, sub, si
+    cdef int h, s, l, sub
     cdef float d, dl
-    cdef int8_t sc
     cdef const uint8_t *hm
     cdef const uint8_t *qs
     cdef const uint8_t *scales
     if gg_dq_q3_k_simd(b, y, nb):
         return
     for i in range(nb):
-        hm = b
-        qs = b + 32
-        scales = b + 96
-        d = gg_load_f16(b + 108)
+        hm = b + GG_Q3_K_HMASK
+        qs = b + GG_Q3_K_QS
+        scales = b + GG_Q3_K_SCALES
+        d = gg_load_f16(b + GG_Q3_K_D)
         for h in range(2):
             for s in range(4):
                 for sub in range(2):
-                    si = h * 8 + s * 2 + sub
-                    if si < 8:
-                        sc = <int8_t>((scales[si] & 0x0F) | (((scales[8 + si % 4] >> (2 * (si // 4))) & 3) << 4))
-                    else:
-                        sc = <int8_t>((scales[si - 8] >> 4) | (((scales[8 + si % 4] >> (2 * (si // 4))) & 3) << 4))
-                    dl = d * <float>(<int8_t>(sc - 32))
+                    dl = d * <float>gg_q3_k_scale(scales, h * 8 + s * 2 + sub)
                     for l in range(16):
                         y[h * 128 + s * 32 + sub * 16 + l] = dl * <float>(
                             <int>((qs[h * 32 + sub * 16 + l] >> (2 * s)) & 3)
                             - ((((hm[sub * 16 + l] >> (h * 4 + s)) & 1) ^ 1) << 2))
-        b += 110
-        y += 256
-
-
-cdef inline void k_scale_min(const uint8_t *scales, int j, int *sc, int *mn) noexcept nogil:
-    # Q4_K / Q5_K: 8 pairs of 6-bit (scale, min) packed in 12 bytes (gguf-py Q4_K.get_scale_min)
-    if j < 4:
-        sc[0] = scales[j] & 63
-        mn[0] = scales[j + 4] & 63
-    else:
-        sc[0] = (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 2) & 0x30)
-        mn[0] = (scales[j + 4] >> 4) | ((scales[j] >> 2) & 0x30)
+        b += GG_Q3_K_BYTES
+        y += GG_QK_K
 
 
 cdef inline void dq_q4_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 144 bytes: d f16 | dmin f16 | scales[12] | qs[128]; sub-block j (32 elements) = nibble j % 2 of
-    # qs[(j // 2) * 32 + l]; x = (d * sc) * q - (dmin * m)
+    # sub-block j (32 elements) = nibble j % 2 of qs[(j // 2) * 32 + l]; x = (d * sc) * q - (dmin * m)
     cdef Py_ssize_t i
     cdef int j, l, sc, mn
     cdef float d, dmin, dd, dm
@@ -271,21 +268,21 @@ cdef inline void dq_q4_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q4_k_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        dmin = gg_load_f16(b + 2)
-        qs = b + 16
+        d = gg_load_f16(b + GG_Q4_K_D)
+        dmin = gg_load_f16(b + GG_Q4_K_DMIN)
+        qs = b + GG_Q4_K_QS
         for j in range(8):
-            k_scale_min(b + 4, j, &sc, &mn)
+            gg_k_scale_min(b + GG_Q4_K_SCALES, j, &sc, &mn)
             dd = d * <float>sc
             dm = dmin * <float>mn
             for l in range(32):
                 y[j * 32 + l] = dd * <float>((qs[(j // 2) * 32 + l] >> (4 * (j % 2))) & 0x0F) - dm
-        b += 144
-        y += 256
+        b += GG_Q4_K_BYTES
+        y += GG_QK_K
 
 
 cdef inline void dq_q5_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 176 bytes: d f16 | dmin f16 | scales[12] | qh[32] (bit j = 5th bit of sub-block j) | qs[128]
+    # as Q4_K, with bit j of qh[l] the 5th bit of sub-block j
     cdef Py_ssize_t i
     cdef int j, l, sc, mn
     cdef float d, dmin, dd, dm
@@ -294,23 +291,22 @@ cdef inline void dq_q5_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q5_k_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        dmin = gg_load_f16(b + 2)
-        qh = b + 16
-        qs = b + 48
+        d = gg_load_f16(b + GG_Q5_K_D)
+        dmin = gg_load_f16(b + GG_Q5_K_DMIN)
+        qh = b + GG_Q5_K_QH
+        qs = b + GG_Q5_K_QS
         for j in range(8):
-            k_scale_min(b + 4, j, &sc, &mn)
+            gg_k_scale_min(b + GG_Q5_K_SCALES, j, &sc, &mn)
             dd = d * <float>sc
             dm = dmin * <float>mn
             for l in range(32):
                 y[j * 32 + l] = dd * <float>(((qs[(j // 2) * 32 + l] >> (4 * (j % 2))) & 0x0F)
                                              | (((qh[l] >> j) & 1) << 4)) - dm
-        b += 176
-        y += 256
+        b += GG_Q5_K_BYTES
+        y += GG_QK_K
 
 
 cdef inline void dq_q6_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 210 bytes: ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales int8[16] | d f16
     # element e = h*128 + s*32 + l: low = (ql[h*64 + (s%2)*32 + l] >> 4*(s//2)) & 15,
     # high = (qh[h*32 + l] >> 2s) & 3; x = (d * scale[e // 16]) * (q - 32)
     cdef Py_ssize_t i
@@ -322,10 +318,10 @@ cdef inline void dq_q6_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
     if gg_dq_q6_k_simd(b, y, nb):
         return
     for i in range(nb):
-        ql = b
-        qh = b + 128
-        scales = <const int8_t *>(b + 192)
-        d = gg_load_f16(b + 208)
+        ql = b + GG_Q6_K_QL
+        qh = b + GG_Q6_K_QH
+        scales = <const int8_t *>(b + GG_Q6_K_SCALES)
+        d = gg_load_f16(b + GG_Q6_K_D)
         for h in range(2):
             for s in range(4):
                 for sub in range(2):
@@ -334,12 +330,12 @@ cdef inline void dq_q6_k(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept 
                         y[h * 128 + s * 32 + sub * 16 + l] = dl * <float>(<int8_t>(
                             ((ql[h * 64 + (s % 2) * 32 + sub * 16 + l] >> (4 * (s // 2))) & 0x0F)
                             | (((qh[h * 32 + sub * 16 + l] >> (2 * s)) & 3) << 4)) - 32)
-        b += 210
-        y += 256
+        b += GG_Q6_K_BYTES
+        y += GG_QK_K
 
 
 cdef inline void dq_iq4_nl(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 18 bytes: d f16 | qs[16] (nibbles index KVALUES_IQ4NL, order as Q4_0); x = d * kvalue
+    # x = d * kvalue, the nibbles (Q4_0 order) indexing the IQ4_NL levels
     cdef Py_ssize_t i
     cdef int j
     cdef float d
@@ -347,72 +343,68 @@ cdef inline void dq_iq4_nl(const uint8_t *b, float_out y, Py_ssize_t nb) noexcep
     if gg_dq_iq4_nl_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        qs = b + 2
+        d = gg_load_f16(b + GG_IQ4_NL_D)
+        qs = b + GG_IQ4_NL_QS
         for j in range(16):
             y[j] = d * KVALUES_IQ4NL[qs[j] & 0x0F]
             y[j + 16] = d * KVALUES_IQ4NL[qs[j] >> 4]
-        b += 18
-        y += 32
+        b += GG_IQ4_NL_BYTES
+        y += GG_QK
 
 
 cdef inline void dq_iq4_xs(const uint8_t *b, float_out y, Py_ssize_t nb) noexcept nogil:
-    # 136 bytes: d f16 | scales_h u16 (2 bits per sub-block) | scales_l[4] (nibbles) | qs[128]
     # sub-block ib (32 elements): scale = (l | h << 4) - 32; nibbles of qs[ib*16 + j] as in IQ4_NL
     cdef Py_ssize_t i
     cdef int ib, j
     cdef float d, dl
     cdef uint16_t sh
-    cdef const uint8_t *sl
     cdef const uint8_t *qs
     if gg_dq_iq4_xs_simd(b, y, nb):
         return
     for i in range(nb):
-        d = gg_load_f16(b)
-        sh = gg_load_u16(b + 2)
-        sl = b + 4
-        qs = b + 8
+        d = gg_load_f16(b + GG_IQ4_XS_D)
+        sh = gg_load_u16(b + GG_IQ4_XS_SCALES_H)
+        qs = b + GG_IQ4_XS_QS
         for ib in range(8):
-            dl = d * <float>(<int8_t>(((sl[ib // 2] >> (4 * (ib % 2))) & 0x0F)
-                                      | (((sh >> (2 * ib)) & 3) << 4)) - 32)
+            dl = d * <float>gg_iq4_xs_scale(b, sh, ib)
             for j in range(16):
                 y[ib * 32 + j] = dl * KVALUES_IQ4NL[qs[ib * 16 + j] & 0x0F]
                 y[ib * 32 + j + 16] = dl * KVALUES_IQ4NL[qs[ib * 16 + j] >> 4]
-        b += 136
-        y += 256
+        b += GG_IQ4_XS_BYTES
+        y += GG_QK_K
 
 
 cdef int dequant_blocks(int qtype, const uint8_t *b, float *y, Py_ssize_t nb) noexcept nogil:
     """nb blocks of qtype at b -> floats at y (for F32/F16/BF16 a block is one element). -1: unknown type."""
-    if qtype == T_F32:
+    if qtype == GG_TYPE_F32:
         memcpy(y, b, nb * 4)
-    elif qtype == T_F16:
+    elif qtype == GG_TYPE_F16:
         gg_f16_row(b, y, nb)
-    elif qtype == T_BF16:
+    elif qtype == GG_TYPE_BF16:
         dq_bf16(b, y, nb)
-    elif qtype == T_Q4_0:
+    elif qtype == GG_TYPE_Q4_0:
         dq_q4_0(b, y, nb)
-    elif qtype == T_Q4_1:
+    elif qtype == GG_TYPE_Q4_1:
         dq_q4_1(b, y, nb)
-    elif qtype == T_Q5_0:
+    elif qtype == GG_TYPE_Q5_0:
         dq_q5_0(b, y, nb)
-    elif qtype == T_Q5_1:
+    elif qtype == GG_TYPE_Q5_1:
         dq_q5_1(b, y, nb)
-    elif qtype == T_Q8_0:
+    elif qtype == GG_TYPE_Q8_0:
         dq_q8_0(b, y, nb)
-    elif qtype == T_Q2_K:
+    elif qtype == GG_TYPE_Q2_K:
         dq_q2_k(b, y, nb)
-    elif qtype == T_Q3_K:
+    elif qtype == GG_TYPE_Q3_K:
         dq_q3_k(b, y, nb)
-    elif qtype == T_Q4_K:
+    elif qtype == GG_TYPE_Q4_K:
         dq_q4_k(b, y, nb)
-    elif qtype == T_Q5_K:
+    elif qtype == GG_TYPE_Q5_K:
         dq_q5_k(b, y, nb)
-    elif qtype == T_Q6_K:
+    elif qtype == GG_TYPE_Q6_K:
         dq_q6_k(b, y, nb)
-    elif qtype == T_IQ4_NL:
+    elif qtype == GG_TYPE_IQ4_NL:
         dq_iq4_nl(b, y, nb)
-    elif qtype == T_IQ4_XS:
+    elif qtype == GG_TYPE_IQ4_XS:
         dq_iq4_xs(b, y, nb)
     else:
         return -1
@@ -421,17 +413,15 @@ cdef int dequant_blocks(int qtype, const uint8_t *b, float *y, Py_ssize_t nb) no
 
 # ---- Python entry points (argument checks live in ggtrain.kernels) ----------------------------------
 
-def dequantize_rows(const uint8_t[:, :] data, int qtype, int block, int type_size, float[:, ::1] out):
-    """data uint8 (rows, row_bytes), inner stride 1 -> out f32 (rows, n): rows in parallel."""
+def dequantize_rows(const uint8_t[:, :] data, int qtype, int block, int type_size, float[:, ::1] out,
+                    int nth):
+    """data uint8 (rows, row_bytes), inner stride 1 -> out f32 (rows, n): rows on nth threads."""
     cdef Py_ssize_t rows = data.shape[0], nb = data.shape[1] // type_size, r
     if rows == 0 or nb == 0:
         return
     cdef const uint8_t *src = &data[0, 0]
     cdef Py_ssize_t stride = data.strides[0], n = out.shape[1]
     cdef float *dst = &out[0, 0]
-    cdef int nth = _num_threads
-    if rows * nb * block < 32768:
-        nth = 1  # a few blocks: threads cost more than they save
     if rows == 1 and nb > 1:
         # one long row (a 1-D tensor): split it into block ranges instead
         with nogil:
@@ -445,15 +435,14 @@ def dequantize_rows(const uint8_t[:, :] data, int qtype, int block, int type_siz
 
 
 def get_rows(const uint8_t[:, :] w, int qtype, int block, int type_size, const int64_t[::1] ids,
-             float[:, ::1] out):
-    """out[i] = dequantized row ids[i] of w (ids already range-checked)."""
+             float[:, ::1] out, int nth):
+    """out[i] = dequantized row ids[i] of w (ids already range-checked), on nth threads."""
     cdef Py_ssize_t k = ids.shape[0], nb = w.shape[1] // type_size, i
     if k == 0 or nb == 0:
         return
     cdef const uint8_t *src = &w[0, 0]
     cdef Py_ssize_t stride = w.strides[0], n = out.shape[1]
     cdef float *dst = &out[0, 0]
-    cdef int nth = _num_threads if k * n >= 32768 else 1
     with nogil:
         for i in prange(k, num_threads=nth, schedule="static"):
             dequant_blocks(qtype, src + ids[i] * stride, dst + i * n, nb)

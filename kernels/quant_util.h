@@ -1,61 +1,18 @@
-/* C helpers for the quant kernels: exact f16 -> f32, unaligned little-endian loads, AVX2 dequant loops.
+/* AVX2 twins of the per-type dequantization loops in quant_simd.pyx (compiled into quant_avx2).
  *
- * Built twice (see setup.py): with -mf16c the conversion is one instruction (vcvtph2ps), without it
- * a bit-level conversion that is exact for every finite value, infinities and subnormals, so both
- * builds give the same floats as numpy's float16 -> float32 cast.
+ * GCC does not vectorize those byte-unpacking loops well, so the avx2 build uses these. They do the
+ * same float operations in the same order (int -> float is exact, then d * q, then + m or - m, each
+ * rounded on its own), so both builds are bit-identical to gguf-py; tests check both.
+ * Each returns 1 when it did the work, 0 in builds without AVX2 (the Cython loop then runs).
+ * Block layouts, type ids, the f16 load and the packed-scale decoders: quant_layout.h.
  */
 #ifndef GGTRAIN_QUANT_UTIL_H
 #define GGTRAIN_QUANT_UTIL_H
 
 #include <stdint.h>
-#include <string.h>
-#if defined(__F16C__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
-static inline uint16_t gg_load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-static inline uint32_t gg_load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+#include "quant_layout.h"
 
-static inline float gg_f16_to_f32(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t man = h & 0x3ffu;
-    uint32_t bits;
-    float f;
-    if (exp == 0x1f) {                 /* inf / nan: keep the payload */
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {             /* normal: rebias 15 -> 127 */
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-    } else {                           /* zero / subnormal: man * 2^-24 is exact in f32 */
-        f = (float)man * 5.9604644775390625e-08f;
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    }
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
-static inline float gg_load_f16(const uint8_t *p) { return gg_f16_to_f32(gg_load_u16(p)); }
-
-/* n half floats at src (any alignment) -> dst. */
-static inline void gg_f16_row(const uint8_t *src, float *dst, int64_t n) {
-    int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX__)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
-#endif
-    for (; i < n; i++) dst[i] = gg_load_f16(src + 2 * i);
-}
-
-/* ---- AVX2 twins of the per-type loops in quant_simd.pyx ----------------------------------------
- * GCC does not vectorize those byte-unpacking loops well, so the avx2 build uses these. They do the
- * same float operations in the same order (int -> float is exact, then d * q, then + m or - m, each
- * rounded on its own), so both builds are bit-identical to gguf-py; tests check both.
- * Each returns 1 when it did the work, 0 in builds without AVX2 (the Cython loop then runs). */
 #if defined(__AVX2__)
 /* y[0:16] = d * q  (q: 16 int8) */
 static inline void gg_st16_mul(__m128i q, float d, float *y) {
@@ -100,71 +57,64 @@ static inline __m256i gg_bit4_32(uint32_t x) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(0x10));
 }
 static inline int gg_dq_q4_0_simd(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 18, y += 32)
-        gg_st32_mul(_mm256_sub_epi8(gg_nibbles32(b + 2), _mm256_set1_epi8(8)), gg_load_f16(b), y);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q4_0_BYTES, y += GG_QK)
+        gg_st32_mul(_mm256_sub_epi8(gg_nibbles32(b + GG_Q4_0_QS), _mm256_set1_epi8(8)), gg_load_f16(b + GG_Q4_0_D),
+                    y);
     return 1;
 }
 static inline int gg_dq_q4_1_simd(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 20, y += 32)
-        gg_st32_mul_add(gg_nibbles32(b + 4), gg_load_f16(b), gg_load_f16(b + 2), y);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q4_1_BYTES, y += GG_QK)
+        gg_st32_mul_add(gg_nibbles32(b + GG_Q4_1_QS), gg_load_f16(b + GG_Q4_1_D), gg_load_f16(b + GG_Q4_1_M),
+                        y);
     return 1;
 }
 static inline int gg_dq_q5_0_simd(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 22, y += 32) {
-        __m256i q = _mm256_or_si256(gg_nibbles32(b + 6), gg_bit4_32(gg_load_u32(b + 2)));
-        gg_st32_mul(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), gg_load_f16(b), y);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q5_0_BYTES, y += GG_QK) {
+        __m256i q = _mm256_or_si256(gg_nibbles32(b + GG_Q5_0_QS), gg_bit4_32(gg_load_u32(b + GG_Q5_0_QH)));
+        gg_st32_mul(_mm256_sub_epi8(q, _mm256_set1_epi8(16)), gg_load_f16(b + GG_Q5_0_D), y);
     }
     return 1;
 }
 static inline int gg_dq_q5_1_simd(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 24, y += 32) {
-        __m256i q = _mm256_or_si256(gg_nibbles32(b + 8), gg_bit4_32(gg_load_u32(b + 4)));
-        gg_st32_mul_add(q, gg_load_f16(b), gg_load_f16(b + 2), y);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q5_1_BYTES, y += GG_QK) {
+        __m256i q = _mm256_or_si256(gg_nibbles32(b + GG_Q5_1_QS), gg_bit4_32(gg_load_u32(b + GG_Q5_1_QH)));
+        gg_st32_mul_add(q, gg_load_f16(b + GG_Q5_1_D), gg_load_f16(b + GG_Q5_1_M), y);
     }
     return 1;
 }
 static inline int gg_dq_q8_0_simd(const uint8_t *b, float *y, int64_t nb) {
     /* gguf-py computes q * d; IEEE multiplication commutes, so d * q is the same float */
-    for (int64_t i = 0; i < nb; i++, b += 34, y += 32)
-        gg_st32_mul(_mm256_loadu_si256((const __m256i *)(b + 2)), gg_load_f16(b), y);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q8_0_BYTES, y += GG_QK)
+        gg_st32_mul(_mm256_loadu_si256((const __m256i *)(b + GG_Q8_0_QS)), gg_load_f16(b + GG_Q8_0_D), y);
     return 1;
 }
-static inline __m128i gg_kvalues_iq4nl(void) {
-    return _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
-}
 static inline int gg_dq_iq4_nl_simd(const uint8_t *b, float *y, int64_t nb) {
-    const __m256i kv = _mm256_broadcastsi128_si256(gg_kvalues_iq4nl());
-    for (int64_t i = 0; i < nb; i++, b += 18, y += 32)
-        gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + 2)), gg_load_f16(b), y);
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)GG_KVALUES_IQ4NL));
+    for (int64_t i = 0; i < nb; i++, b += GG_IQ4_NL_BYTES, y += GG_QK)
+        gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + GG_IQ4_NL_QS)), gg_load_f16(b + GG_IQ4_NL_D), y);
     return 1;
 }
 static inline int gg_dq_iq4_xs_simd(const uint8_t *b, float *y, int64_t nb) {
-    const __m256i kv = _mm256_broadcastsi128_si256(gg_kvalues_iq4nl());
-    for (int64_t i = 0; i < nb; i++, b += 136, y += 256) {
-        float d = gg_load_f16(b);
-        uint16_t sh = gg_load_u16(b + 2);
-        for (int ib = 0; ib < 8; ib++) {
-            int ls = (((b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
-            gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + 8 + ib * 16)), d * (float)ls, y + ib * 32);
-        }
+    const __m256i kv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)GG_KVALUES_IQ4NL));
+    for (int64_t i = 0; i < nb; i++, b += GG_IQ4_XS_BYTES, y += GG_QK_K) {
+        float d = gg_load_f16(b + GG_IQ4_XS_D);
+        uint16_t sh = gg_load_u16(b + GG_IQ4_XS_SCALES_H);
+        for (int ib = 0; ib < 8; ib++)
+            gg_st32_mul(_mm256_shuffle_epi8(kv, gg_nibbles32(b + GG_IQ4_XS_QS + ib * 16)),
+                        d * (float)gg_iq4_xs_scale(b, sh, ib), y + ib * 32);
     }
     return 1;
 }
-/* Q4_K / Q5_K scale and min j of the 12 packed bytes (gguf-py Q4_K.get_scale_min) */
-static inline void gg_k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
-    if (j < 4) { *sc = s[j] & 63; *mn = s[j + 4] & 63; }
-    else { *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30); *mn = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30); }
-}
 static inline int gg_dq_q4_k_simd(const uint8_t *b, float *y, int64_t nb) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int64_t i = 0; i < nb; i++, b += 144, y += 256) {
-        float d = gg_load_f16(b), dmin = gg_load_f16(b + 2);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q4_K_BYTES, y += GG_QK_K) {
+        float d = gg_load_f16(b + GG_Q4_K_D), dmin = gg_load_f16(b + GG_Q4_K_DMIN);
         for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * c));
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(b + GG_Q4_K_QS + 32 * c));
             int sc, mn;
-            gg_k_scale_min(b + 4, 2 * c, &sc, &mn);
+            gg_k_scale_min(b + GG_Q4_K_SCALES, 2 * c, &sc, &mn);
             gg_st32_mul_sub(_mm256_and_si256(raw, m4), d * (float)sc, dmin * (float)mn, y + 64 * c);
-            gg_k_scale_min(b + 4, 2 * c + 1, &sc, &mn);
+            gg_k_scale_min(b + GG_Q4_K_SCALES, 2 * c + 1, &sc, &mn);
             gg_st32_mul_sub(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), d * (float)sc, dmin * (float)mn,
                             y + 64 * c + 32);
         }
@@ -173,15 +123,15 @@ static inline int gg_dq_q4_k_simd(const uint8_t *b, float *y, int64_t nb) {
 }
 static inline int gg_dq_q5_k_simd(const uint8_t *b, float *y, int64_t nb) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
-    for (int64_t i = 0; i < nb; i++, b += 176, y += 256) {
-        float d = gg_load_f16(b), dmin = gg_load_f16(b + 2);
-        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+    for (int64_t i = 0; i < nb; i++, b += GG_Q5_K_BYTES, y += GG_QK_K) {
+        float d = gg_load_f16(b + GG_Q5_K_D), dmin = gg_load_f16(b + GG_Q5_K_DMIN);
+        __m256i qh = _mm256_loadu_si256((const __m256i *)(b + GG_Q5_K_QH));
         for (int j = 0; j < 8; j++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * (j / 2)));
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(b + GG_Q5_K_QS + 32 * (j / 2)));
             __m256i lo = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw, 4) : raw, m4);
             __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), one), 4);
             int sc, mn;
-            gg_k_scale_min(b + 4, j, &sc, &mn);
+            gg_k_scale_min(b + GG_Q5_K_SCALES, j, &sc, &mn);
             gg_st32_mul_sub(_mm256_or_si256(lo, hi), d * (float)sc, dmin * (float)mn, y + 32 * j);
         }
     }
@@ -193,14 +143,15 @@ static inline __m128i gg_bits16(const uint8_t *p, int shift, int mask) {
     return _mm_and_si128(v, _mm_set1_epi8((char)mask));
 }
 static inline int gg_dq_q6_k_simd(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 210, y += 256) {
-        float d = gg_load_f16(b + 208);
-        const int8_t *sc = (const int8_t *)(b + 192);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q6_K_BYTES, y += GG_QK_K) {
+        const uint8_t *ql = b + GG_Q6_K_QL, *qh = b + GG_Q6_K_QH;
+        const int8_t *sc = (const int8_t *)(b + GG_Q6_K_SCALES);
+        float d = gg_load_f16(b + GG_Q6_K_D);
         for (int h = 0; h < 2; h++)
             for (int s = 0; s < 4; s++)
                 for (int sub = 0; sub < 2; sub++) {
-                    __m128i lo = gg_bits16(b + h * 64 + (s % 2) * 32 + sub * 16, 4 * (s / 2), 0x0F);
-                    __m128i hi = _mm_slli_epi16(gg_bits16(b + 128 + h * 32 + sub * 16, 2 * s, 3), 4);
+                    __m128i lo = gg_bits16(ql + h * 64 + (s % 2) * 32 + sub * 16, 4 * (s / 2), 0x0F);
+                    __m128i hi = _mm_slli_epi16(gg_bits16(qh + h * 32 + sub * 16, 2 * s, 3), 4);
                     __m128i q = _mm_sub_epi8(_mm_or_si128(lo, hi), _mm_set1_epi8(32));
                     gg_st16_mul(q, d * (float)sc[h * 8 + s * 2 + sub], y + h * 128 + s * 32 + sub * 16);
                 }
@@ -208,33 +159,32 @@ static inline int gg_dq_q6_k_simd(const uint8_t *b, float *y, int64_t nb) {
     return 1;
 }
 static inline int gg_dq_q2_k_simd(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 84, y += 256) {
-        float d = gg_load_f16(b + 80), dmin = gg_load_f16(b + 82);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q2_K_BYTES, y += GG_QK_K) {
+        const uint8_t *scales = b + GG_Q2_K_SCALES, *qs = b + GG_Q2_K_QS;
+        float d = gg_load_f16(b + GG_Q2_K_D), dmin = gg_load_f16(b + GG_Q2_K_DMIN);
         for (int h = 0; h < 2; h++)
             for (int s = 0; s < 4; s++)
                 for (int sub = 0; sub < 2; sub++) {
-                    uint8_t sc = b[h * 8 + s * 2 + sub];
-                    gg_st16_mul_sub(gg_bits16(b + 16 + h * 32 + sub * 16, 2 * s, 3), d * (float)(sc & 0x0F),
+                    uint8_t sc = scales[h * 8 + s * 2 + sub];
+                    gg_st16_mul_sub(gg_bits16(qs + h * 32 + sub * 16, 2 * s, 3), d * (float)(sc & 0x0F),
                                     dmin * (float)(sc >> 4), y + h * 128 + s * 32 + sub * 16);
                 }
     }
     return 1;
 }
 static inline int gg_dq_q3_k_simd(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 110, y += 256) {
-        const uint8_t *scales = b + 96;
-        float d = gg_load_f16(b + 108);
+    for (int64_t i = 0; i < nb; i++, b += GG_Q3_K_BYTES, y += GG_QK_K) {
+        const uint8_t *hm = b + GG_Q3_K_HMASK, *qs = b + GG_Q3_K_QS, *scales = b + GG_Q3_K_SCALES;
+        float d = gg_load_f16(b + GG_Q3_K_D);
         for (int h = 0; h < 2; h++)
             for (int s = 0; s < 4; s++)
                 for (int sub = 0; sub < 2; sub++) {
-                    int si = h * 8 + s * 2 + sub;
-                    int low = si < 8 ? scales[si] & 0x0F : scales[si - 8] >> 4;
-                    int8_t sc = (int8_t)(low | (((scales[8 + si % 4] >> (2 * (si / 4))) & 3) << 4));
-                    __m128i q2 = gg_bits16(b + 32 + h * 32 + sub * 16, 2 * s, 3);
+                    __m128i q2 = gg_bits16(qs + h * 32 + sub * 16, 2 * s, 3);
                     /* minus 4 where the hmask bit is clear */
-                    __m128i hb = gg_bits16(b + sub * 16, h * 4 + s, 1);
+                    __m128i hb = gg_bits16(hm + sub * 16, h * 4 + s, 1);
                     __m128i q = _mm_sub_epi8(q2, _mm_slli_epi16(_mm_xor_si128(hb, _mm_set1_epi8(1)), 2));
-                    gg_st16_mul(q, d * (float)(int8_t)(sc - 32), y + h * 128 + s * 32 + sub * 16);
+                    gg_st16_mul(q, d * (float)gg_q3_k_scale(scales, h * 8 + s * 2 + sub),
+                                y + h * 128 + s * 32 + sub * 16);
                 }
     }
     return 1;

@@ -20,9 +20,8 @@ theta *= theta_scale per pair) so angles match llama.cpp's to the last bit at la
 import math
 
 import numpy as np
+from ggtrain.kernels import PARALLEL_MIN  # smaller arrays run on the calling thread
 from numba import njit, prange
-
-PARALLEL_MIN = 1 << 18  # elements: smaller tensors are rotated on the calling thread (waking the pool costs more)
 
 
 def _yarn_corr_dim(n_dims: int, n_ctx_orig: int, n_rot: float, base: float) -> float:

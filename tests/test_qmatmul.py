@@ -18,7 +18,6 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from ggtrain import kernels
-from ggtrain.errors import GGTrainError
 from ggtrain.gguf.modelfile import SUPPORTED_TYPES
 from ggtrain.threads import default_threads, get_threads, set_threads
 
@@ -205,34 +204,35 @@ def test_extra_memory_is_bounded() -> None:
 
 
 def test_bad_input_raises_clear_errors() -> None:
+    # programming errors inside the kernels: TypeError (dtype) / ValueError (shape, strides, type)
     rng = np.random.default_rng(0)
     w = make_weight(Q.Q8_0, 8, 64, rng)
     x = np.zeros((3, 64), np.float32)
-    with pytest.raises(GGTrainError, match="x must be a float32 array"):
+    with pytest.raises(TypeError, match="x must be a float32 array"):
         kernels.qmatmul(x.astype(np.float64), w, Q.Q8_0)
-    with pytest.raises(GGTrainError, match="x has 32 columns, the weight needs 64"):
+    with pytest.raises(ValueError, match="x has 32 columns, the weight needs 64"):
         kernels.qmatmul(x[:, :32].copy(), w, Q.Q8_0)
-    with pytest.raises(GGTrainError, match="weight must be a uint8 array"):
+    with pytest.raises(TypeError, match="weight must be a uint8 array"):
         kernels.qmatmul(x, w.view(np.int8), Q.Q8_0)
-    with pytest.raises(GGTrainError, match="weight must be a uint8 array"):
+    with pytest.raises(ValueError, match="weight must be a uint8 array"):
         kernels.qmatmul(x, w.reshape(-1), Q.Q8_0)
-    with pytest.raises(GGTrainError, match="not a whole number of Q8_0 blocks"):
+    with pytest.raises(ValueError, match="not a whole number of Q8_0 blocks"):
         kernels.qmatmul(x, w[:, :40], Q.Q8_0)
-    with pytest.raises(GGTrainError, match="Q4_K"):
+    with pytest.raises(ValueError, match="Q4_K"):
         kernels.qmatmul(x, w, Q.Q4_K)  # 68-byte rows are not whole Q4_K blocks
-    with pytest.raises(GGTrainError, match="TQ1_0 is not supported"):
+    with pytest.raises(ValueError, match="TQ1_0 is not supported"):
         kernels.qmatmul(x, w, Q.TQ1_0)
-    with pytest.raises(GGTrainError, match="out must be a float32 array of shape"):
+    with pytest.raises(ValueError, match="out must be a float32 array of shape"):
         kernels.qmatmul(x, w, Q.Q8_0, out=np.zeros((3, 9), np.float32))
-    with pytest.raises(GGTrainError, match="dy has 7 columns, the weight needs 8"):
+    with pytest.raises(ValueError, match="dy has 7 columns, the weight needs 8"):
         kernels.qmatmul_backward_input(np.zeros((3, 7), np.float32), w, Q.Q8_0)
-    with pytest.raises(GGTrainError, match="accumulate=True needs out"):
+    with pytest.raises(ValueError, match="accumulate=True needs out"):
         kernels.qmatmul_backward_input(np.zeros((3, 8), np.float32), w, Q.Q8_0, accumulate=True)
     ro = np.zeros((3, 8), np.float32)
     ro.flags.writeable = False
-    with pytest.raises(GGTrainError, match="read-only"):
+    with pytest.raises(ValueError, match="read-only"):
         kernels.qmatmul(x, w, Q.Q8_0, out=ro)
-    with pytest.raises(GGTrainError, match="contiguous, non-overlapping rows"):
+    with pytest.raises(ValueError, match="contiguous, non-overlapping rows"):
         kernels.qmatmul(x, w, Q.Q8_0, out=np.zeros((8, 3), np.float32).T)
 
 

@@ -32,10 +32,12 @@ def test_set_threads_reaches_every_pool() -> None:
         threads.set_threads(threads.default_threads())
 
 
-def test_importing_kernels_makes_scipy_blas_single_threaded() -> None:
-    """In a fresh process with OPENBLAS_NUM_THREADS=2, importing the kernels sets scipy's BLAS to 1."""
+def test_loading_the_matmul_kernels_makes_scipy_blas_single_threaded() -> None:
+    """In a fresh process with OPENBLAS_NUM_THREADS=2, the kernels' first use (which loads the
+    compiled matmul module: importing ggtrain.kernels alone no longer does) sets scipy's BLAS to 1."""
     code = ("from ggtrain import threads; before = threads.blas_threads()['scipy']; "
-            "import ggtrain.kernels; print(before, threads.blas_threads()['scipy'])")
+            "import ggtrain.kernels; ggtrain.kernels.get_num_threads(); "
+            "print(before, threads.blas_threads()['scipy'])")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
     before, after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                    check=True, env=env).stdout.split()

@@ -22,21 +22,13 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ggtrain.errors import GGTrainError
+from ggtrain.kernels import SUPPORTED_TYPES  # the types the kernels compute with
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-
-# Tensor types our kernels dequantize and multiply by (ggtrain.kernels.dequantize / qmatmul).
-SUPPORTED_TYPES = frozenset(
-    GGMLQuantizationType[name]
-    for name in (
-        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
-    )
-)
 
 # GGUF metadata value types: id -> (name, struct format or None for variable-size).
 _VT_UINT8, _VT_INT8, _VT_UINT16, _VT_INT16, _VT_UINT32, _VT_INT32 = 0, 1, 2, 3, 4, 5
