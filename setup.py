@@ -3,11 +3,14 @@
 kernels/, cli/ and data/ (as ggtrain.samples) are installed under the one ggtrain namespace (package_dir), so nothing called
 `kernels` or `cli` lands in site-packages.
 
-Portable flags only: no -march=native. A kernel that wants wider SIMD is built twice from one
-source, as `NAME_base` (baseline x86-64) and `NAME_avx2` (AVX2+FMA+F16C), and ggtrain.kernels
-picks one at import time from the CPU's flags.
+Portable flags only: no -march=native. Which source is built with which flags comes from the table
+in kernels/variants.py (the run-time dispatcher in ggtrain.kernels reads the same table): a
+NAME_simd.pyx is built once per SIMD level (NAME_base, NAME_avx2) and ggtrain.kernels picks one at
+run time from the CPU's flags; a NAME_avx512.pyx is built only with the avx512 row's flags.
 """
 
+import importlib.util
+import platform
 import sys
 from pathlib import Path
 
@@ -16,20 +19,34 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
+
+
+def _load_variants():
+    """kernels/variants.py, by path: the package it belongs to is not installed at build time."""
+    spec = importlib.util.spec_from_file_location("_ggtrain_kernel_variants", HERE / "kernels" / "variants.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+V = _load_variants()
 # -ffp-contract=off: no silent fused multiply-add, so dequantization stays bit-identical to gguf-py's numpy.
 BASE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-unused-function", "-Wno-unreachable-code"]
-SIMD_VARIANTS = {"base": [], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
-X86 = sys.platform != "darwin" and any(m in __import__("platform").machine().lower() for m in ("x86", "amd64"))
-if not X86:
-    SIMD_VARIANTS = {"base": [], "avx2": []}  # non-x86: both names, same portable code
-# NAME_avx512.pyx: code that exists only for AVX512-VNNI CPUs (x86 only; imported only where it runs).
-AVX512_ARGS = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+# The variants' flags are x86 flags: elsewhere every SIMD level is the same portable code, and code
+# that exists only for an x86 variant (NAME_avx512.pyx) is not built.
+X86 = sys.platform != "darwin" and any(m in platform.machine().lower() for m in ("x86", "amd64"))
+
+
+def variant_flags(variant: str) -> list[str]:
+    return list(V.VARIANTS[variant].flags) if X86 else []
 
 
 def kernel_extensions() -> list[Extension]:
     exts = []
     for pyx in sorted((HERE / "kernels").glob("*.pyx")):
         name = pyx.stem
+        variant = V.variant_of(name)
         common = {
             "include_dirs": [np.get_include(), str(HERE / "kernels")],
             "extra_link_args": ["-fopenmp"],
@@ -38,18 +55,18 @@ def kernel_extensions() -> list[Extension]:
         if name.endswith("_simd"):
             # One source, one module per SIMD level: NAME_simd.pyx -> NAME_base, NAME_avx2.
             stem = name[: -len("_simd")]
-            for level, flags in SIMD_VARIANTS.items():
+            for level in V.SIMD_LEVELS:
                 src = HERE / "build" / "simd" / f"{stem}_{level}.pyx"
                 src.parent.mkdir(parents=True, exist_ok=True)
                 text = f'include "{pyx.resolve()}"\n'
                 if not src.exists() or src.read_text() != text:
                     src.write_text(text)
                 exts.append(Extension(f"ggtrain.kernels.{stem}_{level}", [str(src)],
-                                      extra_compile_args=BASE_ARGS + flags, **common))
-        elif name.endswith("_avx512"):
-            if X86:
+                                      extra_compile_args=BASE_ARGS + variant_flags(level), **common))
+        elif variant is not None and variant not in V.SIMD_LEVELS:
+            if X86:  # code for one variant only (imported only where the CPU runs it)
                 exts.append(Extension(f"ggtrain.kernels.{name}", [str(pyx.relative_to(HERE))],
-                                      extra_compile_args=BASE_ARGS + AVX512_ARGS, **common))
+                                      extra_compile_args=BASE_ARGS + variant_flags(variant), **common))
         else:
             exts.append(Extension(f"ggtrain.kernels.{name}", [str(pyx.relative_to(HERE))],
                                   extra_compile_args=BASE_ARGS, **common))
