@@ -129,8 +129,8 @@ def _quant() -> ModuleType:
         impl = importlib.import_module(f"ggtrain.kernels.quant_{level}")
         # It calls scipy's OpenBLAS (which it has just loaded) from inside its OpenMP threads:
         # that BLAS must not start threads of its own.
-        from ggtrain import threads
-        threads.set_kernel_blas_single_threaded()
+        from ggtrain.kernels.blas import set_kernel_blas_single_threaded
+        set_kernel_blas_single_threaded()
         globals().update(_impl=impl, simd_level=level)
     return impl
 

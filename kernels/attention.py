@@ -34,15 +34,14 @@ import math
 import numba
 import numpy as np
 from ggtrain.kernels import get_num_threads, variant_module
+from ggtrain.kernels.blas import set_kernel_blas_single_threaded
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
-
-from ggtrain import threads
 
 # f32 forward on AVX512 CPUs (own register-blocked products, twice what BLAS's AVX2 kernels give)
 _avx512 = variant_module("attention_avx512")
 # The Numba kernels below call scipy's BLAS (np.dot) inside their prange: one thread each.
-threads.set_kernel_blas_single_threaded()
+set_kernel_blas_single_threaded()
 
 BLOCK_Q = 64  # query rows per forward task
 BLOCK_K = 64  # key rows per backward task (it owns their dk, dv rows)
