@@ -278,6 +278,47 @@ def test_perplexity_takes_a_peft_directory_with_a_scale(tmp_path: Path) -> None:
     assert str(tmp_path) in line and "adapter_config.json" in line
 
 
+def test_bfloat16_and_float16_adapters_read_as_their_float32_values(tmp_path: Path) -> None:
+    """Adapters trained on GPUs are often saved in bfloat16, which numpy has no type for."""
+    from safetensors.torch import load_file, save_file
+
+    arch = "gemma2"
+    gguf = hf_gguf(arch)
+    src = peft_made_adapter(arch, tmp_path / "f32")
+    weights = load_file(src / "adapter_model.safetensors")
+    outs = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        d = tmp_path / str(dtype).split(".")[-1]
+        shutil.copytree(src, d)
+        save_file({k: v.to(dtype) for k, v in weights.items()}, d / "adapter_model.safetensors")
+        wide = tmp_path / f"{d.name}-as-f32"
+        shutil.copytree(src, wide)
+        save_file({k: v.to(dtype).float() for k, v in weights.items()}, wide / "adapter_model.safetensors")
+        for x in (d, wide):
+            outs[x.name] = tmp_path / f"{x.name}.gguf"
+            ok(run("import-peft", x, "-m", gguf, "-o", outs[x.name]))
+        same_tensors(outs[d.name], outs[wide.name])
+
+
+def test_export_and_import_need_no_torch(tmp_path: Path) -> None:
+    """The runtime dependencies are numpy + safetensors: with torch, transformers and peft made
+    unimportable, both directions still run."""
+    gguf = hf_gguf("llama")
+    adapter = gguf_adapter("llama", ModelFile(gguf), tmp_path / "adapter.gguf")
+    code = ("import sys; sys.modules.update(torch=None, transformers=None, peft=None)\n"
+            "from ggtrain.cli.main import main\n"
+            "for args in (['export-peft', sys.argv[1], '-o', sys.argv[2], '-m', sys.argv[3]],\n"
+            "             ['import-peft', sys.argv[2], '-m', sys.argv[3], '-o', sys.argv[4]]):\n"
+            "    try:\n"
+            "        main(args)\n"
+            "    except SystemExit as e:\n"
+            "        assert not e.code, e.code\n")
+    r = subprocess.run([sys.executable, "-c", code, str(adapter), str(tmp_path / "peft"), str(gguf),
+                        str(tmp_path / "back.gguf")], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_tensors(adapter, tmp_path / "back.gguf")
+
+
 # --- refusals ---------------------------------------------------------------------------------------
 
 def _edit_config(d: Path, **changes: object) -> Path:
@@ -415,10 +456,22 @@ def test_peft_trained_adapter_perplexity_and_training_further(arch: str, tmp_pat
     step_losses = {x["step"]: x["loss"] for x in log if "loss" in x}
     assert abs(step_losses[1] - last) <= 1e-4 * last, (step_losses, last)
     assert step_losses[2] < step_losses[1]
-    trained, _, _ = read_gguf_adapter(next(outdir.glob("*LATEST*.gguf")), base=mf)
+    latest = next(outdir.glob("*LATEST*.gguf"))
+    trained, _, _ = read_gguf_adapter(latest, base=mf)
     start = load_adapter(peft_dir, mf)[0]
     assert trained.layout.keys() == start.layout.keys()
     assert {n: e.rank for n, e in trained.entries.items()} == {n: e.rank for n, e in start.entries.items()}
+
+    # ... and back to PEFT: the model card tells the run, and PEFT's logits are ggtrain's
+    again = tmp_path / "again"
+    ok(run("export-peft", latest, "-o", again, "-m", gguf, "--base-model-id", f"tiny/{arch}"))
+    card = (again / "README.md").read_text()
+    for what in ("data: `train.txt`", f"batch: {rows}", f"context (tokens per row): {ctx}", "steps: 2",
+                 f"training loss: {step_losses[1]:.4f} at step 1, {step_losses[2]:.4f} at step 2"):
+        assert what in card, (what, card)
+    toks = tokens(40, seed=4)
+    assert_same_logits(ggtrain_logits(gguf, trained, toks), peft_logits(arch, again, toks),
+                       ggtrain_logits(gguf, None, toks))
 
     line = one_error(run("finetune", "-m", gguf, "--train-data", train_txt, "--format", "text", "-c", ctx,
                          "--outdir", tmp_path / "x", "--lora-in", peft_dir, "--lora-r", 4, "--rank-wq", 2))
