@@ -343,8 +343,7 @@ def _patterns(values: Mapping[str, float], default: float) -> dict[str, int | fl
     return out
 
 
-def peft_config(lora: LoraWeights, base_model: str | None, n_layer: int | None,
-                dropout: float = 0.0) -> dict[str, Any]:
+def peft_config(lora: LoraWeights, base_model: str | None, n_layer: int, dropout: float = 0.0) -> dict[str, Any]:
     """adapter_config.json for `lora` (entries' rank and alpha as their scale alpha/r)."""
     keys = {name: module_key(name) for name in lora.names}
     ranks = {keys[n]: float(e.rank) for n, e in lora.entries.items()}
@@ -352,12 +351,11 @@ def peft_config(lora: LoraWeights, base_model: str | None, n_layer: int | None,
     r, alpha = most_common(ranks.values()), most_common(alphas.values())
     projs = [p for p in (*(HF_MODULE[t].split(".")[-1] for t in TARGETS[:-1]), "lm_head")
              if any(k.rsplit(".", 1)[-1] == p for k in keys.values())]
-    exclude = []
-    if n_layer is not None:  # a projection adapted in some layers only: the others are excluded
-        for t in TARGETS[:-1]:
-            present = {target_of(n)[0] for n in lora.names if target_of(n)[1] == t}
-            if present:
-                exclude += [f"model.layers.{il}.{HF_MODULE[t]}" for il in range(n_layer) if il not in present]
+    exclude = []  # a projection adapted in some layers only: PEFT must not add it to the others
+    for t in TARGETS[:-1]:
+        present = {target_of(n)[0] for n in lora.names if target_of(n)[1] == t}
+        if present:
+            exclude += [f"model.layers.{il}.{HF_MODULE[t]}" for il in range(n_layer) if il not in present]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -483,7 +481,9 @@ def export_peft(adapter: Path, outdir: Path, base: ModelFile | None = None, base
     run = run_record(adapter, steps if isinstance(steps, int) else None)
     lora_cfg = run.config.get("lora") or {}
     dropout = next((float(v.get("dropout", 0.0)) for v in lora_cfg.values() if isinstance(v, dict)), 0.0)
-    config = peft_config(lora, bid, hp.n_layer if hp else None, dropout=dropout)
+    # Without the base, the layers are those the adapter has (a gap in them is still excluded).
+    n_layer = hp.n_layer if hp else 1 + max((target_of(n)[0] or 0) for n in lora.names)
+    config = peft_config(lora, bid, n_layer, dropout=dropout)
     ignored = meta.get("ggtrain.ignored_tensors") or []
     if ignored:
         notes.append(f"left out {len(ignored)} norm tensor(s) of the adapter, which llama.cpp ignores too")
