@@ -183,13 +183,16 @@ def _toml_repr(v: Any) -> str:
 @click.option("--keep-checkpoints", type=Int(min=0), default=3, show_default=True,
               help="Keep the N newest ITERATION checkpoints and adapters, removing older ones after each save "
                    "(0: keep all). LATEST is always kept.")
+@click.option("--lora-in", type=PathType(exists=True, path_type=Path), default=None, metavar="ADAPTER",
+              help="Start from this adapter (a GGUF LoRA file or a PEFT directory): its targets, ranks, alphas "
+                   "and values instead of a fresh LoRA (--lora-r, --lora-alpha and --rank-* then do not apply).")
 def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_out_type: str, checkpoint_out: str,
              checkpoint_in: Path | None, save_every: int, epochs: int | None, max_steps: int, batch: int,
              grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, lora_r: int,
              lora_alpha: float, lora_dropout: float, lr: float, adam_beta1: float, adam_beta2: float,
              adam_eps: float, adam_decay: float, adam_gclip: float, warmup: int, cos_decay_steps: int,
              cos_decay_min: float, checkpointing: bool, eval_every: int, overwrite: bool, keep_checkpoints: int,
-             **kw: Any) -> None:
+             lora_in: Path | None, **kw: Any) -> None:
     """Fine-tune a LoRA adapter on a quantized GGUF model.
 
     The base stays in its GGUF type; the adapter is written in llama.cpp's GGUF LoRA format
@@ -247,7 +250,19 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
         raise AssertionError(f"unhandled options {sorted(kw)}")
     if ranks.get("output"):
         raise GGTrainError("--rank-output: training a LoRA on the output head is not supported yet (use 0)")
-    lcfg = LoraConfig.make(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=DEFAULT_TARGETS, ranks=ranks)
+    if lora_in is not None:  # the adapter decides the LoRA's shape: flags that would too are refused
+        from ggtrain.adapters.load import starting_adapter
+
+        src = click.get_current_context().get_parameter_source
+        given = [f"--{n.replace('_', '-')}" for n in ("lora_r", "lora_alpha")
+                 if src(n) not in (None, click.core.ParameterSource.DEFAULT)]
+        given += [f"--{k.replace('_', '-')}" for k, t in RANK_FLAGS.items() if t in ranks]
+        if given:
+            raise GGTrainError(f"--lora-in {lora_in}: the adapter sets the targets, ranks and alpha; drop "
+                               f"{', '.join(given)}")
+        start, lcfg = starting_adapter(lora_in, mf, lora_dropout)
+    else:
+        lcfg = LoraConfig.make(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=DEFAULT_TARGETS, ranks=ranks)
     limit = mem_limit or default_mem_limit()
     check_fits(batch, micro_batch, limit, hp, lcfg, opts.ctx, checkpointing, path.stat().st_size,
                limit_given=mem_limit is not None, threads=n_threads)
@@ -270,10 +285,13 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     gc.collect()
     gc.freeze()
 
-    shapes = target_shapes(mf.tensors, lcfg, hp.n_layer, source=str(path))
-    for warning in rank_warnings(shapes, {t: spec.rank for t, spec in lcfg.targets.items()}):
-        say(f"warning: {warning}")
-    lora = LoraWeights.init(lcfg, shapes, seed=opts.seed)
+    if lora_in is not None:
+        lora = start
+    else:
+        shapes = target_shapes(mf.tensors, lcfg, hp.n_layer, source=str(path))
+        for warning in rank_warnings(shapes, {t: spec.rank for t, spec in lcfg.targets.items()}):
+            say(f"warning: {warning}")
+        lora = LoraWeights.init(lcfg, shapes, seed=opts.seed)
 
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch=batch, grad_acc=grad_acc, micro_batch=micro_batch,
                       lr=lr, beta1=adam_beta1, beta2=adam_beta2, eps=adam_eps, weight_decay=adam_decay,
@@ -304,7 +322,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     say(f"data: {len(prep.train.samples)} samples, {prep.train.n_tokens} tokens, {prep.train.n_trained} trained; "
         f"{train.rows_in_epoch(0)} rows of {opts.ctx} per epoch"
         + (f"; validation {len(prep.val.samples)} samples" if prep.val is not None else ""))
-    say(f"lora: r {lora_r}, alpha {lora_alpha:g} on {', '.join(lcfg.targets)}: {n_params:,} parameters")
+    shape = f"from {lora_in}" if lora_in is not None else f"r {lora_r}, alpha {lora_alpha:g}"
+    say(f"lora: {shape} on {', '.join(lcfg.targets)}: {n_params:,} parameters")
     say(f"training: {trainer.total_steps} steps, batch {batch} x grad-acc {grad_acc}, micro-batch {micro}, "
         f"{n_threads} threads, memory limit {format_bytes(limit)}")
     if epochs is not None and 0 <= max_steps and trainer.total_steps < max_steps:

@@ -223,8 +223,10 @@ FINETUNE_FLAGS = {
     "--model-out": "use --outdir DIR and --lora-out NAME (ggtrain finetune writes an adapter, not a model)",
     "--output-adapter": "use --outdir DIR and --lora-out NAME",
     "--adapter-path": "use --outdir DIR",
-    "--lora-adapter": "that is llama-server's flag; to continue an earlier run use --checkpoint-in",
-    "--lora": "to continue an earlier run use --checkpoint-in CHECKPOINT.npz",
+    "--lora-adapter": "that is llama-server's flag; to start from an adapter use --lora-in ADAPTER, to continue "
+                      "an earlier run --checkpoint-in",
+    "--lora": "to start from an adapter (GGUF or PEFT) use --lora-in ADAPTER; to continue an earlier run "
+              "--checkpoint-in CHECKPOINT.npz",
     "--only-write-lora": "not needed: ggtrain always writes only the LoRA adapter; drop it",
     "--lora-rank": "use --lora-r",
     "--rank": "use --lora-r",
@@ -244,7 +246,7 @@ FINETUNE_FLAGS = {
     "-ub": "use --micro-batch (rows per forward/backward pass; 0 chooses it from --mem-limit)",
     "--ubatch-size": "use --micro-batch (rows per forward/backward pass; 0 chooses it from --mem-limit)",
     "--resume": "use --checkpoint-in CHECKPOINT.npz (from an earlier run's --outdir)",
-    "--resume-adapter-file": "use --checkpoint-in CHECKPOINT.npz (from an earlier run's --outdir)",
+    "--resume-adapter-file": "use --lora-in ADAPTER (or --checkpoint-in CHECKPOINT.npz to resume a ggtrain run)",
     "--pattern-fn-it": "not needed: ITERATION in --lora-out / --checkpoint-out becomes the step number",
     "--fn-latest": "not needed: LATEST in --lora-out / --checkpoint-out names the newest copy",
     "-lr": "use --learning-rate (or --adam-alpha)",

@@ -38,7 +38,8 @@ def read_text(path: Path) -> str:
 @click.option("--chunks", "n_chunks", default=-1, show_default=True, type=Int(min=1, also={-1: "all"}),
               help="Stop after this many chunks (-1: all).")
 @click.option("--lora", "loras", type=LoraArg(), multiple=True, metavar="ADAPTER[:SCALE]",
-              help="Apply a GGUF LoRA adapter, optionally scaled (llama.cpp's --lora / --lora-scaled). Repeatable.")
+              help="Apply a LoRA adapter (a GGUF file or a PEFT directory), optionally scaled (llama.cpp's --lora / "
+                   "--lora-scaled). Repeatable.")
 @click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
               help="Products with the quantized weights: int8 quantizes activations as llama.cpp does "
                    "(AVX512-VNNI CPUs, ~4x faster); f32 multiplies dequantized f32 tiles, as training "
@@ -51,7 +52,7 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
     from tqdm import tqdm
 
     from ggtrain import kernels
-    from ggtrain.adapters.gguf_lora import parse_lora_arg, read_gguf_adapter
+    from ggtrain.adapters.load import load_adapter_arg
     from ggtrain.gguf.defaults import default_model_path
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.model.perplexity import perplexity_chunks
@@ -69,9 +70,7 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
         matmul = "int8" if kernels.int8_available() else "f32"
     model = Model(mf, matmul=matmul)
     for arg in loras:
-        ad_path, scale = parse_lora_arg(arg)
-        lora, _, _ = read_gguf_adapter(ad_path, base=mf, scale=scale)
-        model.adapters.append(Adapter(lora))
+        model.adapters.append(Adapter(load_adapter_arg(arg, mf)))
     tok = Tokenizer.from_model_file(mf)
     # The vocabulary's ~10^5 Python objects would be walked by every full garbage collection that
     # the forward's array allocations trigger: they live as long as the run, so set them aside.

@@ -59,6 +59,7 @@ def make_world(root: Path) -> dict[str, str]:
     from tinymodels import tiny_model
 
     from ggtrain.adapters.gguf_lora import write_gguf_adapter
+    from ggtrain.adapters.peft import export_peft
     from ggtrain.gguf.arch import read_hparams
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
@@ -72,8 +73,10 @@ def make_world(root: Path) -> dict[str, str]:
     lcfg = LoraConfig.make(r=2, alpha=2)
     lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, read_hparams(mf).n_layer), seed=1)
     adapter = write_gguf_adapter(root / "adapter.gguf", lora, mf)
+    export_peft(adapter, root / "peft", mf)
+    (root / "out").mkdir()
     return {"root": str(root), "model": str(model), "train": str(root / "train.txt"), "ppl": str(root / "ppl.txt"),
-            "binary": str(root / "binary.bin"), "adapter": str(adapter)}
+            "binary": str(root / "binary.bin"), "adapter": str(adapter), "peft": str(root / "peft")}
 
 
 def case_files(root: Path, cid: int) -> dict[str, str]:
@@ -97,6 +100,8 @@ def base_values(w: dict[str, str]) -> dict[str, dict[str, str]]:
                        "n_chunks": "2", "threads": "1"},
         "tokenize": {"model": w["model"], "prompt": "hello"},
         "info": {"model": w["model"]},
+        "export-peft": {"adapter": w["adapter"], "model_path": w["model"], "outdir": "OUTDIR"},
+        "import-peft": {"peft_dir": w["peft"], "model_path": w["model"], "outfile": "OUTDIR.gguf"},
     }
 
 

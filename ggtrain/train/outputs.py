@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ggtrain.adapters.modelcard import RunRecord
 from ggtrain.atomic import (
     OutdirLock,
     atomic_link,
@@ -456,3 +457,38 @@ def _listing(files: list[RunFile], n: int = 4) -> str:
     names = [f.path.name for f in files]
     more = f" and {len(names) - n} more" if len(names) > n else ""
     return ", ".join(names[:n]) + more
+
+
+def run_record(adapter: Path, steps: int | None) -> RunRecord:
+    """The run that wrote `adapter` (its directory's train_log.jsonl, and the checkpoint of step
+    `steps`); empty where the adapter no longer lies beside them."""
+    from ggtrain.train.checkpoint import load_checkpoint
+
+    rec = RunRecord()
+    log = adapter.parent / "train_log.jsonl"
+    if log.is_file():
+        try:
+            for line in log.read_text(encoding="utf-8").splitlines():
+                r = json.loads(line)
+                if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                    continue
+                if steps is not None and r["step"] > steps:
+                    continue
+                if isinstance(r.get("loss"), (int, float)):
+                    rec.losses[r["step"]] = float(r["loss"])
+                if isinstance(r.get("val_loss"), (int, float)):
+                    rec.val_losses[r["step"]] = float(r["val_loss"])
+        except (OSError, UnicodeDecodeError, ValueError):
+            rec.losses, rec.val_losses = {}, {}  # not our log: the card goes without its figures
+    if steps is not None:
+        for ck_path in sorted(adapter.parent.glob("*.npz")):
+            if str(steps) not in ck_path.name and "LATEST" not in ck_path.name:
+                continue
+            try:
+                ck = load_checkpoint(ck_path)
+            except GGTrainError:
+                continue
+            if ck.step == steps:
+                rec.config = dict(ck.config)
+                break
+    return rec
