@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from ggtrain.samples import sample_path
 
-from ggtrain.dataset.batches import Batch, Batches, DataOptions, prepare_data
+from ggtrain.dataset.batches import Batch, Batches
+from ggtrain.dataset.samples import DataOptions, prepare_data
 from ggtrain.gguf.defaults import default_model_path
 from ggtrain.gguf.modelfile import ModelFile
 from ggtrain.text.tokenizer import Tokenizer

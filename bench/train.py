@@ -56,7 +56,8 @@ def make_batches(args: argparse.Namespace, out: Path) -> dict:
     """The first --steps batches ggtrain's pipeline gives for these flags, saved as (steps, rows, ctx)."""
     import numpy as np
 
-    from ggtrain.dataset.batches import DataOptions, load_batches
+    from ggtrain.dataset.batches import load_batches
+    from ggtrain.dataset.samples import DataOptions
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.text.tokenizer import Tokenizer
 

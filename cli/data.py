@@ -9,7 +9,8 @@ import click
 from ggtrain.cli.dataflags import data_options, data_options_from
 from ggtrain.cli.options import Command, Int, PathType
 
-from ggtrain.dataset.batches import Sample, TokenData, data_stats, prepare_data
+from ggtrain.dataset.batches import data_stats
+from ggtrain.dataset.samples import Sample, TokenData, prepare_data
 from ggtrain.errors import GGTrainError
 from ggtrain.gguf.defaults import default_model_path
 from ggtrain.gguf.modelfile import ModelFile

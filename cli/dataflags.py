@@ -18,8 +18,8 @@ from typing import Any
 import click
 from ggtrain.cli.options import SEED_REFUSALS, UINT32_MAX, Float, Int, PathType, Text
 
-from ggtrain.dataset.batches import DEFAULT_CTX, DEFAULT_SEED, DataOptions
 from ggtrain.dataset.formats import FORMATS
+from ggtrain.dataset.samples import DEFAULT_CTX, DEFAULT_SEED, DataOptions
 
 _FILE = PathType(exists=True, path_type=Path)
 

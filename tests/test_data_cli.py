@@ -14,7 +14,7 @@ from ggtrain.cli.data import data as data_cmd
 from ggtrain.cli.dataflags import DATA_FLAGS, data_options, data_options_from
 from ggtrain.samples import sample_path
 
-from ggtrain.dataset.batches import DataOptions
+from ggtrain.dataset.samples import DataOptions
 
 TEMPLATE = Path(__file__).with_name("gemma3_chat_template.jinja")
 

@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 from bytetok import BYTE0, ByteTokenizer, JinjaTemplate
 
-from ggtrain.dataset.batches import (
-    Batches,
+from ggtrain.dataset.batches import Batches, data_stats
+from ggtrain.dataset.formats import Example
+from ggtrain.dataset.samples import (
     DataOptions,
     Sample,
     TokenData,
-    data_stats,
     load_file,
     prepare_data,
     tokenize_example,
 )
-from ggtrain.dataset.formats import Example
 from ggtrain.errors import GGTrainError
 
 TOK = ByteTokenizer()
@@ -267,6 +266,21 @@ def test_batch_shapes_dtypes_and_last_short_batch():
     assert [p.n_rows for p in parts] == [1, 1] and np.array_equal(parts[1].tokens[0], x.tokens[1])
 
 
+def test_batch_split_is_the_rows_in_order():
+    """Micro-batches (the trainer's unit) are the batch's rows [i, i + k), every array alike, and
+    carry the data position of their first row."""
+    data = make_data([10] * 7)
+    x = Batches(data, 7, replace(OPTS, ctx=9, fill_with_next_samples=False)).next()
+    parts = x.split(3)
+    assert [p.n_rows for p in parts] == [3, 3, 1]
+    for i, p in zip((0, 3, 6), parts):
+        for name in ("tokens", "targets", "mask", "positions", "segments"):
+            assert np.array_equal(getattr(p, name), getattr(x, name)[i:i + 3])
+        assert (p.epoch, p.index) == (x.epoch, x.index + i)
+    assert sum(p.n_trained for p in parts) == x.n_trained
+    assert [p.n_rows for p in x.split(7)] == [7] and [p.n_rows for p in x.split(100)] == [7]
+
+
 def test_continuation_windows_start_with_bos_and_truncate():
     data = make_data([40])
     s = data.samples[0]
@@ -430,7 +444,7 @@ def test_prompt_response_boundary_clean_and_straddling():
     assert s.train.tolist() == [False, False, False, True, True]
     # The same at the end of a trained part followed by an untrained one (chat: "...\n" + "H...").
     parts_tok = MergingTokenizer(add_bos=False)
-    from ggtrain.dataset.batches import _encode_parts
+    from ggtrain.dataset.samples import _encode_parts
 
     ids, train = _encode_parts(parts_tok, [("a", False), ("b\n", True), ("Hc", False)], False)
     assert ids.tolist() == [301, BYTE0 + 97, BYTE0 + 98, 300, BYTE0 + 99]

@@ -14,8 +14,9 @@ import pytest
 from bytetok import ByteTokenizer
 from ggtrain.samples import SAMPLES_DIR
 
-from ggtrain.dataset.batches import DataOptions, load_batches, load_file, prepare_data
+from ggtrain.dataset.batches import load_batches
 from ggtrain.dataset.formats import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, read_examples
+from ggtrain.dataset.samples import DataOptions, load_file, prepare_data
 from ggtrain.errors import GGTrainError
 
 TOK = ByteTokenizer()

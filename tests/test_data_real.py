@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from ggtrain.samples import sample_path
 
-from ggtrain.dataset.batches import Batches, DataOptions, data_stats, prepare_data
+from ggtrain.dataset.batches import Batches, data_stats
 from ggtrain.dataset.formats import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
+from ggtrain.dataset.samples import DataOptions, prepare_data
 from ggtrain.gguf.defaults import default_model_path
 from ggtrain.gguf.modelfile import ModelFile
 from ggtrain.text.tokenizer import Tokenizer

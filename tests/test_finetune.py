@@ -173,7 +173,8 @@ def test_config_toml_sets_flags_and_adapter_loads_back(model: Path, tmp_path: Pa
     # The validation loss logged at the end is reproduced from the written adapter alone.
     logged = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     val_logged = [x["val_loss"] for x in logged if "val_loss" in x][-1]
-    from ggtrain.dataset.batches import DataOptions, load_batches
+    from ggtrain.dataset.batches import load_batches
+    from ggtrain.dataset.samples import DataOptions
     from ggtrain.model.transformer import Adapter, Model
     from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.train.trainer import mean_loss
@@ -198,7 +199,8 @@ def test_bad_config_and_missing_data_give_one_line(model: Path, tmp_path: Path) 
 def test_monitor_near_limit_shrinks_micro_batch_within_the_step(model: Path, tmp_path: Path) -> None:
     """In-process: when RSS nears the limit mid-step, the rest of the step runs with a smaller
     micro-batch and the step's loss and update are those of the unconstrained step."""
-    from ggtrain.dataset.batches import DataOptions, load_batches
+    from ggtrain.dataset.batches import load_batches
+    from ggtrain.dataset.samples import DataOptions
     from ggtrain.model.lora import LoraWeights, target_shapes
     from ggtrain.model.transformer import Model
     from ggtrain.text.tokenizer import Tokenizer

@@ -189,7 +189,8 @@ def test_divergence_stops_with_the_last_good_adapter(model: Path, three_rows: Pa
 
 # -- Ctrl-C, in-process: the presses arrive exactly where the test wants them ----------------------
 def _trainer(model: Path, outdir: Path, steps: int, save_every: int = 0):
-    from ggtrain.dataset.batches import DataOptions, load_batches
+    from ggtrain.dataset.batches import load_batches
+    from ggtrain.dataset.samples import DataOptions
     from ggtrain.gguf.arch import read_hparams
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes

@@ -12,7 +12,8 @@ import llamacpp
 import pytest
 
 from ggtrain.adapters.gguf_lora import read_gguf_adapter
-from ggtrain.dataset.batches import DataOptions, load_batches
+from ggtrain.dataset.batches import load_batches
+from ggtrain.dataset.samples import DataOptions
 from ggtrain.gguf.defaults import default_model_path
 from ggtrain.gguf.modelfile import ModelFile
 from ggtrain.model.transformer import Adapter, Model

@@ -15,7 +15,8 @@ import pytest
 from ggtrain.errors import GGTrainError
 from ggtrain.gguf.defaults import default_model_path
 from ggtrain.gguf.modelfile import ModelFile
-from ggtrain.text.tokenizer import ATTR_CONTROL, ATTR_USER_DEFINED, Tokenizer
+from ggtrain.text.tokenizer import Tokenizer
+from ggtrain.text.vocab import ATTR_CONTROL, ATTR_USER_DEFINED, Vocab
 
 VOCABS = ["llama-spm", "llama-bpe", "qwen2", "phi-3", "gpt-2", "deepseek-llm", "deepseek-coder",
           "command-r", "falcon", "starcoder", "refact", "mpt", "qwen35"]
@@ -193,7 +194,7 @@ def _check_offsets(tok: Tokenizer, text: str, parse_special: bool) -> None:
     import numpy as np
 
     ids, start = tok.encode_offsets(text, add_special=False, parse_special=parse_special)
-    ids2, byte_pos = tok._encode(text, False, parse_special, False)  # starts in (escaped) UTF-8 bytes
+    ids2, byte_pos, _ = tok._encode_fragments(text, parse_special)  # starts in (escaped) UTF-8 bytes
     assert ids.tolist() == ids2.tolist() == tok.encode(text, add_special=False, parse_special=parse_special)
     spm = tok.kind == "spm"
     chars = [c.replace(" ", "\u2581") if spm else c for c in text]
@@ -316,14 +317,14 @@ def test_unicode_categories_equal_llamacpp_tables():
 def test_bad_metadata():
     base = {"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b"]}
     with pytest.raises(GGTrainError, match="unsupported tokenizer.ggml.model 'bert'"):
-        Tokenizer({**base, "tokenizer.ggml.model": "bert"}, "m.gguf")
+        Vocab.from_metadata({**base, "tokenizer.ggml.model": "bert"}, "m.gguf")
     with pytest.raises(GGTrainError, match="tokenizer.ggml.pre = 'nonesuch'"):
-        Tokenizer({**base, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "nonesuch"}, "m.gguf")
+        Vocab.from_metadata({**base, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "nonesuch"}, "m.gguf")
     with pytest.raises(GGTrainError, match="no tokenizer"):
-        Tokenizer({}, "m.gguf")
+        Vocab.from_metadata({}, "m.gguf")
     with pytest.raises(GGTrainError, match="without tokenizer.ggml.merges"):
-        Tokenizer({"tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2"},
-                  "m.gguf")
+        Vocab.from_metadata({"tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2"},
+                            "m.gguf")
 
 
 def _clean_spaces_reference(b: bytes) -> bytes:

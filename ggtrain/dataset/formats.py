@@ -4,7 +4,7 @@ A text file in the "### Instruction: / ### Response:" form is read as Alpaca pai
 `_instruction_pairs`); a directory in MLX-LM's layout names its files with `data_dir_files`.
 
 Nothing here tokenises: an Example says which text is trained (response, assistant turns) and
-which is context (prompt); ggtrain.dataset.batches turns it into tokens and a loss mask.
+which is context (prompt); ggtrain.dataset.samples turns it into tokens and a loss mask.
 
 Bad input (a malformed JSON line, a missing column, a field of the wrong type, an empty file,
 bytes that are not UTF-8) raises GGTrainError naming the file and the line, or with
@@ -679,7 +679,7 @@ def read_examples(path: str | Path, fmt: str = "auto", text_column: str | None =
                   sample_start: str | None = None, include_sample_start: bool = False,
                   escape: bool = False, skip_bad_lines: bool = False) -> ReadResult:
     """Read one training file into Examples. fmt: one of FORMATS (a container, a schema, or auto).
-    A directory in MLX-LM's layout is read as its train.jsonl (ggtrain.dataset.batches takes its valid.jsonl)."""
+    A directory in MLX-LM's layout is read as its train.jsonl (ggtrain.dataset.samples takes its valid.jsonl)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise GGTrainError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
