@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 import click
+from ggtrain.cli.common import model_option, open_model
 from ggtrain.cli.dataflags import data_options, data_options_from
-from ggtrain.cli.options import Command, Int, PathType
+from ggtrain.cli.options import Command, Int
 
 from ggtrain.dataset.batches import data_stats
 from ggtrain.dataset.samples import Sample, TokenData, prepare_data
 from ggtrain.errors import GGTrainError
-from ggtrain.gguf.defaults import default_model_path
-from ggtrain.gguf.modelfile import ModelFile
 
 OPEN, CLOSE = "[[", "]]"  # trained text, when there is no colour
 
@@ -84,15 +83,13 @@ def _report(name: str, data: TokenData, opts, tok, show: int, color: bool) -> No
 
 
 @click.command(cls=Command)
-@click.option("-m", "--model", "model", type=PathType(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="GGUF model whose tokenizer (and chat template) is used "
-                                 "(default: Gemma 3 270M Q4_K_M).")
+@model_option(help="GGUF model whose tokenizer (and chat template) is used")
 @data_options
 @click.option("--show", type=Int(min=0), default=3, show_default=True,
               help="How many samples to print with their trained tokens marked.")
 @click.option("--color/--no-color", default=None,
               help="Mark trained tokens in colour (default: when stdout is a terminal), else [[like this]].")
-def data(model: Path | None, show: int, color: bool | None, **kw) -> None:
+def data(model_path: Path | None, show: int, color: bool | None, **kw) -> None:
     """Check training data before training: the detected format, counts of samples, tokens and
     trained tokens, how samples fit --ctx, and the first samples with trained tokens marked."""
     from ggtrain.text.tokenizer import Tokenizer
@@ -100,7 +97,7 @@ def data(model: Path | None, show: int, color: bool | None, **kw) -> None:
     opts = data_options_from(kw)
     if opts.train_data is None:
         raise GGTrainError("no training data: pass --train-data FILE (or a directory)")
-    mf = ModelFile(model or default_model_path())
+    _, mf = open_model(model_path)
     tok = Tokenizer.from_model_file(mf)
     prep = prepare_data(opts, tok, mf)
     if color is None:

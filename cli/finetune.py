@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
 from ggtrain.cli.dataflags import data_options, data_options_from
 from ggtrain.cli.options import (
     BATCH_MAX,
     EPOCHS_MAX,
     EPOCHS_REFUSALS,
-    THREADS_MAX,
     Command,
     Float,
     Int,
@@ -96,8 +96,7 @@ def _toml_repr(v: Any) -> str:
 @click.option("--config", type=PathType(exists=True, dir_okay=False, path_type=Path), is_eager=True,
               expose_value=False, callback=load_config,
               help="TOML file whose keys set any of these options (flags on the command line win).")
-@click.option("-m", "--model", "--model-base", "model_path", type=PathType(dir_okay=False, path_type=Path),
-              help="Base model GGUF, any supported quantization (default: the bundled Gemma 3 270M Q4_K_M).")
+@model_option("--model-base")
 @data_options
 @click.option("--outdir", type=PathType(file_okay=False, path_type=Path), default=Path("out"),
               show_default=True, help="Directory for adapters, checkpoints and train_log.jsonl.")
@@ -131,8 +130,7 @@ def _toml_repr(v: Any) -> str:
 @click.option("--mem-limit", type=Size(), default=None, metavar="SIZE",
               help="Memory the run may use, e.g. 6G or 1500M (default: a safe share of available RAM). "
                    "The micro-batch is chosen to fit, and shrunk if RSS nears the limit.")
-@click.option("-t", "--threads", type=Int(min=1, max=THREADS_MAX), default=None,
-              help="Threads for every kernel (default: physical cores).")
+@threads_option()
 @click.option("--lora-r", type=Int(min=1), default=8, show_default=True,
               help="LoRA rank of every adapted projection.")
 @click.option("--lora-alpha", type=Float(min=0, min_open=True), default=16.0, show_default=True,
@@ -204,12 +202,9 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     from ggtrain import kernels
     from ggtrain.dataset.batches import load_batches
     from ggtrain.gguf.arch import read_hparams
-    from ggtrain.gguf.defaults import default_model_path
-    from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.model.lora import DEFAULT_TARGETS, LoraConfig, LoraWeights, target_shapes
     from ggtrain.model.transformer import Model
     from ggtrain.text.tokenizer import Tokenizer
-    from ggtrain.threads import default_threads, set_threads
     from ggtrain.train.checkpoint import load_checkpoint
     from ggtrain.train.memory import check_fits, default_mem_limit, format_bytes
     from ggtrain.train.outputs import OutputPaths, RunOutputs
@@ -234,11 +229,10 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     fresh = checkpoint_in is None
     outputs = RunOutputs(out, fresh=fresh, resume_from=checkpoint_in, overwrite=overwrite)
     click.get_current_context().call_on_close(outputs.release)
-    n_threads = set_threads(threads or default_threads())
+    n_threads = start_threads(threads)
 
     t0 = time.perf_counter()
-    path = model_path or default_model_path()
-    mf = ModelFile(path)
+    path, mf = open_model(model_path)
     hp = read_hparams(mf)
 
     # The LoRA settings and the memory a step needs are checked before anything big is allocated

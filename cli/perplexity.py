@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import click
-from ggtrain.cli.options import THREADS_MAX, Command, Int, LoraArg, PathType
+from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
+from ggtrain.cli.options import Command, Int, LoraArg, PathType
 
 from ggtrain.errors import GGTrainError
 
@@ -25,16 +26,14 @@ def read_text(path: Path) -> str:
 
 
 @click.command(cls=Command)
-@click.option("-m", "--model", "model_path", type=PathType(dir_okay=False, path_type=Path),
-              help="Base model GGUF (default: the bundled Gemma 3 270M Q4_K_M).")
+@model_option()
 @click.option("-f", "--file", "text_file", required=True, type=PathType(dir_okay=False, path_type=Path),
               help="Text file to measure perplexity on.")
 @click.option("-c", "--ctx-size", "n_ctx", default=512, show_default=True, type=Int(min=4),
               help="Tokens per chunk; the second half of each chunk is scored.")
 @click.option("-b", "--batch-size", "n_batch", default=2048, show_default=True, type=Int(min=1),
               help="Tokens per forward pass: batch-size // ctx-size chunks are evaluated together.")
-@click.option("-t", "--threads", default=None, type=Int(min=1, max=THREADS_MAX),
-              help="Threads for every kernel (default: physical cores).")
+@threads_option()
 @click.option("--chunks", "n_chunks", default=-1, show_default=True, type=Int(min=1, also={-1: "all"}),
               help="Stop after this many chunks (-1: all).")
 @click.option("--lora", "loras", type=LoraArg(), multiple=True, metavar="ADAPTER[:SCALE]",
@@ -53,19 +52,15 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
 
     from ggtrain import kernels
     from ggtrain.adapters.load import load_adapter_arg
-    from ggtrain.gguf.defaults import default_model_path
-    from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.model.perplexity import perplexity_chunks
     from ggtrain.model.transformer import Adapter, Model
     from ggtrain.text.tokenizer import Tokenizer
-    from ggtrain.threads import default_threads, set_threads
 
-    set_threads(threads or default_threads())
+    start_threads(threads)
     notice = kernels.first_run_notice()
     if notice:
         click.echo(f"perplexity: {notice}", err=True)
-    path = model_path or default_model_path()
-    mf = ModelFile(path)
+    _, mf = open_model(model_path)
     if matmul == "auto":
         matmul = "int8" if kernels.int8_available() else "f32"
     model = Model(mf, matmul=matmul)

@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 
 import click
+from ggtrain.cli.common import model_option, open_model
 from ggtrain.cli.options import Command, PathType
 
 from ggtrain.errors import GGTrainError
-from ggtrain.gguf.defaults import default_model_path
-from ggtrain.gguf.modelfile import ModelFile
 from ggtrain.text.tokenizer import Tokenizer
 
 _ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("'"): b"'", ord('"'): b'"',
@@ -49,8 +48,7 @@ def process_escapes(raw: bytes) -> bytes:
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-m", "--model", type=PathType(dir_okay=False, path_type=Path), default=None,
-              help="GGUF model whose tokenizer to use (default: the default model, Gemma 3 270M).")
+@model_option(help="GGUF model whose tokenizer to use")
 @click.option("-p", "--prompt", type=str, default=None, help="Text to tokenize.")
 @click.option("-f", "--file", "file", type=PathType(dir_okay=False, path_type=Path), default=None,
               help="Read the text from FILE, byte for byte (a final newline is a token too).")
@@ -63,7 +61,7 @@ def process_escapes(raw: bytes) -> bytes:
 @click.option("--no-escape", is_flag=True,
               help=r"Take \n, \t, \xHH ... in the text literally (by default they are processed).")
 @click.option("--show-count", is_flag=True, help="Print the number of tokens at the end.")
-def tokenize(model: Path | None, prompt: str | None, file: Path | None, use_stdin: bool, ids: bool,
+def tokenize(model_path: Path | None, prompt: str | None, file: Path | None, use_stdin: bool, ids: bool,
              no_bos: bool, no_parse_special: bool, no_escape: bool, show_count: bool) -> None:
     """Tokenize a text with a GGUF model's tokenizer, as llama.cpp's llama-tokenize does.
 
@@ -92,7 +90,7 @@ def tokenize(model: Path | None, prompt: str | None, file: Path | None, use_stdi
     # invalid UTF-8 (only possible through \xHH or a binary file) becomes U+FFFD
     text = raw.decode("utf-8", errors="replace")
 
-    tok = Tokenizer.from_model_file(ModelFile(model or default_model_path(), check_types=False))
+    tok = Tokenizer.from_model_file(open_model(model_path, check_types=False)[1])
     add_special = tok.add_bos and not no_bos  # llama-tokenize passes add_bos as add_special
     tokens = tok.encode(text, add_special=add_special, parse_special=not no_parse_special)
 
