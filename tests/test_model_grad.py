@@ -27,7 +27,7 @@ def make_model(arch: str, qtype: str = "F32", dropout: float = 0.0, targets=TARG
     rng = np.random.default_rng(1)
     for e in lora.entries.values():  # B != 0 so that A has a gradient too
         e.B[...] = rng.normal(0, 0.05, e.B.shape).astype(np.float32)
-    model.trainable = lora
+    model = model.with_trainable(lora)
     return model
 
 
