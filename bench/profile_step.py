@@ -61,7 +61,7 @@ def main() -> None:
                             np.ones((args.batch, args.ctx), np.float32))
     lcfg = LoraConfig.make(r=args.rank, alpha=2.0 * args.rank, targets=PROJECTIONS)
     lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=0)
-    model.trainable = lora
+    model = model.with_trainable(lora)
     grads = lora.zeros_like()
     opt = AdamW({"lora": lora.flat}, lr=1e-4)
 

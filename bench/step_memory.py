@@ -3,6 +3,10 @@ of ggtrain.train.memory.estimate_step_memory.
 
     python bench/step_memory.py [-m MODEL.gguf] [-c 512] [-b 1] [-r 8] [-t 2]
 
+The estimate is checked against `ggtrain finetune` itself (the process whose micro-batch it
+chooses): each setting runs two steps of it on the same text, --micro-batch b, and its whole
+peak RSS (sampled VmHWM) is set beside the estimate, with the difference in percent.
+
 Each setting runs in a fresh process (python bench/step_memory.py --worker ...), which loads the
 model, builds a ctx-token batch of real text (a licence from /usr/share/common-licenses), sets up a
 rank-r LoRA (alpha 2r) on the 7 projections with its gradients and AdamW state, and runs two steps
@@ -18,8 +22,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 # goes to the end of the path, where only our helper module is looked up.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
 
-from benchutil import MiB, PeakSampler, load_average, reset_peak_rss, vm_hwm
+from benchutil import MiB, PeakSampler, load_average, reset_peak_rss, run_sampled, vm_hwm
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 
@@ -64,7 +70,7 @@ def worker(args: argparse.Namespace) -> None:
 
     lcfg = LoraConfig.make(r=args.rank, alpha=2.0 * args.rank, targets=PROJECTIONS)
     lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=0)
-    model.trainable = lora
+    model = model.with_trainable(lora)
     grads = lora.zeros_like()
     opt = AdamW({"lora": lora.flat}, lr=1e-4)
     load_s = time.perf_counter() - t0
@@ -87,6 +93,20 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"steps": steps, "load_s": load_s, "n_lora": lora.n_params}), flush=True)
 
 
+def finetune_peak(args: argparse.Namespace, checkpointing: bool, outdir: Path) -> int:
+    """Peak RSS of `ggtrain finetune` running two steps of this setting."""
+    cmd = [sys.executable, "-m", "ggtrain.cli.main", "finetune", "-m", str(args.model),
+           "--train-data", str(TEXT), "--format", "text", "--outdir", str(outdir), "-c", str(args.ctx), "-b", str(args.batch),
+           "--micro-batch", str(args.batch), "--lora-r", str(args.rank), "--lora-alpha", str(2 * args.rank),
+           "--lora-dropout", "0", "--adam-iter", "2", "--save-every", "0", "-t", str(args.threads),
+           "--use-checkpointing" if checkpointing else "--no-checkpointing", "--overwrite"]
+    proc, peak = run_sampled(cmd, env=dict(os.environ, TQDM_DISABLE="1"))
+    if proc.returncode:
+        raise SystemExit(f"ggtrain finetune failed ({proc.returncode}):\n{' '.join(cmd)}\n"
+                         f"{proc.stderr[-3000:]}")
+    return peak
+
+
 def estimate(model: Path, ctx: int, batch: int, rank: int, checkpointing: bool, threads: int) -> dict[str, int]:
     from ggtrain.gguf.arch import read_hparams
     from ggtrain.gguf.modelfile import ModelFile
@@ -100,7 +120,7 @@ def estimate(model: Path, ctx: int, batch: int, rank: int, checkpointing: bool, 
     total = estimate_step_memory(hp, lcfg, ctx, batch, checkpointing, size, threads=threads)
     parts = memory_breakdown(hp, lcfg, ctx, batch, checkpointing, size, threads=threads)
     fixed = sum(v for k, v in parts.items() if k.startswith(("weights", "runtime", "safety")))
-    return {"total": total, "step": parts["total"] - fixed}
+    return {"total": total, "step": parts["total"] - fixed, "parts": parts}
 
 
 def main() -> None:
@@ -130,6 +150,8 @@ def main() -> None:
         if proc.returncode:
             raise SystemExit(f"worker {setting} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
+        with tempfile.TemporaryDirectory() as tmp:
+            res["finetune_peak"] = finetune_peak(args, setting == "checkpointing", Path(tmp) / "out")
         est = estimate(args.model, args.ctx, args.batch, args.rank, setting == "checkpointing", args.threads)
         rows.append((setting, res, est))
 
@@ -144,15 +166,18 @@ def main() -> None:
                   f"{mib(s['peak'] - s['before'])} {mib(est['total']):>9} {mib(est['step'])}"
                   + ("" if s["exact"] else "  (sampled)"))
     print(f"(LoRA parameters {rows[0][1]['n_lora']:,}; {load_average()})")
-    ck, nock = rows[0][2], rows[1][2]
-    d_ck = max(s["peak"] - s["before"] for s in rows[0][1]["steps"])
-    d_nock = max(s["peak"] - s["before"] for s in rows[1][1]["steps"])
-    p_ck = max(s["peak"] for s in rows[0][1]["steps"])
-    p_nock = max(s["peak"] for s in rows[1][1]["steps"])
-    print(f"peak RSS: checkpointing {p_ck / MiB:.0f} MiB (estimate {ck['total'] / MiB:.0f}), "
-          f"no checkpointing {p_nock / MiB:.0f} MiB (estimate {nock['total'] / MiB:.0f}); "
-          f"step delta {d_ck / MiB:.0f} vs {d_nock / MiB:.0f} MiB")
-
+    for setting, _, est in rows:
+        print(f"estimate, {setting}: " + ", ".join(f"{k} {v / MiB:.0f}" for k, v in est["parts"].items()))
+    figures = []
+    for setting, res, est in rows:
+        peak = res["finetune_peak"]
+        figures.append(f"{setting} {peak / MiB:.0f} MiB (estimate {est['total'] / MiB:.0f}, "
+                       f"{100 * (est['total'] / peak - 1):+.0f}%)")
+    print("ggtrain finetune peak RSS: " + ", ".join(figures))
+    deltas = [max(s["peak"] - s["before"] for s in res["steps"]) for _, res, _ in rows]
+    peaks = [max(s["peak"] for s in res["steps"]) for _, res, _ in rows]
+    print(f"library step peak RSS: checkpointing {peaks[0] / MiB:.0f} MiB, no checkpointing "
+          f"{peaks[1] / MiB:.0f} MiB; step delta {deltas[0] / MiB:.0f} vs {deltas[1] / MiB:.0f} MiB")
 
 if __name__ == "__main__":
     main()

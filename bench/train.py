@@ -93,7 +93,7 @@ def library_worker(args: argparse.Namespace) -> None:
     model = Model(mf, hp)
     lcfg = LoraConfig.make(r=args.rank, alpha=args.alpha, dropout=0.0, targets=PROJECTIONS)
     lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=args.seed)
-    model.trainable = lora
+    model = model.with_trainable(lora)
     grads = lora.zeros_like()
     opt = AdamW({"lora": lora.flat}, lr=args.lr, weight_decay=0.0)
     data = np.load(args.worker_batches)

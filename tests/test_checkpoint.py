@@ -18,8 +18,6 @@ from ggtrain.train.checkpoint import (
     Checkpoint,
     load_checkpoint,
     model_fingerprint,
-    restore_rng,
-    rng_state,
     save_checkpoint,
 )
 from ggtrain.train.optim import AdamW
@@ -57,7 +55,7 @@ def training_state(base, steps=3, seed=0):
 def make_checkpoint(base, lw, opt, rng, step=3):
     return Checkpoint(lora=lw, optimizer=opt.state_dict(), step=step, epoch=1,
                       data_position={"epoch": 1, "cursor": 17, "order_seed": 5, "nested": [1, 2, {"a": None}]},
-                      rng={"dropout": rng_state(rng)}, config={"lr": 1e-2, "ctx": 128, "model": "base.gguf"},
+                      config={"lr": 1e-2, "ctx": 128, "model": "base.gguf"},
                       base_fingerprint=model_fingerprint(base), base_name=base.path.name,
                       extra={"losses": [3.5, 3.25]})
 
@@ -77,16 +75,13 @@ def test_round_trip_exact_and_resume_continues_identically(tmp_path):
     np.testing.assert_array_equal(back.optimizer["m"]["lora"], opt.m["lora"])
     np.testing.assert_array_equal(back.optimizer["v"]["lora"], opt.v["lora"])
 
-    # continuing from the checkpoint gives bit-identical parameters and random numbers
+    # continuing from the checkpoint gives bit-identical parameters
     opt2 = AdamW({"lora": back.lora.flat})
     opt2.load_state_dict(back.optimizer)
-    rng2 = restore_rng(back.rng["dropout"])
     for _ in range(4):
         g = rng.standard_normal(lw.flat.shape).astype(np.float32)
-        g2 = rng2.standard_normal(lw.flat.shape).astype(np.float32)
-        np.testing.assert_array_equal(g, g2)
         opt.step({"lora": g})
-        opt2.step({"lora": g2})
+        opt2.step({"lora": g})
     np.testing.assert_array_equal(back.lora.flat, lw.flat)
 
 
@@ -190,13 +185,3 @@ def test_real_write_failure_in_subprocess(tmp_path):
     assert p.read_bytes() == before
     assert load_checkpoint(p, base).step == 3
 
-
-def test_rng_state_helpers():
-    rng = np.random.default_rng(123)
-    rng.random(10)
-    st = rng_state(rng)
-    a = rng.random(5)
-    b = restore_rng(st).random(5)
-    np.testing.assert_array_equal(a, b)
-    with pytest.raises(GGTrainError, match="bit generator"):
-        restore_rng({"bit_generator": "os.system"})

@@ -309,3 +309,16 @@ def test_non_finite_learning_rate_is_refused_and_writes_nothing(model: Path, thr
     r = finetune(model, three_rows, out, "--adam-iter", "2", "--learning-rate", value)
     assert r.returncode == 2 and "--learning-rate" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()  # no adapter, no checkpoint, no empty outdir
+
+
+def test_the_trainer_leaves_the_model_it_is_given_as_it_is(model: Path, tmp_path: Path) -> None:
+    tr = _trainer(model, tmp_path / "o", steps=1)
+    assert tr.model.trainable is tr.lora
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.transformer import Model
+    from ggtrain.train.trainer import Trainer
+
+    given = Model(ModelFile(model))
+    tr2 = Trainer(given, tr.lora, tr.train, None, tr.cfg, tr.out, echo=lambda m: None)
+    assert given.trainable is None and tr2.model is not given and tr2.model.trainable is tr.lora
+    assert tr2.model.layers is given.layers

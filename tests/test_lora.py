@@ -96,8 +96,6 @@ def test_flat_layout_views():
     assert np.shares_memory(e.B, lw.flat) and (lw.flat == 3.0).sum() == e.B.size
     g = lw.zeros_like()
     assert g.layout == lw.layout and not np.any(g.flat) and not np.shares_memory(g.flat, lw.flat)
-    t = lw.tensors()
-    assert set(t) == {f"{n}.lora_{x}" for n in lw.names for x in "ab"}
     back = LoraWeights.from_layout_dict(lw.layout_dict(), lw.flat.copy())
     np.testing.assert_array_equal(back["blk.0.attn_k.weight"].B, e.B)
     d = lw.delta("blk.0.attn_k.weight")
@@ -199,3 +197,72 @@ def test_dropout_semantics():
     y, cache = lora_linear_forward(x, x @ W.T, A, B, 1.0, mask)
     np.testing.assert_array_equal(cache.xd, x * mask)
     np.testing.assert_allclose(y, x @ W.T + ((x * mask) @ A.T) @ B.T, rtol=1e-5, atol=1e-5)
+
+
+# -- the LoRA layer: a base weight with its terms ------------------------------------------------
+def f32_weight(W):
+    from gguf.constants import GGMLQuantizationType
+
+    from ggtrain.model.linear import QWeight
+
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    return QWeight(W.view(np.uint8), int(GGMLQuantizationType.F32), W.shape)
+
+
+def test_lora_linear_serves_every_product_of_the_merged_weight():
+    from ggtrain.model.linear import LoraLinear, LoraTerm
+    from ggtrain.model.lora import LoraEntry
+
+    rng = np.random.default_rng(5)
+    x, W, A1, B1 = make_case(rng, T=9, n_in=32, n_out=48, r=4, dtype=np.float32)
+    _, _, A2, B2 = make_case(rng, T=9, n_in=32, n_out=48, r=2, dtype=np.float32)
+    _, _, A3, B3 = make_case(rng, T=9, n_in=32, n_out=48, r=3, dtype=np.float32)
+    bias = rng.standard_normal(48).astype(np.float32)
+    fixed = [LoraTerm(A1, B1, 0.7), LoraTerm(A2, B2, 1.5)]
+    trained = LoraTerm(A3, B3, 2.0, trainable=True)
+    f64 = [a.astype(np.float64) for a in (x, W, A1, B1, A2, B2, A3, B3)]
+    x64, W64 = f64[0], f64[1]
+    merged = W64 + 0.7 * f64[3] @ f64[2] + 1.5 * f64[5] @ f64[4]  # W' of the fixed terms
+    head = LoraLinear(f32_weight(W), fixed)
+
+    # merge, the cross-entropy's chunks and target rows: all the same W'
+    np.testing.assert_allclose(head.merged_rows(5, 20), merged[5:20], rtol=1e-5, atol=1e-5)
+    assert head.merged_rows(0, 48).dtype == np.float32
+    np.testing.assert_allclose(head.matmul(x, 5, 20), x64 @ merged[5:20].T, rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal((9, 15)).astype(np.float32)
+    np.testing.assert_allclose(head.matmul_t(dy, 5, 20), dy.astype(np.float64) @ merged[5:20], rtol=1e-4, atol=1e-4)
+    ids = np.array([3, 7, 7, 40])
+    np.testing.assert_allclose(head.rows(ids), merged[ids], rtol=1e-5, atol=1e-5)
+    args = (np.zeros(9, np.int64), 0.0, np.zeros(9), np.zeros(9), np.zeros(9))
+    assert head.lse_chunk(x, 0, 48, *args) is False  # the terms change the logits: no fused int8 path
+
+    # forward and backward with a trainable term beside the fixed ones
+    lin = LoraLinear(f32_weight(W), [*fixed, trained], bias)
+    y, cache = lin.forward(x, keep=True)
+    full = merged + 2.0 * f64[7] @ f64[6]
+    np.testing.assert_allclose(y, x64 @ full.T + bias, rtol=1e-4, atol=1e-4)
+    dy = rng.standard_normal((9, 48)).astype(np.float32)
+    grad = LoraEntry("w", np.zeros_like(A3), np.zeros_like(B3), 6.0, 0.0)
+    out = np.ones((9, 32), np.float32)
+    dx = lin.backward(dy, cache, grad, out=out, accumulate=True)
+    assert dx is out
+    dy64 = dy.astype(np.float64)
+    np.testing.assert_allclose(dx, 1.0 + dy64 @ full, rtol=1e-4, atol=1e-4)  # every term's input gradient
+    np.testing.assert_allclose(grad.B, 2.0 * dy64.T @ (x64 @ f64[6].T), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grad.A, 2.0 * (dy64 @ f64[7]).T @ x64, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="cache"):
+        lin.backward(dy, None, grad)
+    with pytest.raises(ValueError, match="at most one trainable"):
+        LoraLinear(f32_weight(W), [trained, trained])
+
+
+def test_lora_term_of_an_entry():
+    from ggtrain.model.linear import LoraTerm
+
+    cfg = LoraConfig.make(r=4, alpha=8, dropout=0.2, targets=["attn_q"])
+    lw = LoraWeights.init(cfg, target_shapes(fake_tensors(1), cfg, 1))
+    e = lw["blk.0.attn_q.weight"]
+    fixed, trained = LoraTerm.of(e, 0.5), LoraTerm.of(e, trainable=True)
+    assert fixed.scale == 1.0 and fixed.dropout == 0.0 and not fixed.trainable  # inference adapters never drop
+    assert trained.scale == 2.0 and trained.dropout == 0.2 and trained.trainable
+    assert fixed.A is e.A and trained.B is e.B

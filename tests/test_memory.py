@@ -153,3 +153,74 @@ def test_monitor_sees_a_real_allocation():
         assert not mon.near_limit()
     assert mon._thread is None  # stopped and joined
     assert MemoryMonitor().near_limit() is False  # no limit, never near it
+
+
+ACT_CK, ACT_FULL = "activations (block inputs + one block recomputed)", "activations (all blocks)"
+
+
+def test_estimate_is_computed_from_the_declared_block_cache(monkeypatch):
+    """An array added to BlockCache's declaration is in the estimate at once: its bytes once per block
+    kept (one under checkpointing, every layer without), and only for models with its option."""
+    from dataclasses import field, make_dataclass
+
+    from ggtrain.model.saved import BlockCache, saved
+    from ggtrain.train import memory
+
+    ctx = 256
+    plain = SimpleNamespace(**{**vars(GEMMA), "has_qk_norm": False})
+
+    def acts(hp):
+        return (memory_breakdown(hp, CFG, ctx, 1, True, FILE, threads=2)[ACT_CK],
+                memory_breakdown(hp, CFG, ctx, 1, False, FILE, threads=2)[ACT_FULL])
+
+    before, before_plain = acts(GEMMA), acts(plain)
+    wider = make_dataclass("Wider", [("extra", np.ndarray, field(metadata=saved("T", "ff")))],
+                           bases=(BlockCache,), kw_only=True)
+    monkeypatch.setattr(memory, "BlockCache", wider)
+    ck, full = acts(GEMMA)
+    assert ck - before[0] == ctx * GEMMA.n_ff * 4
+    assert full - before[1] == GEMMA.n_layer * ctx * GEMMA.n_ff * 4
+    normed = make_dataclass("Normed", [("extra", np.ndarray, field(metadata=saved("T", "d", when="has_qk_norm")))],
+                            bases=(BlockCache,), kw_only=True)
+    monkeypatch.setattr(memory, "BlockCache", normed)
+    assert acts(GEMMA)[0] - before[0] == ctx * GEMMA.n_embd * 4
+    assert acts(plain) == before_plain
+
+
+def _buffer(a):
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_block_cache_holds_what_it_declares(arch):
+    """The arrays block_forward really keeps have their declared shapes, and the memory they own adds
+    up to BlockCache.nbytes (llama: no q/k or post norms; qwen3: q/k norms; gemma3: both; dropout on
+    some projections only)."""
+    from tinymodels import tiny_model
+
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.saved import BlockCache, block_dims, check_shapes, projection_shapes
+    from ggtrain.model.transformer import Batch, Model
+
+    mf = ModelFile(tiny_model(arch, "Q8_0"))
+    model = Model(mf)
+    cfg = LoraConfig.make(r=4, dropout=0.1, dropouts={"attn_k": 0.0, "ffn_up": 0.0}, ranks={"attn_v": 2})
+    model = model.with_trainable(LoraWeights.init(cfg, target_shapes(mf.tensors, cfg, model.hp.n_layer)))
+    T = 24
+    ids = np.random.default_rng(0).integers(5, 500, T + 1).astype(np.int32)
+    _, state = model.forward(Batch.from_rows(ids[None, :-1], ids[None, 1:], np.ones((1, T))), train=True,
+                             checkpointing=False, step_seed=3)
+    c = state.caches[1]
+    assert isinstance(c, BlockCache) and set(c.lora) == set(cfg.targets)
+    check_shapes(c, block_dims(model.hp, T))
+    shapes = projection_shapes(model.hp)
+    for t, lc in c.lora.items():
+        check_shapes(lc, {"T": T, "in": shapes[t][1], "r": cfg.targets[t].rank})
+        assert (lc.mask is not None) == (cfg.targets[t].dropout > 0)
+    assert (c.q_pre is not None) == model.hp.has_qk_norm and (c.f_pre is not None) == model.hp.has_post_norms
+    arrays = [getattr(c, f) for f in vars(c) if isinstance(getattr(c, f), np.ndarray)]
+    arrays += [a for lc in c.lora.values() for a in vars(lc).values() if isinstance(a, np.ndarray)]
+    owned = {id(b): b.nbytes for b in map(_buffer, arrays) if b is not _buffer(c.x)}
+    assert sum(owned.values()) == BlockCache.nbytes(model.hp, cfg.targets, T)

@@ -27,7 +27,7 @@ def make_model(arch: str, qtype: str = "F32", dropout: float = 0.0, targets=TARG
     rng = np.random.default_rng(1)
     for e in lora.entries.values():  # B != 0 so that A has a gradient too
         e.B[...] = rng.normal(0, 0.05, e.B.shape).astype(np.float32)
-    model.trainable = lora
+    model = model.with_trainable(lora)
     return model
 
 
@@ -114,3 +114,17 @@ def test_packed_samples_do_not_see_each_other() -> None:
     _, s2 = model.forward(other, train=False)
     np.testing.assert_array_equal(s1.loss_state.losses[17:], s2.loss_state.losses[17:])
     assert not np.array_equal(s1.loss_state.losses[:16], s2.loss_state.losses[:16])
+
+
+def test_with_trainable_leaves_the_model_as_it_is() -> None:
+    base = Model(ModelFile(tiny_model("llama", "F32")))
+    trained = make_model("llama")  # B != 0: the LoRA moves the loss
+    lora = trained.trainable
+    assert lora is not None and base.trainable is None
+    m = base.with_trainable(lora)
+    assert m.trainable is lora and base.trainable is None and m.layers is base.layers  # weights shared
+    with pytest.raises(AttributeError):
+        base.trainable = lora  # type: ignore[misc]
+    batch = packed_batch(base.hp.n_vocab)
+    assert m.forward(batch, train=False)[0] != base.forward(batch, train=False)[0]
+    assert m.forward(batch, train=False)[0] == trained.forward(batch, train=False)[0]

@@ -26,7 +26,10 @@ _SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
 
 @dataclass
 class HParams:
-    """Everything the forward pass needs to know about a model's shape and numerics."""
+    """Everything the forward pass needs to know about a model's shape and numerics.
+
+    It alone says which norms and options an architecture has (has_qk_norm, has_post_norms, ...):
+    the model loads the tensors it names and the memory estimate counts what they keep."""
 
     arch: str
     n_vocab: int
@@ -53,7 +56,7 @@ class HParams:
     final_softcap: float = 0.0
     attn_scale: float = 0.0  # multiplier of q·k; 1/sqrt(head_dim) unless the architecture says
     embd_scale: float = 1.0  # Gemma scales token embeddings by sqrt(n_embd)
-    has_qk_norm: bool = False
+    has_qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm of q and k (attn_q_norm, attn_k_norm)
     has_post_norms: bool = False  # Gemma: post-attention and post-FFN RMSNorm
     ffn_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU)
     tied_output: bool = False

@@ -1,4 +1,4 @@
-"""LoRA: which projections are adapted, the trainable A/B matrices, and the LoRA linear op.
+"""LoRA: which projections are adapted, the trainable A/B matrices, and the math of one LoRA term.
 
 For an adapted base weight W (out, in), a LoRA pair adds a low-rank update:
     y = x·Wᵀ + scale · (drop(x)·Aᵀ)·Bᵀ,   A (r, in), B (out, r), scale = alpha / r
@@ -8,7 +8,8 @@ Dropout is PEFT's: inverted dropout (keep with 1-p, scale by 1/(1-p)) on the LoR
 
 All parameters live in one flat float32 buffer (`LoraWeights.flat`) with per-tensor views, so the
 optimizer and the checkpoint handle a single array; `LoraWeights.zeros_like()` gives gradients of
-the same layout.
+the same layout. `lora_linear_forward` / `lora_linear_backward` are one term's forward/backward pair;
+ggtrain.model.linear.LoraLinear (a base weight with its terms) is the layer the model uses.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ggtrain.errors import GGTrainError
+from ggtrain.model.saved import LoraCache
 
 # Adaptable projections, in the order the block computes them; "output" is the LM head.
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output")
@@ -197,9 +199,6 @@ class LoraWeights:
         """A buffer of the same layout filled with zeros (gradients, optimizer moments)."""
         return LoraWeights(self.layout)
 
-    def copy(self) -> LoraWeights:
-        return LoraWeights(self.layout, self.flat.copy())
-
     # -- access ----------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
@@ -218,14 +217,6 @@ class LoraWeights:
     def n_params(self) -> int:
         return self.flat.size
 
-    def tensors(self) -> dict[str, np.ndarray]:
-        """'NAME.lora_a' -> A view, 'NAME.lora_b' -> B view (the GGUF adapter's tensor names)."""
-        out = {}
-        for name, e in self.entries.items():
-            out[f"{name}.lora_a"] = e.A
-            out[f"{name}.lora_b"] = e.B
-        return out
-
     def delta(self, name: str) -> np.ndarray:
         """float64 (out, in) merged update scale · B·A of one tensor (merge, tests)."""
         e = self.entries[name]
@@ -240,22 +231,13 @@ class LoraWeights:
         return cls({n: (int(v[0]), int(v[1]), int(v[2]), float(v[3]), float(v[4])) for n, v in d.items()}, flat)
 
 
-# -- the LoRA linear op -------------------------------------------------------------------------
+# -- one LoRA term: forward and backward ---------------------------------------------------------
 def dropout_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float) -> np.ndarray | None:
     """Inverted-dropout mask f32 `shape`: 0 with probability p, else 1/(1-p). None when p == 0."""
     if p <= 0.0:
         return None
     keep = rng.random(shape, dtype=np.float32) >= np.float32(p)
     return keep.astype(np.float32) * np.float32(1.0 / (1.0 - p))
-
-
-@dataclass
-class LoraCache:
-    """What the backward of one LoRA linear needs: the LoRA input and its projection."""
-
-    xd: np.ndarray  # f32 (T, in): drop(x), or x itself (no copy) without dropout
-    h: np.ndarray  # f32 (T, r): xd·Aᵀ
-    mask: np.ndarray | None  # f32 (T, in) inverted-dropout mask, or None
 
 
 def lora_linear_forward(x: np.ndarray, base_y: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float,

@@ -23,6 +23,7 @@ checkpointing (the default) a block keeps only its input and recomputes the rest
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,69 +37,9 @@ from ggtrain.kernels.attention import attention_backward, attention_forward
 from ggtrain.kernels.loss import CrossEntropyStats, cross_entropy_backward, cross_entropy_forward
 from ggtrain.kernels.norm import rmsnorm_backward, rmsnorm_forward
 from ggtrain.kernels.rope import rope_backward, rope_cache, rope_forward
-from ggtrain.model.lora import LoraWeights, dropout_mask, lora_linear_backward, lora_linear_forward
-
-PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-class QWeight:
-    """A frozen base weight W (rows, cols) kept in its GGUF type; products go through qmatmul
-    (or, when int8 is set — only for types with an int8 form — qmatmul_int8: inference only)."""
-
-    def __init__(self, data: np.ndarray, qtype: int, shape: tuple[int, int]):
-        self.data, self.qtype, self.shape = data, qtype, shape
-        self.int8 = False
-
-    def matmul(self, x: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
-        """x (T, cols) -> x·W[r0:r1]ᵀ (T, r1-r0)."""
-        if self.int8:
-            return kernels.qmatmul_int8(x, self.data[r0:r1], self.qtype)
-        return kernels.qmatmul(x, self.data[r0:r1], self.qtype)
-
-    def lse_chunk(self, x: np.ndarray, r0: int, r1: int, targets: np.ndarray, softcap: float,
-                  run_max: np.ndarray, run_sum: np.ndarray, tgt_logit: np.ndarray) -> bool:
-        """As a head: fold rows r0:r1's logits for x straight into the cross-entropy's running stats
-        (kernels.qmatmul_int8_lse) and say True; False where that is not this weight's path (f32)."""
-        if not self.int8:
-            return False
-        kernels.qmatmul_int8_lse(x, self.data[r0:r1], self.qtype, r0, targets, softcap, run_max, run_sum, tgt_logit)
-        return True
-
-    def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None,
-                 accumulate: bool = False) -> np.ndarray:
-        """dy (T, r1-r0) -> dy·W[r0:r1] (T, cols)."""
-        return kernels.qmatmul_backward_input(dy, self.data[r0:r1], self.qtype, out=out, accumulate=accumulate)
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        return kernels.get_rows(self.data, self.qtype, ids)
-
-
-class LoraHead:
-    """The output head W plus fixed (inference) LoRA updates: W' = W + Σ s·B·A, never merged.
-
-    Serves the cross-entropy's chunked products: rows r0:r1 of W' are W[r0:r1] + Σ s·B[r0:r1]·A.
-    """
-
-    def __init__(self, base: QWeight, loras: list[tuple[np.ndarray, np.ndarray, float]]):
-        self.base, self.loras, self.shape = base, loras, base.shape
-
-    def matmul(self, x: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
-        y = self.base.matmul(x, r0, r1)
-        for A, B, s in self.loras:
-            y += (x @ A.T * np.float32(s)) @ B[r0:r1].T
-        return y
-
-    def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
-        dx = self.base.matmul_t(dy, r0, r1)
-        for A, B, s in self.loras:
-            dx += (dy @ B[r0:r1] * np.float32(s)) @ A
-        return dx
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        w = self.base.rows(ids)
-        for A, B, s in self.loras:
-            w += (B[ids] * np.float32(s)) @ A
-        return w
+from ggtrain.model.linear import LoraLinear, LoraTerm, QWeight
+from ggtrain.model.lora import LoraWeights, tensor_name
+from ggtrain.model.saved import CE_CHUNK, PROJECTIONS, BlockCache, LoraCache
 
 
 def _vector(mf: ModelFile, name: str) -> np.ndarray:
@@ -151,7 +92,7 @@ class Batch:
 
 @dataclass
 class Adapter:
-    """A LoRA applied at some scale: the trainable one (scale 1) or loaded ones for inference."""
+    """A fixed (inference) LoRA applied at some scale (--lora, --lora-scaled)."""
 
     lora: LoraWeights
     scale: float = 1.0
@@ -163,13 +104,13 @@ class StepState:
 
     batch: Batch
     block_inputs: list[np.ndarray]  # per layer: its input x (T, d)
-    caches: list[dict | None]  # per layer: intermediates, None when checkpointed
+    caches: list[BlockCache | None]  # per layer: what its backward needs, None when checkpointed
     final_x: np.ndarray  # (T, d) input of the output norm
     final_rstd: np.ndarray
     final_h: np.ndarray  # (T, d) normed: the loss's input
     loss_state: CrossEntropyStats
     ropes: dict[int, np.ndarray] = field(default_factory=dict)
-    step_seed: int = 0
+    seed: np.random.SeedSequence = field(default_factory=lambda: np.random.SeedSequence(0))
     train: bool = True
 
 
@@ -179,6 +120,8 @@ MATMUL_MODES = ("f32", "int8")
 class Model:
     """A GGUF model's frozen base plus LoRA adapters: forward, loss, backward.
 
+    `adapters` are fixed LoRAs applied at inference; the LoRA being trained is given once, by
+    `with_trainable(lora)`, which returns the model that trains it (this one is left as it is).
     matmul "f32" (the default, and the only mode training accepts) multiplies by dequantized f32
     tiles; "int8" quantizes activations to int8 as llama.cpp does (qmatmul_int8), for evaluation.
     """
@@ -195,10 +138,22 @@ class Model:
         self.rope_freqs = _vector(mf, "rope_freqs.weight") if "rope_freqs.weight" in mf.tensors else None
         self.layers = [self._load_layer(il) for il in range(hp.n_layer)]
         self.adapters: list[Adapter] = []  # inference-time adapters (not trained)
-        self.trainable: LoraWeights | None = None
-        self.dropout = True
+        self._trainable: LoraWeights | None = None
         self.matmul = "f32"
         self.set_matmul(matmul)
+
+    @property
+    def trainable(self) -> LoraWeights | None:
+        """The LoRA this model trains (forward keeps its inputs, backward gives its gradients)."""
+        return self._trainable
+
+    def with_trainable(self, lora: LoraWeights) -> Model:
+        """This model training `lora`: the same frozen weights (not copied) and the same adapters;
+        self is not changed."""
+        m = copy.copy(self)
+        m._trainable = lora
+        m.adapters = list(self.adapters)
+        return m
 
     def warmup(self) -> None:
         """One tiny evaluation forward (2 tokens), as llama.cpp runs before its first decode: pages in
@@ -212,7 +167,7 @@ class Model:
     def set_matmul(self, mode: str) -> None:
         """Switch every base product to "f32" or "int8" (int8 needs kernels.int8_available())."""
         if mode not in MATMUL_MODES:
-            raise GGTrainError(f"matmul mode {mode!r}: expected one of {', '.join(MATMUL_MODES)}")
+            raise ValueError(f"matmul mode {mode!r}: expected one of {', '.join(MATMUL_MODES)}")
         if mode == "int8" and not kernels.int8_available():
             raise GGTrainError("int8 matmul needs a CPU with AVX512-VNNI (this one has none); use f32")
         self.matmul = mode
@@ -220,7 +175,7 @@ class Model:
             w.int8 = mode == "int8" and kernels.int8_supported(w.qtype)
 
     def _load_layer(self, il: int) -> Layer:
-        mf, p = self.mf, f"blk.{il}."
+        mf, p, hp = self.mf, f"blk.{il}.", self.hp
         w = {}
         for name in PROJECTIONS:
             t = mf.tensor(p + name + ".weight")
@@ -228,33 +183,34 @@ class Model:
         bias = {n: _vector(mf, p + n + ".bias") for n in ("attn_q", "attn_k", "attn_v")
                 if p + n + ".bias" in mf.tensors}
         layer = Layer(_vector(mf, p + "attn_norm.weight"), w, bias, _vector(mf, p + "ffn_norm.weight"))
-        if self.hp.has_qk_norm or p + "attn_q_norm.weight" in mf.tensors:
+        if hp.has_qk_norm:
             layer.q_norm = _vector(mf, p + "attn_q_norm.weight")
             layer.k_norm = _vector(mf, p + "attn_k_norm.weight")
-        if self.hp.has_post_norms:
+        if hp.has_post_norms:
             layer.attn_post_norm = _vector(mf, p + "post_attention_norm.weight")
             layer.ffn_post_norm = _vector(mf, p + "post_ffw_norm.weight")
         return layer
 
-    # -- adapters ------------------------------------------------------------------------------
-    def _loras(self, name: str) -> list[tuple[np.ndarray, np.ndarray, float, float, bool]]:
-        """(A, B, scale, dropout, trainable) for every adapter touching base tensor `name`."""
-        out = []
-        for ad in self.adapters:
-            if name in ad.lora:
-                e = ad.lora[name]
-                out.append((e.A, e.B, e.scale * ad.scale, 0.0, False))
-        if self.trainable is not None and name in self.trainable:
-            e = self.trainable[name]
-            out.append((e.A, e.B, e.scale, e.dropout, True))
-        return out
+    # -- the LoRA layers -----------------------------------------------------------------------
+    def linear(self, il: int | None, target: str) -> LoraLinear:
+        """Projection `target` of block il ("output", il None: the LM head) with every adapter on it:
+        the inference adapters' terms, then the trainable LoRA's."""
+        name = tensor_name(target, il)
+        if target == "output":
+            base, bias = self.head, None
+        else:
+            base, bias = self.layers[il].w[target], self.layers[il].bias.get(target)
+        terms = [LoraTerm.of(ad.lora[name], ad.scale) for ad in self.adapters if name in ad.lora]
+        if self._trainable is not None and name in self._trainable:
+            terms.append(LoraTerm.of(self._trainable[name], trainable=True))
+        return LoraLinear(base, terms, bias)
 
-    def output_head(self) -> QWeight | LoraHead:
+    def output_head(self) -> LoraLinear:
         """The LM head, with any inference adapters' output.weight LoRA applied on the fly."""
-        if self.trainable is not None and "output.weight" in self.trainable:
-            raise GGTrainError("training a LoRA on the output head is not supported yet (use --rank-output 0)")
-        loras = [(A, B, s) for A, B, s, _, _ in self._loras("output.weight")]
-        return LoraHead(self.head, loras) if loras else self.head
+        head = self.linear(None, "output")
+        if head.trainable is not None:
+            raise ValueError("training a LoRA on the output head is not supported yet (use --rank-output 0)")
+        return head
 
     # -- rope ----------------------------------------------------------------------------------
     def _rope_tables(self, positions: np.ndarray) -> dict[int, np.ndarray]:
@@ -273,122 +229,110 @@ class Model:
             per_layer[il] = tables[key]
         return per_layer
 
-    # -- one linear with LoRA ------------------------------------------------------------------
-    def _linear_forward(self, x: np.ndarray, w: QWeight, name: str, bias: np.ndarray | None,
-                        rng: np.random.Generator | None, cache: dict | None) -> np.ndarray:
-        y = w.matmul(x)
-        if bias is not None:
-            y += bias
-        for A, B, scale, p, trainable in self._loras(name):
-            mask = dropout_mask(rng, x.shape, p) if (trainable and rng is not None and self.dropout) else None
-            y, lc = lora_linear_forward(x, y, A, B, scale, mask)
-            if trainable and cache is not None:
-                cache["lora:" + name] = lc
-        return y
-
-    def _linear_backward(self, dy: np.ndarray, x: np.ndarray, w: QWeight, name: str, cache: dict,
-                         grads: LoraWeights | None) -> np.ndarray:
-        dx = w.matmul_t(dy)
-        lc = cache.get("lora:" + name)
-        if lc is not None and grads is not None:
-            e, g = self.trainable[name], grads[name]
-            _, _, dx_lora = lora_linear_backward(dy, x, e.A, e.B, e.scale, lc, dA_out=g.A, dB_out=g.B)
-            dx += dx_lora
-        return dx
-
     # -- block ---------------------------------------------------------------------------------
     def block_forward(self, il: int, x: np.ndarray, batch: Batch, rope: np.ndarray,
-                      rng: np.random.Generator | None, keep: bool) -> tuple[np.ndarray, dict | None]:
-        """x (T, d) -> (T, d). keep=True returns the intermediates backward needs."""
+                      rng: np.random.Generator | None, keep: bool) -> tuple[np.ndarray, BlockCache | None]:
+        """x (T, d) -> (T, d). keep=True also returns what backward needs (rng: dropout masks)."""
         hp, L = self.hp, self.layers[il]
         T = x.shape[0]
-        c: dict | None = {} if keep else None
         neox = hp.rope_type == ROPE_NEOX
-        p = f"blk.{il}."
+        lora: dict[str, LoraCache] = {}
+
+        def project(target: str, inp: np.ndarray) -> np.ndarray:
+            y, lc = self.linear(il, target).forward(inp, rng, keep)
+            if lc is not None:
+                lora[target] = lc
+            return y
 
         h, rstd1 = rmsnorm_forward(x, L.attn_norm, hp.norm_eps)
-        q = self._linear_forward(h, L.w["attn_q"], p + "attn_q.weight", L.bias.get("attn_q"), rng, c)
-        k = self._linear_forward(h, L.w["attn_k"], p + "attn_k.weight", L.bias.get("attn_k"), rng, c)
-        v = self._linear_forward(h, L.w["attn_v"], p + "attn_v.weight", L.bias.get("attn_v"), rng, c)
-        q = q.reshape(T, hp.n_head, hp.head_dim)
-        k = k.reshape(T, hp.n_head_kv, hp.head_dim)
-        v = v.reshape(T, hp.n_head_kv, hp.head_dim_v)
-        if L.q_norm is not None:
+        q = project("attn_q", h).reshape(T, hp.n_head, hp.head_dim)
+        k = project("attn_k", h).reshape(T, hp.n_head_kv, hp.head_dim)
+        v = project("attn_v", h).reshape(T, hp.n_head_kv, hp.head_dim_v)
+        q_pre = k_pre = rstd_q = rstd_k = None
+        if hp.has_qk_norm:
             q_pre, k_pre = q, k
             q, rstd_q = rmsnorm_forward(q, L.q_norm, hp.norm_eps)
             k, rstd_k = rmsnorm_forward(k, L.k_norm, hp.norm_eps)
         qr = rope_forward(q, rope, neox)
         kr = rope_forward(k, rope, neox)
         window = hp.n_swa if hp.is_swa(il) else 0
-        a, att = attention_forward(qr, kr, v, hp.attn_scale, hp.attn_softcap, window, batch.segments)
-        a2 = a.reshape(T, hp.n_head * hp.head_dim_v)
-        o = self._linear_forward(a2, L.w["attn_output"], p + "attn_output.weight", None, rng, c)
-        if L.attn_post_norm is not None:
+        a, lse = attention_forward(qr, kr, v, hp.attn_scale, hp.attn_softcap, window, batch.segments)
+        o = project("attn_output", a.reshape(T, hp.n_head * hp.head_dim_v))
+        o_pre = rstd_po = None
+        if hp.has_post_norms:
             o_pre = o
             o, rstd_po = rmsnorm_forward(o, L.attn_post_norm, hp.norm_eps)
         x2 = x + o
 
         h2, rstd2 = rmsnorm_forward(x2, L.ffn_norm, hp.norm_eps)
-        g = self._linear_forward(h2, L.w["ffn_gate"], p + "ffn_gate.weight", None, rng, c)
-        u = self._linear_forward(h2, L.w["ffn_up"], p + "ffn_up.weight", None, rng, c)
+        g = project("ffn_gate", h2)
+        u = project("ffn_up", h2)
         m = geglu_forward(g, u) if hp.ffn_act == "gelu_tanh" else swiglu_forward(g, u)
-        f = self._linear_forward(m, L.w["ffn_down"], p + "ffn_down.weight", None, rng, c)
-        if L.ffn_post_norm is not None:
+        f = project("ffn_down", m)
+        f_pre = rstd_pf = None
+        if hp.has_post_norms:
             f_pre = f
             f, rstd_pf = rmsnorm_forward(f, L.ffn_post_norm, hp.norm_eps)
         x3 = x2 + f
+        if not keep:
+            return x3, None
+        return x3, BlockCache(x=x, h=h, rstd1=rstd1, q_pre=q_pre, k_pre=k_pre, rstd_q=rstd_q, rstd_k=rstd_k,
+                              qr=qr, kr=kr, v=v, a=a, lse=lse, o_pre=o_pre, rstd_po=rstd_po, x2=x2, h2=h2,
+                              rstd2=rstd2, g=g, u=u, m=m, f_pre=f_pre, rstd_pf=rstd_pf, lora=lora)
 
-        if keep:
-            c.update(x=x, h=h, rstd1=rstd1, qr=qr, kr=kr, v=v, a=a, a2=a2, att=att, x2=x2, h2=h2,
-                     rstd2=rstd2, g=g, u=u, m=m)
-            if L.q_norm is not None:
-                c.update(q_pre=q_pre, k_pre=k_pre, rstd_q=rstd_q, rstd_k=rstd_k)
-            if L.attn_post_norm is not None:
-                c.update(o_pre=o_pre, rstd_po=rstd_po, f_pre=f_pre, rstd_pf=rstd_pf)
-        return x3, c
-
-    def block_backward(self, il: int, dx3: np.ndarray, c: dict, batch: Batch, rope: np.ndarray,
-                       grads: LoraWeights | None) -> np.ndarray:
-        """dL/dx3 (T, d) -> dL/dx (T, d); adds the block's LoRA gradients into grads."""
+    def block_backward(self, il: int, dx3: np.ndarray, c: BlockCache, batch: Batch, rope: np.ndarray,
+                       grads: LoraWeights) -> np.ndarray:
+        """dL/dx3 (T, d) -> dL/dx (T, d); adds the block's LoRA gradients into grads. The input
+        gradients of q, k, v (and of gate, up) accumulate into one buffer."""
         hp, L = self.hp, self.layers[il]
         T = dx3.shape[0]
         neox = hp.rope_type == ROPE_NEOX
-        p = f"blk.{il}."
+
+        def project_back(target: str, dy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+            lin = self.linear(il, target)
+            grad = grads[tensor_name(target, il)] if lin.trainable is not None else None
+            return lin.backward(dy, c.lora.get(target), grad, out=out, accumulate=out is not None)
 
         # x3 = x2 + f
         df = dx3
-        if L.ffn_post_norm is not None:
-            df = rmsnorm_backward(df, c["f_pre"], L.ffn_post_norm, c["rstd_pf"])
-        dm = self._linear_backward(df, c["m"], L.w["ffn_down"], p + "ffn_down.weight", c, grads)
+        if hp.has_post_norms:
+            df = rmsnorm_backward(df, c.f_pre, L.ffn_post_norm, c.rstd_pf)
+        dm = project_back("ffn_down", df)
         if hp.ffn_act == "gelu_tanh":
-            dg, du = geglu_backward(dm, c["g"], c["u"])
+            dg, du = geglu_backward(dm, c.g, c.u)
         else:
-            dg, du = swiglu_backward(dm, c["g"], c["u"])
-        dh2 = self._linear_backward(dg, c["h2"], L.w["ffn_gate"], p + "ffn_gate.weight", c, grads)
-        dh2 += self._linear_backward(du, c["h2"], L.w["ffn_up"], p + "ffn_up.weight", c, grads)
-        dx2 = dx3 + rmsnorm_backward(dh2, c["x2"], L.ffn_norm, c["rstd2"])
+            dg, du = swiglu_backward(dm, c.g, c.u)
+        del dm, df
+        dh2 = project_back("ffn_gate", dg)
+        project_back("ffn_up", du, out=dh2)
+        del dg, du
+        dx2 = rmsnorm_backward(dh2, c.x2, L.ffn_norm, c.rstd2)
+        dx2 += dx3
+        del dh2
 
         # x2 = x + o
         do = dx2
-        if L.attn_post_norm is not None:
-            do = rmsnorm_backward(do, c["o_pre"], L.attn_post_norm, c["rstd_po"])
-        da2 = self._linear_backward(do, c["a2"], L.w["attn_output"], p + "attn_output.weight", c, grads)
-        da = da2.reshape(T, hp.n_head, hp.head_dim_v)
+        if hp.has_post_norms:
+            do = rmsnorm_backward(do, c.o_pre, L.attn_post_norm, c.rstd_po)
+        da = project_back("attn_output", do).reshape(T, hp.n_head, hp.head_dim_v)
+        del do
         window = hp.n_swa if hp.is_swa(il) else 0
-        dqr, dkr, dv = attention_backward(da, c["qr"], c["kr"], c["v"], c["a"], c["att"], hp.attn_scale,
-                                          hp.attn_softcap, window, batch.segments)
+        dqr, dkr, dv = attention_backward(da, c.qr, c.kr, c.v, c.a, c.lse, hp.attn_scale, hp.attn_softcap,
+                                          window, batch.segments)
+        del da
         dq = rope_backward(dqr, rope, neox)
         dk = rope_backward(dkr, rope, neox)
-        if L.q_norm is not None:
-            dq = rmsnorm_backward(dq, c["q_pre"], L.q_norm, c["rstd_q"])
-            dk = rmsnorm_backward(dk, c["k_pre"], L.k_norm, c["rstd_k"])
-        dq = dq.reshape(T, -1)
-        dk = dk.reshape(T, -1)
-        dv = dv.reshape(T, -1)
-        dh = self._linear_backward(dq, c["h"], L.w["attn_q"], p + "attn_q.weight", c, grads)
-        dh += self._linear_backward(dk, c["h"], L.w["attn_k"], p + "attn_k.weight", c, grads)
-        dh += self._linear_backward(dv, c["h"], L.w["attn_v"], p + "attn_v.weight", c, grads)
-        return dx2 + rmsnorm_backward(dh, c["x"], L.attn_norm, c["rstd1"])
+        del dqr, dkr
+        if hp.has_qk_norm:
+            dq = rmsnorm_backward(dq, c.q_pre, L.q_norm, c.rstd_q)
+            dk = rmsnorm_backward(dk, c.k_pre, L.k_norm, c.rstd_k)
+        dh = project_back("attn_q", dq.reshape(T, -1))
+        project_back("attn_k", dk.reshape(T, -1), out=dh)
+        project_back("attn_v", dv.reshape(T, -1), out=dh)
+        del dq, dk, dv
+        dx = rmsnorm_backward(dh, c.x, L.attn_norm, c.rstd1)
+        dx += dx2
+        return dx
 
     # -- whole model ---------------------------------------------------------------------------
     def embed(self, tokens: np.ndarray) -> np.ndarray:
@@ -400,30 +344,34 @@ class Model:
             x *= np.float32(self.hp.embd_scale)
         return x
 
-    def _rng(self, step_seed: int, il: int) -> np.random.Generator | None:
-        # Dropout masks are drawn from (step seed, layer): recomputation redraws the very same.
-        if self.trainable is None or not self.dropout:
+    def _rng(self, seed: np.random.SeedSequence, il: int) -> np.random.Generator | None:
+        # Dropout masks come from the step's seed and the layer (the seed's il-th child): the
+        # checkpointed backward's recomputation redraws the very same.
+        if self._trainable is None:
             return None
-        return np.random.default_rng([step_seed, il])
+        return np.random.default_rng(np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, il)))
 
     def forward(self, batch: Batch, train: bool = True, checkpointing: bool = True,
-                step_seed: int = 0, chunk: int = 16384) -> tuple[float, StepState]:
+                step_seed: int | np.random.SeedSequence = 0,
+                chunk: int = CE_CHUNK) -> tuple[float, StepState]:
         """Mean cross-entropy over the trained targets of `batch`, and the state backward needs.
 
         train=False keeps nothing for backward and uses no dropout (evaluation, perplexity).
-        Training needs the f32 matmul (int8 has no backward).
+        Training needs the f32 matmul (int8 has no backward). step_seed: the dropout masks' seed.
         """
         if train and self.matmul != "f32":
-            raise GGTrainError(f"training needs the f32 matmul, not {self.matmul} (it has no backward)")
+            raise ValueError(f"training needs the f32 matmul, not {self.matmul} (it has no backward)")
         hp = self.hp
+        seed = step_seed if isinstance(step_seed, np.random.SeedSequence) else \
+            np.random.SeedSequence(step_seed)
         ropes = self._rope_tables(batch.positions)
         x = self.embed(batch.tokens)
         inputs: list[np.ndarray] = []
-        caches: list[dict | None] = []
+        caches: list[BlockCache | None] = []
         for il in range(hp.n_layer):
             if train:
                 inputs.append(x)
-            rng = self._rng(step_seed, il) if train else None
+            rng = self._rng(seed, il) if train else None
             x, c = self.block_forward(il, x, batch, ropes[il], rng, keep=train and not checkpointing)
             caches.append(c)
         hf, rstd = rmsnorm_forward(x, self.output_norm, hp.norm_eps)
@@ -432,7 +380,7 @@ class Model:
                                                      final_softcap=hp.final_softcap, chunk=chunk, with_grad=True)
         else:
             loss, loss_state = self._scored_rows_loss(hf, batch, chunk)
-        state = StepState(batch, inputs, caches, x, rstd, hf, loss_state, ropes, step_seed, train)
+        state = StepState(batch, inputs, caches, x, rstd, hf, loss_state, ropes, seed, train)
         return float(loss), state
 
     def _scored_rows_loss(self, hf: np.ndarray, batch: Batch, chunk: int) -> tuple[float, CrossEntropyStats]:
@@ -455,13 +403,14 @@ class Model:
         hp = self.hp
         dhf = cross_entropy_backward(state.final_h, self.output_head(), state.loss_state, dloss)
         dx = rmsnorm_backward(dhf, state.final_x, self.output_norm, state.final_rstd)
+        del dhf
         for il in reversed(range(hp.n_layer)):
             c = state.caches[il]
             if c is None:  # checkpointed: recompute this block's intermediates
                 _, c = self.block_forward(il, state.block_inputs[il], state.batch, state.ropes[il],
-                                          self._rng(state.step_seed, il), keep=True)
+                                          self._rng(state.seed, il), keep=True)
             dx = self.block_backward(il, dx, c, state.batch, state.ropes[il], grads)
-            state.caches[il] = None
+            state.caches[il] = c = None
             state.block_inputs[il] = None  # type: ignore[call-overload]
 
     def logits(self, batch: Batch, rows: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,23 +51,6 @@ def model_fingerprint(mf: ModelFile) -> str:
     return h.hexdigest()
 
 
-def rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    """JSON-able state of a numpy Generator (restore with restore_rng)."""
-    return rng.bit_generator.state
-
-
-def restore_rng(state: Mapping[str, Any]) -> np.random.Generator:
-    """A Generator continuing exactly from rng_state(...)."""
-    name = state.get("bit_generator")
-    bitgen_cls = getattr(np.random, str(name), None)
-    if bitgen_cls is None or not isinstance(bitgen_cls, type) or \
-            not issubclass(bitgen_cls, np.random.BitGenerator):
-        raise GGTrainError(f"unknown RNG bit generator {name!r} in checkpoint")
-    bg = bitgen_cls()
-    bg.state = dict(state)
-    return np.random.Generator(bg)
-
-
 @dataclass
 class Checkpoint:
     """The state of a run between two optimizer steps."""
@@ -78,7 +60,6 @@ class Checkpoint:
     step: int  # optimizer steps done
     epoch: int
     data_position: dict[str, Any] = field(default_factory=dict)  # opaque to us: the data loader's state
-    rng: dict[str, Any] = field(default_factory=dict)  # name -> rng_state(...) (JSON-able)
     config: dict[str, Any] = field(default_factory=dict)  # the run's settings (JSON-able)
     base_fingerprint: str = ""
     base_name: str = ""  # file name of the base model, for messages
@@ -100,7 +81,7 @@ def save_checkpoint(path: str | os.PathLike, ck: Checkpoint) -> Path:
     meta = {
         "format": FORMAT, "version": VERSION,
         "lora_layout": ck.lora.layout_dict(), "optimizer": opt, "step": int(ck.step), "epoch": int(ck.epoch),
-        "data_position": ck.data_position, "rng": ck.rng, "config": ck.config,
+        "data_position": ck.data_position, "config": ck.config,
         "base_fingerprint": ck.base_fingerprint, "base_name": ck.base_name, "extra": ck.extra,
         "sha256": {k: _sha(a) for k, a in arrays.items()},
     }
@@ -234,6 +215,6 @@ def _checkpoint_from(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndar
         prefix = f"opt.{key}."
         optimizer[key] = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
     return Checkpoint(lora=lora, optimizer=optimizer, step=int(meta["step"]), epoch=int(meta["epoch"]),
-                      data_position=meta.get("data_position", {}), rng=meta.get("rng", {}),
+                      data_position=meta.get("data_position", {}),
                       config=meta.get("config", {}), base_fingerprint=meta.get("base_fingerprint", ""),
                       base_name=meta.get("base_name", ""), extra=meta.get("extra", {}))

@@ -1,20 +1,24 @@
 """Memory: estimate a training step's peak from the model's dims, choose the micro-batch that fits,
 and watch RSS while training.
 
-The estimate follows what ggtrain.model.transformer keeps (T = micro_batch · ctx tokens, f32 = 4 bytes):
+The estimate follows what ggtrain.model keeps (T = micro_batch · ctx tokens, f32 = 4 bytes):
 - the base weights, mmap'd and all touched every step: the model file's size;
-- per layer, what block_forward keeps for backward: x, h, x2, h2 (4·d), q/k after RoPE and v,
-  the attention output and its logsumexp, gate/up/act (3·ff), Gemma's pre-post-norm outputs,
-  Qwen3/Gemma 3's pre-q/k-norm q and k, the LoRA branch inputs with dropout (+ their masks) and
-  x·Aᵀ — for every layer without checkpointing; with it, every layer's input x plus one layer's
-  full set (recomputed in backward);
-- the backward's working set of one block (activation gradients: about one layer's set again);
-- the chunked cross-entropy: a (T, chunk) logits block plus the final norm's in/out and dh;
-- LoRA parameters, gradients, Adam m and v, the optimizer's scratch, and the copies a checkpoint
-  save makes (7 f32 per parameter);
-- qmatmul's dequantized tiles and attention's per-thread dq buffers;
-- the interpreter with numpy/numba/scipy, tokenizer and data (runtime_bytes);
-then a safety margin. The lead validates this against measured RSS on the real model.
+- what a block keeps for its backward: BlockCache's declared arrays (ggtrain.model.saved) at these
+  dims and options, with each trained projection's LoraCache — for every layer without
+  checkpointing; with it, every layer's input x plus one block recomputed in backward;
+- after the blocks, the chunked cross-entropy (two (T, chunk) blocks of logits, as the next chunk's
+  product is made before the last is dropped) and then the blocks' backward (the gradients at
+  block_backward's widest point, BlockCache.BACKWARD_PEAK): never live at once, so the larger
+  counts, beside the final norm's input and output and dL/dh. (The block recomputed under
+  checkpointing is not live during the cross-entropy either; it is counted with it all the same,
+  on the safe side);
+- LoRA parameters, gradients, Adam m and v and the optimizer's scratch (5 f32 per parameter; a
+  checkpoint save's 2 more copies come between steps, when the step's arrays are gone);
+- the kernels' own buffers: qmatmul's dequantized tiles, attention's per-thread dq, and what
+  OpenBLAS and Numba allocate outside numpy (measured, KERNEL_BYTES_PER_THREAD);
+- the interpreter with numpy/numba/scipy and the compiled kernels, the model file's metadata, the
+  tokenizer (both grow with the vocabulary) and the data (runtime_bytes);
+then a safety margin. bench/step_memory.py sets it beside the measured peak RSS of a real step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import math
 import os
 import re
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +35,7 @@ import psutil
 
 from ggtrain.errors import GGTrainError
 from ggtrain.model.lora import LoraConfig
+from ggtrain.model.saved import CE_CHUNK, BlockCache, projection_shapes
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -39,92 +43,64 @@ if TYPE_CHECKING:
 F32 = 4
 MiB = 1 << 20
 GiB = 1 << 30
-DEFAULT_RUNTIME_BYTES = 384 * MiB  # python + numpy/numba/scipy (~110 MiB) + tokenizer + data + slack
-DEFAULT_CE_CHUNK = 16384  # ggtrain.model.transformer's default vocab rows per cross-entropy chunk
-TILE_ROWS = 256  # rows of a dequantized qmatmul tile, per thread (an upper bound)
+# python + numpy/scipy/numba, ggtrain's compiled kernels and their JIT code, the CLI, the data (measured)
+RUNTIME_BASE_BYTES = 150 * MiB
+RUNTIME_BYTES_PER_VOCAB = 400  # the model file's token metadata and the tokenizer, per vocabulary entry
+TILE_BYTES = 2 * MiB  # a qmatmul thread's dequantized tile (ggtrain.kernels' TILE_BUDGET floats)
+KERNEL_BYTES_PER_THREAD = 8 * MiB  # OpenBLAS's packing buffers, Numba's arrays: outside numpy, measured
 SAFETY_FRACTION = 0.10
-SAFETY_BYTES = 64 * MiB
 DEFAULT_LIMIT_SHARE = 0.8  # share of the available RAM a run may take by default
-
-
-def _dims(hp: Any) -> dict[str, int]:
-    d = int(hp.n_embd)
-    hd = int(hp.head_dim)
-    hdv = int(getattr(hp, "head_dim_v", hd) or hd)
-    return {"d": d, "hq": int(hp.n_head) * hd, "hkv": int(hp.n_head_kv) * hd, "hkv_v": int(hp.n_head_kv) * hdv,
-            "hq_v": int(hp.n_head) * hdv, "ff": int(hp.n_ff), "n_head": int(hp.n_head),
-            "n_layer": int(hp.n_layer), "n_vocab": int(hp.n_vocab)}
-
-
-def _target_dims(dm: Mapping[str, int]) -> dict[str, tuple[int, int]]:
-    """target -> (out, in) of its base weight."""
-    d, ff = dm["d"], dm["ff"]
-    return {"attn_q": (dm["hq"], d), "attn_k": (dm["hkv"], d), "attn_v": (dm["hkv_v"], d),
-            "attn_output": (d, dm["hq_v"]), "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff),
-            "output": (dm["n_vocab"], d)}
 
 
 def lora_param_count(hparams: Any, lora_config: LoraConfig) -> int:
     """Number of LoRA parameters (A and B of every adapted tensor) for these dims."""
-    dm = _dims(hparams)
-    td = _target_dims(dm)
+    shapes = projection_shapes(hparams)
     n = 0
     for t, spec in lora_config.targets.items():
-        o, i = td[t]
-        n += spec.rank * (o + i) * (1 if t == "output" else dm["n_layer"])
+        o, i = shapes[t]
+        n += spec.rank * (o + i) * (1 if t == "output" else int(hparams.n_layer))
     return n
 
 
+def default_runtime_bytes(hparams: Any) -> int:
+    """What a run holds besides the model's weights and the step: the interpreter and libraries,
+    the token metadata and the tokenizer (they grow with the vocabulary)."""
+    return RUNTIME_BASE_BYTES + RUNTIME_BYTES_PER_VOCAB * int(hparams.n_vocab)
+
+
 def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batch: int, checkpointing: bool,
-                     model_file_bytes: int, threads: int | None = None, ce_chunk: int = DEFAULT_CE_CHUNK,
-                     runtime_bytes: int = DEFAULT_RUNTIME_BYTES) -> dict[str, int]:
+                     model_file_bytes: int, threads: int | None = None, ce_chunk: int = CE_CHUNK,
+                     runtime_bytes: int | None = None) -> dict[str, int]:
     """Peak bytes of one training step by part (see the module doc); 'total' includes the margin."""
     if ctx <= 0 or micro_batch <= 0:
         raise ValueError("ctx and micro_batch must be > 0")
     threads = threads or os.cpu_count() or 1
-    dm = _dims(hparams)
-    d, ff, L = dm["d"], dm["ff"], dm["n_layer"]
     T = ctx * micro_batch
-    # Gemma 3 has q/k norms too (its files hold attn_q_norm / attn_k_norm), whatever the flag says
-    qk_norm = bool(getattr(hparams, "has_qk_norm", False)) or getattr(hparams, "arch", "") in ("qwen3", "gemma3")
-    post_norms = bool(getattr(hparams, "has_post_norms", False))
-
-    # floats kept per token by one block for its backward
-    per_tok = 4 * d + 2  # x, h, x2, h2 (+ two rstd)
-    per_tok += dm["hq"] + dm["hkv"] + dm["hkv_v"]  # q, k after RoPE; v
-    per_tok += dm["hq_v"] + dm["n_head"]  # attention output; its logsumexp
-    per_tok += 3 * ff  # gate, up, act
-    if qk_norm:
-        per_tok += dm["hq"] + dm["hkv"] + 2 * dm["n_head"]
-    if post_norms:
-        per_tok += 2 * d + 2
-    td = _target_dims(dm)
-    for t, spec in lora_config.targets.items():
-        if t == "output":
-            continue
-        per_tok += spec.rank  # x·Aᵀ
-        if spec.dropout > 0:
-            per_tok += 2 * td[t][1]  # drop(x) and its mask
-    layer_set = per_tok * T * F32
+    n_layer, n_vocab = int(hparams.n_layer), int(hparams.n_vocab)
+    x = T * int(hparams.n_embd) * F32  # one (T, d) activation
+    cache = BlockCache.nbytes(hparams, lora_config.targets, T)
 
     parts: dict[str, int] = {}
     parts["weights (mmap'd model file)"] = int(model_file_bytes)
     if checkpointing:
-        parts["activations (block inputs + one block recomputed)"] = L * T * d * F32 + layer_set
+        parts["activations (block inputs + one block recomputed)"] = n_layer * x + cache
     else:
-        parts["activations (all blocks)"] = L * layer_set
-    parts["backward working set (one block)"] = layer_set
-    ce = T * min(ce_chunk, dm["n_vocab"]) * F32 + 4 * T * d * F32 + 4 * T * 8
-    parts["cross-entropy (chunked)"] = ce
-    n_lora = lora_param_count(hparams, lora_config)
-    parts["LoRA params, grads, Adam state, save copies"] = 7 * n_lora * F32
+        parts["activations (all blocks)"] = n_layer * (x + cache)
+    ce = 2 * T * min(ce_chunk, n_vocab) * F32 + 2 * x  # two chunks of logits, dh's accumulator and product
     if "output" in lora_config.targets:
-        parts["cross-entropy (chunked)"] += T * lora_config.targets["output"].rank * F32 * 2
-    widest = max(d, ff, dm["hq_v"])
-    parts["kernel scratch (qmatmul tiles, attention dq)"] = threads * (TILE_ROWS * widest * F32 + T * dm["hq"] * F32)
+        ce += 2 * T * lora_config.targets["output"].rank * F32
+    backward = BlockCache.backward_peak_bytes(hparams, T) + x  # + the block's dx
+    parts["cross-entropy or a block's backward, the larger (+ final norm)"] = 3 * x + max(ce, backward)
+    n_lora = lora_param_count(hparams, lora_config)
+    parts["LoRA params, grads, Adam m, v and scratch"] = 5 * n_lora * F32
+    attn_dq = T * int(hparams.n_head) * int(hparams.head_dim) * F32
+    parts["kernel buffers (qmatmul tiles, attention dq, BLAS)"] = threads * (TILE_BYTES + attn_dq
+                                                                             + KERNEL_BYTES_PER_THREAD)
+    if runtime_bytes is None:
+        runtime_bytes = default_runtime_bytes(hparams)
     parts["runtime (python, libraries, tokenizer, data)"] = int(runtime_bytes)
     subtotal = sum(parts.values())
-    parts["safety margin"] = int(SAFETY_FRACTION * subtotal) + SAFETY_BYTES
+    parts["safety margin"] = int(SAFETY_FRACTION * subtotal)
     parts["total"] = subtotal + parts["safety margin"]
     return parts
 

@@ -7,9 +7,9 @@ float32 arrays updated in place (LoraWeights.flat as {"lora": flat} is one array
 
 The schedule is the old finetune's shape (common/train.cpp's `learning_schedule`): linear
 warmup step/warmup for step < warmup, then cosine decay from 1 to cos_decay_min over
-cos_decay_steps, optionally with restarts. Steps are 1-based optimizer iterations (finetune's
-opt->iter), so the first warmup step's multiplier is 1/warmup, not 0. Unlike finetune, the cosine
-is counted from the end of the warmup (as --cos-decay-steps' help says) and from 0 at its first
+cos_decay_steps (finetune's restarts and --adam-min-alpha floor are not offered: the CLI refuses
+those flags). Steps are 1-based optimizer iterations (finetune's opt->iter), so the first warmup
+step's multiplier is 1/warmup, not 0. Unlike finetune, the cosine is counted from the end of the warmup (as --cos-decay-steps' help says) and from 0 at its first
 step: a run without warmup takes its first step at the full --learning-rate, not already decayed
 (a 1-step run used to train at the minimum).
 """
@@ -25,12 +25,6 @@ import numpy as np
 
 from ggtrain.errors import GGTrainError
 
-# llama.cpp finetune's defaults for the flags of the same names.
-FINETUNE_DEFAULTS = {
-    "adam_alpha": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_decay": 0.1,
-    "adam_gclip": 1.0, "adam_min_alpha": 0.0, "warmup": 100, "cos_decay_steps": 1000,
-    "cos_decay_min": 0.1, "cos_decay_restart": 1.1, "enable_restart": False,
-}
 _CHUNK = 1 << 20  # elements per float64 chunk in the norm (bounded scratch memory)
 
 
@@ -71,26 +65,14 @@ class Schedule:
     warmup: int = 100  # --warmup
     cos_decay_steps: int = 1000  # --cos-decay-steps (<= 0: no decay)
     cos_decay_min: float = 0.1  # --cos-decay-min: multiplier reached at the end of the decay
-    min_lr: float = 0.0  # --adam-min-alpha: floor of the learning rate, including the warmup
-    enable_restart: bool = False  # --enable-restart
-    cos_decay_restart: float = 1.1  # --cos-decay-restart: decay period growth at each restart
 
     def multiplier(self, step: int) -> float:
-        """finetune's learning_schedule(step, ...) / lr: in [min_lr/lr, 1]."""
+        """finetune's learning_schedule(step, ...) / lr: in [cos_decay_min, 1] after the warmup."""
         if step < self.warmup:
-            result = step / self.warmup
-        elif self.cos_decay_steps <= 0:
-            result = 1.0
-        elif self.enable_restart:
-            s, period = self.decay_position(step), self.cos_decay_steps
-            while s > period:
-                s -= period
-                period = int(self.cos_decay_restart * period)
-            result = _cosine_decay(s, period, self.cos_decay_min)
-        else:
-            result = _cosine_decay(self.decay_position(step), self.cos_decay_steps, self.cos_decay_min)
-        floor = self.min_lr / self.lr if self.lr else 0.0
-        return floor + result * (1.0 - floor)
+            return step / self.warmup
+        if self.cos_decay_steps <= 0:
+            return 1.0
+        return _cosine_decay(self.decay_position(step), self.cos_decay_steps, self.cos_decay_min)
 
     def __call__(self, step: int) -> float:
         return self.lr * self.multiplier(step)

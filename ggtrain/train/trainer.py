@@ -38,7 +38,7 @@ from ggtrain.errors import GGTrainError
 from ggtrain.model.lora import LoraConfig, LoraWeights
 from ggtrain.model.transformer import Batch, Model
 from ggtrain.train.checkpoint import Checkpoint, model_fingerprint, save_checkpoint
-from ggtrain.train.memory import MemoryMonitor, choose_micro_batch, format_bytes
+from ggtrain.train.memory import MemoryMonitor, choose_micro_batch, format_bytes, smaller_micro_batch
 from ggtrain.train.optim import AdamW, Schedule, clip_grad_norm
 from ggtrain.train.outputs import OutputPaths
 
@@ -181,9 +181,7 @@ def mean_loss(model: Model, batches: Iterable[DataBatch], micro: int = 0) -> flo
     `micro` rows at a time (0: whole batches); None when nothing is trained."""
     total, count = 0.0, 0
     for b in batches:
-        step = micro or b.n_rows
-        for r in range(0, b.n_rows, step):
-            mb = DataBatch(*(a[r:r + step] for a in (b.tokens, b.targets, b.mask, b.positions, b.segments)))
+        for mb in b.split(micro or b.n_rows):
             if mb.n_trained:
                 loss, _ = model.forward(to_model_batch(mb), train=False)
                 total += loss * mb.n_trained
@@ -205,13 +203,14 @@ class StepResult:
 
 
 class Trainer:
-    """Runs training of `model.trainable` on `train` batches; see the module docstring."""
+    """Trains `lora` on `model`'s frozen weights (self.model = model.with_trainable(lora); the given
+    model is left as it is) over `train` batches; see the module docstring."""
 
     def __init__(self, model: Model, lora: LoraWeights, train: Batches, val: Batches | None,
                  cfg: TrainConfig, out: OutputPaths, echo: Callable[[str], None] = print):
-        self.model, self.lora, self.train, self.val, self.cfg, self.out = model, lora, train, val, cfg, out
+        self.model = model.with_trainable(lora)
+        self.lora, self.train, self.val, self.cfg, self.out = lora, train, val, cfg, out
         self.echo = echo
-        model.trainable = lora
         self.grads = lora.zeros_like()
         self.opt = AdamW({"lora": lora.flat}, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                          weight_decay=cfg.weight_decay)
@@ -342,11 +341,6 @@ class Trainer:
         atomic_write(self.out.log, lambda f: f.write(data))
 
     # -- one step ------------------------------------------------------------------------------
-    def _micro_sizes(self) -> list[int]:
-        """Divisors of the batch, largest first: the micro-batches the monitor may fall back to."""
-        b = self.cfg.batch
-        return [k for k in range(b, 0, -1) if b % k == 0]
-
     def run_step(self, signals: _Signals | None = None) -> StepResult:
         """One optimizer step. Raises Interrupted (data position rewound) at a second Ctrl-C, Diverged
         (data position rewound, weights untouched) for a non-finite loss or gradient."""
@@ -364,27 +358,27 @@ class Trainer:
         tokens = sum(b.tokens.size for b in batches)
         self.grads.flat[...] = 0.0
         loss_sum = 0.0
-        step_seed = (self.cfg.seed * 1_000_003 + self.step) & 0x7FFFFFFF
         try:
             for bi, b in enumerate(batches):
-                row = 0
-                while row < b.n_rows:
+                pending = b.split(self.micro)
+                while pending:
                     if signals is not None:
                         signals.check()
-                    mb = DataBatch(*(a[row:row + self.micro] for a in
-                                     (b.tokens, b.targets, b.mask, b.positions, b.segments)))
+                    mb = pending.pop(0)
                     n_mb = mb.n_trained
                     self.monitor.reset_window()
                     if n_mb:
+                        # Dropout's seed: the run's, then (step, batch, row): resumable and deterministic.
+                        row = mb.index - b.index
+                        seed = np.random.SeedSequence(self.cfg.seed, spawn_key=(self.step, bi, row))
                         loss, state = self.model.forward(to_model_batch(mb), train=True,
-                                                         checkpointing=self.cfg.checkpointing,
-                                                         step_seed=step_seed + 7919 * (bi * 65536 + row))
+                                                         checkpointing=self.cfg.checkpointing, step_seed=seed)
                         weight = n_mb / n_trained
                         self.model.backward(state, self.grads, dloss=weight)
                         del state
                         loss_sum += loss * n_mb
-                    row += mb.n_rows
-                    self._maybe_shrink()
+                    if self._maybe_shrink():  # the rest of the batch in smaller micro-batches
+                        pending = [p for rest in pending for p in rest.split(self.micro)]
             if signals is not None:  # the last chance to drop the step: before the update
                 signals.check()
         except Interrupted:
@@ -404,15 +398,18 @@ class Trainer:
         return StepResult(self.step, epoch, loss_sum / n_trained if n_trained else float("nan"), lr,
                           grad_norm, tokens, n_trained, time.perf_counter() - t0, self.micro)
 
-    def _maybe_shrink(self) -> None:
-        """Near the memory limit: continue with the next smaller micro-batch (same step, same result)."""
+    def _maybe_shrink(self) -> bool:
+        """Near the memory limit: continue with the next smaller micro-batch (same step, same result).
+        True when the micro-batch shrank."""
         if self.monitor.limit is None or not self.monitor.near_limit():
-            return
-        smaller = [k for k in self._micro_sizes() if k < self.micro]
-        if smaller:
-            self.echo(f"memory: RSS {format_bytes(self.monitor.window_peak)} is near --mem-limit "
-                      f"{format_bytes(self.monitor.limit)}; micro-batch {self.micro} -> {smaller[0]}")
-            self.micro = smaller[0]
+            return False
+        smaller = smaller_micro_batch(self.cfg.batch, self.micro)
+        if smaller is None:
+            return False
+        self.echo(f"memory: RSS {format_bytes(self.monitor.window_peak)} is near --mem-limit "
+                  f"{format_bytes(self.monitor.limit)}; micro-batch {self.micro} -> {smaller}")
+        self.micro = smaller
+        return True
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> float | None:
