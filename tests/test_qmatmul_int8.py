@@ -22,7 +22,6 @@ from gguf.constants import GGMLQuantizationType as Q
 from test_qmatmul import make_weight
 
 from ggtrain import kernels
-from ggtrain.errors import GGTrainError
 from ggtrain.threads import get_threads, set_threads
 
 pytestmark = pytest.mark.skipif(not kernels.int8_available(),
