@@ -42,6 +42,8 @@ def _register() -> None:
     from ggtrain.cli.data import data
     from ggtrain.cli.finetune import finetune
     from ggtrain.cli.info import info
+    from ggtrain.cli.merge import merge
+    from ggtrain.cli.ollama import ollama
     from ggtrain.cli.perplexity import perplexity
     from ggtrain.cli.tokenize import tokenize
 
@@ -50,6 +52,8 @@ def _register() -> None:
     main.add_command(data)
     main.add_command(perplexity)
     main.add_command(tokenize)
+    main.add_command(merge)
+    main.add_command(ollama)
 
 
 _register()

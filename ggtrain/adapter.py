@@ -67,10 +67,11 @@ KEY_NOTE = "ggtrain.adapter.note"
 LINEAGE_FIELDS = ("name", "author", "version", "organization", "description", "url", "doi", "uuid", "repo_url")
 
 
-def lineage(model: ModelFile) -> dict[str, str]:
-    """A model's fields for a child's general.base_model.{i}.*: field -> value (name always set)."""
-    out = {f: v for f in LINEAGE_FIELDS if isinstance(v := model.get(f"general.{f}"), str) and v}
-    out.setdefault("name", model.path.stem)
+def lineage(meta: Mapping[str, Any], path: Path) -> dict[str, str]:
+    """A parent's fields for its child's general.base_model.{i}.*, from the parent's metadata:
+    field -> value (the name falls back to the file's stem)."""
+    out = {f: v for f in LINEAGE_FIELDS if isinstance(v := meta.get(f"general.{f}"), str) and v}
+    out.setdefault("name", path.stem)
     return out
 
 
@@ -129,7 +130,7 @@ def write_gguf_adapter(path: str | os.PathLike, lora: LoraWeights, base: ModelFi
     file_alpha = float(alpha) if alpha is not None else next(iter(lora.entries.values())).alpha
     if file_alpha <= 0:
         raise GGTrainError(f"{path}: adapter alpha must be > 0, got {file_alpha}")
-    parent = lineage(base)
+    parent = lineage(base.metadata, base.path)
     if name is None:
         name = f"{parent['name']} LoRA"
     ranks = target_ranks({n: e.rank for n, e in lora.entries.items()})

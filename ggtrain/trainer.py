@@ -304,7 +304,29 @@ class Trainer:
         then the ITERATION files beyond --keep-checkpoints are pruned. A failed write (full disk,
         I/O error) is one GGTrainError naming the file and the newest checkpoint to resume from."""
         ck = self.checkpoint()
-        meta = {"training.steps": self.step, "training.epochs": self.train.epoch}
+        # The run's figures for the adapter (keys: ggtrain.adapter's docstring). Token counts come from
+        # the log, which a resume trims to the checkpoint's steps, so they cover the whole run.
+        meta: dict[str, str | int | float] = {"training.steps": self.step, "training.epochs": self.train.epoch}
+        tokens = trained = 0
+        last_loss = None
+        if self.out.log.exists():
+            for line in self.out.log.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash: trim_log drops those too
+                    continue
+                tokens += int(rec.get("tokens", 0))
+                trained += int(rec.get("trained_tokens", 0))
+                last_loss = rec.get("loss", last_loss)
+        meta.update({"training.tokens": tokens, "training.trained_tokens": trained})
+        for key, v in (("training.loss", last_loss), ("training.loss_smoothed", self.ema),
+                       ("training.val_loss", self.last_val)):
+            if v is not None and math.isfinite(v):
+                meta[key] = float(v)
+        if self.cfg.train_data:
+            meta["training.data"] = Path(self.cfg.train_data).name
+        if self.cfg.data_digest:
+            meta["training.data_sha256"] = self.cfg.data_digest
         try:
             written = self.out.save(
                 self.step, lambda p: save_checkpoint(p, ck),
