@@ -160,7 +160,7 @@ def _training_lines(meta: dict) -> None:
         return
     parts = [f"{meta['training.steps']} steps"]
     if "training.epochs" in meta:
-        parts.append(f"{meta['training.epochs']} epochs")
+        parts.append(f"{meta['training.epochs']} epochs completed")
     if "training.tokens" in meta:
         parts.append(f"{meta['training.tokens']:,} tokens ({meta.get('training.trained_tokens', 0):,} trained)")
     click.echo(f"training:       {', '.join(parts)}")
