@@ -289,8 +289,10 @@ def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None, sc
             if base is not None:
                 bt = base.tensors.get(bname)
                 if bt is None:
+                    tied = " (the base ties its output head to token_embd: llama.cpp cannot apply this one " \
+                        "either)" if bname == "output.weight" and "token_embd.weight" in base.tensors else ""
                     raise GGTrainError(f"{path}: LoRA tensor '{bname}' does not exist in the base model "
-                                       f"{base.path}{_trained_on(meta)}")
+                                       f"{base.path}{tied or _trained_on(meta)}")
                 if tuple(bt.shape) != (n_out, n_in):
                     raise GGTrainError(f"{path}: LoRA of '{bname}' is {(n_out, n_in)}, the base model {base.path} "
                                        f"has {tuple(bt.shape)}{_trained_on(meta)}")

@@ -13,8 +13,10 @@ Type of the merged tensors (outtype):
     bf16           BF16, F32 kept F32 likewise
     f32            F32
     q8_0, q4_0     Q8_0 / Q4_0 (F16 for a tensor whose rows are not a multiple of 32)
-    same           the base tensor's own type, re-quantized with llama.cpp's reference quantization
-                   (ggtrain.kernels.quantize): a merged Q4_K_M stays the size of a Q4_K_M
+    same           the base tensor's own type: a merged Q4_K_M stays the size of a Q4_K_M. Each block
+                   is llama.cpp's reference quantization of W + ΔW (ggtrain.kernels.quantize, what
+                   llama-quantize writes), or the base's own block where that is at least as close to
+                   W + ΔW (keep_closer: re-quantizing alone adds a second rounding error)
 general.file_type: ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0 or MOSTLY_Q4_0 (llama-export-lora sets
 MOSTLY_F16 likewise); `same` keeps the base's.
 
@@ -41,6 +43,7 @@ from typing import Any
 
 import gguf
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as QT
 
 from ggtrain import __version__
@@ -57,6 +60,7 @@ _OUT_QT = {"f16": QT.F16, "bf16": QT.BF16, "f32": QT.F32, "q8_0": QT.Q8_0, "q4_0
 _FILE_TYPE = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
               "f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+_FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)  # rounded value by value: re-rounding is already the closest
 KEY_ADAPTERS = "ggtrain.merge.adapters"  # [string] the adapters' file names, in merge order
 KEY_SCALES = "ggtrain.merge.scales"  # [f32] their scales
 KEY_OUTTYPE = "ggtrain.merge.outtype"  # the --outtype
@@ -139,7 +143,8 @@ def _copy_chunks(fd: int, t: Any) -> Iterator[bytearray]:
 
 
 def _merged_rows(fd: int, t: Any, loras: Sequence[LoraWeights], qt: QT) -> Iterator[np.ndarray]:
-    """The merged tensor in qt, one block of rows at a time (uint8, flat)."""
+    """The merged tensor in qt, one block of rows at a time (uint8, flat). In the base's own block
+    type, each block is the closer to W + ΔW of the re-quantized block and the base's (keep_closer)."""
     from ggtrain import kernels
     from ggtrain.kernels.quantize import quantize
 
@@ -148,12 +153,46 @@ def _merged_rows(fd: int, t: Any, loras: Sequence[LoraWeights], qt: QT) -> Itera
     step = max(1, _BLOCK_BYTES // (8 * cols))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        raw = np.frombuffer(_pread(fd, (r1 - r0) * rb, t.offset + r0 * rb), dtype=np.uint8)
-        w = kernels.dequantize(raw.reshape(r1 - r0, rb), t.qtype).astype(np.float64)
+        raw = np.frombuffer(_pread(fd, (r1 - r0) * rb, t.offset + r0 * rb), dtype=np.uint8).reshape(r1 - r0, rb)
+        w = kernels.dequantize(raw, t.qtype)
+        target = w.astype(np.float64)
         for lw in loras:
             if t.name in lw:
-                w += lw.delta(t.name, slice(r0, r1))
-        yield quantize(w.astype(np.float32), qt).reshape(-1)
+                target += lw.delta(t.name, slice(r0, r1))
+        target = target.astype(np.float32)
+        q = quantize(target, qt)
+        if qt == t.qtype and qt not in _FLOAT_TYPES:
+            q = keep_closer(q, raw, w, target, qt)
+        yield q.reshape(-1)
+
+
+def keep_closer(q: np.ndarray, base_q: np.ndarray, base_w: np.ndarray, target: np.ndarray, qtype: int) -> np.ndarray:
+    """Per quantization block: the re-quantized block q, or the base's own block base_q where that is
+    at least as close to the target (sum of squared errors); base_w is base_q dequantized.
+
+    Why: a LoRA update is mostly far below the grid's step. Re-quantizing W + ΔW makes the search pick
+    new scales for the whole block, which adds a second rounding error over all of its values, while
+    ΔW itself mostly rounds away; where the base's block is the closer one, keeping it loses less.
+    Measured on Gemma 3 270M Q4_K_M with a random r8 adapter on every projection (llama-perplexity,
+    4 chunks of 128): base + adapter 15.32; re-quantized blocks only 15.80 (+3.1%); with this choice
+    15.46 (+0.9%), 39% of the blocks kept."""
+    from ggtrain import kernels
+
+    block, size = GGML_QUANT_SIZES[QT(qtype)]
+    rows = q.shape[0]
+    err_q = _block_sq_err(kernels.dequantize(q, qtype), target, block)
+    err_base = _block_sq_err(base_w, target, block)
+    keep = err_base <= err_q  # (rows, blocks per row)
+    if not keep.any():
+        return q
+    out = q.reshape(rows, -1, size).copy()
+    out[keep] = base_q.reshape(rows, -1, size)[keep]
+    return out.reshape(rows, -1)
+
+
+def _block_sq_err(w: np.ndarray, target: np.ndarray, block: int) -> np.ndarray:
+    d = (w - target).astype(np.float64)
+    return np.einsum("rbk,rbk->rb", d.reshape(d.shape[0], -1, block), d.reshape(d.shape[0], -1, block))
 
 
 def merge(base_path: str | os.PathLike, adapters: Sequence[tuple[str | os.PathLike, float]],

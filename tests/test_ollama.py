@@ -32,8 +32,8 @@ def adapter(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Ollama's own cases (parser_test.go: TestParseFileFile, ...TrimSpace, ...From, ...Quoted, ...Parameters,
 # ...Comments, ...Messages): the port must read them exactly as Ollama does.
 OLLAMA_CASES = [
-    ('FROM model1\nADAPTER adapter1\nLICENSE MIT\nPARAMETER param1 value1\nTEMPLATE """{{ .System }}\n\n'
-     '{{ .Prompt }}"""    \n',
+    (('FROM model1\nADAPTER adapter1\nLICENSE MIT\nPARAMETER param1 value1\nTEMPLATE """{{ .System }}\n\n'
+      '{{ .Prompt }}"""    \n'),
      [("model", "model1"), ("adapter", "adapter1"), ("license", "MIT"), ("param1", "value1"),
       ("template", "{{ .System }}\n\n{{ .Prompt }}")]),
     ('FROM "     model 1"\nADAPTER      adapter3\nLICENSE "MIT       "\nPARAMETER param1        value1\n',
