@@ -32,7 +32,8 @@ What else an adapter says about itself (llama.cpp ignores these keys; `ggtrain i
         training.loss                         mean loss of the last step
         training.loss_smoothed                the progress bar's smoothed loss
         training.val_loss                     the last validation loss (absent without validation)
-        training.data, training.data_sha256   the training data's file name and sha256
+        training.data, training.data_sha256   the training data's file name and sha256 (for a directory:
+                                              the run's digest of its files' names and bytes)
 """
 
 from __future__ import annotations

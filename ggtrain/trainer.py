@@ -323,10 +323,20 @@ class Trainer:
                        ("training.val_loss", self.last_val)):
             if v is not None and math.isfinite(v):
                 meta[key] = float(v)
-        if self.cfg.train_data:
-            meta["training.data"] = Path(self.cfg.train_data).name
-        if self.cfg.data_digest:
-            meta["training.data_sha256"] = self.cfg.data_digest
+        data = Path(self.cfg.train_data) if self.cfg.train_data else None
+        if data is not None:
+            meta["training.data"] = data.name
+            if not hasattr(self, "_data_sha256"):  # once a run: the file's sha256 (as sha256sum prints it)
+                try:
+                    h = hashlib.sha256()
+                    with open(data, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            h.update(block)
+                    self._data_sha256 = h.hexdigest()
+                except OSError:  # a directory (its digest is the run's data_digest), or a file gone since
+                    self._data_sha256 = self.cfg.data_digest if data.is_dir() else ""
+            if self._data_sha256:
+                meta["training.data_sha256"] = self._data_sha256
         try:
             written = self.out.save(
                 self.step, lambda p: save_checkpoint(p, ck),
