@@ -46,7 +46,8 @@ def ollama(model_path: Path | None, loras: tuple[str, ...], out: Path | None, sy
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(:[A-Za-z0-9._-]+)?", name):
         raise GGTrainError(f"--name {name!r}: an Ollama model name is letters, digits, '.', '-' and '_' "
                            "(optionally NAMESPACE/NAME:TAG)")
-    base = (model_path or default_model_path()).absolute()
+    given = model_path or default_model_path()  # messages name the file as the user gave it
+    base = given.absolute()
     adapters = [parse_lora_arg(a) for a in loras]
     if len(adapters) > 1 and merged is None:
         raise GGTrainError(f"--lora given {len(adapters)} times: Ollama takes one adapter per model. Merge them "
@@ -54,7 +55,7 @@ def ollama(model_path: Path | None, loras: tuple[str, ...], out: Path | None, sy
                            "-o OUT.gguf`, then `ggtrain ollama -m OUT.gguf`)")
     if merged is not None and not adapters:
         raise GGTrainError("--merged OUT.gguf: there is nothing to merge; give --lora ADAPTER")
-    mf = ModelFile(base, check_types=False)
+    mf = ModelFile(given, check_types=False)
     try:
         for path, scale in adapters:  # the wrong base is caught here, not when Ollama runs it
             read_gguf_adapter(path, base=mf, scale=scale, warn=lambda m: click.echo(m, err=True))
@@ -70,7 +71,7 @@ def ollama(model_path: Path | None, loras: tuple[str, ...], out: Path | None, sy
         from ggtrain.memory import format_bytes
         from ggtrain.merge import merge
 
-        res = merge(base, adapters, merged, outtype, echo=lambda m: click.echo(m, err=True))
+        res = merge(given, adapters, merged, outtype, echo=lambda m: click.echo(m, err=True))
         click.echo(f"merged:  {merged.absolute()} ({format_bytes(res.size)}, {outtype})")
         model = merged.absolute()
         comments = [f"{model.name}: {base.name} + " + " + ".join(f"{p.name}:{s:g}" for p, s in adapters)]

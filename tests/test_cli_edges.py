@@ -97,6 +97,8 @@ def base_values(w: dict[str, str]) -> dict[str, dict[str, str]]:
                        "n_chunks": "2", "threads": "1"},
         "tokenize": {"model": w["model"], "prompt": "hello"},
         "info": {"model": w["model"]},
+        "merge": {"model_path": w["model"], "loras": w["adapter"], "out": "merged.gguf", "threads": "1"},
+        "ollama": {"model_path": w["model"], "loras": w["adapter"], "out": "Modelfile"},
     }
 
 
