@@ -377,7 +377,11 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
         click.echo(f"  ollama create {name} -f {modelfile}")
         click.echo(f"  ollama run {name}")
     else:
-        click.echo(f"with Ollama: ggtrain ollama -m {base} --lora {adapter}   (or finetune --ollama)")
+        click.echo("or with Ollama, a Modelfile of")
+        click.echo(f"  FROM {base}")
+        click.echo(f"  ADAPTER {adapter}")
+        click.echo(f"  (`ggtrain ollama -m {base} --lora {adapter}` writes it with the stop tokens, as finetune "
+                   "--ollama does)")
 
 
 def resolve_checkpoint_in(value: Path | None, outdir: Path, say: Any) -> Path | None:
