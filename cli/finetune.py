@@ -184,8 +184,8 @@ def _toml_repr(v: Any) -> str:
               help="Keep the N newest ITERATION checkpoints and adapters, removing older ones after each save "
                    "(0: keep all). LATEST is always kept.")
 @click.option("--ollama", "write_ollama", is_flag=True, default=False,
-              help="At the end, write an Ollama Modelfile (FROM the base, ADAPTER the adapter, its stop tokens) "
-                   "as Modelfile in --outdir, and print the `ollama create` line.")
+              help="At the end, write an Ollama Modelfile (FROM the base, ADAPTER the adapter, its stop "
+                   "tokens) as Modelfile in --outdir, and print the `ollama create` line.")
 def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_out_type: str, checkpoint_out: str,
              checkpoint_in: Path | None, save_every: int, epochs: int | None, max_steps: int, batch: int,
              grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, lora_r: int,
@@ -365,7 +365,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     click.echo(f"  llama-server -m {base} --lora {adapter}")
     click.echo("    the server applies it at scale 1; change that live with POST /lora-adapters "
                '[{"id": 0, "scale": 0.5}], or per request with "lora": [{"id": 0, "scale": 0.5}].')
-    click.echo("    (--lora-init-without-apply leaves it at scale 1 in current llama.cpp, not 0: POST scale 0 first)")
+    click.echo("    (--lora-init-without-apply leaves it at scale 1 in current llama.cpp, not 0: POST scale 0 "
+               "first)")
     click.echo(f"  one merged model: ggtrain merge -m {base} --lora {adapter} -o merged.gguf")
     if write_ollama:
         from ggtrain.ollama import modelfile_text, ollama_name, stop_texts, write_modelfile
@@ -380,8 +381,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
         click.echo("or with Ollama, a Modelfile of")
         click.echo(f"  FROM {base}")
         click.echo(f"  ADAPTER {adapter}")
-        click.echo(f"  (`ggtrain ollama -m {base} --lora {adapter}` writes it with the stop tokens, as finetune "
-                   "--ollama does)")
+        click.echo(f"  (`ggtrain ollama -m {base} --lora {adapter}` writes it with the stop tokens, as "
+                   "finetune --ollama does)")
 
 
 def resolve_checkpoint_in(value: Path | None, outdir: Path, say: Any) -> Path | None:

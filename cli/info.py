@@ -162,7 +162,8 @@ def _training_lines(meta: dict) -> None:
     if "training.epochs" in meta:
         parts.append(f"{meta['training.epochs']} epochs completed")
     if "training.tokens" in meta:
-        parts.append(f"{meta['training.tokens']:,} tokens ({meta.get('training.trained_tokens', 0):,} trained)")
+        trained = meta.get("training.trained_tokens", 0)
+        parts.append(f"{meta['training.tokens']:,} tokens ({trained:,} trained)")
     click.echo(f"training:       {', '.join(parts)}")
     losses = [f"{label} {meta[k]:.4f}" for k, label in (("training.loss", "last step"),
                                                          ("training.loss_smoothed", "smoothed"),

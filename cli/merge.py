@@ -25,7 +25,8 @@ OUTTYPE_HELP = ("Type of the merged tensors: f16 (the default, as llama-export-l
               show_default=True, help=OUTTYPE_HELP)
 @click.option("-t", "--threads", default=None, type=Int(min=1, max=THREADS_MAX),
               help="Threads for dequantizing and re-quantizing (default: physical cores).")
-def merge(model_path: Path | None, loras: tuple[str, ...], out: Path, outtype: str, threads: int | None) -> None:
+def merge(model_path: Path | None, loras: tuple[str, ...], out: Path, outtype: str,
+          threads: int | None) -> None:
     """Merge LoRA adapters into a GGUF model: W' = W + scale * (alpha / r) * B A.
 
     The result runs anywhere a GGUF model does (llama-cli -m OUT.gguf, Ollama FROM OUT.gguf), with
@@ -46,7 +47,8 @@ def merge(model_path: Path | None, loras: tuple[str, ...], out: Path, outtype: s
     click.echo(f"merged:  {sum(res.merged.values())} tensors ({kinds}); {res.copied} copied as they are")
     click.echo(f"wrote:   {out.resolve()} ({format_bytes(res.size)}; the base is "
                f"{format_bytes(Path(base).stat().st_size)})")
-    click.echo(f"memory:  peak RSS {format_bytes(res.rss_peak)}, {format_bytes(max(0, res.rss_peak - res.rss_start))} "
-               f"more than at the start (the largest merged tensor is {format_bytes(res.largest_f32)} at f32)")
+    grew = format_bytes(max(0, res.rss_peak - res.rss_start))
+    click.echo(f"memory:  peak RSS {format_bytes(res.rss_peak)}, {grew} more than at the start (the largest "
+               f"merged tensor is {format_bytes(res.largest_f32)} at f32)")
     click.echo(f"time:    {res.seconds:.1f} s")
     click.echo(f"use it:  llama-cli -m {out.resolve()}    (Ollama: ggtrain ollama -m {out.resolve()})")

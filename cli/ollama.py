@@ -43,16 +43,16 @@ def ollama(model_path: Path | None, loras: tuple[str, ...], out: Path | None, sy
     from ggtrain.ollama import modelfile_text, ollama_name, stop_texts, write_modelfile
     from ggtrain.tokenizer import Tokenizer
 
-    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(:[A-Za-z0-9._-]+)?", name):
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?", name, re.ASCII):
         raise GGTrainError(f"--name {name!r}: an Ollama model name is letters, digits, '.', '-' and '_' "
                            "(optionally NAMESPACE/NAME:TAG)")
     given = model_path or default_model_path()  # messages name the file as the user gave it
     base = given.absolute()
     adapters = [parse_lora_arg(a) for a in loras]
     if len(adapters) > 1 and merged is None:
-        raise GGTrainError(f"--lora given {len(adapters)} times: Ollama takes one adapter per model. Merge them "
-                           f"into one model with --merged OUT.gguf (or `ggtrain merge -m {base} --lora A --lora B "
-                           "-o OUT.gguf`, then `ggtrain ollama -m OUT.gguf`)")
+        raise GGTrainError(f"--lora given {len(adapters)} times: Ollama takes one adapter per model. Merge "
+                           "them into one model with --merged OUT.gguf (or `ggtrain merge -m "
+                           f"{base} --lora A --lora B -o OUT.gguf`, then `ggtrain ollama -m OUT.gguf`)")
     if merged is not None and not adapters:
         raise GGTrainError("--merged OUT.gguf: there is nothing to merge; give --lora ADAPTER")
     mf = ModelFile(given, check_types=False)

@@ -65,7 +65,8 @@ KEY_TARGETS = "ggtrain.adapter.targets"
 KEY_RANKS = "ggtrain.adapter.ranks"
 KEY_NOTE = "ggtrain.adapter.note"
 # general.base_model.{i}.<field> <- the parent's general.<field> (gguf-py's Keys.General.BASE_MODEL_*)
-LINEAGE_FIELDS = ("name", "author", "version", "organization", "description", "url", "doi", "uuid", "repo_url")
+LINEAGE_FIELDS = ("name", "author", "version", "organization", "description", "url", "doi", "uuid",
+                  "repo_url")
 
 
 def lineage(meta: Mapping[str, Any], path: Path) -> dict[str, str]:
@@ -197,7 +198,8 @@ def _say(msg: str) -> None:
 def trained_on(meta: Mapping[str, Any]) -> str:
     """How an adapter's metadata names its base, for messages: "'Gemma 3 270m' (gemma.gguf)", or ""."""
     name, file = meta.get("general.base_model.0.name"), meta.get(KEY_BASE_FILE)
-    parts = [f"'{name}'" if isinstance(name, str) and name else "", f"({file})" if isinstance(file, str) else ""]
+    parts = [f"'{name}'" if isinstance(name, str) and name else "",
+             f"({file})" if isinstance(file, str) else ""]
     return " ".join(p for p in parts if p)
 
 
@@ -295,8 +297,8 @@ def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None, sc
                     raise GGTrainError(f"{path}: LoRA tensor '{bname}' does not exist in the base model "
                                        f"{base.path}{tied or _trained_on(meta)}")
                 if tuple(bt.shape) != (n_out, n_in):
-                    raise GGTrainError(f"{path}: LoRA of '{bname}' is {(n_out, n_in)}, the base model {base.path} "
-                                       f"has {tuple(bt.shape)}{_trained_on(meta)}")
+                    raise GGTrainError(f"{path}: LoRA of '{bname}' is {(n_out, n_in)}, the base model "
+                                       f"{base.path} has {tuple(bt.shape)}{_trained_on(meta)}")
             entry_alpha = scale * (alpha if alpha else r)  # llama.cpp: alpha ? s·alpha/r : s
             layout[bname] = (n_out, n_in, r, entry_alpha, 0.0)
             arrays[bname] = (_as_f32(path, ta), _as_f32(path, tb))

@@ -29,7 +29,7 @@ import numpy as np
 from ggtrain.atomic import atomic_write
 from ggtrain.errors import GGTrainError
 from ggtrain.lora import LoraWeights
-from ggtrain.modelfile import ModelFile, model_fingerprint  # noqa: F401  (model_fingerprint: imported from here too)
+from ggtrain.modelfile import ModelFile, model_fingerprint  # noqa: F401  (also imported from here)
 
 FORMAT = "ggtrain-checkpoint"
 VERSION = 1

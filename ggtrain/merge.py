@@ -2,7 +2,8 @@
 
     W' = W + Σ_k s_k · (alpha_k / r_k) · B_k·A_k     for every tensor an adapter touches: the update
                                                      llama.cpp applies at --lora-scaled ADAPTER:s_k
-                                                     (read_gguf_adapter sets it, LoraWeights.delta computes it)
+                                                     (read_gguf_adapter sets it, LoraWeights.delta
+                                                     computes it)
 Everything else of the base is kept: every metadata key with its value and GGUF type (tokenizer, chat
 template, ...), every other tensor byte for byte in its type, in the base's order. Changed keys:
 general.file_type (for the merged tensors' type), general.base_model.* (the base, then each adapter:
@@ -117,7 +118,8 @@ def _copy_metadata(w: gguf.GGUFWriter, mf: ModelFile, file_type: int) -> None:
             continue
         vtype, etype = mf.value_types[key]
         if etype == VT.ARRAY:
-            raise GGTrainError(f"{mf.path}: metadata '{key}' is an array of arrays, which ggtrain cannot copy")
+            raise GGTrainError(f"{mf.path}: metadata '{key}' is an array of arrays, which ggtrain cannot "
+                               "copy")
         if isinstance(value, np.ndarray):
             value = value.tolist()
         w.add_key_value(key, value, VT(vtype), sub_type=VT(etype) if etype is not None else None)
@@ -131,8 +133,8 @@ def _pread(fd: int, n: int, offset: int) -> bytearray:
     while len(out) < n:
         chunk = os.pread(fd, n - len(out), offset + len(out))
         if not chunk:
-            raise GGTrainError(f"unexpected end of file at offset {offset + len(out)} (the base changed while "
-                               "merging?)")
+            raise GGTrainError(f"unexpected end of file at offset {offset + len(out)} (the base changed "
+                               "while merging?)")
         out += chunk
     return out
 
@@ -153,7 +155,8 @@ def _merged_rows(fd: int, t: Any, loras: Sequence[LoraWeights], qt: QT) -> Itera
     step = max(1, _BLOCK_BYTES // (8 * cols))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        raw = np.frombuffer(_pread(fd, (r1 - r0) * rb, t.offset + r0 * rb), dtype=np.uint8).reshape(r1 - r0, rb)
+        raw = np.frombuffer(_pread(fd, (r1 - r0) * rb, t.offset + r0 * rb), dtype=np.uint8)
+        raw = raw.reshape(r1 - r0, rb)
         w = kernels.dequantize(raw, t.qtype)
         target = w.astype(np.float64)
         for lw in loras:
@@ -166,7 +169,8 @@ def _merged_rows(fd: int, t: Any, loras: Sequence[LoraWeights], qt: QT) -> Itera
         yield q.reshape(-1)
 
 
-def keep_closer(q: np.ndarray, base_q: np.ndarray, base_w: np.ndarray, target: np.ndarray, qtype: int) -> np.ndarray:
+def keep_closer(q: np.ndarray, base_q: np.ndarray, base_w: np.ndarray, target: np.ndarray,
+                qtype: int) -> np.ndarray:
     """Per quantization block: the re-quantized block q, or the base's own block base_q where that is
     at least as close to the target (sum of squared errors); base_w is base_q dequantized.
 
@@ -215,8 +219,8 @@ def merge(base_path: str | os.PathLike, adapters: Sequence[tuple[str | os.PathLi
     mf = ModelFile(base_path, check_types=False)
     try:
         if int(mf.get("split.count", 1) or 1) > 1:
-            raise GGTrainError(f"{mf.path}: a split model (one shard of {mf.get('split.count')}): join the shards "
-                               "first with llama-gguf-split --merge")
+            raise GGTrainError(f"{mf.path}: a split model (one shard of {mf.get('split.count')}): join the "
+                               "shards first with llama-gguf-split --merge")
         _check_output(out, [mf.path, *(Path(a) for a, _ in adapters)])
         loras, parents = [], [lineage(mf.metadata, mf.path)]
         for path, scale in adapters:
@@ -224,8 +228,7 @@ def merge(base_path: str | os.PathLike, adapters: Sequence[tuple[str | os.PathLi
             loras.append(lw)
             parents.append(lineage(meta, Path(path)))
         plan = _plan(mf, loras, outtype, res)
-        sizes = {n: mf.tensors[n].nbytes if qt is None else mf.tensors[n].rows * row_bytes(mf.tensors[n].cols, qt)
-                 for n, qt in plan.items()}
+        sizes = {n: _out_bytes(mf.tensors[n], qt) for n, qt in plan.items()}
         file_type = int(mf.get("general.file_type", 0)) if outtype == "same" else int(_FILE_TYPE[outtype])
         check_free_space(out.parent if str(out.parent) else Path("."), sum(sizes.values()) + mf.data_offset,
                          f"the merged model {out.name}")
@@ -260,7 +263,8 @@ def merge(base_path: str | os.PathLike, adapters: Sequence[tuple[str | os.PathLi
     return res
 
 
-def _plan(mf: ModelFile, loras: Sequence[LoraWeights], outtype: str, res: MergeResult) -> dict[str, QT | None]:
+def _plan(mf: ModelFile, loras: Sequence[LoraWeights], outtype: str,
+          res: MergeResult) -> dict[str, QT | None]:
     """Tensor name -> the type it is merged into, None for one copied as it is; base order."""
     adapted = {n for lw in loras for n in lw.names}
     plan: dict[str, QT | None] = {}
@@ -276,6 +280,11 @@ def _plan(mf: ModelFile, loras: Sequence[LoraWeights], outtype: str, res: MergeR
     return plan
 
 
+def _out_bytes(t: Any, qt: QT | None) -> int:
+    """Bytes of tensor t in the output: as it is (qt None), or its rows in type qt."""
+    return t.nbytes if qt is None else t.rows * row_bytes(t.cols, qt)
+
+
 def _warm_up(mf: ModelFile, plan: dict[str, QT | None]) -> None:
     """Call dequantize and quantize once per type the merge uses, on one row."""
     from ggtrain import kernels
@@ -289,14 +298,16 @@ def _warm_up(mf: ModelFile, plan: dict[str, QT | None]) -> None:
             quantize(kernels.dequantize(np.zeros((1, t.data.shape[1]), np.uint8), t.qtype), qt)
 
 
-def _write_tensors(w: gguf.GGUFWriter, mf: ModelFile, fd: int, plan: dict[str, QT | None], sizes: dict[str, int],
-                   loras: Sequence[LoraWeights], res: MergeResult, progress: bool) -> None:
+def _write_tensors(w: gguf.GGUFWriter, mf: ModelFile, fd: int, plan: dict[str, QT | None],
+                   sizes: dict[str, int], loras: Sequence[LoraWeights], res: MergeResult,
+                   progress: bool) -> None:
     """Header, metadata, tensor table, then each tensor's data as it is copied or merged."""
     from tqdm import tqdm
 
     for name, qt in plan.items():
         t = mf.tensors[name]
-        w.add_tensor_info(name, t.shape, np.dtype(np.float32), sizes[name], raw_dtype=QT(t.qtype) if qt is None else qt)
+        w.add_tensor_info(name, t.shape, np.dtype(np.float32), sizes[name],
+                          raw_dtype=QT(t.qtype) if qt is None else qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -329,4 +340,5 @@ def _check_output(out: Path, inputs: Sequence[Path]) -> None:
     if out.exists():
         for p in inputs:
             if p.exists() and os.path.samefile(out, p):
-                raise GGTrainError(f"{out}: is one of the inputs ({p}); write the merged model to another file")
+                raise GGTrainError(f"{out}: is one of the inputs ({p}); write the merged model to another "
+                                   "file")

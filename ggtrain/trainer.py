@@ -306,7 +306,8 @@ class Trainer:
         ck = self.checkpoint()
         # The run's figures for the adapter (keys: ggtrain.adapter's docstring). Token counts come from
         # the log, which a resume trims to the checkpoint's steps, so they cover the whole run.
-        meta: dict[str, str | int | float] = {"training.steps": self.step, "training.epochs": self.train.epoch}
+        meta: dict[str, str | int | float] = {"training.steps": self.step,
+                                              "training.epochs": self.train.epoch}
         tokens = trained = 0
         last_loss = None
         if self.out.log.exists():

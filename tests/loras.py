@@ -19,8 +19,9 @@ GGTRAIN = [sys.executable, "-m", "ggtrain.cli.main"]
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
-def random_adapter(base: str | Path, out: str | Path, targets: Sequence[str] = ("attn_q", "attn_v", "ffn_down"),
-                   r: int = 4, alpha: float = 8.0, b_std: float = 0.05, seed: int = 0,
+def random_adapter(base: str | Path, out: str | Path,
+                   targets: Sequence[str] = ("attn_q", "attn_v", "ffn_down"), r: int = 4, alpha: float = 8.0,
+                   b_std: float = 0.05, seed: int = 0,
                    ranks: dict[str, int] | None = None, extra_meta: dict | None = None) -> Path:
     """A LoRA for `base` (PEFT init for A, B ~ N(0, b_std²)), written as ggtrain writes adapters."""
     mf = ModelFile(base)

@@ -73,10 +73,10 @@ def test_adapter_records_lineage_fingerprint_targets_and_ranks(tmp_path: Path) -
 
 
 def test_the_fingerprint_tells_quantizations_and_models_apart() -> None:
-    fps = {(arch, q, seed): ModelFile(tiny_model(arch, q, seed=seed)).fingerprint()
-           for arch, q, seed in (("llama", "Q8_0", 0), ("llama", "Q4_K", 0), ("llama", "Q8_0", 1), ("qwen3", "Q8_0", 0))}
+    kinds = (("llama", "Q8_0", 0), ("llama", "Q4_K", 0), ("llama", "Q8_0", 1), ("qwen3", "Q8_0", 0))
+    fps = {k: ModelFile(tiny_model(k[0], k[1], seed=k[2])).fingerprint() for k in kinds}
     assert len(set(fps.values())) == len(fps)
-    assert ModelFile(tiny_model("llama", "Q8_0")).fingerprint() == fps["llama", "Q8_0", 0]  # stable across opens
+    assert ModelFile(tiny_model("llama", "Q8_0")).fingerprint() == fps["llama", "Q8_0", 0]  # stable
 
 
 def field(out: str, label: str) -> str:
@@ -100,17 +100,18 @@ def test_info_describes_what_finetune_wrote(tmp_path: Path) -> None:
     assert field(info, "type").startswith("LoRA adapter")
     assert field(info, "base model") == (f"tiny-llama-s0 (file {base.name}, fingerprint "
                                          f"{ModelFile(base).fingerprint()})")
-    assert field(info, "targets") == ("attn_q r4, attn_k r2, attn_v r2, attn_output r2, ffn_gate r2, ffn_up r2, "
-                                      "ffn_down r2 (2 layers)")
+    assert field(info, "targets") == ("attn_q r4, attn_k r2, attn_v r2, attn_output r2, ffn_gate r2, "
+                                      "ffn_up r2, ffn_down r2 (2 layers)")
     assert field(info, "alpha") == "16: scale alpha / r = 8 at r2, 4 at r4 (times --lora-scaled)"
     assert field(info, "tensor type") == "F32 (28 tensors)"
     n_params = sum(t.n_elements for t in ModelFile(adapter).tensors.values())
     assert field(info, "size").startswith(f"{n_params:,} parameters in 14 pairs")
-    assert field(info, "training") == (f"3 steps, 0 epochs completed, {sum(x['tokens'] for x in steps):,} tokens "
-                                       f"({sum(x['trained_tokens'] for x in steps):,} trained)")
+    tokens, trained = sum(x["tokens"] for x in steps), sum(x["trained_tokens"] for x in steps)
+    assert field(info, "training") == f"3 steps, 0 epochs completed, {tokens:,} tokens ({trained:,} trained)"
     val = next(x["val_loss"] for x in log if "val_loss" in x)
     loss = field(info, "loss")
-    assert loss.startswith(f"last step {steps[-1]['loss']:.4f}, smoothed ") and loss.endswith(f"validation {val:.4f}")
+    assert loss.startswith(f"last step {steps[-1]['loss']:.4f}, smoothed ")
+    assert loss.endswith(f"validation {val:.4f}")
     assert field(info, "data") == f"GPL-3 (sha256 {hashlib.sha256(TEXT.read_bytes()).hexdigest()})"
     assert field(info, "written by") == f"ggtrain {__version__}"
     f = gguf.GGUFReader(adapter).fields
@@ -149,14 +150,16 @@ def test_info_says_what_a_merged_model_was_made_from(tmp_path: Path) -> None:
     adapter = random_adapter(base, tmp_path / "a.gguf")
     ok(ggtrain("merge", "-m", base, "--lora", adapter, "-o", tmp_path / "m.gguf"))
     info = ok(ggtrain("info", tmp_path / "m.gguf")).stdout
-    assert field(info, "derived from") == "tiny-llama-s0 + tiny-llama-s0 LoRA (merged by ggtrain, --outtype f16)"
+    want = "tiny-llama-s0 + tiny-llama-s0 LoRA (merged by ggtrain, --outtype f16)"
+    assert field(info, "derived from") == want
     assert field(info, "architecture") == "llama"
 
 
 # -- a wrong base, wherever an adapter is used --------------------------------------------------------------
 def use(command: str, base: Path, adapter: Path, tmp: Path) -> list[str | Path]:
     if command == "perplexity":
-        return ["perplexity", "-m", base, "-f", TEXT, "-c", "16", "--chunks", "1", "-t", "2", "--lora", adapter]
+        return ["perplexity", "-m", base, "-f", TEXT, "-c", "16", "--chunks", "1", "-t", "2",
+                "--lora", adapter]
     if command == "merge":
         return ["merge", "-m", base, "--lora", adapter, "-o", tmp / "merged.gguf"]
     return ["ollama", "-m", base, "--lora", adapter, "-o", tmp / "Modelfile"]
@@ -169,7 +172,8 @@ COMMANDS = ("perplexity", "merge", "ollama")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("wrong-base")
     return {
-        "q8": random_adapter(tiny_model("llama", "Q8_0"), d / "trained-on-q8.gguf", targets=("attn_q", "ffn_up")),
+        "q8": random_adapter(tiny_model("llama", "Q8_0"), d / "trained-on-q8.gguf",
+                             targets=("attn_q", "ffn_up")),
         "gemma3": random_adapter(tiny_model("gemma3", "F32"), d / "trained-on-gemma3.gguf",
                                  targets=("attn_q", "ffn_up")),
         "narrow": random_adapter(tiny_model("llama", "Q8_0", n_embd=128), d / "trained-on-narrow.gguf",
@@ -183,7 +187,8 @@ def test_another_architecture_is_refused_naming_both_files(command: str, adapter
                                                            tmp_path: Path) -> None:
     base = tiny_model("llama", "Q8_0")  # the gemma3 tiny model's attn_q / ffn_up have these very shapes
     err = refused(ggtrain(*use(command, base, adapters["gemma3"], tmp_path)))
-    assert f"{adapters['gemma3']}: adapter is for architecture 'gemma3', the base model {base} is 'llama'" in err
+    want = f"{adapters['gemma3']}: adapter is for architecture 'gemma3', the base model {base} is 'llama'"
+    assert want in err
     assert "trained on 'tiny-gemma3-s0'" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -199,7 +204,8 @@ def test_other_shapes_are_refused_naming_both_files_and_the_tensor(command: str,
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_another_quantization_of_the_base_gets_a_note(command: str, adapters: dict[str, Path], tmp_path: Path) -> None:
+def test_another_quantization_of_the_base_gets_a_note(command: str, adapters: dict[str, Path],
+                                                      tmp_path: Path) -> None:
     base = tiny_model("llama", "Q4_K")
     r = ok(ggtrain(*use(command, base, adapters["q8"], tmp_path)))
     notes = [x for x in r.stderr.splitlines() if x.startswith("note: ")]
@@ -216,7 +222,8 @@ def test_another_model_of_the_same_shapes_gets_a_note_naming_both(command: str, 
     base = tiny_model("llama", "Q8_0", seed=1)
     r = ok(ggtrain(*use(command, base, adapters["q8"], tmp_path)))
     note = next(x for x in r.stderr.splitlines() if x.startswith("note: "))
-    assert f"{adapters['q8']} was trained on 'tiny-llama-s0'" in note and f"this base {base} is 'tiny-llama-s1'" in note
+    assert f"{adapters['q8']} was trained on 'tiny-llama-s0'" in note
+    assert f"this base {base} is 'tiny-llama-s1'" in note
     assert "another name, too" in note
 
 

@@ -90,7 +90,8 @@ def test_f16_merge_runs_like_base_plus_adapter(arch: str, tmp_path: Path) -> Non
         [b.get("general.name"), f"{b.get('general.name')} LoRA"]
     assert m.get("ggtrain.merge.adapters") == ["a.gguf"] and m.get("ggtrain.merge.scales").tolist() == [
         pytest.approx(SCALE)]
-    assert f"merged:  {len(names)} tensors ({len(names)} F16); {len(b.tensors) - len(names)} copied" in r.stdout
+    n = len(names)
+    assert f"merged:  {n} tensors ({n} F16); {len(b.tensors) - n} copied" in r.stdout
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -125,7 +126,8 @@ def test_same_k_quant_blocks_are_llama_quantizes_or_the_bases(tmp_path: Path) ->
     loras = [f"{a1}:0.5", f"{a2}:-1.5"]
     f32, same = tmp_path / "f32.gguf", tmp_path / "same.gguf"
     for out, outtype in ((f32, "f32"), (same, "same")):
-        ok(ggtrain("merge", "-m", base, *(x for a in loras for x in ("--lora", a)), "-o", out, "--outtype", outtype))
+        ok(ggtrain("merge", "-m", base, "--lora", loras[0], "--lora", loras[1], "-o", out,
+                   "--outtype", outtype))
     ref = tmp_path / "llama-quantize.gguf"
     llamacpp.run("llama-quantize", "--pure", "--allow-requantize", f32, ref, "Q4_K_M", "2", timeout=900)
     b, m32, ms, mr = (ModelFile(p, check_types=False) for p in (base, f32, same, ref))
@@ -158,8 +160,8 @@ def test_same_k_quant_blocks_are_llama_quantizes_or_the_bases(tmp_path: Path) ->
 def test_two_adapters_one_negative_add_up(tmp_path: Path) -> None:
     base = tiny_model("llama", "Q4_K")
     a1 = random_adapter(base, tmp_path / "one.gguf", targets=ALL, b_std=0.05, seed=1)
-    a2 = random_adapter(base, tmp_path / "two.gguf", targets=("attn_v", "ffn_down", "output"), r=4, b_std=0.08,
-                        seed=2)
+    a2 = random_adapter(base, tmp_path / "two.gguf", targets=("attn_v", "ffn_down", "output"), r=4,
+                        b_std=0.08, seed=2)
     out = tmp_path / "merged.gguf"
     ok(ggtrain("merge", "-m", base, "--lora", f"{a1}:0.5", "--lora", f"{a2}:-0.8", "-o", out))
     p_base, p_lora, p_merged = ppl(base), ppl(base, [(a1, 0.5), (a2, -0.8)]), ppl(out)
@@ -177,7 +179,8 @@ def test_f16_merge_is_llama_export_loras(tmp_path: Path) -> None:
     adapter = random_adapter(base, tmp_path / "a.gguf", targets=ALL + ("output",), b_std=0.05)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
     ok(ggtrain("merge", "-m", base, "--lora", f"{adapter}:{SCALE}", "-o", ours))
-    llamacpp.run("llama-export-lora", "-m", base, "--lora-scaled", f"{adapter}:{SCALE}", "-o", theirs, "-t", "2")
+    llamacpp.run("llama-export-lora", "-m", base, "--lora-scaled", f"{adapter}:{SCALE}", "-o", theirs,
+                 "-t", "2")
     mo, mt = ModelFile(ours), ModelFile(theirs)
     assert set(mo.tensors) == set(mt.tensors)  # llama-export-lora writes them in name order
     names = merged_names(adapter, base)
@@ -256,11 +259,11 @@ def test_refusals_name_the_files(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     assert "d" in refused(ggtrain("merge", "-m", base, "--lora", adapter, "-o", tmp_path / "d"))
     qm = ModelFile(tied)
-    head = _handmade_adapter(tmp_path / "head.gguf", "qwen2", {"output.weight": qm.tensors["token_embd.weight"].shape})
+    embd_shape = qm.tensors["token_embd.weight"].shape
+    head = _handmade_adapter(tmp_path / "head.gguf", "qwen2", {"output.weight": embd_shape})
     err = refused(ggtrain("merge", "-m", tied, "--lora", head, "-o", tmp_path / "x.gguf"))
     assert str(head) in err and str(tied) in err and "'output.weight'" in err
-    embd = _handmade_adapter(tmp_path / "embd.gguf", "qwen2",
-                             {"token_embd.weight": qm.tensors["token_embd.weight"].shape[::-1]})
+    embd = _handmade_adapter(tmp_path / "embd.gguf", "qwen2", {"token_embd.weight": embd_shape[::-1]})
     err = refused(ggtrain("merge", "-m", tied, "--lora", embd, "-o", tmp_path / "x.gguf"))
     assert str(embd) in err and "token_embd" in err
     assert "--outtype" in refused(ggtrain("merge", "-m", base, "--lora", adapter, "-o", tmp_path / "x.gguf",

@@ -40,8 +40,8 @@ OLLAMA_CASES = [
      [("model", "     model 1"), ("adapter", "adapter3"), ("license", "MIT       "), ("param1", "value1")]),
     ("FROM /what/is/the path ", [("model", "/what/is/the path")]),
     ("PARAMETER what the \nFROM lemons make lemonade ", [("what", "the"), ("model", "lemons make lemonade")]),
-    ('FROM foo\nSYSTEM """\nThis is a\nmultiline system.\n"""\n', [("model", "foo"),
-                                                                  ("system", "\nThis is a\nmultiline system.\n")]),
+    ('FROM foo\nSYSTEM """\nThis is a\nmultiline system.\n"""\n',
+     [("model", "foo"), ("system", "\nThis is a\nmultiline system.\n")]),
     ('FROM foo\nSYSTEM """\nThis is a multiline system with "quotes".\n"""\n',
      [("model", "foo"), ("system", '\nThis is a multiline system with "quotes".\n')]),
     ('FROM foo\nSYSTEM """\'\'"\'""\'""\'"\'\'\'\'\'""\'""\'"""\n',
@@ -58,7 +58,8 @@ OLLAMA_CASES = [
 ]
 OLLAMA_ERRORS = ["", "PARAMETER param1 value1", "FROM foo\nBADCOMMAND param1 value1\n",
                  'FROM foo\nSYSTEM """This is a multiline system.""\n', 'FROM foo\nSYSTEM "\n',
-                 "FROM foo\nPARAMETER param1\n", "FROM foo\nMESSAGE badguy I'm a bad guy!\n", "FROM foo\nMESSAGE system"]
+                 "FROM foo\nPARAMETER param1\n", "FROM foo\nMESSAGE badguy I'm a bad guy!\n",
+                 "FROM foo\nMESSAGE system"]
 
 
 @pytest.mark.parametrize("text, want", OLLAMA_CASES)
@@ -151,7 +152,8 @@ def test_a_scale_needs_merged_and_merged_bakes_it_in(base: Path, adapter: Path, 
 
 
 def test_text_no_quoting_can_carry_is_refused(base: Path, adapter: Path, tmp_path: Path) -> None:
-    err = refused(ggtrain("ollama", "-m", base, "--lora", adapter, "--system", 'say """ hi', "-o", tmp_path / "M"))
+    err = refused(ggtrain("ollama", "-m", base, "--lora", adapter, "--system", 'say """ hi',
+                          "-o", tmp_path / "M"))
     assert "--system" in err and '"""' in err
     assert not (tmp_path / "M").exists()
 
@@ -159,7 +161,8 @@ def test_text_no_quoting_can_carry_is_refused(base: Path, adapter: Path, tmp_pat
 def test_finetune_ollama_writes_the_modelfile_beside_the_adapter(base: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     r = ok(ggtrain("finetune", "-m", base, "--train-data", TEXT, "--format", "text", "-c", "32", "-b", "1",
-                   "--adam-iter", "1", "--save-every", "0", "-t", "2", "--lora-r", "2", "--outdir", out, "--ollama"))
+                   "--adam-iter", "1", "--save-every", "0", "-t", "2", "--lora-r", "2", "--outdir", out,
+                   "--ollama"))
     adapter = Path(re.search(r"^adapter: +(\S+)$", r.stdout, re.MULTILINE)[1])
     cmds = read_modelfile(out / "Modelfile")
     assert cmds == [("model", str(base)), ("adapter", str(adapter)), ("stop", "</s>")]
