@@ -230,7 +230,7 @@ def merge(base_path: str | os.PathLike, adapters: Sequence[tuple[str | os.PathLi
         plan = _plan(mf, loras, outtype, res)
         sizes = {n: _out_bytes(mf.tensors[n], qt) for n, qt in plan.items()}
         file_type = int(mf.get("general.file_type", 0)) if outtype == "same" else int(_FILE_TYPE[outtype])
-        check_free_space(out.parent if str(out.parent) else Path("."), sum(sizes.values()) + mf.data_offset,
+        check_free_space(out.parent, sum(sizes.values()) + mf.data_offset,
                          f"the merged model {out.name}")
 
         _warm_up(mf, plan)  # the kernels' first calls load compiled code: not the merge's memory
@@ -337,6 +337,9 @@ def _check_output(out: Path, inputs: Sequence[Path]) -> None:
     """Refuse an output that is a directory or one of the inputs (the rename would replace it)."""
     if out.is_dir():
         raise GGTrainError(f"{out}: is a directory; give the merged model's file name (-o OUT.gguf)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise GGTrainError(f"{out}: there is no directory {parent} to write it in")
     if out.exists():
         for p in inputs:
             if p.exists() and os.path.samefile(out, p):

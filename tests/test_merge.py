@@ -258,6 +258,8 @@ def test_refusals_name_the_files(tmp_path: Path) -> None:
     assert f"{base}: is one of the inputs" in err
     (tmp_path / "d").mkdir()
     assert "d" in refused(ggtrain("merge", "-m", base, "--lora", adapter, "-o", tmp_path / "d"))
+    err = refused(ggtrain("merge", "-m", base, "--lora", adapter, "-o", tmp_path / "no" / "x.gguf"))
+    assert f"{tmp_path / 'no' / 'x.gguf'}: there is no directory {tmp_path / 'no'}" in err
     qm = ModelFile(tied)
     embd_shape = qm.tensors["token_embd.weight"].shape
     head = _handmade_adapter(tmp_path / "head.gguf", "qwen2", {"output.weight": embd_shape})
