@@ -31,8 +31,9 @@ from loras import TEXT, ggtrain, ok, random_adapter, refused
 from tinymodels import tiny_model
 
 from ggtrain import kernels
-from ggtrain.adapter import read_gguf_adapter
+from ggtrain.adapter import read_gguf_adapter, write_gguf_adapter
 from ggtrain.errors import GGTrainError
+from ggtrain.lora import LoraWeights
 from ggtrain.modelfile import ModelFile
 
 ALL = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -292,3 +293,43 @@ def test_a_failed_write_leaves_the_previous_output(tmp_path: Path, monkeypatch: 
         merge_module.merge(base, [(adapter, 1.0)], out, "same", progress=False, echo=lambda m: None)
     assert out.read_bytes() == b"the previous merge"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp file left behind
+
+
+def test_every_metadata_value_type_is_copied(tmp_path: Path) -> None:
+    """Scalars of every GGUF type, arrays of several, and an empty array (which gguf-py's writer
+    refuses to write, but GGUF allows): gguf-py reads them back from the merge as from the base."""
+    from ggtrain.merge import _Writer
+
+    VT = gguf.GGUFValueType
+    rng = np.random.default_rng(0)
+    base = tmp_path / "odd.gguf"
+    w = _Writer(base, "llama")
+    w.add_name("odd base")
+    for i, vt in enumerate((VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64)):
+        w.add_key_value(f"odd.int{i}", 7, vt)
+    w.add_key_value("odd.f64", 1 / 3, VT.FLOAT64)
+    w.add_key_value("odd.f32", 0.1, VT.FLOAT32)
+    w.add_key_value("odd.bool", True, VT.BOOL)
+    w.add_key_value("odd.bools", [True, False, True], VT.ARRAY, sub_type=VT.BOOL)
+    w.add_key_value("odd.u64s", [1, 2**40], VT.ARRAY, sub_type=VT.UINT64)
+    w.add_key_value("odd.f64s", [0.5, 1e300], VT.ARRAY, sub_type=VT.FLOAT64)
+    w.add_key_value("odd.empty", [], VT.ARRAY, sub_type=VT.UINT32)
+    w.add_key_value("odd.strings", ["a", "", "ü"], VT.ARRAY, sub_type=VT.STRING)
+    w.add_tensor("token_embd.weight", rng.standard_normal((8, 32)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((32, 32)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert gguf.GGUFReader(base).fields["odd.empty"].contents() == []  # well-formed, as gguf-py reads it
+    assert ModelFile(base).value_types["odd.empty"] == (VT.ARRAY, VT.UINT32)
+    lw = LoraWeights({"blk.0.attn_q.weight": (32, 32, 2, 2.0, 0.0)})
+    lw.flat[...] = rng.standard_normal(lw.flat.shape).astype(np.float32)
+    adapter = write_gguf_adapter(tmp_path / "a.gguf", lw, ModelFile(base))
+    out = tmp_path / "merged.gguf"
+    ok(ggtrain("merge", "-m", base, "--lora", adapter, "-o", out))
+    rb, rm = gguf.GGUFReader(base).fields, gguf.GGUFReader(out).fields
+    mb, mm = ModelFile(base), ModelFile(out)
+    for key in (k for k in rb if k.startswith("odd.")):
+        assert rm[key].types == rb[key].types and mm.value_types[key] == mb.value_types[key], key
+        assert rm[key].contents() == rb[key].contents(), key
