@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -97,9 +98,8 @@ def info(model: Path | None) -> None:
 def describe_adapter(path: Path, mf: ModelFile) -> None:
     """The adapter's lines (keys: ggtrain.adapter's docstring); older adapters and llama.cpp's
     converter's lack ggtrain's keys, and get what the tensors and llama.cpp's keys say."""
-    from ggtrain.adapter import KEY_BASE_FILE, KEY_BASE_FINGERPRINT, KEY_VERSION, LINEAGE_FIELDS, target_ranks
-    from ggtrain.errors import GGTrainError
-    from ggtrain.lora import target_of
+    from ggtrain.adapter import KEY_BASE_FILE, KEY_BASE_FINGERPRINT, KEY_VERSION, LINEAGE_FIELDS
+    from ggtrain.lora import TARGETS
 
     meta = mf.metadata
     pairs: dict[str, dict[str, object]] = {}
@@ -107,10 +107,18 @@ def describe_adapter(path: Path, mf: ModelFile) -> None:
         base_name, _, suffix = tname.rpartition(".")
         if suffix in ("lora_a", "lora_b"):
             pairs.setdefault(base_name, {})[suffix] = t
-    try:
-        ranks = target_ranks({n: ab["lora_b"].shape[-1] for n, ab in pairs.items() if "lora_b" in ab})
-    except GGTrainError as e:
-        raise GGTrainError(f"{path}: {e}") from None
+    # target -> ranks of its tensors; any tensor name counts (another tool's adapter may adapt others)
+    found: dict[str, list[int]] = {}
+    layers = set()
+    for name, ab in pairs.items():
+        m = re.match(r"blk\.(\d+)\.(.+)\.weight$", name)
+        if m:
+            layers.add(int(m[1]))
+        if "lora_b" in ab:  # numpy shape (out, r)
+            target = m[2] if m else name.removesuffix(".weight")
+            found.setdefault(target, []).append(int(ab["lora_b"].shape[-1]))
+    order = {t: i for i, t in enumerate(TARGETS)}
+    ranks = {t: found[t] for t in sorted(found, key=lambda t: order.get(t, len(TARGETS)))}
     total = sum(t.nbytes for t in mf.tensors.values())
     n_params = sum(t.n_elements for t in mf.tensors.values())
     alpha = float(meta.get("adapter.lora.alpha", 0.0) or 0.0)
@@ -130,7 +138,6 @@ def describe_adapter(path: Path, mf: ModelFile) -> None:
             click.echo(f"                {'; '.join(more)}")
     else:
         click.echo("base model:     not recorded")
-    layers = {i for n in pairs if (i := target_of(n)[0]) is not None}
     parts = []
     for t, rs in ranks.items():
         r = sorted(set(rs))

@@ -145,6 +145,27 @@ def test_info_on_an_adapter_that_records_nothing(tmp_path: Path) -> None:
     assert field(info, "tensor type") == "F16 (2 tensors)"
 
 
+def test_info_on_another_tools_adapter_with_ranks_that_differ_by_layer(tmp_path: Path) -> None:
+    """Targets ggtrain does not train (a fused attn_qkv) are still described, ranks per layer noted."""
+    w = gguf.GGUFWriter(tmp_path / "phi3.gguf", "phi3")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 16.0)
+    for il, r in enumerate((8, 8, 4)):
+        w.add_tensor(f"blk.{il}.attn_qkv.weight.lora_a", np.zeros((r, 64), np.float32))
+        w.add_tensor(f"blk.{il}.attn_qkv.weight.lora_b", np.zeros((192, r), np.float32))
+        w.add_tensor(f"blk.{il}.ffn_down.weight.lora_a", np.zeros((8, 64), np.float32))
+        w.add_tensor(f"blk.{il}.ffn_down.weight.lora_b", np.zeros((64, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = ok(ggtrain("info", tmp_path / "phi3.gguf")).stdout
+    assert field(info, "targets") == "ffn_down r8, attn_qkv r4-8 (ranks differ by layer) (3 layers)"
+    assert field(info, "alpha") == "16: scale alpha / r = 4 at r4, 2 at r8 (times --lora-scaled)"
+    assert field(info, "size").startswith("8,192 parameters in 6 pairs")
+
+
 def test_info_says_what_a_merged_model_was_made_from(tmp_path: Path) -> None:
     base = tiny_model("llama", "Q8_0")
     adapter = random_adapter(base, tmp_path / "a.gguf")
