@@ -40,12 +40,14 @@ def ollama(model_path: Path | None, loras: tuple[str, ...], out: Path | None, sy
     from ggtrain.adapter import parse_lora_arg, read_gguf_adapter
     from ggtrain.defaults import default_model_path
     from ggtrain.modelfile import ModelFile
-    from ggtrain.ollama import modelfile_text, ollama_name, stop_texts, write_modelfile
+    from ggtrain.ollama import modelfile_text, ollama_name, quote, stop_texts, write_modelfile
     from ggtrain.tokenizer import Tokenizer
 
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?", name, re.ASCII):
         raise GGTrainError(f"--name {name!r}: an Ollama model name is letters, digits, '.', '-' and '_' "
                            "(optionally NAMESPACE/NAME:TAG)")
+    if system is not None:
+        quote(system, "--system")  # text no quoting can carry: refused before any work
     given = model_path or default_model_path()  # messages name the file as the user gave it
     base = given.absolute()
     adapters = [parse_lora_arg(a) for a in loras]
@@ -58,7 +60,8 @@ def ollama(model_path: Path | None, loras: tuple[str, ...], out: Path | None, sy
     mf = ModelFile(given, check_types=False)
     try:
         for path, scale in adapters:  # the wrong base is caught here, not when Ollama runs it
-            read_gguf_adapter(path, base=mf, scale=scale, warn=lambda m: click.echo(m, err=True))
+            read_gguf_adapter(path, base=mf, scale=scale,  # (with --merged, the merge says the note)
+                              warn=None if merged is not None else lambda m: click.echo(m, err=True))
             if scale != 1.0 and merged is None:
                 raise GGTrainError(f"--lora {path}:{scale:g}: Ollama applies an ADAPTER at scale 1; bake the "
                                    "scale in with --merged OUT.gguf, or drop the :SCALE")

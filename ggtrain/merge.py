@@ -13,7 +13,8 @@ Type of the merged tensors (outtype):
     f16 (default)  F16, but F32 where the base tensor is F32: what llama-export-lora writes
     bf16           BF16, F32 kept F32 likewise
     f32            F32
-    q8_0, q4_0     Q8_0 / Q4_0 (F16 for a tensor whose rows are not a multiple of 32)
+    q8_0, q4_0     Q8_0 / Q4_0 (F16 for a tensor whose rows are not a multiple of 32; a tensor already
+                   in that type is merged as with same)
     same           the base tensor's own type: a merged Q4_K_M stays the size of a Q4_K_M. Each block
                    is llama.cpp's reference quantization of W + ΔW (ggtrain.kernels.quantize, what
                    llama-quantize writes), or the base's own block where that is at least as close to
