@@ -184,13 +184,16 @@ def _toml_repr(v: Any) -> str:
 @click.option("--lora-in", type=PathType(exists=True, path_type=Path), default=None, metavar="ADAPTER",
               help="Start from this adapter (a GGUF LoRA file or a PEFT directory): its targets, ranks, alphas "
                    "and values instead of a fresh LoRA (--lora-r, --lora-alpha and --rank-* then do not apply).")
+@click.option("--ollama", "write_ollama", is_flag=True, default=False,
+              help="At the end, write an Ollama Modelfile (FROM the base, ADAPTER the adapter, its stop "
+                   "tokens) as Modelfile in --outdir, and print the `ollama create` line.")
 def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_out_type: str, checkpoint_out: str,
              checkpoint_in: Path | None, save_every: int, epochs: int | None, max_steps: int, batch: int,
              grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, lora_r: int,
              lora_alpha: float, lora_dropout: float, lr: float, adam_beta1: float, adam_beta2: float,
              adam_eps: float, adam_decay: float, adam_gclip: float, warmup: int, cos_decay_steps: int,
              cos_decay_min: float, checkpointing: bool, eval_every: int, overwrite: bool, keep_checkpoints: int,
-             lora_in: Path | None, **kw: Any) -> None:
+             lora_in: Path | None, write_ollama: bool, **kw: Any) -> None:
     """Fine-tune a LoRA adapter on a quantized GGUF model.
 
     The base stays in its GGUF type; the adapter is written in llama.cpp's GGUF LoRA format
@@ -374,11 +377,28 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     click.echo(f"log:        {out.log.resolve()}")
     click.echo("")
     click.echo("use it with llama.cpp:")
-    click.echo(f"  llama-cli -m {base} --lora {adapter}")
-    click.echo(f"  llama-server -m {base} --lora {adapter}     (or --lora-scaled {adapter}:0.5)")
-    click.echo("or with Ollama (Modelfile):")
-    click.echo(f"  FROM {base}")
-    click.echo(f"  ADAPTER {adapter}")
+    click.echo(f"  llama-cli -m {base} --lora {adapter}     (or --lora-scaled {adapter}:0.5)")
+    click.echo(f"  llama-server -m {base} --lora {adapter}")
+    click.echo("    the server applies it at scale 1; change that live with POST /lora-adapters "
+               '[{"id": 0, "scale": 0.5}], or per request with "lora": [{"id": 0, "scale": 0.5}].')
+    click.echo("    (--lora-init-without-apply leaves it at scale 1 in current llama.cpp, not 0: POST scale 0 "
+               "first)")
+    click.echo(f"  one merged model: ggtrain merge -m {base} --lora {adapter} -o merged.gguf")
+    if write_ollama:
+        from ggtrain.adapters.ollama import modelfile_text, ollama_name, stop_texts, write_modelfile
+
+        modelfile = write_modelfile(outdir.resolve() / "Modelfile",
+                                    modelfile_text(base, adapter, stop_texts(tok)))
+        name = ollama_name(base.stem + "-lora")
+        click.echo(f"Ollama:     {modelfile}")
+        click.echo(f"  ollama create {name} -f {modelfile}")
+        click.echo(f"  ollama run {name}")
+    else:
+        click.echo("or with Ollama, a Modelfile of")
+        click.echo(f"  FROM {base}")
+        click.echo(f"  ADAPTER {adapter}")
+        click.echo(f"  (`ggtrain ollama -m {base} --lora {adapter}` writes it with the stop tokens, as "
+                   "finetune --ollama does)")
 
 
 def resolve_checkpoint_in(value: Path | None, outdir: Path, say: Any) -> Path | None:

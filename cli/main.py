@@ -42,6 +42,8 @@ def _register() -> None:
     from ggtrain.cli.data import data
     from ggtrain.cli.finetune import finetune
     from ggtrain.cli.info import info
+    from ggtrain.cli.merge import merge
+    from ggtrain.cli.ollama import ollama
     from ggtrain.cli.peft import export_peft, import_peft
     from ggtrain.cli.perplexity import perplexity
     from ggtrain.cli.tokenize import tokenize
@@ -53,6 +55,8 @@ def _register() -> None:
     main.add_command(tokenize)
     main.add_command(export_peft)
     main.add_command(import_peft)
+    main.add_command(merge)
+    main.add_command(ollama)
 
 
 _register()

@@ -102,6 +102,8 @@ def base_values(w: dict[str, str]) -> dict[str, dict[str, str]]:
         "info": {"model": w["model"]},
         "export-peft": {"adapter": w["adapter"], "model_path": w["model"], "outdir": "OUTDIR"},
         "import-peft": {"peft_dir": w["peft"], "model_path": w["model"], "outfile": "OUTDIR.gguf"},
+        "merge": {"model_path": w["model"], "loras": w["adapter"], "out": "merged.gguf", "threads": "1"},
+        "ollama": {"model_path": w["model"], "loras": w["adapter"], "out": "Modelfile"},
     }
 
 

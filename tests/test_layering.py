@@ -12,9 +12,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # ggtrain.<stage> -> rank; a module may import only ranks <= its own (samples: data files only) (errors, which imports nothing, is on the ground floor with kernels; the other shared helpers are rank 1).
-STAGES = {"kernels": 0, "errors": 0, "atomic": 1, "threads": 1, "gguf": 2, "text": 3, "dataset": 4,
+STAGES = {"kernels": 0, "errors": 0, "atomic": 1, "threads": 1, "rss": 1, "gguf": 2, "text": 3, "dataset": 4,
           "model": 5, "adapters": 6, "train": 7, "generate": 8, "cli": 9, "samples": 0}
-SHARED = {"errors", "atomic", "threads"}
+SHARED = {"errors", "atomic", "threads", "rss"}
 
 
 def stage_of(path: Path) -> str:

@@ -8,12 +8,39 @@ The format (llama.cpp src/llama-adapter.cpp, convert_lora_to_gguf.py):
 llama.cpp applies y += s · alpha / r · B·A·x, r = lora_b's ne[0] per tensor, s the user's scale
 (--lora-scaled F:S, default 1); alpha 0 means no alpha/r factor at all. There is one alpha per file,
 so a per-target alpha is folded into that target's B on writing (B · alpha_t / alpha_file).
+
+What else an adapter says about itself (llama.cpp ignores these keys; `ggtrain info` shows them):
+    general.name                   "<base name> LoRA"
+    general.basename, .size_label  the base's (GGUF naming: <basename>-<size label>-LoRA.gguf)
+    general.base_model.count = 1   the model the adapter was trained on, as GGUF lineage:
+    general.base_model.0.*         name, author, version, organization, description, url, doi, uuid,
+                                   repo_url: each copied from the base's general.<field> where it has
+                                   one (name falls back to the base's file name). Only the direct
+                                   parent: when the base is itself a fine-tune, its own
+                                   general.base_model.* stay in the base's file.
+    ggtrain.version                ggtrain's version that wrote the file
+    ggtrain.adapter.base_file      the base's file name
+    ggtrain.adapters.gguf_lora.base_fingerprint   ModelFile.fingerprint() of the base: tensor table + sampled
+                                   bytes. Another file with the same shapes but another fingerprint
+                                   gets a note (another quantization of the same model is fine)
+    ggtrain.adapters.gguf_lora.targets        [string] adapted targets in TARGETS order (attn_q, ..., output)
+    ggtrain.adapters.gguf_lora.ranks          [u32] their ranks, same order (the largest where layers differ)
+    ggtrain.adapter.note           set when per-target alphas were folded into lora_b
+    training.*                     the run's figures, from the trainer (extra_meta):
+        training.steps, training.epochs       optimizer steps done, epochs completed
+        training.tokens, training.trained_tokens   tokens processed, target tokens trained
+        training.loss                         mean loss of the last step
+        training.loss_smoothed                the progress bar's smoothed loss
+        training.val_loss                     the last validation loss (absent without validation)
+        training.data, training.data_sha256   the training data's file name and sha256 (for a directory:
+                                              the run's digest of its files' names and bytes)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +48,49 @@ import gguf
 import numpy as np
 from gguf.constants import GGMLQuantizationType as QT
 
+from ggtrain import __version__
 from ggtrain.atomic import atomic_path
 from ggtrain.errors import GGTrainError
 from ggtrain.gguf.modelfile import ModelFile, type_name
-from ggtrain.model.lora import LoraWeights, target_of
+from ggtrain.model.lora import TARGETS, LoraWeights, target_of
 
 ADAPTER_DTYPES = ("f32", "f16", "q8_0")
 _FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+KEY_VERSION = "ggtrain.version"
+KEY_BASE_FILE = "ggtrain.adapter.base_file"
+KEY_BASE_FINGERPRINT = "ggtrain.adapters.gguf_lora.base_fingerprint"
+KEY_TARGETS = "ggtrain.adapters.gguf_lora.targets"
+KEY_RANKS = "ggtrain.adapters.gguf_lora.ranks"
+KEY_NOTE = "ggtrain.adapter.note"
+# general.base_model.{i}.<field> <- the parent's general.<field> (gguf-py's Keys.General.BASE_MODEL_*)
+LINEAGE_FIELDS = ("name", "author", "version", "organization", "description", "url", "doi", "uuid",
+                  "repo_url")
+
+
+def lineage(meta: Mapping[str, Any], path: Path) -> dict[str, str]:
+    """A parent's fields for its child's general.base_model.{i}.*, from the parent's metadata:
+    field -> value (the name falls back to the file's stem)."""
+    out = {f: v for f in LINEAGE_FIELDS if isinstance(v := meta.get(f"general.{f}"), str) and v}
+    out.setdefault("name", path.stem)
+    return out
+
+
+def add_lineage(w: gguf.GGUFWriter, parents: list[Mapping[str, str]]) -> None:
+    """Write general.base_model.count and .{i}.* for each parent (as lineage() gives them)."""
+    w.add_uint32(gguf.Keys.General.BASE_MODEL_COUNT, len(parents))
+    for i, fields in enumerate(parents):
+        for f, v in fields.items():
+            w.add_string(f"general.base_model.{i}.{f}", v)
+
+
+def target_ranks(names_ranks: Mapping[str, int]) -> dict[str, list[int]]:
+    """tensor name -> rank  =>  target -> the ranks of its tensors, targets in TARGETS order."""
+    by_target: dict[str, list[int]] = {}
+    for name, r in names_ranks.items():
+        by_target.setdefault(target_of(name)[1], []).append(int(r))
+    return {t: by_target[t] for t in TARGETS if t in by_target}
 
 
 def _encode(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, QT | None]:
@@ -70,9 +132,10 @@ def write_gguf_adapter(path: str | os.PathLike, lora: LoraWeights, base: ModelFi
     file_alpha = float(alpha) if alpha is not None else next(iter(lora.entries.values())).alpha
     if file_alpha <= 0:
         raise GGTrainError(f"{path}: adapter alpha must be > 0, got {file_alpha}")
+    parent = lineage(base.metadata, base.path)
     if name is None:
-        base_name = base.get("general.name")
-        name = f"{base_name} LoRA" if isinstance(base_name, str) and base_name else "ggtrain LoRA"
+        name = f"{parent['name']} LoRA"
+    ranks = target_ranks({n: e.rank for n, e in lora.entries.items()})
 
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
@@ -80,15 +143,20 @@ def write_gguf_adapter(path: str | os.PathLike, lora: LoraWeights, base: ModelFi
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, file_alpha)
         w.add_name(name)
+        for key in ("general.basename", "general.size_label"):
+            if isinstance(v := base.get(key), str) and v:
+                w.add_string(key, v)
         w.add_file_type(_FILE_TYPE[dtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        base_name = base.get("general.name")
-        if isinstance(base_name, str) and base_name:
-            w.add_base_model_count(1)
-            w.add_base_model_name(0, base_name)
-        w.add_string("ggtrain.adapter.base_file", base.path.name)
+        add_lineage(w, [parent])
+        w.add_string(KEY_VERSION, __version__)
+        w.add_string(KEY_BASE_FILE, base.path.name)
+        w.add_string(KEY_BASE_FINGERPRINT, base.fingerprint())
+        w.add_array(KEY_TARGETS, list(ranks))
+        w.add_key_value(KEY_RANKS, [max(r) for r in ranks.values()], gguf.GGUFValueType.ARRAY,
+                        sub_type=gguf.GGUFValueType.UINT32)
         if len(alphas) > 1:
-            w.add_string("ggtrain.adapter.note", "per-target alpha folded into lora_b")
+            w.add_string(KEY_NOTE, "per-target alpha folded into lora_b")
         for k, v in (extra_meta or {}).items():
             if isinstance(v, bool):
                 w.add_bool(k, v)
@@ -123,14 +191,51 @@ def _as_f32(path: Path, t: Any) -> np.ndarray:
                            "read in an adapter") from None
 
 
-def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None,
-                      scale: float = 1.0) -> tuple[LoraWeights, float, dict[str, Any]]:
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def trained_on(meta: Mapping[str, Any]) -> str:
+    """How an adapter's metadata names its base, for messages: "'Gemma 3 270m' (gemma.gguf)", or ""."""
+    name, file = meta.get("general.base_model.0.name"), meta.get(KEY_BASE_FILE)
+    parts = [f"'{name}'" if isinstance(name, str) and name else "",
+             f"({file})" if isinstance(file, str) else ""]
+    return " ".join(p for p in parts if p)
+
+
+def _trained_on(meta: Mapping[str, Any]) -> str:
+    """' (the adapter was trained on ...)' for a refusal, when the adapter says."""
+    what = trained_on(meta)
+    return f" (the adapter was trained on {what})" if what else " (an adapter for another model?)"
+
+
+def base_note(path: str | os.PathLike, meta: Mapping[str, Any], base: ModelFile) -> str | None:
+    """The note for an adapter that fits `base` (same architecture and shapes) but was trained on
+    another file (its recorded fingerprint differs), or None. Adapters without a fingerprint (older
+    ones, llama.cpp's converter's) get none: there is nothing to compare."""
+    fp = meta.get(KEY_BASE_FINGERPRINT)
+    if not isinstance(fp, str) or not fp or fp == base.fingerprint():
+        return None
+    this = base.get("general.name")
+    this = f"'{this}'" if isinstance(this, str) and this else f"'{base.path.stem}'"
+    other_name = meta.get("general.base_model.0.name")
+    names = " (another name, too: check it is the same model)" if isinstance(other_name, str) and \
+        f"'{other_name}'" != this else ""
+    return (f"note: {path} was trained on {trained_on(meta) or 'another base'} (fingerprint {fp[:12]}), "
+            f"this base {base.path} is {this} (fingerprint {base.fingerprint()[:12]}){names}: fine if it is "
+            "another quantization of the same model")
+
+
+def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None, scale: float = 1.0,
+                      warn: Callable[[str], None] | None = _say) -> tuple[LoraWeights, float, dict[str, Any]]:
     """Read a llama.cpp GGUF LoRA adapter -> (LoraWeights, file alpha, metadata).
 
     Each entry's alpha is set so that its scale is what llama.cpp applies: scale · alpha / r (or
     scale alone when the file's alpha is 0); `scale` is the --lora-scaled factor. With `base`, the
-    adapter is checked against it the way llama.cpp does (architecture, tensor names, shapes), so
-    the user hears which file and tensor are wrong instead of getting a crash later.
+    adapter is checked against it the way llama.cpp does (architecture, tensor names, shapes): the
+    first mismatch is a GGTrainError naming both files and the tensor, instead of a crash later.
+    One that fits but was trained on another base file (base_note) is passed to `warn` (default:
+    printed to stderr; None: silent) — another quantization of the same model is legitimate.
     """
     path = Path(path)
     mf = ModelFile(path, check_types=False)
@@ -148,7 +253,7 @@ def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None,
             raise GGTrainError(f"{path}: no general.architecture in the adapter")
         if base is not None and arch != base.architecture:
             raise GGTrainError(f"{path}: adapter is for architecture '{arch}', the base model {base.path} is "
-                               f"'{base.architecture}'")
+                               f"'{base.architecture}'{_trained_on(meta)}")
         alpha = float(meta.get("adapter.lora.alpha", 0.0))
 
         pairs: dict[str, dict[str, Any]] = {}
@@ -187,11 +292,13 @@ def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None,
             if base is not None:
                 bt = base.tensors.get(bname)
                 if bt is None:
+                    tied = " (the base ties its output head to token_embd: llama.cpp cannot apply this one " \
+                        "either)" if bname == "output.weight" and "token_embd.weight" in base.tensors else ""
                     raise GGTrainError(f"{path}: LoRA tensor '{bname}' does not exist in the base model "
-                                       f"{base.path} (an adapter for another model?)")
+                                       f"{base.path}{tied or _trained_on(meta)}")
                 if tuple(bt.shape) != (n_out, n_in):
-                    raise GGTrainError(f"{path}: LoRA of '{bname}' is {(n_out, n_in)}, the base model {base.path} "
-                                       f"has {tuple(bt.shape)} (an adapter for another model?)")
+                    raise GGTrainError(f"{path}: LoRA of '{bname}' is {(n_out, n_in)}, the base model "
+                                       f"{base.path} has {tuple(bt.shape)}{_trained_on(meta)}")
             entry_alpha = scale * (alpha if alpha else r)  # llama.cpp: alpha ? s·alpha/r : s
             layout[bname] = (n_out, n_in, r, entry_alpha, 0.0)
             arrays[bname] = (_as_f32(path, ta), _as_f32(path, tb))
@@ -208,6 +315,8 @@ def read_gguf_adapter(path: str | os.PathLike, base: ModelFile | None = None,
         lora[bname].A[...] = a
         lora[bname].B[...] = b
     meta["ggtrain.ignored_tensors"] = ignored
+    if base is not None and warn is not None and (note := base_note(path, meta, base)):
+        warn(note)
     return lora, alpha, meta
 
 

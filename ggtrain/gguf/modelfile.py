@@ -11,6 +11,7 @@ its rows straight into the mapping.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
@@ -159,7 +160,11 @@ class ModelFile:
         except OSError as e:
             raise GGTrainError(f"{self.path}: cannot read: {e.strerror or e}") from None
         self.metadata: dict[str, Any] = {}
+        # key -> (GGUF value type, element type for arrays else None): what a copy of the metadata
+        # must write back (an int is u32 in one key and i32 in another; llama.cpp checks the type)
+        self.value_types: dict[str, tuple[int, int | None]] = {}
         self.tensors: dict[str, Tensor] = {}
+        self._fingerprint: str | None = None
         self._parse()
         if check_types:
             self.check_tensor_types()
@@ -187,7 +192,11 @@ class ModelFile:
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             vtype = cur.scalar("<I", f"type of metadata '{key}'")
+            etype = None
+            if vtype == _VT_ARRAY and cur.pos + 4 <= self.file_size:
+                etype = struct.unpack_from("<I", self._mmap, cur.pos)[0]
             self.metadata[key] = cur.value(vtype, f"metadata '{key}'")
+            self.value_types[key] = (vtype, etype)
 
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
@@ -253,6 +262,12 @@ class ModelFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    def fingerprint(self) -> str:
+        """model_fingerprint(self), computed once per opened file."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self)
+        return self._fingerprint
+
     def tensor(self, name: str) -> Tensor:
         try:
             return self.tensors[name]
@@ -271,3 +286,23 @@ class ModelFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SAMPLE = 4096  # bytes hashed at the start, middle and end of every tensor for the fingerprint
+
+
+def model_fingerprint(mf: ModelFile) -> str:
+    """sha256 (hex) identifying a base model: architecture, every tensor's name/type/shape, and
+    samples of every tensor's bytes (start, middle, end) — cheap on a multi-GB mmap, yet different
+    for another model, another quantization or another fine-tune of the same architecture.
+    Checkpoints and adapters record it, so a resume or an adapter on another base is caught."""
+    h = hashlib.sha256()
+    h.update(str(mf.metadata.get("general.architecture")).encode())
+    for name in sorted(mf.tensors):
+        t = mf.tensors[name]
+        h.update(f"|{name}:{t.qtype}:{t.shape}".encode())
+        flat = t.data.reshape(-1)
+        n = flat.size
+        for start in (0, max(0, n // 2 - _SAMPLE // 2), max(0, n - _SAMPLE)):
+            h.update(flat[start:start + _SAMPLE].tobytes())
+    return h.hexdigest()

@@ -217,10 +217,18 @@ class LoraWeights:
     def n_params(self) -> int:
         return self.flat.size
 
-    def delta(self, name: str) -> np.ndarray:
-        """float64 (out, in) merged update scale · B·A of one tensor (merge, tests)."""
+    def tensors(self) -> dict[str, np.ndarray]:
+        """'NAME.lora_a' -> A view, 'NAME.lora_b' -> B view (the GGUF adapter's tensor names)."""
+        out = {}
+        for name, e in self.entries.items():
+            out[f"{name}.lora_a"] = e.A
+            out[f"{name}.lora_b"] = e.B
+        return out
+
+    def delta(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """float64 (out, in) merged update scale · B·A of one tensor, or of its `rows` (merge, tests)."""
         e = self.entries[name]
-        return e.scale * (e.B.astype(np.float64) @ e.A.astype(np.float64))
+        return e.scale * (e.B[rows].astype(np.float64) @ e.A.astype(np.float64))
 
     def layout_dict(self) -> dict[str, list]:
         """JSON-able layout, for checkpoints."""

@@ -27,28 +27,11 @@ import numpy as np
 
 from ggtrain.atomic import atomic_write
 from ggtrain.errors import GGTrainError
-from ggtrain.gguf.modelfile import ModelFile
+from ggtrain.gguf.modelfile import ModelFile, model_fingerprint  # noqa: F401  (also imported from here)
 from ggtrain.model.lora import LoraWeights
 
 FORMAT = "ggtrain-checkpoint"
 VERSION = 1
-_SAMPLE = 4096  # bytes hashed at the start, middle and end of every tensor for the fingerprint
-
-
-def model_fingerprint(mf: ModelFile) -> str:
-    """sha256 (hex) identifying a base model: architecture, every tensor's name/type/shape, and
-    samples of every tensor's bytes (start, middle, end) — cheap on a multi-GB mmap, yet different
-    for another model, another quantization or another fine-tune of the same architecture."""
-    h = hashlib.sha256()
-    h.update(str(mf.metadata.get("general.architecture")).encode())
-    for name in sorted(mf.tensors):
-        t = mf.tensors[name]
-        h.update(f"|{name}:{t.qtype}:{t.shape}".encode())
-        flat = t.data.reshape(-1)
-        n = flat.size
-        for start in (0, max(0, n // 2 - _SAMPLE // 2), max(0, n - _SAMPLE)):
-            h.update(flat[start:start + _SAMPLE].tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -198,7 +181,7 @@ def _checkpoint_from(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndar
         if _sha(a) != sums[k]:
             raise GGTrainError(f"{path}: corrupt checkpoint (checksum of '{k}' does not match)")
 
-    want = fingerprint if fingerprint is not None else (model_fingerprint(base) if base is not None else None)
+    want = fingerprint if fingerprint is not None else (base.fingerprint() if base is not None else None)
     if want is not None and meta.get("base_fingerprint") != want:
         other = f" {base.path}" if base is not None else ""
         raise GGTrainError(f"{path}: checkpoint was made with base model '{meta.get('base_name') or '?'}' "

@@ -27,18 +27,15 @@ import contextlib
 import math
 import os
 import re
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
 from ggtrain.errors import GGTrainError
 from ggtrain.model.lora import LoraConfig
 from ggtrain.model.saved import CE_CHUNK, BlockCache, projection_shapes
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
+from ggtrain.rss import MemoryMonitor  # noqa: F401  (the trainer's monitor, also imported from here)
 
 F32 = 4
 MiB = 1 << 20
@@ -223,69 +220,3 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-class MemoryMonitor:
-    """RSS of this process sampled by a background thread (psutil), for the progress bar and for
-    shrinking the micro-batch before the limit is hit.
-
-        with MemoryMonitor(limit) as mon:
-            ...                  # mon.rss, mon.peak, mon.window_peak
-            if mon.near_limit(): ...   # the last window came within 10% of the limit
-            mon.reset_window()
-    """
-
-    def __init__(self, limit: int | None = None, interval: float = 0.05, pid: int | None = None):
-        self.limit = limit
-        self.interval = interval
-        self._proc = psutil.Process(pid)
-        self.rss = 0
-        self.peak = 0  # highest RSS seen since start
-        self.window_peak = 0  # highest RSS since the last reset_window()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.sample()
-
-    def sample(self) -> int:
-        """Read RSS now; update peak and window_peak; return it."""
-        rss = self._proc.memory_info().rss
-        with self._lock:
-            self.rss = rss
-            self.peak = max(self.peak, rss)
-            self.window_peak = max(self.window_peak, rss)
-        return rss
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with contextlib.suppress(psutil.Error):
-                self.sample()
-
-    def start(self) -> Self:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="ggtrain-memory-monitor", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-        self.sample()
-
-    def reset_window(self) -> None:
-        with self._lock:
-            self.window_peak = self.rss
-
-    def near_limit(self, fraction: float = 0.9) -> bool:
-        """True when the window's peak RSS reached `fraction` of the limit (False without a limit)."""
-        self.sample()
-        return self.limit is not None and self.window_peak >= fraction * self.limit
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -303,7 +303,40 @@ class Trainer:
         then the ITERATION files beyond --keep-checkpoints are pruned. A failed write (full disk,
         I/O error) is one GGTrainError naming the file and the newest checkpoint to resume from."""
         ck = self.checkpoint()
-        meta = {"training.steps": self.step, "training.epochs": self.train.epoch}
+        # The run's figures for the adapter (keys: ggtrain.adapters.gguf_lora's docstring). Token counts come from
+        # the log, which a resume trims to the checkpoint's steps, so they cover the whole run.
+        meta: dict[str, str | int | float] = {"training.steps": self.step,
+                                              "training.epochs": self.train.epoch}
+        tokens = trained = 0
+        last_loss = None
+        if self.out.log.exists():
+            for line in self.out.log.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash: trim_log drops those too
+                    continue
+                tokens += int(rec.get("tokens", 0))
+                trained += int(rec.get("trained_tokens", 0))
+                last_loss = rec.get("loss", last_loss)
+        meta.update({"training.tokens": tokens, "training.trained_tokens": trained})
+        for key, v in (("training.loss", last_loss), ("training.loss_smoothed", self.ema),
+                       ("training.val_loss", self.last_val)):
+            if v is not None and math.isfinite(v):
+                meta[key] = float(v)
+        data = Path(self.cfg.train_data) if self.cfg.train_data else None
+        if data is not None:
+            meta["training.data"] = data.name
+            if not hasattr(self, "_data_sha256"):  # once a run: the file's sha256 (as sha256sum prints it)
+                try:
+                    h = hashlib.sha256()
+                    with open(data, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            h.update(block)
+                    self._data_sha256 = h.hexdigest()
+                except OSError:  # a directory (its digest is the run's data_digest), or a file gone since
+                    self._data_sha256 = self.cfg.data_digest if data.is_dir() else ""
+            if self._data_sha256:
+                meta["training.data_sha256"] = self._data_sha256
         try:
             written = self.out.save(
                 self.step, lambda p: save_checkpoint(p, ck),
