@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from ggtrain.cli.options import THREADS_MAX, Command, Int, LoraArg, PathType
+from ggtrain.cli.common import model_option, start_threads, threads_option
+from ggtrain.cli.options import Command, LoraArg, PathType
 
 OUTTYPE_HELP = ("Type of the merged tensors: f16 (the default, as llama-export-lora: F16, tensors that "
                 "are F32 in the base stay F32), bf16 (likewise), f32, q8_0, q4_0, or same (each tensor's "
@@ -14,8 +15,7 @@ OUTTYPE_HELP = ("Type of the merged tensors: f16 (the default, as llama-export-l
 
 
 @click.command(cls=Command)
-@click.option("-m", "--model", "model_path", type=PathType(dir_okay=False, path_type=Path),
-              help="Base model GGUF (default: the bundled Gemma 3 270M Q4_K_M).")
+@model_option()
 @click.option("--lora", "loras", type=LoraArg(), multiple=True, required=True, metavar="ADAPTER[:SCALE]",
               help="GGUF LoRA adapter to merge, optionally scaled as llama.cpp's --lora-scaled (default 1). "
                    "Repeatable: the updates add up.")
@@ -23,8 +23,7 @@ OUTTYPE_HELP = ("Type of the merged tensors: f16 (the default, as llama-export-l
               help="The merged model's GGUF file (written atomically: a failure leaves no partial file).")
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0", "q4_0", "same"]), default="f16",
               show_default=True, help=OUTTYPE_HELP)
-@click.option("-t", "--threads", default=None, type=Int(min=1, max=THREADS_MAX),
-              help="Threads for dequantizing and re-quantizing (default: physical cores).")
+@threads_option()
 def merge(model_path: Path | None, loras: tuple[str, ...], out: Path, outtype: str,
           threads: int | None) -> None:
     """Merge LoRA adapters into a GGUF model: W' = W + scale * (alpha / r) * B A.
@@ -36,11 +35,10 @@ def merge(model_path: Path | None, loras: tuple[str, ...], out: Path, outtype: s
     from ggtrain.adapters.gguf_lora import parse_lora_arg
     from ggtrain.adapters.merge import merge as merge_model
     from ggtrain.gguf.defaults import default_model_path
-    from ggtrain.threads import default_threads, set_threads
     from ggtrain.train.memory import format_bytes
 
-    set_threads(threads or default_threads())
-    base = model_path or default_model_path()
+    start_threads(threads)
+    base = model_path or default_model_path()  # merge opens it itself, reading by rows
     res = merge_model(base, [parse_lora_arg(a) for a in loras], out, outtype,
                       echo=lambda m: click.echo(m, err=True))
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(res.merged.items()))

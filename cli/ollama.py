@@ -6,14 +6,14 @@ import re
 from pathlib import Path
 
 import click
+from ggtrain.cli.common import model_option, open_model
 from ggtrain.cli.options import Command, LoraArg, PathType, Text
 
 from ggtrain.errors import GGTrainError
 
 
 @click.command(cls=Command)
-@click.option("-m", "--model", "model_path", type=PathType(dir_okay=False, path_type=Path),
-              help="Base model GGUF (default: the bundled Gemma 3 270M Q4_K_M).")
+@model_option()
 @click.option("--lora", "loras", type=LoraArg(), multiple=True, metavar="ADAPTER",
               help="The GGUF LoRA adapter (Ollama's ADAPTER). Ollama takes one adapter per model: for "
                    "several, or a scale other than 1 (ADAPTER:SCALE), use --merged.")
@@ -40,7 +40,6 @@ def ollama(model_path: Path | None, loras: tuple[str, ...], out: Path | None, sy
     from ggtrain.adapters.gguf_lora import parse_lora_arg, read_gguf_adapter
     from ggtrain.adapters.ollama import modelfile_text, ollama_name, quote, stop_texts, write_modelfile
     from ggtrain.gguf.defaults import default_model_path
-    from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.text.tokenizer import Tokenizer
 
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?", name, re.ASCII):
@@ -57,7 +56,7 @@ def ollama(model_path: Path | None, loras: tuple[str, ...], out: Path | None, sy
                            f"{base} --lora A --lora B -o OUT.gguf`, then `ggtrain ollama -m OUT.gguf`)")
     if merged is not None and not adapters:
         raise GGTrainError("--merged OUT.gguf: there is nothing to merge; give --lora ADAPTER")
-    mf = ModelFile(given, check_types=False)
+    _, mf = open_model(given, check_types=False)
     try:
         for path, scale in adapters:  # the wrong base is caught here, not when Ollama runs it
             read_gguf_adapter(path, base=mf, scale=scale,  # (with --merged, the merge says the note)
