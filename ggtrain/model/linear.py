@@ -44,11 +44,10 @@ class QWeight:
                                  tgt_logit)
         return True
 
-    def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None,
-                 accumulate: bool = False) -> np.ndarray:
-        """dy (T, r1-r0) -> dy·W[r0:r1] (T, cols), into `out` (added to it with accumulate)."""
-        return kernels.qmatmul_backward_input(dy, self.data[r0:r1], self.qtype, out=out,
-                                              accumulate=accumulate)
+    def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """dy (T, r1-r0) -> dy·W[r0:r1] (T, cols), written into `out` when given."""
+        return kernels.qmatmul_backward_input(dy, self.data[r0:r1], self.qtype, out=out)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """W[ids] dequantized: f32 (len(ids), cols)."""
@@ -100,12 +99,12 @@ class LoraLinear:
         return y, cache
 
     def backward(self, dy: np.ndarray, cache: LoraCache | None, grad: LoraEntry | None = None,
-                 out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
-        """dy (T, out) -> dL/dx (T, in), written into `out` (added to it with accumulate); the trainable
-        term's dA, dB are added into `grad` (its entry in the gradient buffer).
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """dy (T, out) -> dL/dx (T, in), written into `out` when given (a buffer reused across calls);
+        the trainable term's dA, dB are added into `grad` (its entry in the gradient buffer).
 
         cache is what forward(keep=True) returned; the trainable term needs it, and `grad`."""
-        dx = self.base.matmul_t(dy, out=out, accumulate=accumulate)
+        dx = self.base.matmul_t(dy, out=out)
         for t in self.terms:
             if t.trainable:
                 if cache is None or grad is None:

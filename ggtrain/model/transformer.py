@@ -283,7 +283,10 @@ class Model:
     def block_backward(self, il: int, dx3: np.ndarray, c: BlockCache, batch: Batch, rope: np.ndarray,
                        grads: LoraWeights) -> np.ndarray:
         """dL/dx3 (T, d) -> dL/dx (T, d); adds the block's LoRA gradients into grads. The input
-        gradients of q, k, v (and of gate, up) accumulate into one buffer."""
+        gradients of q, k, v (and of gate, up) are summed into one buffer, each product written into
+        one reused scratch buffer: no new (T, d) array per projection. (Not accumulate=True into the
+        sum itself: qmatmul adds its partial sums to `out`, which rounds differently from a product
+        added whole, and training would no longer be bit-identical.)"""
         hp, L = self.hp, self.layers[il]
         T = dx3.shape[0]
         neox = hp.rope_type == ROPE_NEOX
@@ -291,7 +294,7 @@ class Model:
         def project_back(target: str, dy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             lin = self.linear(il, target)
             grad = grads[tensor_name(target, il)] if lin.trainable is not None else None
-            return lin.backward(dy, c.lora.get(target), grad, out=out, accumulate=out is not None)
+            return lin.backward(dy, c.lora.get(target), grad, out=out)
 
         # x3 = x2 + f
         df = dx3
@@ -304,7 +307,8 @@ class Model:
             dg, du = swiglu_backward(dm, c.g, c.u)
         del dm, df
         dh2 = project_back("ffn_gate", dg)
-        project_back("ffn_up", du, out=dh2)
+        scratch = project_back("ffn_up", du)  # (T, d): reused for every product below
+        dh2 += scratch
         del dg, du
         dx2 = rmsnorm_backward(dh2, c.x2, L.ffn_norm, c.rstd2)
         dx2 += dx3
@@ -327,9 +331,9 @@ class Model:
             dq = rmsnorm_backward(dq, c.q_pre, L.q_norm, c.rstd_q)
             dk = rmsnorm_backward(dk, c.k_pre, L.k_norm, c.rstd_k)
         dh = project_back("attn_q", dq.reshape(T, -1))
-        project_back("attn_k", dk.reshape(T, -1), out=dh)
-        project_back("attn_v", dv.reshape(T, -1), out=dh)
-        del dq, dk, dv
+        dh += project_back("attn_k", dk.reshape(T, -1), out=scratch)
+        dh += project_back("attn_v", dv.reshape(T, -1), out=scratch)
+        del dq, dk, dv, scratch
         dx = rmsnorm_backward(dh, c.x, L.attn_norm, c.rstd1)
         dx += dx2
         return dx

@@ -89,7 +89,7 @@ def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batc
     backward = BlockCache.backward_peak_bytes(hparams, T) + x  # + the block's dx
     parts["cross-entropy or a block's backward, the larger (+ final norm)"] = 3 * x + max(ce, backward)
     n_lora = lora_param_count(hparams, lora_config)
-    parts["LoRA params, grads, Adam m, v and scratch"] = 5 * n_lora * F32
+    parts["LoRA params, grads, Adam state (m, v, scratch)"] = 5 * n_lora * F32
     attn_dq = T * int(hparams.n_head) * int(hparams.head_dim) * F32
     parts["kernel buffers (qmatmul tiles, attention dq, BLAS)"] = threads * (TILE_BYTES + attn_dq
                                                                              + KERNEL_BYTES_PER_THREAD)
