@@ -30,8 +30,8 @@ from typing import Any
 
 import click
 import numpy as np
-import psutil
 import pytest
+from loras import peak_rss, refused
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
@@ -278,14 +278,6 @@ def run(args: list[str], timeout: float = 300, cwd: Path | None = None) -> subpr
     return subprocess.run([*GGTRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False)
 
 
-def one_error(r: subprocess.CompletedProcess) -> str:
-    """The error line of a refused run (exit 2, no traceback); click's usage errors end with theirs."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [x for x in r.stderr.splitlines() if x.startswith(("Error:", "ggtrain: error:"))]
-    assert len(lines) == 1, r.stderr
-    return lines[0]
-
 
 def finetune_args(w: dict[str, str], outdir: Path, *extra: str) -> list[str]:
     return ["finetune", "-m", w["model"], "--train-data", w["train"], "--format", "text", "-c", "16", "-b", "1",
@@ -309,7 +301,7 @@ def test_config_value_of_the_wrong_type_names_file_and_key(world: dict[str, str]
                                                           want: str) -> None:
     cfg = tmp_path / "run.toml"
     cfg.write_text(f"eval-every = 0\n{line}\n")  # a right value first: the wrong one is still found
-    err = one_error(run(["finetune", "--config", str(cfg), *finetune_args(world, tmp_path / "o")[1:]]))
+    err = refused(run(["finetune", "--config", str(cfg), *finetune_args(world, tmp_path / "o")[1:]]))
     assert f"{cfg}: {want}" in err and "--config" in err
     assert not (tmp_path / "o").exists()  # refused while parsing, before anything is written
 
@@ -317,13 +309,13 @@ def test_config_value_of_the_wrong_type_names_file_and_key(world: dict[str, str]
 def test_config_that_is_binary_or_not_utf8(world: dict[str, str], tmp_path: Path) -> None:
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes("sample-start = \"Réponse\"\n".encode("latin-1"))
-    err = one_error(run(["finetune", "--config", str(latin1), "-m", world["model"]]))
+    err = refused(run(["finetune", "--config", str(latin1), "-m", world["model"]]))
     assert f"{latin1}: not a TOML file (not UTF-8 text: bad byte at offset 17)" in err
-    err = one_error(run(["finetune", "--config", world["binary"], "-m", world["model"]]))
+    err = refused(run(["finetune", "--config", world["binary"], "-m", world["model"]]))
     assert f"{world['binary']}: not a TOML file" in err
     nul = tmp_path / "nul.toml"
     nul.write_bytes(b"lora-r = 4\x00\x00\x00")
-    assert f"{nul}: not valid TOML" in one_error(run(["finetune", "--config", str(nul)]))
+    assert f"{nul}: not valid TOML" in refused(run(["finetune", "--config", str(nul)]))
     good = tmp_path / "good.toml"  # and a right one still works: an integer for a number is fine
     good.write_text('lora-alpha = 4\nmem-limit = "4G"\nuse-checkpointing = false\n')
     r = run(["finetune", "--config", str(good), *finetune_args(world, tmp_path / "ok")[1:]])
@@ -346,7 +338,7 @@ def test_checkpoint_in_that_is_not_a_checkpoint(world: dict[str, str], tmp_path:
              pickled: "member 'meta' holds pickled Python objects, which ggtrain never loads", npy: ".npy array",
              Path(world["binary"]): "it is binary data"}
     for i, (path, want) in enumerate(cases.items()):
-        err = one_error(run(finetune_args(world, tmp_path / f"o{i}", "--checkpoint-in", str(path))))
+        err = refused(run(finetune_args(world, tmp_path / f"o{i}", "--checkpoint-in", str(path))))
         assert f"{path}: not a ggtrain checkpoint" in err and want in err, err
         assert "allow_pickle" not in err and "pickle.load" not in err  # numpy's own advice never leaks
 
@@ -367,7 +359,7 @@ def test_checkpoint_in_that_is_not_a_checkpoint(world: dict[str, str], tmp_path:
     ("data", ["-f", "x.txt"], "use --train-data FILE"),
 ])
 def test_flags_of_llama_cpp_trainers_get_a_hint(cmd: str, flags: list[str], want: str) -> None:
-    err = one_error(run([cmd, *flags]))
+    err = refused(run([cmd, *flags]))
     assert want in err, err
 
 
@@ -375,9 +367,9 @@ def test_seed_tutorial_command_is_answered_flag_by_flag(world: dict[str, str], t
     """shared/seeds/004's command: each flag ggtrain lacks is named with its equivalent in turn."""
     cmd = ["finetune", "-m", world["model"], "-t", "1", "-p", "32", "--train-data", world["train"],
            "--save-path", str(tmp_path / "lora-adapter.bin")]
-    assert "-p" in one_error(run(cmd)) and "-b/--batch" in one_error(run(cmd))
+    assert "-p" in refused(run(cmd)) and "-b/--batch" in refused(run(cmd))
     cmd = [a for a in cmd if a not in ("-p", "32")]
-    assert "--save-path': use --outdir DIR" in one_error(run(cmd))
+    assert "--save-path': use --outdir DIR" in refused(run(cmd))
 
 
 def test_hint_table_is_consistent() -> None:
@@ -391,16 +383,6 @@ def test_hint_table_is_consistent() -> None:
             for named in re.findall(r"use (--?[a-z][a-z0-9-]*)", hint):
                 assert named in known, f"{cmd_name} {flag}: the hint names {named}, which it does not have"
 
-
-def peak_rss(proc: subprocess.Popen) -> int:
-    p, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, p.memory_info().rss)
-        except psutil.Error:
-            break
-        time.sleep(0.01)
-    return peak
 
 
 @pytest.mark.parametrize("extra, want", [
@@ -416,34 +398,34 @@ def test_rank_or_context_too_big_is_refused_before_allocation(world: dict[str, s
                             stderr=subprocess.PIPE, text=True)
     peak = peak_rss(proc)
     out, err = proc.communicate(timeout=300)
-    line = one_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    line = refused(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     assert want in line and "is too small" in line and "GiB" in line, line
-    assert "LoRA params, grads, Adam m, v" in line  # the estimate's breakdown is in the message
+    assert "LoRA params, grads, Adam state" in line  # the estimate's breakdown is in the message
     assert peak < 1 << 30, f"peak RSS {peak / 2**20:.0f} MiB: something big was allocated before the refusal"
     assert time.time() - t0 < 120
     assert not any((tmp_path / "o").glob("*.gguf"))
 
 
 def test_grad_acc_beyond_the_data_and_a_step_limit_of_0(world: dict[str, str], tmp_path: Path) -> None:
-    err = one_error(run(finetune_args(world, tmp_path / "a", "--grad-acc", "50")))
+    err = refused(run(finetune_args(world, tmp_path / "a", "--grad-acc", "50")))
     m = re.search(r"--grad-acc 50 asks for 50 batches a step, but an epoch of the training data has (\d+) "
                   r"batches of --batch 1 \((\d+) rows of --ctx 16\): use --grad-acc (\d+) or less", err)
     assert m and m[1] == m[2] == m[3] and 1 < int(m[1]) < 50, err
     r = run(finetune_args(world, tmp_path / "a2", "--grad-acc", m[1]))  # the bound is the data's, exactly
     assert r.returncode == 0, r.stderr
-    err = one_error(run(finetune_args(world, tmp_path / "b", "--adam-iter", "0")))
+    err = refused(run(finetune_args(world, tmp_path / "b", "--adam-iter", "0")))
     assert "'--adam-iter': 0 is too small: at least 1, or -1 for no limit" in err
-    err = one_error(run(["perplexity", "-m", world["model"], "-f", world["ppl"], "--chunks", "0"]))
+    err = refused(run(["perplexity", "-m", world["model"], "-f", world["ppl"], "--chunks", "0"]))
     assert "'--chunks': 0 is too small: at least 1, or -1 for all" in err
     for bad in ("0", "0.5", "lots", "-1G", "nan"):
-        assert "--mem-limit" in one_error(run(finetune_args(world, tmp_path / "c", "--mem-limit", bad)))
+        assert "--mem-limit" in refused(run(finetune_args(world, tmp_path / "c", "--mem-limit", bad)))
 
 
 def test_resume_with_nothing_left_to_train(world: dict[str, str], tmp_path: Path) -> None:
     r = run(finetune_args(world, tmp_path / "run", "--adam-iter", "2"))
     assert r.returncode == 0, r.stderr
     ck = next(line.split(":", 1)[1].strip() for line in r.stdout.splitlines() if line.startswith("checkpoint:"))
-    err = one_error(run(finetune_args(world, tmp_path / "run", "--adam-iter", "2", "--checkpoint-in", ck)))
+    err = refused(run(finetune_args(world, tmp_path / "run", "--adam-iter", "2", "--checkpoint-in", ck)))
     assert "the checkpoint is at step 2, and this run has 2 steps, so there is nothing left to train" in err
     r = run(finetune_args(world, tmp_path / "run", "--adam-iter", "3", "--epochs", "2", "--checkpoint-in", ck))
     assert r.returncode == 0, r.stderr  # with a step left, the same resume trains it
