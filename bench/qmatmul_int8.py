@@ -28,9 +28,10 @@ from gguf.constants import GGMLQuantizationType as Q
 from qmatmul import SHAPES, best_seconds, make_weight
 
 from ggtrain import kernels
+from ggtrain.model.saved import CE_CHUNK
 from ggtrain.threads import blas_threads, default_threads, set_numpy_blas_threads, set_threads
 
-HEAD = (256, 640, 16384)  # (T, n, rows): Gemma 3's tied head, one 16384-row vocabulary chunk
+HEAD = (256, 640, CE_CHUNK)  # (T, n, rows): Gemma 3's tied head, one cross-entropy vocabulary chunk
 
 
 def measure(qt: Q, T: int, n: int, rows: int, repeat: int, rng: np.random.Generator) -> tuple[str, float]:

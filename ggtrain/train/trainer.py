@@ -88,12 +88,14 @@ RESUME_FLAG_NAMES = {"lr": "--learning-rate", "epochs": "--epochs", "max_steps":
 
 
 def data_digest(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a data file's bytes, or of every file's name and bytes under a directory."""
+    """sha256 (hex) of a data file's bytes (what sha256sum prints), or of every file's name and
+    bytes under a directory."""
     h = hashlib.sha256()
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else "").encode() + b"\0")
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -229,6 +231,9 @@ class Trainer:
         self.diverged: Diverged | None = None  # why fit() stopped early, if it diverged
         self.saved: tuple[int, Path] | None = None  # (step, path) of the newest checkpoint on disk
         self.ema: float | None = None  # smoothed training loss
+        # The run's figures for the adapter, summed as the log is written (and over the kept lines
+        # on resume), so a save never re-reads the log.
+        self.logged = {"tokens": 0, "trained_tokens": 0, "loss": None}
 
     # -- planning ------------------------------------------------------------------------------
     def _plan_steps(self) -> int:
@@ -303,40 +308,21 @@ class Trainer:
         then the ITERATION files beyond --keep-checkpoints are pruned. A failed write (full disk,
         I/O error) is one GGTrainError naming the file and the newest checkpoint to resume from."""
         ck = self.checkpoint()
-        # The run's figures for the adapter (keys: ggtrain.adapters.gguf_lora's docstring). Token counts come from
-        # the log, which a resume trims to the checkpoint's steps, so they cover the whole run.
+        # The run's figures for the adapter (keys: ggtrain.adapters.gguf_lora's docstring). Token counts are
+        # those of the logged steps (a resume counts the kept lines), so they cover the whole run.
         meta: dict[str, str | int | float] = {"training.steps": self.step,
                                               "training.epochs": self.train.epoch}
-        tokens = trained = 0
-        last_loss = None
-        if self.out.log.exists():
-            for line in self.out.log.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash: trim_log drops those too
-                    continue
-                tokens += int(rec.get("tokens", 0))
-                trained += int(rec.get("trained_tokens", 0))
-                last_loss = rec.get("loss", last_loss)
-        meta.update({"training.tokens": tokens, "training.trained_tokens": trained})
-        for key, v in (("training.loss", last_loss), ("training.loss_smoothed", self.ema),
+        meta.update({"training.tokens": self.logged["tokens"],
+                     "training.trained_tokens": self.logged["trained_tokens"]})
+        for key, v in (("training.loss", self.logged["loss"]), ("training.loss_smoothed", self.ema),
                        ("training.val_loss", self.last_val)):
             if v is not None and math.isfinite(v):
                 meta[key] = float(v)
         data = Path(self.cfg.train_data) if self.cfg.train_data else None
         if data is not None:
             meta["training.data"] = data.name
-            if not hasattr(self, "_data_sha256"):  # once a run: the file's sha256 (as sha256sum prints it)
-                try:
-                    h = hashlib.sha256()
-                    with open(data, "rb") as f:
-                        for block in iter(lambda: f.read(1 << 20), b""):
-                            h.update(block)
-                    self._data_sha256 = h.hexdigest()
-                except OSError:  # a directory (its digest is the run's data_digest), or a file gone since
-                    self._data_sha256 = self.cfg.data_digest if data.is_dir() else ""
-            if self._data_sha256:
-                meta["training.data_sha256"] = self._data_sha256
+            if self.cfg.data_digest:  # a file's sha256, as sha256sum prints it (see data_digest)
+                meta["training.data_sha256"] = self.cfg.data_digest
         try:
             written = self.out.save(
                 self.step, lambda p: save_checkpoint(p, ck),
@@ -357,6 +343,12 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise self._write_failed(f"logging step {record.get('step')}", e) from None
+        self._count(record)
+
+    def _count(self, record: dict[str, Any]) -> None:
+        self.logged["tokens"] += int(record.get("tokens", 0))
+        self.logged["trained_tokens"] += int(record.get("trained_tokens", 0))
+        self.logged["loss"] = record.get("loss", self.logged["loss"])
 
     def trim_log(self) -> None:
         """On resume: drop log lines of steps after the checkpoint (they will be run again)."""
@@ -370,6 +362,7 @@ class Trainer:
                 continue
             if int(rec.get("step", 0)) <= self.step:
                 keep.append(line)
+                self._count(rec)
         data = ("\n".join(keep) + "\n" if keep else "").encode()
         atomic_write(self.out.log, lambda f: f.write(data))
 
