@@ -19,37 +19,9 @@ from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llamacpp
 import tinymodels
+from loras import random_lora, write_base
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
-
-
-def write_base(path, arch="llama", n_layer=2, d=64, ff=96, kv=32, output=True, name="tiny base"):
-    """A minimal GGUF with the tensors an adapter refers to (no tokenizer: ModelFile needs none)."""
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(path, arch)
-    w.add_name(name)
-    w.add_tensor("token_embd.weight", rng.standard_normal((50, d)).astype(np.float32))
-    shapes = {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d),
-              "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}
-    for il in range(n_layer):
-        w.add_tensor(f"blk.{il}.attn_norm.weight", np.ones(d, np.float32))
-        for t, s in shapes.items():
-            w.add_tensor(f"blk.{il}.{t}.weight", rng.standard_normal(s).astype(np.float32))
-    if output:
-        w.add_tensor("output.weight", rng.standard_normal((50, d)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return ModelFile(path)
-
-
-def random_lora(base: ModelFile, config: LoraConfig, n_layer: int, seed=0, b_std=0.05) -> LoraWeights:
-    lw = LoraWeights.init(config, target_shapes(base.tensors, config, n_layer), seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    for e in lw.entries.values():  # a trained-looking adapter: B is no longer zero
-        e.B[...] = rng.standard_normal(e.B.shape).astype(np.float32) * np.float32(b_std)
-    return lw
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from loras import TEXT, ggtrain, ok, random_adapter, refused
+from loras import TEXT, ggtrain, ok, random_adapter, refused, write_base
 from tinymodels import tiny_model
 
 from ggtrain import __version__
@@ -26,27 +26,17 @@ LINEAGE = {"name": "Tiny Chat 1B", "organization": "Example Org", "version": "v2
 
 def write_finetuned_base(path: Path) -> ModelFile:
     """A llama-like GGUF with the usual general.* fields, itself a fine-tune of another model."""
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(path, "llama")
-    for field, value in LINEAGE.items():
-        w.add_string(f"general.{field}", value)
-    w.add_string("general.basename", "tiny-chat")
-    w.add_string("general.size_label", "1B")
-    w.add_base_model_count(1)  # its own parent: not the adapter's
-    w.add_base_model_name(0, "Tiny Base")
-    w.add_base_model_organization(0, "Grandparents Inc")
-    d, ff = 64, 96
-    w.add_tensor("token_embd.weight", rng.standard_normal((50, d)).astype(np.float32))
-    for il in range(2):
-        for t, s in {"attn_q": (d, d), "attn_k": (32, d), "attn_v": (32, d), "attn_output": (d, d),
-                     "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}.items():
-            w.add_tensor(f"blk.{il}.{t}.weight", rng.standard_normal(s).astype(np.float32))
-    w.add_tensor("output.weight", rng.standard_normal((50, d)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return ModelFile(path)
+    def lineage(w: gguf.GGUFWriter) -> None:
+        for field, value in LINEAGE.items():
+            if field != "name":
+                w.add_string(f"general.{field}", value)
+        w.add_string("general.basename", "tiny-chat")
+        w.add_string("general.size_label", "1B")
+        w.add_base_model_count(1)  # its own parent: not the adapter's
+        w.add_base_model_name(0, "Tiny Base")
+        w.add_base_model_organization(0, "Grandparents Inc")
+
+    return write_base(path, name=LINEAGE["name"], metadata=lineage)
 
 
 def test_adapter_records_lineage_fingerprint_targets_and_ranks(tmp_path: Path) -> None:

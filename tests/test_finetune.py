@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
+from loras import peak_rss
 from tinymodels import tiny_model
 
 from ggtrain.adapters.gguf_lora import read_gguf_adapter
@@ -88,18 +88,6 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(model: Path, tmp_path:
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
 
 
-def peak_rss_of(proc: subprocess.Popen) -> int:
-    """Peak RSS of a running child, sampled until it exits."""
-    p = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, p.memory_info().rss)
-        except psutil.Error:
-            break
-        time.sleep(0.02)
-    return peak
-
 
 def test_mem_limit_picks_a_smaller_micro_batch_with_equal_losses(model: Path, tmp_path: Path) -> None:
     batch, ctx = 8, 256
@@ -114,7 +102,7 @@ def test_mem_limit_picks_a_smaller_micro_batch_with_equal_losses(model: Path, tm
 
     proc = subprocess.Popen(finetune_args(model, tmp_path / "tight", *common, "--mem-limit", str(limit)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = peak_rss_of(proc)
+    peak = peak_rss(proc, interval=0.02)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     recs = [json.loads(x) for x in (tmp_path / "tight" / "train_log.jsonl").read_text().splitlines()]

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from hfmodels import ARCHS, hf_gguf, hf_model_dir, load_hf_model, run_converter
+from loras import refused
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
@@ -51,13 +52,6 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
-
-def one_error(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [x for x in r.stderr.splitlines() if x.startswith(("Error:", "ggtrain: error:"))]
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def tokens(n: int, seed: int = 0) -> np.ndarray:
@@ -212,10 +206,10 @@ def test_export_of_an_alpha_zero_adapter_writes_alpha_pattern(tmp_path: Path) ->
 def test_export_of_a_llama_adapter_needs_the_base_for_its_q_k_rows(tmp_path: Path) -> None:
     gguf = hf_gguf("llama")
     adapter = gguf_adapter("llama", ModelFile(gguf), tmp_path / "a.gguf")
-    line = one_error(run("export-peft", adapter, "-o", tmp_path / "out"))
+    line = refused(run("export-peft", adapter, "-o", tmp_path / "out"))
     assert str(adapter) in line and "-m BASE.gguf" in line
     ok(run("export-peft", adapter, "-o", tmp_path / "out", "-m", gguf))
-    line = one_error(run("export-peft", adapter, "-o", tmp_path / "out", "-m", gguf))
+    line = refused(run("export-peft", adapter, "-o", tmp_path / "out", "-m", gguf))
     assert "--overwrite" in line
     ok(run("export-peft", adapter, "-o", tmp_path / "out", "-m", gguf, "--overwrite"))
 
@@ -274,7 +268,7 @@ def test_perplexity_takes_a_peft_directory_with_a_scale(tmp_path: Path) -> None:
     half, _ = llamacpp.perplexity(gguf, TEXT, ctx=64, chunks=3, lora=[(imported, 0.5)])
     full, _ = llamacpp.perplexity(gguf, TEXT, ctx=64, chunks=3, lora=[imported])
     assert abs(ours - half) <= 1e-3 * half and abs(full - half) > 0.01 * half
-    line = one_error(run(*common, "--lora", tmp_path))
+    line = refused(run(*common, "--lora", tmp_path))
     assert str(tmp_path) in line and "adapter_config.json" in line
 
 
@@ -362,7 +356,7 @@ def test_import_refuses_what_a_gguf_lora_cannot_hold(tmp_path: Path) -> None:
          "tensor 'base_model.model.lm_head.lora_A.weight': a LoRA on lm_head, but the base model"),
     ]
     for d, base, want in cases:
-        line = one_error(run("import-peft", d, "-m", base, "-o", tmp_path / "out.gguf"))
+        line = refused(run("import-peft", d, "-m", base, "-o", tmp_path / "out.gguf"))
         assert want in line and str(d) in line, (d.name, line)
     assert not (tmp_path / "out.gguf").exists()
 
@@ -473,6 +467,6 @@ def test_peft_trained_adapter_perplexity_and_training_further(arch: str, tmp_pat
     assert_same_logits(ggtrain_logits(gguf, trained, toks), peft_logits(arch, again, toks),
                        ggtrain_logits(gguf, None, toks))
 
-    line = one_error(run("finetune", "-m", gguf, "--train-data", train_txt, "--format", "text", "-c", ctx,
+    line = refused(run("finetune", "-m", gguf, "--train-data", train_txt, "--format", "text", "-c", ctx,
                          "--outdir", tmp_path / "x", "--lora-in", peft_dir, "--lora-r", 4, "--rank-wq", 2))
     assert "--lora-in" in line and "--lora-r" in line and "--rank-wq" in line

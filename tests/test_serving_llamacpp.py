@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 import pytest
 from llamacpp_logits import llama_logits
-from test_adapter import random_lora
+from loras import random_lora
 from test_model_llamacpp import dequantized_f32
 from tinymodels import tiny_model
 
