@@ -22,13 +22,13 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != BENCH] + [BEN
 import argparse
 
 import numpy as np
+from ggtrain.kernels.loss import CE_CHUNK
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 from qmatmul import SHAPES, best_seconds, make_weight
 
 from ggtrain import kernels
-from ggtrain.model.saved import CE_CHUNK
 from ggtrain.threads import blas_threads, default_threads, set_numpy_blas_threads, set_threads
 
 HEAD = (256, 640, CE_CHUNK)  # (T, n, rows): Gemma 3's tied head, one cross-entropy vocabulary chunk

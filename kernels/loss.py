@@ -36,7 +36,9 @@ from numba import njit, prange
 
 _avx512 = variant_module("loss_avx512")  # the forward's f32 row work on AVX512 CPUs
 
-DEFAULT_CHUNK = 8192  # vocab rows per chunk: 512 tokens × 8192 × 4 B = 16 MiB of logits at a time
+# Vocabulary rows per chunk: the loss holds a (T, CE_CHUNK) f32 block of logits at a time (512 tokens:
+# 32 MiB); the one chunk size, which the model and the memory estimate use too.
+CE_CHUNK = 16384
 
 
 class Head(Protocol):
@@ -175,7 +177,7 @@ def cross_entropy_forward(
     targets: np.ndarray,
     mask: np.ndarray,
     final_softcap: float = 0.0,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = CE_CHUNK,
     n_vocab: int | None = None,
     with_grad: bool = False,
 ) -> tuple[float, CrossEntropyStats]:

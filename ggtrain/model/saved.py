@@ -72,9 +72,6 @@ class LoraCache:
     mask: np.ndarray | None = field(metadata=saved("T", "in", when="dropout"))  # inverted dropout's
 
 
-# Vocabulary rows per cross-entropy chunk: the loss holds a (T, CE_CHUNK) f32 block of logits at a time.
-CE_CHUNK = 16384
-
 # The block's projections in the order it computes them (each one a LoraLinear).
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 

@@ -34,12 +34,12 @@ from ggtrain.gguf.arch import ROPE_NEOX, HParams, read_hparams
 from ggtrain.gguf.modelfile import ModelFile
 from ggtrain.kernels.activation import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 from ggtrain.kernels.attention import attention_backward, attention_forward
-from ggtrain.kernels.loss import CrossEntropyStats, cross_entropy_backward, cross_entropy_forward
+from ggtrain.kernels.loss import CE_CHUNK, CrossEntropyStats, cross_entropy_backward, cross_entropy_forward
 from ggtrain.kernels.norm import rmsnorm_backward, rmsnorm_forward
 from ggtrain.kernels.rope import rope_backward, rope_cache, rope_forward
 from ggtrain.model.linear import LoraLinear, LoraTerm, QWeight
 from ggtrain.model.lora import LoraWeights, tensor_name
-from ggtrain.model.saved import CE_CHUNK, PROJECTIONS, BlockCache, LoraCache
+from ggtrain.model.saved import PROJECTIONS, BlockCache, LoraCache
 
 
 def _vector(mf: ModelFile, name: str) -> np.ndarray:

@@ -33,8 +33,9 @@ from typing import Any
 import psutil
 
 from ggtrain.errors import GGTrainError
+from ggtrain.kernels.loss import CE_CHUNK
 from ggtrain.model.lora import LoraConfig
-from ggtrain.model.saved import CE_CHUNK, BlockCache, projection_shapes
+from ggtrain.model.saved import BlockCache, projection_shapes
 from ggtrain.rss import MemoryMonitor  # noqa: F401  (the trainer's monitor, also imported from here)
 
 F32 = 4
