@@ -24,6 +24,19 @@ def load_average() -> str:
     return f"load average {a:.2f} {b:.2f} {c:.2f}"
 
 
+def cpu_model() -> str:
+    """lscpu's model name with the matrix/vector features that decide the kernel paths, e.g.
+    'AMD EPYC (avx512, avx512_bf16, no amx)': figures from different CPUs of this machine kind stay apart."""
+    name, flags = "unknown CPU", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    feats = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(feats) or 'no AVX2'}{'' if 'amx_bf16' in flags else ', no amx'})"
+
+
 def vm_hwm(pid: int | str = "self") -> int | None:
     """The kernel's exact peak RSS (VmHWM) of a live process, in bytes; None once it is gone."""
     try:

@@ -1,8 +1,9 @@
 """The PyTorch + PEFT side of bench/train.py: LoRA training steps on a GGUF model that transformers'
-GGUF loader dequantizes to float32, on the very token batches ggtrain trains on.
+GGUF loader dequantizes (to float32, or with --dtype bf16 to bfloat16: the base weights and activations
+in bf16, the LoRA weights float32 as PEFT keeps them), on the very token batches ggtrain trains on.
 
-    PYTHON bench/peft_baseline.py --model M.gguf --batches B.npz --threads 2 [--lr 1e-4] [--rank 8]
-        [--alpha 16] [--no-checkpointing]
+    PYTHON bench/peft_baseline.py --model M.gguf --batches B.npz --threads 2 [--dtype f32|bf16] [--lr 1e-4]
+        [--rank 8] [--alpha 16] [--no-checkpointing]
 
 Needs torch, transformers and peft (not ggtrain: any interpreter that has those can run it, e.g. a
 venv made with --system-site-packages). B.npz holds tokens/targets/mask/positions (steps, rows, ctx)
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32", help="the base model's dtype")
     args = ap.parse_args()
 
     import numpy as np
@@ -56,7 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model.parent, gguf_file=args.model.name,
-                                                 dtype=torch.float32)
+                                                 dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     model.config.use_cache = False  # training: no KV cache
     config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGETS,
                              bias="none", task_type="CAUSAL_LM")
@@ -80,7 +82,7 @@ def main() -> None:
         t0 = time.perf_counter()
         logits = model(input_ids=tokens[s], position_ids=positions[s],
                        attention_mask=torch.ones_like(tokens[s])).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[s].reshape(-1),
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[s].reshape(-1),
                                                  ignore_index=-100)
         loss.backward()
         del logits
@@ -91,7 +93,8 @@ def main() -> None:
         seconds.append(time.perf_counter() - t0)
         losses.append(loss.item())
     print(json.dumps({"seconds": seconds, "losses": losses, "train_peak": vm_hwm(), "load_peak": load_peak,
-                      "load_s": load_s, "n_lora": sum(p.numel() for p in params),
+                      "load_s": load_s, "dtype": args.dtype,
+                      "lora_dtypes": sorted({str(p.dtype) for p in params}), "n_lora": sum(p.numel() for p in params),
                       "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                    "peft": peft.__version__}}), flush=True)
 

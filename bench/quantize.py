@@ -27,7 +27,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 import llamacpp
 import numpy as np
-from benchutil import load_average
+from benchutil import cpu_model, load_average
 from ggtrain.kernels.quantize import quantize
 from gguf import GGUFReader
 from gguf.constants import GGMLQuantizationType as Q
@@ -36,13 +36,6 @@ from test_quantize import FTYPE, TYPES, write_f32_gguf  # the test's F32 file an
 from ggtrain.threads import default_threads, set_threads
 
 _TIME_RE = re.compile(r"quantize time = +([0-9.]+) ms")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def llama_seconds(src: Path, dst: Path, qtype: str, threads: int, repeat: int) -> float:

@@ -2,7 +2,8 @@
 and settings, measured in one run, and their ratio.
 
     python bench/train.py [-m MODEL.gguf] [--train-data data/alpaca.json] [-c 256] [-b 2] [--steps 4]
-        [-t 2] [--ggtrain-side auto|cli|library|both] [--baseline-python PATH] [--no-checkpointing]
+        [-t 2] [--ggtrain-side auto|cli|library|both] [--compute auto[,f32,bf16]]
+        [--baseline-python PATH] [--baseline-dtypes f32,bf16] [--no-checkpointing]
 
 Defaults: Gemma 3 270M Q4_K_M, ctx 256 and 2 rows (512 tokens a step), LoRA r 8, alpha 16, dropout 0
 on the 7 projections (attn_q/k/v/output, ffn_gate/up/down), AdamW lr 1e-4 (constant), gradient
@@ -14,8 +15,15 @@ ggtrain's data pipeline (load_batches, --seed) and the same tokens go to both si
 ggtrain: `ggtrain finetune` (a subprocess; its train_log.jsonl gives each step's time) when the
 command exists, else the library in a subprocess (Model.forward/backward + ggtrain.train.optim.AdamW, the
 loop the trainer runs). --ggtrain-side both runs the two.
-PyTorch + PEFT: bench/peft_baseline.py under --baseline-python (default: this interpreter, when it
-imports torch, transformers and peft), the model dequantized to float32 by transformers' GGUF loader.
+--compute runs `ggtrain finetune --compute C` once per value given (the start-up line it prints says which
+kernel path ran). PyTorch + PEFT: bench/peft_baseline.py under --baseline-python (default: this
+interpreter, when it imports torch, transformers and peft), the model dequantized by transformers' GGUF
+loader to float32 and (--baseline-dtypes) to bfloat16, the LoRA weights float32 in both.
+
+Model FLOPs a token (printed, with each side's achieved GFLOP/s): 2·in·out per base product and pass
+(forward, the checkpoint recompute, the input gradient; the head forward and input gradient), the LoRA
+products (forward, recompute, three backward products), and attention's q·k and p·v (causal: ctx/2
+keys on average; backward twice the forward).
 
 tokens/s: all tokens of the steps after the first (a warm-up: JIT, page-in, allocator) over their
 time; with --rounds R the sides run in turn R times and each side's fastest run counts (a load
@@ -43,7 +51,7 @@ BENCH = Path(__file__).resolve().parent
 # goes to the end of the path, where only our helper module is looked up.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
 
-from benchutil import MiB, load_average, run_sampled
+from benchutil import MiB, cpu_model, load_average, run_sampled
 
 REPO = BENCH.parent
 INSTALL_HINT = ("pip install torch==2.13.0 transformers peft  (or a venv: python -m venv --system-site-packages "
@@ -131,7 +139,7 @@ def finetune_available() -> bool:
     return proc.returncode == 0 and "--train-data" in proc.stdout
 
 
-def run_cli(args: argparse.Namespace, outdir: Path) -> dict:
+def run_cli(args: argparse.Namespace, outdir: Path, compute: str = "") -> dict:
     cmd = [sys.executable, "-m", "ggtrain.cli.main", "finetune", "-m", str(args.model),
            "--train-data", str(args.train_data), "--format", "text", "--outdir", str(outdir),
            "-c", str(args.ctx), "-b", str(args.batch), "--micro-batch", str(args.batch), "--grad-acc", "1",
@@ -141,6 +149,8 @@ def run_cli(args: argparse.Namespace, outdir: Path) -> dict:
            "--save-every", "0", "-t", str(args.threads), "--seed", str(args.seed),
            "--use-checkpointing" if args.checkpointing else "--no-checkpointing",
            "--overwrite"]  # every round replaces the previous round's outputs
+    if compute:
+        cmd += ["--compute", compute]
     env = dict(os.environ, TQDM_DISABLE="1")
     proc, peak = run_sampled(cmd, env=env)
     if proc.returncode:
@@ -149,7 +159,9 @@ def run_cli(args: argparse.Namespace, outdir: Path) -> dict:
     steps = [r for r in log if "tokens_per_s" in r]
     if len(steps) != args.steps:
         raise SystemExit(f"ggtrain finetune logged {len(steps)} steps, expected {args.steps}")
+    path = next((line.strip() for line in proc.stderr.splitlines() if line.startswith("compute:")), "")
     return {"seconds": [r["tokens"] / r["tokens_per_s"] for r in steps], "losses": [r["loss"] for r in steps],
+            "path": path,
             "peak": peak, "log_peak": max(r.get("peak_rss_bytes", 0) for r in steps),
             "tokens": [r["tokens"] for r in steps]}
 
@@ -168,8 +180,9 @@ def baseline_python(args: argparse.Namespace) -> str | None:
     return py
 
 
-def run_peft(args: argparse.Namespace, py: str, batches: Path) -> dict:
+def run_peft(args: argparse.Namespace, py: str, batches: Path, dtype: str = "f32") -> dict:
     cmd = [py, str(BENCH / "peft_baseline.py"), "--model", str(args.model), "--batches", str(batches),
+           "--dtype", dtype,
            "--threads", str(args.threads), "--lr", str(args.lr), "--rank", str(args.rank), "--alpha",
            str(args.alpha), "--grad-clip", str(args.grad_clip)]
     if not args.checkpointing:
@@ -181,6 +194,26 @@ def run_peft(args: argparse.Namespace, py: str, batches: Path) -> dict:
     res["process_peak"] = max(peak, res["load_peak"], res["train_peak"])
     res["peak"] = res["train_peak"]
     return res
+
+
+# -- model FLOPs ---------------------------------------------------------------------------------
+def flops_per_token(args: argparse.Namespace) -> float:
+    """The model FLOPs of one trained token at these settings (see the module docstring)."""
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.saved import PROJECTIONS, projection_shapes
+
+    hp = read_hparams(ModelFile(args.model))
+    shapes = projection_shapes(hp)
+    passes = 3 if args.checkpointing else 2  # forward (+ recompute) + input gradient
+    block = sum(2 * o * i * passes for o, i in (shapes[t] for t in PROJECTIONS))
+    lora = sum(2 * args.rank * (o + i) * (passes + 1) for o, i in (shapes[t] for t in PROJECTIONS))
+    attn = 0.0
+    for il in range(hp.n_layer):  # q·k and p·v over the keys a query sees: causal, ctx/2 on average
+        window = hp.n_swa if hp.n_swa and hp.swa_layers and hp.swa_layers[il] else args.ctx
+        attn += 2 * min(args.ctx, window) / 2 * hp.n_head * (hp.head_dim + hp.head_dim_v) * (passes + 1)
+    head_rows, d = shapes["output"]
+    return hp.n_layer * (block + lora) + attn + 2 * 2 * head_rows * d
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -217,6 +250,10 @@ def main() -> None:
     ap.add_argument("--ggtrain-side", choices=("auto", "cli", "library", "both"), default="auto",
                     help="auto: `ggtrain finetune` when it exists, else the library loop")
     ap.add_argument("--baseline-python", help="interpreter with torch, transformers, peft (default: this one)")
+    ap.add_argument("--baseline-dtypes", default="f32,bf16",
+                    help="PyTorch+PEFT runs, one per dtype: f32, bf16 or both (default f32,bf16)")
+    ap.add_argument("--compute", default="",
+                    help="ggtrain finetune --compute values to run, comma-separated (default: finetune's own)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the sides in turn this many times; each side's fastest run counts (shared machine)")
     ap.add_argument("--worker-batches", type=Path, help=argparse.SUPPRESS)
@@ -233,6 +270,9 @@ def main() -> None:
           f"{tokens_per_step} tokens a step, {args.steps} steps (first = warm-up), LoRA r {args.rank} alpha "
           f"{args.alpha:g} on 7 projections, AdamW lr {args.lr:g}, clip {args.grad_clip:g}, checkpointing "
           f"{'on' if args.checkpointing else 'off'}, threads {args.threads}", flush=True)
+    print(f"cpu {cpu_model()}; {load_average()}", flush=True)
+    fpt = flops_per_token(args)
+    print(f"model FLOPs a token: {fpt / 1e9:.3f} GFLOP", flush=True)
     side = args.ggtrain_side
     if side == "auto":
         side = "cli" if finetune_available() else "library"
@@ -244,12 +284,15 @@ def main() -> None:
               f"{args.steps} steps' batches (same tokens on every side)", flush=True)
         runs = []
         if side in ("cli", "both"):
-            runs.append(("ggtrain finetune", lambda: run_cli(args, Path(tmp) / "out")))
+            for c in [c.strip() for c in args.compute.split(",") if c.strip()] or [""]:
+                runs.append((f"ggtrain finetune{' --compute ' + c if c else ''}",
+                             lambda c=c: run_cli(args, Path(tmp) / "out", c)))
         if side in ("library", "both"):
             runs.append(("ggtrain (library)", lambda: run_library(args, batches)))
         py = baseline_python(args)
         if py is not None:
-            runs.append(("PyTorch+PEFT", lambda: run_peft(args, py, batches)))
+            for dt in [d.strip() for d in args.baseline_dtypes.split(",") if d.strip()]:
+                runs.append((f"PyTorch+PEFT {dt}", lambda dt=dt: run_peft(args, py, batches, dt)))
         for r in range(args.rounds):
             for name, fn in runs:
                 print(f"round {r + 1}: running {name} ... {load_average()}", flush=True)
@@ -265,19 +308,24 @@ def main() -> None:
                     extra = (f" (training steps; whole process incl. GGUF load/dequantize "
                              f"{res['process_peak'] / MiB:.0f} MiB; torch {res['versions']['torch']}, transformers "
                              f"{res['versions']['transformers']}, peft {res['versions']['peft']})")
-                print(f"{name:18}: {res['rate']:8.1f} tokens/s, peak RSS {res['peak'] / MiB:6.0f} MiB{extra}; "
+                if res.get("path"):
+                    extra += f"; {res['path']}"
+                print(f"{name:18}: {res['rate']:8.1f} tokens/s ({res['rate'] * fpt / 1e9:.0f} GFLOP/s), peak RSS "
+                      f"{res['peak'] / MiB:6.0f} MiB{extra}; "
                       f"step seconds {', '.join(f'{s:.1f}' for s in res['seconds'])}; first-step loss "
                       f"{res['losses'][0]:.4f}, last {res['losses'][-1]:.4f}; {load_average()}", flush=True)
     if args.rounds > 1:
         for name, res in results.items():
             print(f"best of {args.rounds} {name:18}: {res['rate']:8.1f} tokens/s, peak RSS {res['peak'] / MiB:6.0f} MiB")
-    ours = results.get("ggtrain finetune") or results.get("ggtrain (library)")
-    peft = results.get("PyTorch+PEFT")
-    if peft is None:
+    ours = {k: v for k, v in results.items() if k.startswith("ggtrain")}
+    peft = {k: v for k, v in results.items() if k.startswith("PyTorch")}
+    if not peft:
         print(f"ratio (ggtrain / PyTorch+PEFT): not measured (no baseline: {INSTALL_HINT})")
         return
-    print(f"ratio (ggtrain / PyTorch+PEFT): tokens/s {ours['rate'] / peft['rate']:.3f}, "
-          f"peak RSS {ours['peak'] / peft['peak']:.3f}")
+    for o_name, o in ours.items():
+        for p_name, p in peft.items():
+            print(f"ratio ({o_name} / {p_name}): tokens/s {o['rate'] / p['rate']:.3f}, "
+                  f"peak RSS {o['peak'] / p['peak']:.3f}")
 
 
 if __name__ == "__main__":
