@@ -291,13 +291,19 @@ def _even_rows(rows: int, most: int, multiple_of: int = 1) -> int:
 
 
 def _plan_bf16(backward: bool, rows: int, n: int, tokens: int, block: int, threads: int) -> tuple[int, int, int]:
-    """The bf16 kernels' tiles: forward, BF16_COLS weight rows × BF16_K columns (items: panels of
-    BF16_COLS rows); backward, BF16_K weight rows × the narrowest column range that is a multiple of
-    both BF16_COLS and the block (items: column ranges, split by tokens when they alone would leave
-    a thread idle)."""
+    """The bf16 kernels' tiles. Forward: items of tile_rows weight rows (panels of BF16_COLS), as
+    many as 4 panels (the activations' k tile, tokens × BF16_K, is then read from L2 once a panel,
+    not fetched again) while the items still share out evenly; tile_cols = BF16_K. Backward: items
+    of up to 4 panels' width of columns (a multiple of the block), split by tokens when the column
+    ranges alone would leave a thread idle; tile_rows = BF16_K."""
     if not backward:
-        return BF16_COLS, BF16_K, 1
-    cols = BF16_COLS * block // math.gcd(BF16_COLS, block)
+        panels = -(-max(rows, 1) // BF16_COLS)
+        for per_item in (4, 2, 1):
+            items = -(-panels // per_item)
+            if items % threads == 0 or items >= 8 * threads or per_item == 1:
+                return per_item * BF16_COLS, BF16_K, 1
+    unit = BF16_COLS * block // math.gcd(BF16_COLS, block)
+    cols = max(unit, 4 * BF16_COLS // unit * unit)
     n_col = -(-max(n, block) // cols)
     uneven = n_col % threads and n_col < 4 * threads
     return BF16_K, cols, threads if threads > 1 and uneven and tokens >= 2 * BF16_ROWS * threads else 1
@@ -391,9 +397,9 @@ def _qmatmul_bf16(bf: ModuleType, backward: bool, qt: GGMLQuantizationType, w: n
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     n = w.shape[1] // type_size * block
-    _, tc, tp = plan(backward, w.shape[0], n, a.shape[0], qt, nth, "bf16")
+    tr, tc, tp = plan(backward, w.shape[0], n, a.shape[0], qt, nth, "bf16")
     a_f32, a_bf16 = (None, a) if a.dtype == np.uint16 else (a, None)
-    bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tc, tp, nth)
+    bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tr, tc, tp, nth)
 
 
 def to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -415,7 +421,7 @@ def to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             raise ValueError("out is read-only")
         if (shape[1] > 1 and out.strides[1] != 2) or (shape[0] > 1 and out.strides[0] < shape[1] * 2):
             raise ValueError(f"out must have contiguous, non-overlapping rows (strides {out.strides})")
-    bf.to_bf16_rows(x, out, _threads_for(x.size))
+    bf.to_bf16_rows(x, out, get_num_threads())
     return out
 
 

@@ -7,9 +7,9 @@ by a prange over tokens (or used as given when the caller passes them rounded); 
 is a disjoint block of the output, handed out dynamically, no barriers: a thread packs one weight
 tile at a time (dequantize, round, interleave) into its own 64-byte-aligned buffer and runs the
 micro-kernel over it for every token of the item.
-  forward items:  panels of tile_rows (GG_BF_NR) weight rows, walked tile_cols (GG_BF_KC) columns at a time
+  forward items:  tile_rows weight rows (panels of GG_BF_NR), walked GG_BF_KC columns at a time
   backward items: (tile_cols output columns, one of token_parts token ranges), walked down W
-                  tile_rows (GG_BF_KC) rows at a time
+                  GG_BF_KC rows at a time
 Accumulation is f32 throughout: across k inside the micro-kernel, across tiles in the output.
 """
 
@@ -39,6 +39,9 @@ cdef extern from "bf16mm_util.h" nogil:
     void gg_bf16_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1,
                        const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate)
 
+# Values below which the activations are rounded on one thread (0.03 ms for 512 × 640 here)
+DEF ROUND_PARALLEL_MIN = 1 << 21
+
 MICRO_ROWS = GG_BF_MR   # tokens per micro-tile
 MICRO_COLS = GG_BF_NR   # output columns per micro-tile (and forward tile rows)
 TILE_K = GG_BF_KC       # k per packed tile
@@ -54,10 +57,12 @@ cdef inline Py_ssize_t split(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t p) noexc
 
 
 def to_bf16_rows(const float[:, :] x, uint16_t[:, :] out, int nth):
-    """out = x rounded to bf16 (inner strides 1, checked by the caller), rows on nth threads."""
+    """out = x rounded to bf16 (inner strides 1, checked by the caller), rows on up to nth threads."""
     cdef Py_ssize_t T = x.shape[0], n = x.shape[1], t
     if T == 0 or n == 0:
         return
+    if T * n < ROUND_PARALLEL_MIN:
+        nth = 1
     cdef const float *src = &x[0, 0]
     cdef uint16_t *dst = &out[0, 0]
     cdef Py_ssize_t lds = x.strides[0] // 4, ldd = out.strides[0] // 2
@@ -68,27 +73,40 @@ def to_bf16_rows(const float[:, :] x, uint16_t[:, :] out, int nth):
 
 cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
                     Py_ssize_t R, Py_ssize_t K, const uint16_t *a, Py_ssize_t lda, Py_ssize_t T,
-                    float *y, Py_ssize_t ldy, int nth) noexcept nogil:
-    """y (T, R) = a (T, K) · Wᵀ. Returns -1 if out of memory."""
-    cdef Py_ssize_t per_thread = (GG_BF_KC // 2) * GG_BF_NR * 4 + 16 * GG_BF_KC * 4  # bp, scratch
+                    float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, int nth) noexcept nogil:
+    """y (T, R) = a (T, K) · Wᵀ. An item is tile_rows (a multiple of GG_BF_NR) weight rows: per tile
+    of k its panels are packed, then each panel meets every token (the tile's slice of a, T ×
+    GG_BF_KC, stays in L2 across the panels). Returns -1 if out of memory."""
+    cdef Py_ssize_t n_panels = tile_rows // GG_BF_NR
+    cdef Py_ssize_t per_thread = (GG_BF_KC // 2) * tile_rows * 4 + 16 * GG_BF_KC * 4  # bp, scratch
     cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
     if bufs == NULL:
         return -1
-    cdef Py_ssize_t n_items = (R + GG_BF_NR - 1) // GG_BF_NR, item, r0, k0
+    cdef Py_ssize_t n_items = (R + tile_rows - 1) // tile_rows, item, r0, k0, s, kp
     cdef int nr, kc
     cdef uint32_t *bp
     cdef float *scratch
     with parallel(num_threads=nth):
         bp = <uint32_t *>(bufs + threadid() * per_thread)
-        scratch = <float *>(bp + (GG_BF_KC // 2) * GG_BF_NR)
+        scratch = <float *>(bp + (GG_BF_KC // 2) * tile_rows)
         for item in prange(n_items, schedule="dynamic", chunksize=1):
-            r0 = item * GG_BF_NR
-            nr = <int>min(<Py_ssize_t>GG_BF_NR, R - r0)
             k0 = 0
             while k0 < K:
                 kc = <int>min(<Py_ssize_t>GG_BF_KC, K - k0)
-                gg_bf16_pack_fwd(qtype, block, type_size, w + r0 * wstride, wstride, nr, k0, kc, scratch, bp)
-                gg_bf16_panel((kc + 1) // 2, a + k0, lda, 0, T, bp, y + r0, ldy, nr, k0 > 0)
+                kp = (kc + 1) // 2
+                s = 0
+                while s < n_panels and item * tile_rows + s * GG_BF_NR < R:
+                    r0 = item * tile_rows + s * GG_BF_NR
+                    nr = <int>min(<Py_ssize_t>GG_BF_NR, R - r0)
+                    gg_bf16_pack_fwd(qtype, block, type_size, w + r0 * wstride, wstride, nr, k0, kc, scratch,
+                                     bp + s * kp * GG_BF_NR)
+                    s = s + 1
+                s = 0
+                while s < n_panels and item * tile_rows + s * GG_BF_NR < R:
+                    r0 = item * tile_rows + s * GG_BF_NR
+                    nr = <int>min(<Py_ssize_t>GG_BF_NR, R - r0)
+                    gg_bf16_panel(kp, a + k0, lda, 0, T, bp + s * kp * GG_BF_NR, y + r0, ldy, nr, k0 > 0)
+                    s = s + 1
                 k0 = k0 + kc
     free(bufs)
     return 0
@@ -140,10 +158,15 @@ def supports(int qtype):
 
 
 def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w, a_f32, a_bf16,
-            float[:, :] c, bint accumulate, Py_ssize_t tile_cols, Py_ssize_t token_parts, int nth):
+            float[:, :] c, bint accumulate, Py_ssize_t tile_rows, Py_ssize_t tile_cols, Py_ssize_t token_parts,
+            int nth):
     """Forward c = a·Wᵀ or backward c (+)= a·W in bf16 with f32 accumulation. The activations a come
     as f32 (a_f32, rounded here) or already rounded (a_bf16, uint16 bits); the other is None. Inner
-    strides of w, a, c are 1 (checked by the caller); tile_cols (backward) is a multiple of block."""
+    strides of w, a, c are 1 (checked by the caller). The tiles ggtrain.kernels planned: forward,
+    tile_rows weight rows an item (a multiple of GG_BF_NR); backward, tile_cols columns an item (a
+    multiple of GG_BF_NR and of block) in token_parts token ranges."""
+    if (not backward and tile_rows % GG_BF_NR) or (backward and (tile_cols % GG_BF_NR or tile_cols % block)):
+        raise ValueError(f"bf16 tiles {tile_rows}x{tile_cols} do not fit the micro-kernel")
     cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, i, j, t, T
     cdef Py_ssize_t K = n if not backward else R
     cdef const float[:, :] af
@@ -184,7 +207,9 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
             if a_f32 is not None:
                 src = &af[0, 0]
                 lds = af.strides[0] // 4
-                for t in prange(T, num_threads=nth, schedule="static"):
+                # one thread rounds ~10 G values/s: below ROUND_PARALLEL_MIN the others would wait
+                # longer to wake (on a busy machine, for a time slice) than they save
+                for t in prange(T, num_threads=nth if T * K >= ROUND_PARALLEL_MIN else 1, schedule="static"):
                     gg_bf16_round_row(src + t * lds, abuf + t * Kp, K, K & 1)
             else:
                 for t in range(T):
@@ -197,7 +222,8 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
             rc = bf_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc,
                              accumulate, tile_cols, token_parts, nth)
         else:
-            rc = bf_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc, nth)
+            rc = bf_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc,
+                            tile_rows, nth)
     free(abuf)
     if rc != 0:
         raise MemoryError(f"cannot allocate {nth} bf16 weight tiles")
