@@ -12,9 +12,11 @@ thread (its only memory besides the output). The last line is `min ratio: R` ove
 beside our f32 path, numpy's f32 GEMM on the dequantized weight and, when torch imports, torch's
 bf16 matmul on the same dequantized weight (torch.set_num_threads to the same count; oneDNN). Also
 X (512×640)·W(1024×640)ᵀ (the q projection) and the output head's 16384-row chunk (CE_CHUNK).
-First the micro-kernel's peak: the bf16 micro-kernel alone on in-cache packed data, no packing
-or dequantization, on the same threads; "util" is each product's GFLOPS over that peak. The last
-line is `min bf16/f32: R` (the bf16 path over ours in f32) over the training shapes.
+Each figure is the best of --repeat rounds that give the four a turn each (one column does not
+get a quieter stretch of the machine than another). First the micro-kernel's peak: the bf16
+micro-kernel alone on in-cache packed data, no packing or dequantization, on the same threads
+(measured again at the end); "util" is each product's GFLOPS over that peak. The last line is
+`min bf16/f32: R` (the bf16 path over ours in f32) over the training shapes.
 """
 
 from __future__ import annotations
@@ -121,6 +123,30 @@ def torch_bf16():
     return torch
 
 
+def best_interleaved(fns, repeat: int) -> list[float]:
+    """Best time of each function over `repeat` rounds that give each a turn of 3 back-to-back
+    calls after a warm-up call, so that every column samples the same stretch of a shared
+    machine's load; the 0.2 s pause before each turn lets the previous library's idle threads
+    stop spinning (see best_seconds)."""
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            time.sleep(0.2)
+            fn()
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def micro_peak(threads: int, rounds: int = 30) -> float:
+    """The bf16 micro-kernel's GFLOPS on `threads` threads at once: the best of many ~2 ms runs (a
+    run that the OS interrupts on a shared machine only lowers its own figure)."""
+    bf = kernels._bf16_module()
+    return max(bf.micro_peak(threads, 10000) for _ in range(rounds))
+
+
 def measure_bf16(qt: Q, T: int, n: int, rows: int, repeat: int, rng: np.random.Generator, peak: float,
                  torch, head: bool):
     """Yields (line, bf16/f32 ratio) for the forward and the input gradient at X (T×n)·W(rows×n)ᵀ:
@@ -149,7 +175,7 @@ def measure_bf16(qt: Q, T: int, n: int, rows: int, repeat: int, rng: np.random.G
                    lambda: np.matmul(x, wf.T, out=y_ref)]
             if torch is not None:
                 fns.append(lambda: torch.matmul(xt, wt.T, out=yt))
-        times = best_seconds(fns, repeat)
+        times = best_interleaved(fns, repeat)
         got, want = (dx, dx_ref) if backward else (y, y_ref)
         err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
         if not err < 1e-2:  # bf16 inputs: ~1e-3 of the largest value; a fast wrong answer is no figure
@@ -169,8 +195,7 @@ def main_bf16(args, types: list[Q]) -> None:
     torch = torch_bf16()
     if torch is not None:
         torch.set_num_threads(args.threads)
-    bf = kernels._bf16_module()
-    peak = max(bf.micro_peak(args.threads, 20000) for _ in range(3))
+    peak = micro_peak(args.threads)
     print(f"CPU {cpu_model()}; threads {args.threads} (BLAS: {blas_threads()}), best of {args.repeat}, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"kernel path: bf16 = AVX512-BF16 vdpbf16ps, {kernels.BF16_ROWS}×{kernels.BF16_COLS} micro-kernel; "
@@ -190,7 +215,7 @@ def main_bf16(args, types: list[Q]) -> None:
                 print(line, flush=True)
                 if not head:
                     ratios.append(ratio)
-    peak_end = max(bf.micro_peak(args.threads, 20000) for _ in range(3))
+    peak_end = micro_peak(args.threads)
     print(f"micro-kernel peak at the end: {peak_end:.1f} GFLOPS; load average {os.getloadavg()[0]:.2f}")
     print(f"min bf16/f32: {min(ratios):.3f}")
 

@@ -94,12 +94,15 @@ MIN_TILE_ROWS = 16
 
 # Precisions of the products with a frozen weight: "f32" everywhere, "bf16" where bf16_available().
 COMPUTE = ("f32", "bf16")
-# The bf16 kernels' fixed tiles (bf16mm_util.h's GG_BF_NR, GG_BF_KC, GG_BF_MR; checked when the
-# module loads): forward, panels of BF16_COLS weight rows × BF16_K columns; backward, BF16_K weight
-# rows × a range of columns that is a multiple of BF16_COLS and of the block.
+# The bf16 micro-kernel's shape (bf16mm_util.h's GG_BF_NR, GG_BF_KC, GG_BF_MR; checked when the
+# module loads): BF16_ROWS tokens × BF16_COLS output columns, k in tiles of a multiple of BF16_K
+# (a multiple of every block size).
 BF16_COLS = 64
 BF16_K = 256
 BF16_ROWS = 6
+# Values of k per packed bf16 tile (a multiple of BF16_K): forward, 64 rows × 256 = 32 KiB of bf16,
+# L1-resident while every token passes over it.
+BF16_TILE_K = 256
 
 
 # ---- which compiled variants run here (the table: kernels/variants.py) ---------------------------
@@ -292,21 +295,21 @@ def _even_rows(rows: int, most: int, multiple_of: int = 1) -> int:
 
 def _plan_bf16(backward: bool, rows: int, n: int, tokens: int, block: int, threads: int) -> tuple[int, int, int]:
     """The bf16 kernels' tiles. Forward: items of tile_rows weight rows (panels of BF16_COLS), as
-    many as 4 panels (the activations' k tile, tokens × BF16_K, is then read from L2 once a panel,
-    not fetched again) while the items still share out evenly; tile_cols = BF16_K. Backward: items
-    of up to 4 panels' width of columns (a multiple of the block), split by tokens when the column
-    ranges alone would leave a thread idle; tile_rows = BF16_K."""
+    many as 4 panels (the activations' k tile, tokens × BF16_TILE_K, is then read from L2 once a
+    panel, not fetched again) while the items still share out evenly; tile_cols = BF16_TILE_K.
+    Backward: tile_rows = BF16_TILE_K; items of up to 4 panels' width of columns (a multiple of the
+    block), split by tokens when the column ranges alone would leave a thread idle."""
     if not backward:
         panels = -(-max(rows, 1) // BF16_COLS)
         for per_item in (4, 2, 1):
             items = -(-panels // per_item)
             if items % threads == 0 or items >= 8 * threads or per_item == 1:
-                return per_item * BF16_COLS, BF16_K, 1
+                return per_item * BF16_COLS, BF16_TILE_K, 1
     unit = BF16_COLS * block // math.gcd(BF16_COLS, block)
     cols = max(unit, 4 * BF16_COLS // unit * unit)
     n_col = -(-max(n, block) // cols)
     uneven = n_col % threads and n_col < 4 * threads
-    return BF16_K, cols, threads if threads > 1 and uneven and tokens >= 2 * BF16_ROWS * threads else 1
+    return BF16_TILE_K, cols, threads if threads > 1 and uneven and tokens >= 2 * BF16_ROWS * threads else 1
 
 
 def plan(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: int | None = None,
@@ -352,7 +355,7 @@ def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threa
     tile_rows, tile_cols, _ = plan(backward, rows, n, tokens, qtype, threads, compute)
     if compute != "bf16":
         return threads * tile_rows * tile_cols * 4
-    scratch = 2 * (tile_cols + BF16_COLS) * 4 if backward else 16 * BF16_K * 4
+    scratch = 2 * (tile_cols + BF16_COLS) * 4 if backward else 16 * tile_cols * 4
     k = rows if backward else n
     return threads * (tile_rows * tile_cols * 2 + scratch) + tokens * (k + k % 2) * 2
 

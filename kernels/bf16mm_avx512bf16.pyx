@@ -7,9 +7,9 @@ by a prange over tokens (or used as given when the caller passes them rounded); 
 is a disjoint block of the output, handed out dynamically, no barriers: a thread packs one weight
 tile at a time (dequantize, round, interleave) into its own 64-byte-aligned buffer and runs the
 micro-kernel over it for every token of the item.
-  forward items:  tile_rows weight rows (panels of GG_BF_NR), walked GG_BF_KC columns at a time
+  forward items:  tile_rows weight rows (panels of GG_BF_NR), walked tile_cols columns at a time
   backward items: (tile_cols output columns, one of token_parts token ranges), walked down W
-                  GG_BF_KC rows at a time
+                  tile_rows rows at a time
 Accumulation is f32 throughout: across k inside the micro-kernel, across tiles in the output.
 """
 
@@ -44,7 +44,7 @@ DEF ROUND_PARALLEL_MIN = 1 << 21
 
 MICRO_ROWS = GG_BF_MR   # tokens per micro-tile
 MICRO_COLS = GG_BF_NR   # output columns per micro-tile (and forward tile rows)
-TILE_K = GG_BF_KC       # k per packed tile
+TILE_K = GG_BF_KC       # k per packed tile: a multiple of this
 
 
 cdef inline void *alloc64(size_t n) noexcept nogil:
@@ -73,12 +73,12 @@ def to_bf16_rows(const float[:, :] x, uint16_t[:, :] out, int nth):
 
 cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
                     Py_ssize_t R, Py_ssize_t K, const uint16_t *a, Py_ssize_t lda, Py_ssize_t T,
-                    float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, int nth) noexcept nogil:
+                    float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, Py_ssize_t tile_k, int nth) noexcept nogil:
     """y (T, R) = a (T, K) · Wᵀ. An item is tile_rows (a multiple of GG_BF_NR) weight rows: per tile
-    of k its panels are packed, then each panel meets every token (the tile's slice of a, T ×
-    GG_BF_KC, stays in L2 across the panels). Returns -1 if out of memory."""
+    of tile_k values of k its panels are packed, then each panel meets every token (the tile's
+    slice of a, T × tile_k, stays in L2 across the panels). Returns -1 if out of memory."""
     cdef Py_ssize_t n_panels = tile_rows // GG_BF_NR
-    cdef Py_ssize_t per_thread = (GG_BF_KC // 2) * tile_rows * 4 + 16 * GG_BF_KC * 4  # bp, scratch
+    cdef Py_ssize_t per_thread = (tile_k // 2) * tile_rows * 4 + 16 * tile_k * 4  # bp, scratch
     cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
     if bufs == NULL:
         return -1
@@ -88,11 +88,11 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
     cdef float *scratch
     with parallel(num_threads=nth):
         bp = <uint32_t *>(bufs + threadid() * per_thread)
-        scratch = <float *>(bp + (GG_BF_KC // 2) * tile_rows)
+        scratch = <float *>(bp + (tile_k // 2) * tile_rows)
         for item in prange(n_items, schedule="dynamic", chunksize=1):
             k0 = 0
             while k0 < K:
-                kc = <int>min(<Py_ssize_t>GG_BF_KC, K - k0)
+                kc = <int>min(tile_k, K - k0)
                 kp = (kc + 1) // 2
                 s = 0
                 while s < n_panels and item * tile_rows + s * GG_BF_NR < R:
@@ -114,11 +114,11 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
 
 cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
                      Py_ssize_t R, Py_ssize_t n, const uint16_t *a, Py_ssize_t lda, Py_ssize_t T,
-                     float *dx, Py_ssize_t lddx, bint accumulate, Py_ssize_t tile_cols,
+                     float *dx, Py_ssize_t lddx, bint accumulate, Py_ssize_t tile_k, Py_ssize_t tile_cols,
                      Py_ssize_t token_parts, int nth) noexcept nogil:
     """dx (T, n) (+)= a (T, R) · W. Returns -1 if out of memory."""
     cdef Py_ssize_t n_panels = (tile_cols + GG_BF_NR - 1) // GG_BF_NR
-    cdef Py_ssize_t per_thread = ((GG_BF_KC // 2) * n_panels * GG_BF_NR * 4  # bp, scratch
+    cdef Py_ssize_t per_thread = ((tile_k // 2) * n_panels * GG_BF_NR * 4  # bp, scratch
                                   + (2 * (tile_cols + GG_BF_NR) * 4 + 63) // 64 * 64)
     cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
     if bufs == NULL:
@@ -129,7 +129,7 @@ cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_s
     cdef float *scratch
     with parallel(num_threads=nth):
         bp = <uint32_t *>(bufs + threadid() * per_thread)
-        scratch = <float *>(bp + (GG_BF_KC // 2) * n_panels * GG_BF_NR)
+        scratch = <float *>(bp + (tile_k // 2) * n_panels * GG_BF_NR)
         for item in prange(n_col * token_parts, schedule="dynamic", chunksize=1):
             c0 = (item // token_parts) * tile_cols
             nc = <int>min(tile_cols, n - c0)
@@ -137,7 +137,7 @@ cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_s
             t1 = split(T, token_parts, item % token_parts + 1)
             r0 = 0
             while r0 < R and t1 > t0:
-                kr = <int>min(<Py_ssize_t>GG_BF_KC, R - r0)
+                kr = <int>min(tile_k, R - r0)
                 kp = (kr + 1) // 2
                 gg_bf16_pack_bwd(qtype, block, type_size, w + r0 * wstride, wstride, kr, c0, nc, scratch, bp)
                 s = 0
@@ -163,9 +163,12 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     """Forward c = a·Wᵀ or backward c (+)= a·W in bf16 with f32 accumulation. The activations a come
     as f32 (a_f32, rounded here) or already rounded (a_bf16, uint16 bits); the other is None. Inner
     strides of w, a, c are 1 (checked by the caller). The tiles ggtrain.kernels planned: forward,
-    tile_rows weight rows an item (a multiple of GG_BF_NR); backward, tile_cols columns an item (a
-    multiple of GG_BF_NR and of block) in token_parts token ranges."""
-    if (not backward and tile_rows % GG_BF_NR) or (backward and (tile_cols % GG_BF_NR or tile_cols % block)):
+    tile_rows weight rows an item (a multiple of GG_BF_NR) × tile_cols values of k; backward,
+    tile_rows values of k × tile_cols columns an item (a multiple of GG_BF_NR and of block) in
+    token_parts token ranges. Values of k per tile: a multiple of GG_BF_KC."""
+    cdef Py_ssize_t tile_k = tile_rows if backward else tile_cols
+    if (tile_k <= 0 or tile_k % GG_BF_KC or (not backward and tile_rows % GG_BF_NR)
+            or (backward and (tile_cols % GG_BF_NR or tile_cols % block))):
         raise ValueError(f"bf16 tiles {tile_rows}x{tile_cols} do not fit the micro-kernel")
     cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, i, j, t, T
     cdef Py_ssize_t K = n if not backward else R
@@ -220,10 +223,10 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     with nogil:
         if backward:
             rc = bf_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc,
-                             accumulate, tile_cols, token_parts, nth)
+                             accumulate, tile_k, tile_cols, token_parts, nth)
         else:
             rc = bf_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc,
-                            tile_rows, nth)
+                            tile_rows, tile_k, nth)
     free(abuf)
     if rc != 0:
         raise MemoryError(f"cannot allocate {nth} bf16 weight tiles")

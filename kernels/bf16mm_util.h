@@ -7,10 +7,10 @@
    A stays row-major bf16 (T, K even, a zero in the pad column of an odd K): the micro-kernel
    broadcasts a pair A[t][2p:2p+2] as one 32-bit lane. B is packed per thread, one tile at a time,
    into the K-pair-interleaved layout vdpbf16ps reads: u32 bp[p][j] = (B[2p][j], B[2p+1][j]) for
-   GG_BF_NR columns j, one zmm per 16 columns. A tile holds GG_BF_KC values of k:
-     forward   a panel of GG_BF_NR weight rows × GG_BF_KC columns: the pairs of a row are already
+   GG_BF_NR columns j, one zmm per 16 columns. A tile holds kc values of k (a multiple of GG_BF_KC):
+     forward   panels of GG_BF_NR weight rows × kc columns: the pairs of a row are already
                adjacent, so the pack is a 32-bit transpose;
-     backward  GG_BF_KC weight rows × a range of columns: two consecutive rows interleaved.
+     backward  kc weight rows × a range of columns: two consecutive rows interleaved.
    Weights are dequantized a row segment at a time by the dequantizers that quant_layout.h's
    layouts serve (quant_util.h's AVX2 twins, bit-identical to gguf-py) into an L1-sized f32
    scratch, rounded and packed: there is never an f32 copy of more than one tile row.
@@ -34,7 +34,7 @@
 enum {
     GG_BF_MR = 6,    /* rows of A (tokens) per micro-tile */
     GG_BF_NR = 64,   /* columns of C per micro-tile: 4 zmm of f32 */
-    GG_BF_KC = 256,  /* values of k per packed tile: a multiple of every block size (256, 32, 1) */
+    GG_BF_KC = 256,  /* values of k per packed tile are a multiple of this: of every block size */
 };
 
 /* ---- f32 -> bf16, round to nearest even ------------------------------------------------------------ */
@@ -141,7 +141,7 @@ static inline void gg_transpose16(__m512i r[16]) {
 
 /* Forward tile: bp[p][j] = pair p of row j of the nr (<= GG_BF_NR) weight rows at w (row stride
    wstride), columns k0 .. k0 + kc (kc a multiple of the block); rows past nr and the pad half of an
-   odd kc are zeros. scratch: 16 · GG_BF_KC floats. */
+   odd kc are zeros. scratch: 16 · kc floats. */
 static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride,
                                    int nr, int64_t k0, int kc, float *scratch, uint32_t *bp) {
     const int kp = (kc + 1) / 2;
@@ -149,12 +149,12 @@ static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const ui
         const int rows = nr - j0 < 16 ? (nr - j0 > 0 ? nr - j0 : 0) : 16;
         for (int i = 0; i < rows; i++)
             if (gg_bf_dequant(qtype, w + (int64_t)(j0 + i) * wstride + (k0 / block) * type_size,
-                              scratch + i * GG_BF_KC, kc / block))
+                              scratch + i * kc, kc / block))
                 return -1;
         for (int p0 = 0; p0 < kp; p0 += 16) {
             __m512i r[16];
             for (int i = 0; i < 16; i++)
-                r[i] = i < rows ? gg_bf16_pairs16(scratch + i * GG_BF_KC + 2 * p0, kc - 2 * p0) : _mm512_setzero_si512();
+                r[i] = i < rows ? gg_bf16_pairs16(scratch + i * kc + 2 * p0, kc - 2 * p0) : _mm512_setzero_si512();
             gg_transpose16(r);  /* r[q] = pair p0 + q of the 16 rows */
             for (int q = 0; q < 16 && p0 + q < kp; q++)
                 _mm512_store_si512((__m512i *)(bp + (int64_t)(p0 + q) * GG_BF_NR + j0), r[q]);
@@ -164,7 +164,7 @@ static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const ui
 }
 
 /* Backward tile: for each of the ceil(nc / GG_BF_NR) column panels s, bp[s][p][j] = (W[2p][c],
-   W[2p+1][c]), c = s · GG_BF_NR + j, over the kr (<= GG_BF_KC) weight rows at w (row stride wstride)
+   W[2p+1][c]), c = s · GG_BF_NR + j, over the kr weight rows at w (row stride wstride)
    and the nc columns starting at block c0 / block (nc a multiple of the block); a row past kr and
    columns past nc are zeros. Panels are kp · GG_BF_NR u32 apart. scratch: 2 · (nc + GG_BF_NR) floats. */
 static inline int gg_bf16_pack_bwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride,

@@ -5,9 +5,9 @@ What is proven, for every supported type, forward (Y = X·Wᵀ) and backward (dX
   weight side), with an F32 identity weight it returns X rounded (the activation side); the
   rounding is this file's own round-to-nearest-even in numpy, the dequantization gguf-py's;
 - (a) against float64 on the bf16-rounded inputs: only f32 accumulation error is left. The kernel
-  sums a tile of BF16_K values of k in order (vdpbf16ps rounds twice per pair of k), then the
-  tiles in order, so |error| ≤ (BF16_K + K/BF16_K + 2)·u·Σ|a||b| with u = 2⁻²⁴ (the classic bound
-  for recursive summation, per output element);
+  sums a tile of BF16_TILE_K values of k in order (vdpbf16ps rounds twice per pair of k), then
+  the tiles in order, so |error| ≤ (BF16_TILE_K + K/BF16_TILE_K + 2)·u·Σ|a||b| with u = 2⁻²⁴ (the
+  classic bound for recursive summation, per output element);
 - (b) against the float64 product of the unrounded inputs: each rounded input is off by at most
   2⁻⁸ of itself, independently, so the sum's error has a standard deviation of about
   0.82·2⁻⁸·sqrt(Σ a²b²), which is the sqrt(K)·|x|·|w| scale of a dot product of random-signed
@@ -28,6 +28,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from ggtrain.kernels import variants
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
@@ -76,11 +77,11 @@ def check_product(got: np.ndarray, a: np.ndarray, b: np.ndarray, what: str, acc:
     summation, (b) within the bf16 tolerance of the unrounded product (the module docstring says
     why). With acc (accumulate=True), each tile's sum is added to it: one more rounding a tile."""
     K = a.shape[1]
-    tiles = -(-K // kernels.BF16_K)
+    tiles = -(-K // kernels.BF16_TILE_K)
     acc64 = np.zeros(got.shape) if acc is None else acc.astype(np.float64)
     ar, br = widen(rne(a)), widen(rne(b))
     abs_sum = np.abs(ar) @ np.abs(br)
-    f32_bound = (kernels.BF16_K + tiles + 2) * U32 * (abs_sum + np.abs(acc64))
+    f32_bound = (kernels.BF16_TILE_K + tiles + 2) * U32 * (abs_sum + np.abs(acc64))
     err = np.abs(got.astype(np.float64) - acc64 - ar @ br)
     assert (err <= f32_bound).all(), \
         f"{what}: off the rounded product by {np.max(err / np.maximum(abs_sum, 1e-300)):.2e}·Σ|ab|"
@@ -297,8 +298,8 @@ def test_off_switches(var: str, monkeypatch) -> None:
     w = make_weight(Q.Q8_0, 4, 32, np.random.default_rng(0))
     assert kernels.qmatmul(np.ones((1, 32), np.float32), w, Q.Q8_0).shape == (1, 4)
     monkeypatch.delenv(var)
-    assert kernels.bf16_available() == ("avx512_bf16" in kernels._cpu_features()
-                                        and kernels.variant_module("bf16mm_avx512bf16") is not None)
+    # back on wherever the table's avx512bf16 row runs (so an x86 build cannot have left the module out)
+    assert kernels.bf16_available() == variants.runs_on("avx512bf16", variants.cpu_features())
 
 
 def test_extra_memory_is_bounded() -> None:
