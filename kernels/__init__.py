@@ -100,9 +100,12 @@ COMPUTE = ("f32", "bf16")
 BF16_COLS = 64
 BF16_K = 256
 BF16_ROWS = 6
-# Values of k per packed bf16 tile (a multiple of BF16_K): forward, 64 rows × 256 = 32 KiB of bf16,
-# L1-resident while every token passes over it.
-BF16_TILE_K = 256
+# Values of k per packed bf16 tile (multiples of BF16_K). Up to BF16_ONE_TILE_K, all of K in one
+# tile: each output is then written once. Adding partial sums tile after tile into an output whose
+# rows are a power of two apart (the head chunk's 64 KiB) thrashes the caches: the head's forward
+# ran at 0.55x. Above it, BF16_TILE_K (forward, backward): measured on Zen 5, one thread.
+BF16_ONE_TILE_K = 1024
+BF16_TILE_K = (256, 768)
 
 
 # ---- which compiled variants run here (the table: kernels/variants.py) ---------------------------
@@ -294,22 +297,25 @@ def _even_rows(rows: int, most: int, multiple_of: int = 1) -> int:
 
 
 def _plan_bf16(backward: bool, rows: int, n: int, tokens: int, block: int, threads: int) -> tuple[int, int, int]:
-    """The bf16 kernels' tiles. Forward: items of tile_rows weight rows (panels of BF16_COLS), as
-    many as 4 panels (the activations' k tile, tokens × BF16_TILE_K, is then read from L2 once a
-    panel, not fetched again) while the items still share out evenly; tile_cols = BF16_TILE_K.
-    Backward: tile_rows = BF16_TILE_K; items of up to 4 panels' width of columns (a multiple of the
-    block), split by tokens when the column ranges alone would leave a thread idle."""
+    """The bf16 kernels' tiles; k (n forward, rows backward) in tiles as BF16_ONE_TILE_K says.
+    Forward: items of tile_rows weight rows (panels of BF16_COLS), as many as 4 panels (the
+    activations' k tile is then read from L2 once a panel, not fetched again) while the items
+    still share out evenly; tile_cols = k per tile. Backward: tile_rows = k per tile; items of up
+    to 4 panels' width of columns (a multiple of the block), split by tokens when the column
+    ranges alone would leave a thread idle."""
+    k = rows if backward else n
+    tile_k = -(-max(k, 1) // BF16_K) * BF16_K if k <= BF16_ONE_TILE_K else BF16_TILE_K[backward]
     if not backward:
         panels = -(-max(rows, 1) // BF16_COLS)
         for per_item in (4, 2, 1):
             items = -(-panels // per_item)
             if items % threads == 0 or items >= 8 * threads or per_item == 1:
-                return per_item * BF16_COLS, BF16_TILE_K, 1
+                return per_item * BF16_COLS, tile_k, 1
     unit = BF16_COLS * block // math.gcd(BF16_COLS, block)
     cols = max(unit, 4 * BF16_COLS // unit * unit)
     n_col = -(-max(n, block) // cols)
     uneven = n_col % threads and n_col < 4 * threads
-    return BF16_TILE_K, cols, threads if threads > 1 and uneven and tokens >= 2 * BF16_ROWS * threads else 1
+    return tile_k, cols, threads if threads > 1 and uneven and tokens >= 2 * BF16_ROWS * threads else 1
 
 
 def plan(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: int | None = None,

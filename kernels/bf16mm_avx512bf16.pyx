@@ -3,7 +3,8 @@
 
 Built only for x86 with the avx512bf16 row's flags; ggtrain.kernels imports it only on a CPU that
 has them. One call: the activations (X forward, dY backward) are rounded to bf16 once, row-major,
-by a prange over tokens (or used as given when the caller passes them rounded); then each work item
+by a prange over tokens into k tiles (or used as given when the caller passes them rounded and K is
+one tile); then each work item
 is a disjoint block of the output, handed out dynamically, no barriers: a thread packs one weight
 tile at a time (dequantize, round, interleave) into its own 64-byte-aligned buffer and runs the
 micro-kernel over it for every token of the item.
@@ -29,6 +30,8 @@ cdef extern from "bf16mm_util.h" nogil:
     enum:
         GG_BF_MR, GG_BF_NR, GG_BF_KC
     void gg_bf16_round_row(const float *x, uint16_t *y, int64_t n, int pad)
+    void gg_bf16_tile_row(const float *x, const uint16_t *xb, int64_t K, int64_t tk, int64_t T, int64_t t,
+                          uint16_t *dst)
     int gg_bf_dequant(int qtype, const uint8_t *b, float *y, int64_t nb)
     int gg_bf16_pack_fwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride, int nr,
                          int64_t k0, int kc, float *scratch, uint32_t *bp)
@@ -71,8 +74,19 @@ def to_bf16_rows(const float[:, :] x, uint16_t[:, :] out, int nth):
             gg_bf16_round_row(src + t * lds, dst + t * ldd, n, 0)
 
 
+cdef struct ATiles:
+    # the rounded activations (T, K), k tile kb at a + kb * tstride, rows ld apart (ld_last in the
+    # last tile): gg_bf16_tile_row's layout, or the caller's row-major array when K is one even tile
+    const uint16_t *a
+    Py_ssize_t tstride, ld, ld_last, n_tiles
+
+
+cdef inline Py_ssize_t a_ld(const ATiles *A, Py_ssize_t kb) noexcept nogil:
+    return A.ld_last if kb == A.n_tiles - 1 else A.ld
+
+
 cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
-                    Py_ssize_t R, Py_ssize_t K, const uint16_t *a, Py_ssize_t lda, Py_ssize_t T,
+                    Py_ssize_t R, Py_ssize_t K, const ATiles *A, Py_ssize_t T,
                     float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, Py_ssize_t tile_k, int nth) noexcept nogil:
     """y (T, R) = a (T, K) · Wᵀ. An item is tile_rows (a multiple of GG_BF_NR) weight rows: per tile
     of tile_k values of k its panels are packed, then each panel meets every token (the tile's
@@ -82,8 +96,9 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
     cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
     if bufs == NULL:
         return -1
-    cdef Py_ssize_t n_items = (R + tile_rows - 1) // tile_rows, item, r0, k0, s, kp
+    cdef Py_ssize_t n_items = (R + tile_rows - 1) // tile_rows, item, r0, k0, s, kp, lda
     cdef int nr, kc
+    cdef const uint16_t *a
     cdef uint32_t *bp
     cdef float *scratch
     with parallel(num_threads=nth):
@@ -94,6 +109,8 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
             while k0 < K:
                 kc = <int>min(tile_k, K - k0)
                 kp = (kc + 1) // 2
+                a = A.a + (k0 // tile_k) * A.tstride  # (assigned here, so private to the thread)
+                lda = a_ld(A, k0 // tile_k)
                 s = 0
                 while s < n_panels and item * tile_rows + s * GG_BF_NR < R:
                     r0 = item * tile_rows + s * GG_BF_NR
@@ -105,7 +122,7 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
                 while s < n_panels and item * tile_rows + s * GG_BF_NR < R:
                     r0 = item * tile_rows + s * GG_BF_NR
                     nr = <int>min(<Py_ssize_t>GG_BF_NR, R - r0)
-                    gg_bf16_panel(kp, a + k0, lda, 0, T, bp + s * kp * GG_BF_NR, y + r0, ldy, nr, k0 > 0)
+                    gg_bf16_panel(kp, a, lda, 0, T, bp + s * kp * GG_BF_NR, y + r0, ldy, nr, k0 > 0)
                     s = s + 1
                 k0 = k0 + kc
     free(bufs)
@@ -113,7 +130,7 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
 
 
 cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
-                     Py_ssize_t R, Py_ssize_t n, const uint16_t *a, Py_ssize_t lda, Py_ssize_t T,
+                     Py_ssize_t R, Py_ssize_t n, const ATiles *A, Py_ssize_t T,
                      float *dx, Py_ssize_t lddx, bint accumulate, Py_ssize_t tile_k, Py_ssize_t tile_cols,
                      Py_ssize_t token_parts, int nth) noexcept nogil:
     """dx (T, n) (+)= a (T, R) · W. Returns -1 if out of memory."""
@@ -123,8 +140,9 @@ cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_s
     cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
     if bufs == NULL:
         return -1
-    cdef Py_ssize_t n_col = (n + tile_cols - 1) // tile_cols, item, r0, c0, t0, t1, s, kp
+    cdef Py_ssize_t n_col = (n + tile_cols - 1) // tile_cols, item, r0, c0, t0, t1, s, kp, lda
     cdef int nc, kr
+    cdef const uint16_t *a
     cdef uint32_t *bp
     cdef float *scratch
     with parallel(num_threads=nth):
@@ -139,10 +157,12 @@ cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_s
             while r0 < R and t1 > t0:
                 kr = <int>min(tile_k, R - r0)
                 kp = (kr + 1) // 2
+                a = A.a + (r0 // tile_k) * A.tstride
+                lda = a_ld(A, r0 // tile_k)
                 gg_bf16_pack_bwd(qtype, block, type_size, w + r0 * wstride, wstride, kr, c0, nc, scratch, bp)
                 s = 0
                 while s * GG_BF_NR < nc:
-                    gg_bf16_panel(kp, a + r0, lda, t0, t1, bp + s * kp * GG_BF_NR, dx + c0 + s * GG_BF_NR, lddx,
+                    gg_bf16_panel(kp, a, lda, t0, t1, bp + s * kp * GG_BF_NR, dx + c0 + s * GG_BF_NR, lddx,
                                   <int>min(<Py_ssize_t>GG_BF_NR, nc - s * GG_BF_NR), accumulate or r0 > 0)
                     s = s + 1
                 r0 = r0 + kr
@@ -190,42 +210,46 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
                 for j in range(c.shape[1]):
                     c[i, j] = 0
         return
-    # the rounded activations, row-major with an even row length: the caller's when it rounded them
-    # (and K is even), else a buffer this call fills once
-    cdef Py_ssize_t Kp = K + (K & 1), lda
+    # the rounded activations in k tiles (ATiles): the caller's array when it rounded them and K is
+    # one even tile, else a buffer this call fills once
+    cdef ATiles A
+    A.n_tiles = (K + tile_k - 1) // tile_k
+    cdef Py_ssize_t k_last = K - (A.n_tiles - 1) * tile_k
+    A.tstride = T * tile_k
+    A.ld = tile_k
+    A.ld_last = k_last + (k_last & 1)
     cdef uint16_t *abuf = NULL
-    cdef const uint16_t *ap
-    cdef const float *src
+    cdef const float *src = NULL
+    cdef const uint16_t *srcb = NULL
     cdef Py_ssize_t lds
-    if a_f32 is None and not (K & 1):
-        ap = &ab[0, 0]
-        lda = ab.strides[0] // 2 if T > 1 else Kp
+    if a_f32 is None and A.n_tiles == 1 and not (K & 1):
+        A.a = &ab[0, 0]
+        A.ld_last = ab.strides[0] // 2 if T > 1 else K
     else:
-        abuf = <uint16_t *>alloc64(T * Kp * 2)
+        abuf = <uint16_t *>alloc64(T * ((A.n_tiles - 1) * tile_k + A.ld_last) * 2)
         if abuf == NULL:
-            raise MemoryError(f"cannot allocate the bf16 activations ({T}x{Kp})")
-        ap = abuf
-        lda = Kp
+            raise MemoryError(f"cannot allocate the bf16 activations ({T}x{K})")
+        A.a = abuf
+        if a_f32 is not None:
+            src = &af[0, 0]
+            lds = af.strides[0] // 4
+        else:
+            srcb = &ab[0, 0]
+            lds = ab.strides[0] // 2
         with nogil:
-            if a_f32 is not None:
-                src = &af[0, 0]
-                lds = af.strides[0] // 4
-                # one thread rounds ~10 G values/s: below ROUND_PARALLEL_MIN the others would wait
-                # longer to wake (on a busy machine, for a time slice) than they save
-                for t in prange(T, num_threads=nth if T * K >= ROUND_PARALLEL_MIN else 1, schedule="static"):
-                    gg_bf16_round_row(src + t * lds, abuf + t * Kp, K, K & 1)
-            else:
-                for t in range(T):
-                    memcpy(abuf + t * Kp, &ab[t, 0], K * 2)
-                    abuf[t * Kp + K] = 0
+            # one thread rounds ~10 G values/s: below ROUND_PARALLEL_MIN the others would wait
+            # longer to wake (on a busy machine, for a time slice) than they save
+            for t in prange(T, num_threads=nth if T * K >= ROUND_PARALLEL_MIN else 1, schedule="static"):
+                gg_bf16_tile_row(src + t * lds if src != NULL else NULL, srcb + t * lds if srcb != NULL else NULL,
+                                 K, tile_k, T, t, abuf)
     cdef Py_ssize_t ldc = c.strides[0] // 4 if T > 1 else c.shape[1]
     cdef int rc
     with nogil:
         if backward:
-            rc = bf_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc,
+            rc = bf_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &A, T, &c[0, 0], ldc,
                              accumulate, tile_k, tile_cols, token_parts, nth)
         else:
-            rc = bf_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc,
+            rc = bf_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &A, T, &c[0, 0], ldc,
                             tile_rows, tile_k, nth)
     free(abuf)
     if rc != 0:

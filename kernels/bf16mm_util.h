@@ -71,6 +71,23 @@ static inline void gg_bf16_round_row(const float *x, uint16_t *y, int64_t n, int
     if (pad) y[n] = 0;
 }
 
+/* The activations' k-tiled layout: tile kb (values k0 = kb·tk .. k0 + kc, kc = tk but for the last
+   tile) is a row-major (T, kc rounded up to even) block at kb·T·tk, so a micro-tile's rows are one
+   contiguous stretch (sequential for the prefetchers). Row t of x (f32, or bf16 bits) into it: */
+static inline void gg_bf16_tile_row(const float *x, const uint16_t *xb, int64_t K, int64_t tk, int64_t T,
+                                    int64_t t, uint16_t *dst) {
+    for (int64_t k0 = 0, kb = 0; k0 < K; k0 += tk, kb++) {
+        const int64_t kc = K - k0 < tk ? K - k0 : tk;
+        uint16_t *row = dst + kb * T * tk + t * (kc + (kc & 1));
+        if (x) {
+            gg_bf16_round_row(x + k0, row, kc, (int)(kc & 1));
+        } else {
+            memcpy(row, xb + k0, (size_t)kc * 2);
+            if (kc & 1) row[kc] = 0;
+        }
+    }
+}
+
 /* ---- weights: a row segment of GGUF blocks -> f32 (the dequantizers of quant_util.h) ---------------- */
 
 /* nb blocks of qtype at b -> y (nb · block floats); -1 for a type the kernels do not know */

@@ -5,9 +5,9 @@ What is proven, for every supported type, forward (Y = X·Wᵀ) and backward (dX
   weight side), with an F32 identity weight it returns X rounded (the activation side); the
   rounding is this file's own round-to-nearest-even in numpy, the dequantization gguf-py's;
 - (a) against float64 on the bf16-rounded inputs: only f32 accumulation error is left. The kernel
-  sums a tile of BF16_TILE_K values of k in order (vdpbf16ps rounds twice per pair of k), then
-  the tiles in order, so |error| ≤ (BF16_TILE_K + K/BF16_TILE_K + 2)·u·Σ|a||b| with u = 2⁻²⁴ (the
-  classic bound for recursive summation, per output element);
+  sums a tile of k (at most 1024 values) in order (vdpbf16ps rounds twice per pair of k), then
+  the tiles (at most K/256) in order, so |error| ≤ (min(K, 1024) + K/256 + 2)·u·Σ|a||b| with
+  u = 2⁻²⁴ (the classic bound for recursive summation, per output element);
 - (b) against the float64 product of the unrounded inputs: each rounded input is off by at most
   2⁻⁸ of itself, independently, so the sum's error has a standard deviation of about
   0.82·2⁻⁸·sqrt(Σ a²b²), which is the sqrt(K)·|x|·|w| scale of a dot product of random-signed
@@ -77,11 +77,12 @@ def check_product(got: np.ndarray, a: np.ndarray, b: np.ndarray, what: str, acc:
     summation, (b) within the bf16 tolerance of the unrounded product (the module docstring says
     why). With acc (accumulate=True), each tile's sum is added to it: one more rounding a tile."""
     K = a.shape[1]
-    tiles = -(-K // kernels.BF16_TILE_K)
+    tiles = -(-K // kernels.BF16_K)  # at most
     acc64 = np.zeros(got.shape) if acc is None else acc.astype(np.float64)
     ar, br = widen(rne(a)), widen(rne(b))
     abs_sum = np.abs(ar) @ np.abs(br)
-    f32_bound = (kernels.BF16_TILE_K + tiles + 2) * U32 * (abs_sum + np.abs(acc64))
+    run = min(K, max(kernels.BF16_ONE_TILE_K, *kernels.BF16_TILE_K))  # the longest run summed in order
+    f32_bound = (run + tiles + 2) * U32 * (abs_sum + np.abs(acc64))
     err = np.abs(got.astype(np.float64) - acc64 - ar @ br)
     assert (err <= f32_bound).all(), \
         f"{what}: off the rounded product by {np.max(err / np.maximum(abs_sum, 1e-300)):.2e}·Σ|ab|"
@@ -125,6 +126,31 @@ def test_every_type_against_float64(qt: Q, threads: int) -> None:
         set_threads(threads)
         check_both(make_weight(qt, 70, n, rng), qt, 13, rng)
         check_both(make_weight(qt, 3, max(block, 1), rng), qt, 7, rng)  # one block wide, 3 rows
+    finally:
+        set_threads(default_threads())
+
+
+@pytest.mark.parametrize("qt, n, rows", [(Q.Q4_K, 1536, 1101), (Q.Q8_0, 1088, 1100), (Q.F32, 1027, 1025)],
+                         ids=["Q4_K", "Q8_0", "F32-odd"])
+def test_k_in_several_tiles(qt: Q, n: int, rows: int) -> None:
+    """K above BF16_ONE_TILE_K, forward and backward: several tiles of k, the last one short (and
+    odd: 1027 columns, 1101 rows); the activations as f32 or as to_bf16's uint16 (copied into the
+    tiled layout) give the same floats. 2 threads."""
+    if not HERE:
+        return refused()
+    rng = np.random.default_rng(n)
+    w = make_weight(qt, rows, n, rng)
+    assert kernels.plan(False, rows, n, 50, qt, compute="bf16")[1] < n
+    assert kernels.plan(True, rows, n, 50, qt, compute="bf16")[0] < rows
+    try:
+        set_threads(2)
+        check_both(w, qt, 50, rng)
+        x = rng.standard_normal((50, n), dtype=np.float32)
+        dy = rng.standard_normal((50, rows), dtype=np.float32)
+        assert np.array_equal(kernels.qmatmul(kernels.to_bf16(x), w, qt, compute="bf16"),
+                              kernels.qmatmul(x, w, qt, compute="bf16"))
+        assert np.array_equal(kernels.qmatmul_backward_input(kernels.to_bf16(dy), w, qt, compute="bf16"),
+                              kernels.qmatmul_backward_input(dy, w, qt, compute="bf16"))
     finally:
         set_threads(default_threads())
 
