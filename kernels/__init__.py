@@ -361,7 +361,7 @@ def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threa
     tile_rows, tile_cols, _ = plan(backward, rows, n, tokens, qtype, threads, compute)
     if compute != "bf16":
         return threads * tile_rows * tile_cols * 4
-    scratch = 2 * (tile_cols + BF16_COLS) * 4 if backward else 16 * tile_cols * 4
+    scratch = 2 * (tile_cols + BF16_COLS) * 4 if backward else 16 * BF16_K * 4
     k = rows if backward else n
     return threads * (tile_rows * tile_cols * 2 + scratch) + tokens * (k + k % 2) * 2
 

@@ -92,7 +92,7 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
     of tile_k values of k its panels are packed, then each panel meets every token (the tile's
     slice of a, T × tile_k, stays in L2 across the panels). Returns -1 if out of memory."""
     cdef Py_ssize_t n_panels = tile_rows // GG_BF_NR
-    cdef Py_ssize_t per_thread = (tile_k // 2) * tile_rows * 4 + 16 * tile_k * 4  # bp, scratch
+    cdef Py_ssize_t per_thread = (tile_k // 2) * tile_rows * 4 + 16 * GG_BF_KC * 4  # bp, scratch
     cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
     if bufs == NULL:
         return -1

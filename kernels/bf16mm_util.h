@@ -158,23 +158,28 @@ static inline void gg_transpose16(__m512i r[16]) {
 
 /* Forward tile: bp[p][j] = pair p of row j of the nr (<= GG_BF_NR) weight rows at w (row stride
    wstride), columns k0 .. k0 + kc (kc a multiple of the block); rows past nr and the pad half of an
-   odd kc are zeros. scratch: 16 · kc floats. */
+   odd kc are zeros. scratch: 16 · GG_BF_KC floats. */
 static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride,
                                    int nr, int64_t k0, int kc, float *scratch, uint32_t *bp) {
     const int kp = (kc + 1) / 2;
     for (int j0 = 0; j0 < GG_BF_NR; j0 += 16) {
         const int rows = nr - j0 < 16 ? (nr - j0 > 0 ? nr - j0 : 0) : 16;
-        for (int i = 0; i < rows; i++)
-            if (gg_bf_dequant(qtype, w + (int64_t)(j0 + i) * wstride + (k0 / block) * type_size,
-                              scratch + i * kc, kc / block))
-                return -1;
-        for (int p0 = 0; p0 < kp; p0 += 16) {
-            __m512i r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = i < rows ? gg_bf16_pairs16(scratch + i * kc + 2 * p0, kc - 2 * p0) : _mm512_setzero_si512();
-            gg_transpose16(r);  /* r[q] = pair p0 + q of the 16 rows */
-            for (int q = 0; q < 16 && p0 + q < kp; q++)
-                _mm512_store_si512((__m512i *)(bp + (int64_t)(p0 + q) * GG_BF_NR + j0), r[q]);
+        /* GG_BF_KC columns at a time (whole blocks of every type): 16 KiB of scratch stays in L1 */
+        for (int c0 = 0; c0 < kc; c0 += GG_BF_KC) {
+            const int cc = kc - c0 < GG_BF_KC ? kc - c0 : GG_BF_KC;
+            for (int i = 0; i < rows; i++)
+                if (gg_bf_dequant(qtype, w + (int64_t)(j0 + i) * wstride + ((k0 + c0) / block) * type_size,
+                                  scratch + i * GG_BF_KC, cc / block))
+                    return -1;
+            for (int p0 = 0; 2 * p0 < cc; p0 += 16) {
+                __m512i r[16];
+                for (int i = 0; i < 16; i++)
+                    r[i] = i < rows ? gg_bf16_pairs16(scratch + i * GG_BF_KC + 2 * p0, cc - 2 * p0)
+                                    : _mm512_setzero_si512();
+                gg_transpose16(r);  /* r[q] = pair c0 / 2 + p0 + q of the 16 rows */
+                for (int q = 0; q < 16 && c0 / 2 + p0 + q < kp; q++)
+                    _mm512_store_si512((__m512i *)(bp + (int64_t)(c0 / 2 + p0 + q) * GG_BF_NR + j0), r[q]);
+            }
         }
     }
     return 0;
