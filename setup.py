@@ -6,7 +6,8 @@ kernels/, cli/ and data/ (as ggtrain.samples) are installed under the one ggtrai
 Portable flags only: no -march=native. Which source is built with which flags comes from the table
 in kernels/variants.py (the run-time dispatcher in ggtrain.kernels reads the same table): a
 NAME_simd.pyx is built once per SIMD level (NAME_base, NAME_avx2) and ggtrain.kernels picks one at
-run time from the CPU's flags; a NAME_avx512.pyx is built only with the avx512 row's flags.
+run time from the CPU's flags; a NAME_<variant>.pyx (int8mm_avx512, bf16mm_avx512bf16) is built
+only with that row's flags.
 """
 
 import importlib.util
@@ -34,7 +35,7 @@ V = _load_variants()
 # -ffp-contract=off: no silent fused multiply-add, so dequantization stays bit-identical to gguf-py's numpy.
 BASE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-unused-function", "-Wno-unreachable-code"]
 # The variants' flags are x86 flags: elsewhere every SIMD level is the same portable code, and code
-# that exists only for an x86 variant (NAME_avx512.pyx) is not built.
+# that exists only for an x86 variant (NAME_avx512.pyx, NAME_avx512bf16.pyx) is not built.
 X86 = sys.platform != "darwin" and any(m in platform.machine().lower() for m in ("x86", "amd64"))
 
 
