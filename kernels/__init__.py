@@ -1,9 +1,13 @@
 """ggtrain.kernels: dequantization and quantized matmul over GGUF weights.
 
     dequantize(data, qtype)                       uint8 (..., row_bytes) -> f32 (..., n)
-    qmatmul(x, w, qtype, out=None)                Y = X·Wᵀ   x f32 (T, n), w uint8 (rows, row_bytes) -> (T, rows)
-    qmatmul_backward_input(dy, w, qtype, out=None, accumulate=False)
+    qmatmul(x, w, qtype, out=None, compute="f32") Y = X·Wᵀ   x f32 (T, n), w uint8 (rows, row_bytes) -> (T, rows)
+    qmatmul_backward_input(dy, w, qtype, out=None, accumulate=False, compute="f32")
                                                   dX = dY·W  dy f32 (T, rows) -> (T, n)  (+= if accumulate)
+        compute="bf16" (where bf16_available()): X (dY) and the dequantized W rounded to bf16 (to
+        nearest even), products and sums in f32; x / dy may then also be uint16 bf16 bits from
+        to_bf16 (rounded once for several products with the same input)
+    to_bf16(x, out=None)                          f32 (T, n) -> uint16 (T, n) bf16 bits, round to nearest even
     get_rows(w, qtype, ids)                       embedding lookup: ids int (k,) -> f32 (k, n)
     qmatmul_int8(x, w, qtype, out=None)           Y ≈ X·Wᵀ with X quantized to int8 (llama.cpp's way),
                                                   on AVX512-VNNI CPUs (int8_available()) for the types
@@ -17,9 +21,10 @@ Arguments the kernels cannot take raise TypeError (wrong dtype) or ValueError (s
 type id): callers pass what they validated at the boundary (ggtrain.gguf.modelfile refuses a file with
 an unsupported tensor type, naming it, before any kernel sees it).
 
-The compiled code lives in quant_base / quant_avx2 (one source, kernels/quant_simd.pyx) and, on a
-CPU with AVX512-VNNI, int8mm_avx512; which variant runs comes from kernels/variants.py's table
-(GGTRAIN_SIMD=base|avx2 overrides the SIMD level, GGTRAIN_AVX512=0 turns the AVX512 code off).
+The compiled code lives in quant_base / quant_avx2 (one source, kernels/quant_simd.pyx), on a
+CPU with AVX512-VNNI int8mm_avx512 and with AVX512-BF16 bf16mm_avx512bf16; which variant runs comes
+from kernels/variants.py's table (GGTRAIN_SIMD=base|avx2 overrides the SIMD level, GGTRAIN_AVX512=0
+turns the AVX512 code off, GGTRAIN_BF16=0 the bf16 path alone).
 They are imported on first use, not with this package: the tokenizer's kernels (bpe, pretok) live
 here too, and `ggtrain tokenize` or `--help` never load the matmul code or scipy's BLAS.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 from types import ModuleType
 
@@ -38,8 +44,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from ggtrain.errors import GGTrainError
 
 __all__ = [
+    "COMPUTE",
     "PARALLEL_MIN",
     "SUPPORTED_TYPES",
+    "bf16_available",
     "dequantize",
     "first_run_notice",
     "get_num_threads",
@@ -54,6 +62,7 @@ __all__ = [
     "set_num_threads",
     "simd_level",
     "tile_bytes",
+    "to_bf16",
     "variant_module",
 ]
 
@@ -82,6 +91,15 @@ TILE_BUDGET = 512 * 1024
 # when they can (every tile re-reads its slice of dY).
 FORWARD_TILE_COLS = 512
 MIN_TILE_ROWS = 16
+
+# Precisions of the products with a frozen weight: "f32" everywhere, "bf16" where bf16_available().
+COMPUTE = ("f32", "bf16")
+# The bf16 kernels' fixed tiles (bf16mm_util.h's GG_BF_NR, GG_BF_KC, GG_BF_MR; checked when the
+# module loads): forward, panels of BF16_COLS weight rows × BF16_K columns; backward, BF16_K weight
+# rows × a range of columns that is a multiple of BF16_COLS and of the block.
+BF16_COLS = 64
+BF16_K = 256
+BF16_ROWS = 6
 
 
 # ---- which compiled variants run here (the table: kernels/variants.py) ---------------------------
@@ -140,6 +158,42 @@ def _int8_module() -> ModuleType | None:
     if "_int8" not in globals():
         globals()["_int8"] = variant_module("int8mm_avx512")
     return globals()["_int8"]
+
+
+def _bf16_module() -> ModuleType | None:
+    """bf16mm_avx512bf16, or None on a CPU without AVX512-BF16, when GGTRAIN_AVX512=0 or
+    GGTRAIN_BF16=0 (both read at each call)."""
+    if os.environ.get("GGTRAIN_BF16", "").strip() == "0":
+        return None
+    bf = variant_module("bf16mm_avx512bf16")
+    if bf is not None and (bf.MICRO_COLS, bf.TILE_K, bf.MICRO_ROWS) != (BF16_COLS, BF16_K, BF16_ROWS):
+        raise RuntimeError("ggtrain.kernels: bf16mm_avx512bf16 was built with other tile sizes; rebuild")
+    return bf
+
+
+def bf16_available() -> bool:
+    """Whether compute="bf16" runs here: a CPU with AVX512-BF16 (x86 build), not turned off by
+    GGTRAIN_AVX512=0 or GGTRAIN_BF16=0."""
+    return _bf16_module() is not None
+
+
+def _bf16_for(what: str, compute: str) -> ModuleType | None:
+    """The bf16 module for compute="bf16", None for "f32"; ValueError for anything else, or for
+    "bf16" where it does not run."""
+    if compute not in COMPUTE:
+        raise ValueError(f"{what}: compute must be one of {', '.join(map(repr, COMPUTE))}, got {compute!r}")
+    if compute == "f32":
+        return None
+    bf = _bf16_module()
+    if bf is None:
+        if os.environ.get("GGTRAIN_BF16", "").strip() == "0":
+            why = "GGTRAIN_BF16=0 turns it off"
+        elif os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
+            why = "GGTRAIN_AVX512=0 turns it off"
+        else:
+            why = "this CPU lacks AVX512-BF16"
+        raise ValueError(f"{what}: compute='bf16' is not available ({why})")
+    return bf
 
 
 def __getattr__(name: str) -> object:
@@ -236,16 +290,33 @@ def _even_rows(rows: int, most: int, multiple_of: int = 1) -> int:
     return max(1, min(most, rows, (-(-rows // n_tiles) + 15) // 16 * 16))
 
 
-def plan(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: int | None = None) -> tuple[int, int, int]:
+def _plan_bf16(backward: bool, rows: int, n: int, tokens: int, block: int, threads: int) -> tuple[int, int, int]:
+    """The bf16 kernels' tiles: forward, BF16_COLS weight rows × BF16_K columns (items: panels of
+    BF16_COLS rows); backward, BF16_K weight rows × the narrowest column range that is a multiple of
+    both BF16_COLS and the block (items: column ranges, split by tokens when they alone would leave
+    a thread idle)."""
+    if not backward:
+        return BF16_COLS, BF16_K, 1
+    cols = BF16_COLS * block // math.gcd(BF16_COLS, block)
+    n_col = -(-max(n, block) // cols)
+    uneven = n_col % threads and n_col < 4 * threads
+    return BF16_K, cols, threads if threads > 1 and uneven and tokens >= 2 * BF16_ROWS * threads else 1
+
+
+def plan(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: int | None = None,
+         compute: str = "f32") -> tuple[int, int, int]:
     """(tile_rows, tile_cols, token_parts) of a qmatmul on W (rows, n) with `tokens` tokens.
 
     Each of the threads dequantizes into its own tile_rows × tile_cols f32 buffer (at most
     TILE_BUDGET floats, or one row of one block if that is bigger): extra memory is
     threads × that, whatever W's size. Forward work items are tiles of rows; backward items are
     (column range, token range) blocks of dX, planned so that they split evenly between the threads.
+    compute="bf16": the bf16 kernels' tiles (_plan_bf16).
     """
     block = GGML_QUANT_SIZES[_qtype(qtype)][0]
     threads = threads or get_num_threads()
+    if compute == "bf16":
+        return _plan_bf16(backward, rows, n, tokens, block, threads)
     rows, n = max(rows, 1), max(n, block)
     if not backward:
         n_blocks = n // block
@@ -265,11 +336,19 @@ def plan(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: in
     return _even_rows(rows, max(1, TILE_BUDGET // cols)), cols, token_parts
 
 
-def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: int | None = None) -> int:
-    """Bytes of f32 tile buffers a qmatmul allocates (its only allocation besides the output)."""
+def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threads: int | None = None,
+               compute: str = "f32") -> int:
+    """Bytes a qmatmul allocates besides its output: the f32 tile buffers, one per thread; with
+    compute="bf16", the bf16 tiles (half the bytes a value) and their f32 scratch per thread, plus
+    the activations rounded to bf16 (not allocated when the caller passes them as to_bf16 made
+    them, with an even K)."""
     threads = threads or get_num_threads()
-    tile_rows, tile_cols, _ = plan(backward, rows, n, tokens, qtype, threads)
-    return threads * tile_rows * tile_cols * 4
+    tile_rows, tile_cols, _ = plan(backward, rows, n, tokens, qtype, threads, compute)
+    if compute != "bf16":
+        return threads * tile_rows * tile_cols * 4
+    scratch = 2 * (tile_cols + BF16_COLS) * 4 if backward else 16 * BF16_K * 4
+    k = rows if backward else n
+    return threads * (tile_rows * tile_cols * 2 + scratch) + tokens * (k + k % 2) * 2
 
 
 def _threads_for(n_elements: int) -> int:
@@ -297,12 +376,61 @@ def dequantize(data: np.ndarray, qtype: int) -> np.ndarray:
     return out.reshape(*data.shape[:-1], n)
 
 
-def qmatmul(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Y = X·Wᵀ: x f32 (T, n), w uint8 (rows, row_bytes) of type qtype -> f32 (T, rows) (into out if given)."""
+def _check_activations(a: np.ndarray, name: str, cols: int, bf16: bool) -> np.ndarray:
+    """f32 (tokens, cols), or with the bf16 path also uint16 bf16 bits (tokens, cols)."""
+    if bf16 and isinstance(a, np.ndarray) and a.dtype == np.uint16:
+        _check_array(a, np.uint16, 2, f"{name} must be a float32 or bf16 (uint16) array (tokens, {cols})")
+        if a.shape[1] != cols:
+            raise ValueError(f"{name} has {a.shape[1]} columns, the weight needs {cols}")
+        return _rows_contiguous(a)
+    return _check_f32_2d(a, name, cols)
+
+
+def _qmatmul_bf16(bf: ModuleType, backward: bool, qt: GGMLQuantizationType, w: np.ndarray, a: np.ndarray,
+                  out: np.ndarray, accumulate: bool) -> None:
+    block, type_size = GGML_QUANT_SIZES[qt]
+    nth = get_num_threads()
+    n = w.shape[1] // type_size * block
+    _, tc, tp = plan(backward, w.shape[0], n, a.shape[0], qt, nth, "bf16")
+    a_f32, a_bf16 = (None, a) if a.dtype == np.uint16 else (a, None)
+    bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tc, tp, nth)
+
+
+def to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x f32 (T, n) -> uint16 (T, n): bf16 bits, rounded to nearest even (ties to even, NaN kept
+    NaN, ±inf kept, denormals rounded like any value, overflow past the largest bf16 to inf), as
+    the bf16 products round their inputs. Needs the bf16 path (bf16_available(), else ValueError)."""
+    bf = _bf16_for("to_bf16", "bf16")
+    _check_array(x, np.float32, 2, "x must be a float32 array (tokens, n)")
+    x = _rows_contiguous(x)
+    shape = x.shape
+    if out is None:
+        out = np.empty(shape, dtype=np.uint16)
+    else:
+        what = f"out must be a uint16 array of shape {shape}"
+        _check_array(out, np.uint16, 2, what)
+        if out.shape != shape:
+            raise ValueError(f"{what}, got {_describe(out)}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        if (shape[1] > 1 and out.strides[1] != 2) or (shape[0] > 1 and out.strides[0] < shape[1] * 2):
+            raise ValueError(f"out must have contiguous, non-overlapping rows (strides {out.strides})")
+    bf.to_bf16_rows(x, out, _threads_for(x.size))
+    return out
+
+
+def qmatmul(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None,
+            compute: str = "f32") -> np.ndarray:
+    """Y = X·Wᵀ: x f32 (T, n), w uint8 (rows, row_bytes) of type qtype -> f32 (T, rows) (into out if given).
+    compute="bf16": X and the dequantized W rounded to bf16, f32 accumulation; x may be to_bf16's uint16."""
+    bf = _bf16_for("qmatmul", compute)
     qt = _qtype(qtype)
     n = _check_weight(w, qt)
-    x = _check_f32_2d(x, "x", n)
+    x = _check_activations(x, "x", n, bf is not None)
     out = _check_out(out, (x.shape[0], w.shape[0]))
+    if bf is not None:
+        _qmatmul_bf16(bf, False, qt, w, x, out, False)
+        return out
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     tr, tc, tp = plan(False, w.shape[0], n, x.shape[0], qt, nth)
@@ -311,14 +439,19 @@ def qmatmul(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = N
 
 
 def qmatmul_backward_input(dy: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None,
-                           accumulate: bool = False) -> np.ndarray:
-    """dX = dY·W: dy f32 (T, rows), w uint8 (rows, row_bytes) -> f32 (T, n); out += dX if accumulate."""
+                           accumulate: bool = False, compute: str = "f32") -> np.ndarray:
+    """dX = dY·W: dy f32 (T, rows), w uint8 (rows, row_bytes) -> f32 (T, n); out += dX if accumulate.
+    compute="bf16": dY and the dequantized W rounded to bf16, f32 accumulation; dy may be uint16."""
+    bf = _bf16_for("qmatmul_backward_input", compute)
     qt = _qtype(qtype)
     n = _check_weight(w, qt)
-    dy = _check_f32_2d(dy, "dy", w.shape[0])
+    dy = _check_activations(dy, "dy", w.shape[0], bf is not None)
     if accumulate and out is None:
         raise ValueError("qmatmul_backward_input: accumulate=True needs out")
     out = _check_out(out, (dy.shape[0], n))
+    if bf is not None:
+        _qmatmul_bf16(bf, True, qt, w, dy, out, bool(accumulate))
+        return out
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     tr, tc, tp = plan(True, w.shape[0], n, dy.shape[0], qt, nth)

@@ -11,10 +11,10 @@ How sources map to variants:
   for that variant only: built once with its flags, on x86 only, imported only on a CPU with all
   its features (GGTRAIN_AVX512=0 turns off every variant that needs AVX512).
 - any other NAME.pyx is built with the common flags alone.
-A bf16 kernel is one more row: "avx512bf16" with the avx512 row's flags plus -mavx512bf16 and its
-features plus "avx512_bf16", then NAME_avx512bf16.pyx. (AMX: -mamx-tile -mamx-bf16, features
-"amx_tile", "amx_bf16"; Linux also wants arch_prctl(ARCH_REQ_XCOMP_PERM) before the first tile
-instruction, see DESIGN.md.)
+The bf16 kernels are the "avx512bf16" row: the avx512 row's flags plus -mavx512bf16, its features
+plus "avx512_bf16" (bf16mm_avx512bf16.pyx: vdpbf16ps). An AMX kernel would be one more row the same
+way: "amx" with -mamx-tile -mamx-bf16 and "amx_tile", "amx_bf16", then NAME_amx.pyx (Linux also
+wants arch_prctl(ARCH_REQ_XCOMP_PERM) before the first tile instruction, see DESIGN.md).
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ class Variant(NamedTuple):
 
 
 _AVX2 = Variant(("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c"))
+_AVX512 = Variant(_AVX2.flags + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+                  _AVX2.cpu + ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"))
 
 VARIANTS: dict[str, Variant] = {
     "base": Variant((), ()),
     "avx2": _AVX2,
-    "avx512": Variant(_AVX2.flags + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
-                      _AVX2.cpu + ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")),
+    "avx512": _AVX512,
+    "avx512bf16": Variant(_AVX512.flags + ("-mavx512bf16",), _AVX512.cpu + ("avx512_bf16",)),
 }
 
 SIMD_LEVELS = ("base", "avx2")  # the levels every NAME_simd.pyx is built at, lowest first

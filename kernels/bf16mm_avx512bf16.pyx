@@ -1,0 +1,234 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""bf16 matmul over GGUF weights on AVX512-BF16 (vdpbf16ps): the math and layouts are in bf16mm_util.h.
+
+Built only for x86 with the avx512bf16 row's flags; ggtrain.kernels imports it only on a CPU that
+has them. One call: the activations (X forward, dY backward) are rounded to bf16 once, row-major,
+by a prange over tokens (or used as given when the caller passes them rounded); then each work item
+is a disjoint block of the output, handed out dynamically, no barriers: a thread packs one weight
+tile at a time (dequantize, round, interleave) into its own 64-byte-aligned buffer and runs the
+micro-kernel over it for every token of the item.
+  forward items:  panels of tile_rows (GG_BF_NR) weight rows, walked tile_cols (GG_BF_KC) columns at a time
+  backward items: (tile_cols output columns, one of token_parts token ranges), walked down W
+                  tile_rows (GG_BF_KC) rows at a time
+Accumulation is f32 throughout: across k inside the micro-kernel, across tiles in the output.
+"""
+
+import numpy as np
+
+from cython.parallel cimport parallel, prange, threadid
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdlib cimport free
+from libc.string cimport memcpy
+
+cimport openmp
+
+cdef extern from "stdlib.h" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
+
+cdef extern from "bf16mm_util.h" nogil:
+    enum:
+        GG_BF_MR, GG_BF_NR, GG_BF_KC
+    void gg_bf16_round_row(const float *x, uint16_t *y, int64_t n, int pad)
+    int gg_bf_dequant(int qtype, const uint8_t *b, float *y, int64_t nb)
+    int gg_bf16_pack_fwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride, int nr,
+                         int64_t k0, int kc, float *scratch, uint32_t *bp)
+    int gg_bf16_pack_bwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride, int kr,
+                         int64_t c0, int nc, float *scratch, uint32_t *bp)
+    void gg_bf16_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp, float *c,
+                       int64_t ldc, int nc, int accumulate)
+    void gg_bf16_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1,
+                       const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate)
+
+MICRO_ROWS = GG_BF_MR   # tokens per micro-tile
+MICRO_COLS = GG_BF_NR   # output columns per micro-tile (and forward tile rows)
+TILE_K = GG_BF_KC       # k per packed tile
+
+
+cdef inline void *alloc64(size_t n) noexcept nogil:
+    return aligned_alloc(64, (n + 63) // 64 * 64)
+
+
+cdef inline Py_ssize_t split(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t p) noexcept nogil:
+    """Start of part p of [0, n) cut into `parts` near-equal pieces, on micro-tile boundaries."""
+    return min(n, (n // GG_BF_MR * p // parts) * GG_BF_MR) if p < parts else n
+
+
+def to_bf16_rows(const float[:, :] x, uint16_t[:, :] out, int nth):
+    """out = x rounded to bf16 (inner strides 1, checked by the caller), rows on nth threads."""
+    cdef Py_ssize_t T = x.shape[0], n = x.shape[1], t
+    if T == 0 or n == 0:
+        return
+    cdef const float *src = &x[0, 0]
+    cdef uint16_t *dst = &out[0, 0]
+    cdef Py_ssize_t lds = x.strides[0] // 4, ldd = out.strides[0] // 2
+    with nogil:
+        for t in prange(T, num_threads=nth, schedule="static"):
+            gg_bf16_round_row(src + t * lds, dst + t * ldd, n, 0)
+
+
+cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
+                    Py_ssize_t R, Py_ssize_t K, const uint16_t *a, Py_ssize_t lda, Py_ssize_t T,
+                    float *y, Py_ssize_t ldy, int nth) noexcept nogil:
+    """y (T, R) = a (T, K) · Wᵀ. Returns -1 if out of memory."""
+    cdef Py_ssize_t per_thread = (GG_BF_KC // 2) * GG_BF_NR * 4 + 16 * GG_BF_KC * 4  # bp, scratch
+    cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
+    if bufs == NULL:
+        return -1
+    cdef Py_ssize_t n_items = (R + GG_BF_NR - 1) // GG_BF_NR, item, r0, k0
+    cdef int nr, kc
+    cdef uint32_t *bp
+    cdef float *scratch
+    with parallel(num_threads=nth):
+        bp = <uint32_t *>(bufs + threadid() * per_thread)
+        scratch = <float *>(bp + (GG_BF_KC // 2) * GG_BF_NR)
+        for item in prange(n_items, schedule="dynamic", chunksize=1):
+            r0 = item * GG_BF_NR
+            nr = <int>min(<Py_ssize_t>GG_BF_NR, R - r0)
+            k0 = 0
+            while k0 < K:
+                kc = <int>min(<Py_ssize_t>GG_BF_KC, K - k0)
+                gg_bf16_pack_fwd(qtype, block, type_size, w + r0 * wstride, wstride, nr, k0, kc, scratch, bp)
+                gg_bf16_panel((kc + 1) // 2, a + k0, lda, 0, T, bp, y + r0, ldy, nr, k0 > 0)
+                k0 = k0 + kc
+    free(bufs)
+    return 0
+
+
+cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
+                     Py_ssize_t R, Py_ssize_t n, const uint16_t *a, Py_ssize_t lda, Py_ssize_t T,
+                     float *dx, Py_ssize_t lddx, bint accumulate, Py_ssize_t tile_cols,
+                     Py_ssize_t token_parts, int nth) noexcept nogil:
+    """dx (T, n) (+)= a (T, R) · W. Returns -1 if out of memory."""
+    cdef Py_ssize_t n_panels = (tile_cols + GG_BF_NR - 1) // GG_BF_NR
+    cdef Py_ssize_t per_thread = ((GG_BF_KC // 2) * n_panels * GG_BF_NR * 4  # bp, scratch
+                                  + (2 * (tile_cols + GG_BF_NR) * 4 + 63) // 64 * 64)
+    cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
+    if bufs == NULL:
+        return -1
+    cdef Py_ssize_t n_col = (n + tile_cols - 1) // tile_cols, item, r0, c0, t0, t1, s, kp
+    cdef int nc, kr
+    cdef uint32_t *bp
+    cdef float *scratch
+    with parallel(num_threads=nth):
+        bp = <uint32_t *>(bufs + threadid() * per_thread)
+        scratch = <float *>(bp + (GG_BF_KC // 2) * n_panels * GG_BF_NR)
+        for item in prange(n_col * token_parts, schedule="dynamic", chunksize=1):
+            c0 = (item // token_parts) * tile_cols
+            nc = <int>min(tile_cols, n - c0)
+            t0 = split(T, token_parts, item % token_parts)
+            t1 = split(T, token_parts, item % token_parts + 1)
+            r0 = 0
+            while r0 < R and t1 > t0:
+                kr = <int>min(<Py_ssize_t>GG_BF_KC, R - r0)
+                kp = (kr + 1) // 2
+                gg_bf16_pack_bwd(qtype, block, type_size, w + r0 * wstride, wstride, kr, c0, nc, scratch, bp)
+                s = 0
+                while s * GG_BF_NR < nc:
+                    gg_bf16_panel(kp, a + r0, lda, t0, t1, bp + s * kp * GG_BF_NR, dx + c0 + s * GG_BF_NR, lddx,
+                                  <int>min(<Py_ssize_t>GG_BF_NR, nc - s * GG_BF_NR), accumulate or r0 > 0)
+                    s = s + 1
+                r0 = r0 + kr
+    free(bufs)
+    return 0
+
+
+def supports(int qtype):
+    """Whether the packers know qtype (every type of ggtrain.kernels.SUPPORTED_TYPES)."""
+    cdef float y[1]
+    cdef uint8_t b[1]
+    return gg_bf_dequant(qtype, b, y, 0) == 0
+
+
+def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w, a_f32, a_bf16,
+            float[:, :] c, bint accumulate, Py_ssize_t tile_cols, Py_ssize_t token_parts, int nth):
+    """Forward c = a·Wᵀ or backward c (+)= a·W in bf16 with f32 accumulation. The activations a come
+    as f32 (a_f32, rounded here) or already rounded (a_bf16, uint16 bits); the other is None. Inner
+    strides of w, a, c are 1 (checked by the caller); tile_cols (backward) is a multiple of block."""
+    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, i, j, t, T
+    cdef Py_ssize_t K = n if not backward else R
+    cdef const float[:, :] af
+    cdef const uint16_t[:, :] ab
+    if a_f32 is not None:
+        af = a_f32
+        T = af.shape[0]
+    else:
+        ab = a_bf16
+        T = ab.shape[0]
+    if not supports(qtype):
+        raise ValueError(f"tensor type {qtype} is not supported by the bf16 kernels")
+    if T == 0:
+        return
+    if R == 0 or n == 0:
+        if not accumulate:
+            for i in range(T):
+                for j in range(c.shape[1]):
+                    c[i, j] = 0
+        return
+    # the rounded activations, row-major with an even row length: the caller's when it rounded them
+    # (and K is even), else a buffer this call fills once
+    cdef Py_ssize_t Kp = K + (K & 1), lda
+    cdef uint16_t *abuf = NULL
+    cdef const uint16_t *ap
+    cdef const float *src
+    cdef Py_ssize_t lds
+    if a_f32 is None and not (K & 1):
+        ap = &ab[0, 0]
+        lda = ab.strides[0] // 2 if T > 1 else Kp
+    else:
+        abuf = <uint16_t *>alloc64(T * Kp * 2)
+        if abuf == NULL:
+            raise MemoryError(f"cannot allocate the bf16 activations ({T}x{Kp})")
+        ap = abuf
+        lda = Kp
+        with nogil:
+            if a_f32 is not None:
+                src = &af[0, 0]
+                lds = af.strides[0] // 4
+                for t in prange(T, num_threads=nth, schedule="static"):
+                    gg_bf16_round_row(src + t * lds, abuf + t * Kp, K, K & 1)
+            else:
+                for t in range(T):
+                    memcpy(abuf + t * Kp, &ab[t, 0], K * 2)
+                    abuf[t * Kp + K] = 0
+    cdef Py_ssize_t ldc = c.strides[0] // 4 if T > 1 else c.shape[1]
+    cdef int rc
+    with nogil:
+        if backward:
+            rc = bf_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc,
+                             accumulate, tile_cols, token_parts, nth)
+        else:
+            rc = bf_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, ap, lda, T, &c[0, 0], ldc, nth)
+    free(abuf)
+    if rc != 0:
+        raise MemoryError(f"cannot allocate {nth} bf16 weight tiles")
+
+
+def micro_peak(int nth, Py_ssize_t reps):
+    """GFLOPS of the micro-kernel alone on nth threads: each thread multiplies its own in-cache
+    A (GG_BF_MR × GG_BF_KC) by one packed panel (GG_BF_KC × GG_BF_NR) `reps` times, no packing, no
+    dequantization: the ceiling the full kernels are measured against."""
+    cdef Py_ssize_t per_thread = (GG_BF_KC // 2) * GG_BF_NR * 4 + GG_BF_MR * GG_BF_KC * 2 + GG_BF_MR * GG_BF_NR * 4
+    cdef uint8_t *bufs = <uint8_t *>alloc64(nth * per_thread)
+    if bufs == NULL:
+        raise MemoryError("micro_peak buffers")
+    cdef Py_ssize_t i, r, tid
+    for i in range(nth * per_thread):
+        bufs[i] = 0x3c if i % 2 else 0  # bf16 1/64-ish values: no denormals, no overflow over the reps
+    cdef double t0, elapsed = 0
+    cdef uint32_t *bp
+    cdef uint16_t *a
+    cdef float *c
+    cdef double[::1] seconds = np.zeros(nth)
+    with nogil, parallel(num_threads=nth):
+        tid = threadid()
+        bp = <uint32_t *>(bufs + tid * per_thread)
+        a = <uint16_t *>(bp + (GG_BF_KC // 2) * GG_BF_NR)
+        c = <float *>(a + GG_BF_MR * GG_BF_KC)
+        gg_bf16_micro(GG_BF_KC // 2, a, GG_BF_KC, GG_BF_MR, bp, c, GG_BF_NR, GG_BF_NR, 0)  # warm up
+        t0 = openmp.omp_get_wtime()
+        for r in range(reps):
+            gg_bf16_micro(GG_BF_KC // 2, a, GG_BF_KC, GG_BF_MR, bp, c, GG_BF_NR, GG_BF_NR, 1)
+        seconds[tid] = openmp.omp_get_wtime() - t0
+    free(bufs)
+    elapsed = max(seconds)
+    return 2.0 * GG_BF_MR * GG_BF_NR * GG_BF_KC * reps * nth / elapsed / 1e9

@@ -1,0 +1,246 @@
+/* bf16 matmul over GGUF weights with AVX512-BF16 (compiled only into bf16mm_avx512bf16).
+
+   C (M, N) (+)= A (M, K) · B (K, N) with A and B rounded to bf16 (round to nearest even), products
+   and sums in f32 (vdpbf16ps: per f32 lane, acc += a[2i]·b[2i] + a[2i+1]·b[2i+1]).
+     forward   Y (T, R) = X (T, n) · Wᵀ:  A = X, K = n, B[k][r] = W[r][k]
+     backward  dX (T, n) = dY (T, R) · W: A = dY, K = R, B[k][c] = W[k][c]
+   A stays row-major bf16 (T, K even, a zero in the pad column of an odd K): the micro-kernel
+   broadcasts a pair A[t][2p:2p+2] as one 32-bit lane. B is packed per thread, one tile at a time,
+   into the K-pair-interleaved layout vdpbf16ps reads: u32 bp[p][j] = (B[2p][j], B[2p+1][j]) for
+   GG_BF_NR columns j, one zmm per 16 columns. A tile holds GG_BF_KC values of k:
+     forward   a panel of GG_BF_NR weight rows × GG_BF_KC columns: the pairs of a row are already
+               adjacent, so the pack is a 32-bit transpose;
+     backward  GG_BF_KC weight rows × a range of columns: two consecutive rows interleaved.
+   Weights are dequantized a row segment at a time by the dequantizers that quant_layout.h's
+   layouts serve (quant_util.h's AVX2 twins, bit-identical to gguf-py) into an L1-sized f32
+   scratch, rounded and packed: there is never an f32 copy of more than one tile row.
+
+   The micro-kernel: GG_BF_MR rows of A × GG_BF_NR columns = 24 zmm accumulators (vdpbf16ps has a
+   latency of several cycles at two per cycle: 24 independent sums keep both pipes busy), 4 loads
+   of B and 6 broadcasts of A per pair of k. An AMX tile kernel would read the same packed B
+   (tdpbf16ps' B tile is this layout, 16 pairs × 16 columns, at a row stride of GG_BF_NR · 4 bytes)
+   and the same row-major A: one more micro-kernel, not another packing.
+*/
+#ifndef GG_BF16MM_UTIL_H
+#define GG_BF16MM_UTIL_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "quant_layout.h"
+#include "quant_util.h"
+
+enum {
+    GG_BF_MR = 6,    /* rows of A (tokens) per micro-tile */
+    GG_BF_NR = 64,   /* columns of C per micro-tile: 4 zmm of f32 */
+    GG_BF_KC = 256,  /* values of k per packed tile: a multiple of every block size (256, 32, 1) */
+};
+
+/* ---- f32 -> bf16, round to nearest even ------------------------------------------------------------ */
+
+/* One value: add 0x7fff plus the lowest kept bit, keep the top half (ties go to the even half; a
+   finite value past the largest bf16 rounds to inf, as IEEE rounding does). NaN stays NaN: the
+   top half with the quiet bit set (rounding could carry a NaN's payload into an infinity). */
+static inline uint16_t gg_bf16_round1(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* 16 values, the same integer arithmetic (exact for denormals too, which vcvtneps2bf16 flushes) */
+static inline __m256i gg_bf16_round16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* n floats -> n bf16; with pad, one more 0 after them (the pad column of an odd K) */
+static inline void gg_bf16_round_row(const float *x, uint16_t *y, int64_t n, int pad) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(y + i), gg_bf16_round16(_mm512_loadu_ps(x + i)));
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(y + i, m, gg_bf16_round16(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+    if (pad) y[n] = 0;
+}
+
+/* ---- weights: a row segment of GGUF blocks -> f32 (the dequantizers of quant_util.h) ---------------- */
+
+/* nb blocks of qtype at b -> y (nb · block floats); -1 for a type the kernels do not know */
+static inline int gg_bf_dequant(int qtype, const uint8_t *b, float *y, int64_t nb) {
+    switch (qtype) {
+    case GG_TYPE_F32: memcpy(y, b, (size_t)nb * 4); return 0;
+    case GG_TYPE_F16: gg_f16_row(b, y, nb); return 0;
+    case GG_TYPE_BF16:  /* the top half of an f32 */
+        for (int64_t i = 0; i < nb; i++) {
+            uint32_t bits = (uint32_t)gg_load_u16(b + 2 * i) << 16;
+            memcpy(y + i, &bits, 4);
+        }
+        return 0;
+    case GG_TYPE_Q4_0: return gg_dq_q4_0_simd(b, y, nb) - 1;
+    case GG_TYPE_Q4_1: return gg_dq_q4_1_simd(b, y, nb) - 1;
+    case GG_TYPE_Q5_0: return gg_dq_q5_0_simd(b, y, nb) - 1;
+    case GG_TYPE_Q5_1: return gg_dq_q5_1_simd(b, y, nb) - 1;
+    case GG_TYPE_Q8_0: return gg_dq_q8_0_simd(b, y, nb) - 1;
+    case GG_TYPE_Q2_K: return gg_dq_q2_k_simd(b, y, nb) - 1;
+    case GG_TYPE_Q3_K: return gg_dq_q3_k_simd(b, y, nb) - 1;
+    case GG_TYPE_Q4_K: return gg_dq_q4_k_simd(b, y, nb) - 1;
+    case GG_TYPE_Q5_K: return gg_dq_q5_k_simd(b, y, nb) - 1;
+    case GG_TYPE_Q6_K: return gg_dq_q6_k_simd(b, y, nb) - 1;
+    case GG_TYPE_IQ4_NL: return gg_dq_iq4_nl_simd(b, y, nb) - 1;
+    case GG_TYPE_IQ4_XS: return gg_dq_iq4_xs_simd(b, y, nb) - 1;
+    default: return -1;
+    }
+}
+
+/* 32 floats (the first `valid`, zeros after) -> 16 bf16 pairs */
+static inline __m512i gg_bf16_pairs16(const float *s, int valid) {
+    const __mmask16 m0 = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid > 0 ? valid : 0)) - 1);
+    const int v1 = valid - 16;
+    const __mmask16 m1 = v1 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (v1 > 0 ? v1 : 0)) - 1);
+    const __m256i lo = gg_bf16_round16(_mm512_maskz_loadu_ps(m0, s));
+    const __m256i hi = gg_bf16_round16(_mm512_maskz_loadu_ps(m1, s + 16));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* 16 × 16 u32 transpose in registers: r[i] lane j <-> r[j] lane i */
+static inline void gg_transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* r[i] now holds, per 128-bit lane L, the 4 × 4 block (rows 4(i/4).., lane L's columns); the
+       128-bit lanes are then transposed across groups of four registers */
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);       /* lanes 0,2 of each */
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);   /* lanes 1,3 */
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+
+/* Forward tile: bp[p][j] = pair p of row j of the nr (<= GG_BF_NR) weight rows at w (row stride
+   wstride), columns k0 .. k0 + kc (kc a multiple of the block); rows past nr and the pad half of an
+   odd kc are zeros. scratch: 16 · GG_BF_KC floats. */
+static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride,
+                                   int nr, int64_t k0, int kc, float *scratch, uint32_t *bp) {
+    const int kp = (kc + 1) / 2;
+    for (int j0 = 0; j0 < GG_BF_NR; j0 += 16) {
+        const int rows = nr - j0 < 16 ? (nr - j0 > 0 ? nr - j0 : 0) : 16;
+        for (int i = 0; i < rows; i++)
+            if (gg_bf_dequant(qtype, w + (int64_t)(j0 + i) * wstride + (k0 / block) * type_size,
+                              scratch + i * GG_BF_KC, kc / block))
+                return -1;
+        for (int p0 = 0; p0 < kp; p0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < rows ? gg_bf16_pairs16(scratch + i * GG_BF_KC + 2 * p0, kc - 2 * p0) : _mm512_setzero_si512();
+            gg_transpose16(r);  /* r[q] = pair p0 + q of the 16 rows */
+            for (int q = 0; q < 16 && p0 + q < kp; q++)
+                _mm512_store_si512((__m512i *)(bp + (int64_t)(p0 + q) * GG_BF_NR + j0), r[q]);
+        }
+    }
+    return 0;
+}
+
+/* Backward tile: for each of the ceil(nc / GG_BF_NR) column panels s, bp[s][p][j] = (W[2p][c],
+   W[2p+1][c]), c = s · GG_BF_NR + j, over the kr (<= GG_BF_KC) weight rows at w (row stride wstride)
+   and the nc columns starting at block c0 / block (nc a multiple of the block); a row past kr and
+   columns past nc are zeros. Panels are kp · GG_BF_NR u32 apart. scratch: 2 · (nc + GG_BF_NR) floats. */
+static inline int gg_bf16_pack_bwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride,
+                                   int kr, int64_t c0, int nc, float *scratch, uint32_t *bp) {
+    const int kp = (kr + 1) / 2, n_panels = (nc + GG_BF_NR - 1) / GG_BF_NR;
+    const int64_t skip = (c0 / block) * type_size;
+    float *s0 = scratch, *s1 = scratch + nc + GG_BF_NR;
+    for (int p = 0; p < kp; p++) {
+        if (gg_bf_dequant(qtype, w + (int64_t)(2 * p) * wstride + skip, s0, nc / block)) return -1;
+        const int second = 2 * p + 1 < kr;
+        if (second && gg_bf_dequant(qtype, w + (int64_t)(2 * p + 1) * wstride + skip, s1, nc / block))
+            return -1;
+        for (int c = 0; c < n_panels * GG_BF_NR; c += 16) {
+            const int valid = nc - c;
+            const __mmask16 m = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid > 0 ? valid : 0)) - 1);
+            const __m512i a = _mm512_cvtepu16_epi32(gg_bf16_round16(_mm512_maskz_loadu_ps(m, s0 + c)));
+            const __m512i b = second ? _mm512_cvtepu16_epi32(gg_bf16_round16(_mm512_maskz_loadu_ps(m, s1 + c)))
+                                     : _mm512_setzero_si512();
+            _mm512_store_si512((__m512i *)(bp + ((int64_t)(c / GG_BF_NR) * kp + p) * GG_BF_NR + c % GG_BF_NR),
+                               _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+        }
+    }
+    return 0;
+}
+
+/* ---- the micro-kernel ------------------------------------------------------------------------------ */
+
+static inline __mmask16 gg_bf_cols_mask(int nc, int v) {
+    const int left = nc - 16 * v;
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (left > 0 ? left : 0)) - 1);
+}
+
+/* C (mr rows at c, row stride ldc; nc <= GG_BF_NR columns) (+)= A · B over kp pairs of k: A's mr
+   (<= GG_BF_MR) rows at a (row stride lda, in bf16), bp one packed panel (kp × GG_BF_NR u32, 64-byte
+   aligned). Missing rows of A repeat its last row (computed, never stored). */
+static inline void gg_bf16_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp,
+                                 float *c, int64_t ldc, int nc, int accumulate) {
+    const uint8_t *ar[GG_BF_MR];
+    for (int m = 0; m < GG_BF_MR; m++) ar[m] = (const uint8_t *)(a + (m < mr ? m : mr - 1) * lda);
+    __m512 acc[GG_BF_MR][4];
+    for (int m = 0; m < GG_BF_MR; m++)
+        for (int v = 0; v < 4; v++) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kp; p++) {
+        const uint32_t *b = bp + p * GG_BF_NR;
+        const __m512bh b0 = (__m512bh)_mm512_load_si512((const void *)b);
+        const __m512bh b1 = (__m512bh)_mm512_load_si512((const void *)(b + 16));
+        const __m512bh b2 = (__m512bh)_mm512_load_si512((const void *)(b + 32));
+        const __m512bh b3 = (__m512bh)_mm512_load_si512((const void *)(b + 48));
+#pragma GCC unroll 6
+        for (int m = 0; m < GG_BF_MR; m++) {
+            const __m512bh x = (__m512bh)_mm512_set1_epi32((int)gg_load_u32(ar[m] + 4 * p));
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], x, b0);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], x, b1);
+            acc[m][2] = _mm512_dpbf16_ps(acc[m][2], x, b2);
+            acc[m][3] = _mm512_dpbf16_ps(acc[m][3], x, b3);
+        }
+    }
+    for (int m = 0; m < mr; m++) {
+        float *row = c + m * ldc;
+        for (int v = 0; v < 4; v++) {
+            const __mmask16 k = gg_bf_cols_mask(nc, v);
+            if (!k) break;
+            __m512 r = acc[m][v];
+            if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(k, row + 16 * v));
+            _mm512_mask_storeu_ps(row + 16 * v, k, r);
+        }
+    }
+}
+
+/* C rows t0 .. t1 (+)= A rows t0 .. t1 · one packed panel: micro-tiles of GG_BF_MR rows */
+static inline void gg_bf16_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1,
+                                 const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate) {
+    for (int64_t t = t0; t < t1; t += GG_BF_MR) {
+        const int mr = t1 - t < GG_BF_MR ? (int)(t1 - t) : GG_BF_MR;
+        gg_bf16_micro(kp, a + t * lda, lda, mr, bp, c + t * ldc, ldc, nc, accumulate);
+    }
+}
+
+#endif
