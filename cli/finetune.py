@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
+from ggtrain.cli.common import (
+    compute_option,
+    model_option,
+    open_model,
+    resolve_compute,
+    start_threads,
+    threads_option,
+)
 from ggtrain.cli.dataflags import data_options, data_options_from
 from ggtrain.cli.options import (
     BATCH_MAX,
@@ -131,6 +138,7 @@ def _toml_repr(v: Any) -> str:
               help="Memory the run may use, e.g. 6G or 1500M (default: a safe share of available RAM). "
                    "The micro-batch is chosen to fit, and shrunk if RSS nears the limit.")
 @threads_option()
+@compute_option()
 @click.option("--lora-r", type=Int(min=1), default=8, show_default=True,
               help="LoRA rank of every adapted projection.")
 @click.option("--lora-alpha", type=Float(min=0, min_open=True), default=16.0, show_default=True,
@@ -189,7 +197,7 @@ def _toml_repr(v: Any) -> str:
                    "tokens) as Modelfile in --outdir, and print the `ollama create` line.")
 def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_out_type: str, checkpoint_out: str,
              checkpoint_in: Path | None, save_every: int, epochs: int | None, max_steps: int, batch: int,
-             grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, lora_r: int,
+             grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, compute: str, lora_r: int,
              lora_alpha: float, lora_dropout: float, lr: float, adam_beta1: float, adam_beta2: float,
              adam_eps: float, adam_decay: float, adam_gclip: float, warmup: int, cos_decay_steps: int,
              cos_decay_min: float, checkpointing: bool, eval_every: int, overwrite: bool, keep_checkpoints: int,
@@ -264,7 +272,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     check_fits(batch, micro_batch, limit, hp, lcfg, opts.ctx, checkpointing, path.stat().st_size,
                limit_given=mem_limit is not None, threads=n_threads)
 
-    model = Model(mf, hp)
+    mode, why = resolve_compute(compute)
+    model = Model(mf, hp, matmul=mode)
     tok = Tokenizer.from_model_file(mf)
     notice = kernels.first_run_notice()
     if notice:
@@ -323,6 +332,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     say(f"lora: {shape} on {', '.join(lcfg.targets)}: {n_params:,} parameters")
     say(f"training: {trainer.total_steps} steps, batch {batch} x grad-acc {grad_acc}, micro-batch {micro}, "
         f"{n_threads} threads, memory limit {format_bytes(limit)}")
+    say(f"compute: {mode} products with the base weights ({why})")
     if epochs is not None and 0 <= max_steps and trainer.total_steps < max_steps:
         say(f"note: --epochs {epochs} ends the run after {trainer.total_steps} steps, before --adam-iter "
             f"{max_steps} (drop --epochs to let --adam-iter decide)")
