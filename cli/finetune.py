@@ -304,7 +304,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
                       grad_clip=adam_gclip, warmup=warmup, cos_decay_steps=cos_decay_steps,
                       cos_decay_min=cos_decay_min, checkpointing=checkpointing, save_every=save_every,
                       eval_every=eval_every, seed=opts.seed, mem_limit=limit, lora=lcfg.to_dict(),
-                      ctx=opts.ctx, train_data=str(opts.train_data), data_digest=data_digest(opts.train_data))
+                      ctx=opts.ctx, train_data=str(opts.train_data), data_digest=data_digest(opts.train_data),
+                      compute=mode)
     trainer = Trainer(model, lora, train, val, cfg, out, echo=say)
     micro = trainer.choose_micro_batch(hp, lcfg, opts.ctx, path.stat().st_size)
 
