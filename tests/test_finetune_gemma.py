@@ -60,8 +60,8 @@ def test_thirty_steps_lower_training_and_held_out_loss(run: Path) -> None:
     assert val_logged < base_val - 0.2
 
     # The saved adapter, loaded back, gives the same held-out loss.
-    lora, _, _ = read_gguf_adapter(run / "ggml-lora-LATEST-f32.gguf", base=mf)
-    m = Model(mf)
+    lora, _, meta = read_gguf_adapter(run / "ggml-lora-LATEST-f32.gguf", base=mf)
+    m = Model(mf, matmul=meta["training.compute"])  # the run's own path (bf16 where the CPU has it)
     m.adapters.append(Adapter(lora))
     reloaded = held_out_loss(m, mf)
     assert abs(reloaded - val_logged) <= 1e-5 * val_logged
