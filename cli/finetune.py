@@ -133,7 +133,7 @@ def _toml_repr(v: Any) -> str:
               help="Batches accumulated per optimizer step (effective batch = --batch x --grad-acc).")
 @click.option("--micro-batch", type=Int(min=0, max=BATCH_MAX), default=0, show_default=True,
               help="Rows per forward/backward pass (0: the largest that fits --mem-limit). Results do not "
-                   "depend on it.")
+                   "depend on it (under --compute bf16: to within bf16's rounding noise).")
 @click.option("--mem-limit", type=Size(), default=None, metavar="SIZE",
               help="Memory the run may use, e.g. 6G or 1500M (default: a safe share of available RAM). "
                    "The micro-batch is chosen to fit, and shrunk if RSS nears the limit.")
