@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
+from ggtrain.cli.common import (
+    compute_option,
+    model_option,
+    open_model,
+    resolve_compute,
+    start_threads,
+    threads_option,
+)
 from ggtrain.cli.dataflags import data_options, data_options_from
 from ggtrain.cli.options import (
     BATCH_MAX,
@@ -126,11 +133,12 @@ def _toml_repr(v: Any) -> str:
               help="Batches accumulated per optimizer step (effective batch = --batch x --grad-acc).")
 @click.option("--micro-batch", type=Int(min=0, max=BATCH_MAX), default=0, show_default=True,
               help="Rows per forward/backward pass (0: the largest that fits --mem-limit). Results do not "
-                   "depend on it.")
+                   "depend on it (under --compute bf16: to within bf16's rounding noise).")
 @click.option("--mem-limit", type=Size(), default=None, metavar="SIZE",
               help="Memory the run may use, e.g. 6G or 1500M (default: a safe share of available RAM). "
                    "The micro-batch is chosen to fit, and shrunk if RSS nears the limit.")
 @threads_option()
+@compute_option()
 @click.option("--lora-r", type=Int(min=1), default=8, show_default=True,
               help="LoRA rank of every adapted projection.")
 @click.option("--lora-alpha", type=Float(min=0, min_open=True), default=16.0, show_default=True,
@@ -189,7 +197,7 @@ def _toml_repr(v: Any) -> str:
                    "tokens) as Modelfile in --outdir, and print the `ollama create` line.")
 def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_out_type: str, checkpoint_out: str,
              checkpoint_in: Path | None, save_every: int, epochs: int | None, max_steps: int, batch: int,
-             grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, lora_r: int,
+             grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, compute: str, lora_r: int,
              lora_alpha: float, lora_dropout: float, lr: float, adam_beta1: float, adam_beta2: float,
              adam_eps: float, adam_decay: float, adam_gclip: float, warmup: int, cos_decay_steps: int,
              cos_decay_min: float, checkpointing: bool, eval_every: int, overwrite: bool, keep_checkpoints: int,
@@ -264,7 +272,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     check_fits(batch, micro_batch, limit, hp, lcfg, opts.ctx, checkpointing, path.stat().st_size,
                limit_given=mem_limit is not None, threads=n_threads)
 
-    model = Model(mf, hp)
+    mode, why = resolve_compute(compute)
+    model = Model(mf, hp, matmul=mode)
     tok = Tokenizer.from_model_file(mf)
     notice = kernels.first_run_notice()
     if notice:
@@ -295,7 +304,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
                       grad_clip=adam_gclip, warmup=warmup, cos_decay_steps=cos_decay_steps,
                       cos_decay_min=cos_decay_min, checkpointing=checkpointing, save_every=save_every,
                       eval_every=eval_every, seed=opts.seed, mem_limit=limit, lora=lcfg.to_dict(),
-                      ctx=opts.ctx, train_data=str(opts.train_data), data_digest=data_digest(opts.train_data))
+                      ctx=opts.ctx, train_data=str(opts.train_data), data_digest=data_digest(opts.train_data),
+                      compute=mode)
     trainer = Trainer(model, lora, train, val, cfg, out, echo=say)
     micro = trainer.choose_micro_batch(hp, lcfg, opts.ctx, path.stat().st_size)
 
@@ -323,6 +333,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     say(f"lora: {shape} on {', '.join(lcfg.targets)}: {n_params:,} parameters")
     say(f"training: {trainer.total_steps} steps, batch {batch} x grad-acc {grad_acc}, micro-batch {micro}, "
         f"{n_threads} threads, memory limit {format_bytes(limit)}")
+    say(f"compute: {mode} products with the base weights ({why})")
     if epochs is not None and 0 <= max_steps and trainer.total_steps < max_steps:
         say(f"note: --epochs {epochs} ends the run after {trainer.total_steps} steps, before --adam-iter "
             f"{max_steps} (drop --epochs to let --adam-iter decide)")

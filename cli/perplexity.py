@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 import click
-from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
+from ggtrain.cli.common import (
+    compute_option,
+    model_option,
+    open_model,
+    resolve_compute,
+    start_threads,
+    threads_option,
+)
 from ggtrain.cli.options import Command, Int, LoraArg, PathType
 
 from ggtrain.errors import GGTrainError
@@ -39,12 +46,9 @@ def read_text(path: Path) -> str:
 @click.option("--lora", "loras", type=LoraArg(), multiple=True, metavar="ADAPTER[:SCALE]",
               help="Apply a LoRA adapter (a GGUF file or a PEFT directory), optionally scaled (llama.cpp's --lora / "
                    "--lora-scaled). Repeatable.")
-@click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
-              help="Products with the quantized weights: int8 quantizes activations as llama.cpp does "
-                   "(AVX512-VNNI CPUs, ~4x faster); f32 multiplies dequantized f32 tiles, as training "
-                   "does; auto picks int8 where the CPU has it.")
+@compute_option(training=False)
 def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: int, threads: int | None,
-               n_chunks: int, loras: tuple[str, ...], matmul: str) -> None:
+               n_chunks: int, loras: tuple[str, ...], compute: str) -> None:
     """Perplexity of a model (plus adapters) on a text file, exactly as llama-perplexity measures it."""
     # Heavy imports (Numba kernels) here, so `ggtrain --help` stays quick.
     import numpy as np
@@ -61,8 +65,7 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
     if notice:
         click.echo(f"perplexity: {notice}", err=True)
     _, mf = open_model(model_path)
-    if matmul == "auto":
-        matmul = "int8" if kernels.int8_available() else "f32"
+    matmul, why = resolve_compute(compute, training=False)
     model = Model(mf, matmul=matmul)
     for arg in loras:
         model.adapters.append(Adapter(load_adapter_arg(arg, mf)))
@@ -78,7 +81,7 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
                f"{(time.perf_counter() - t0) * 1e3:.0f} ms", err=True)
     bos = tok.bos_id if tok.add_bos else None
     n_total = len(tokens) // n_ctx if n_chunks < 0 else min(n_chunks, len(tokens) // n_ctx)
-    click.echo(f"perplexity: {matmul} matmul", err=True)
+    click.echo(f"perplexity: {matmul} matmul ({why})", err=True)
     model.warmup()
     click.echo(f"perplexity: calculating perplexity over {n_total} chunks, n_ctx={n_ctx}, "
                f"batch_size={n_batch}, n_seq={max(1, n_batch // n_ctx)}", err=True)

@@ -152,7 +152,7 @@ def test_config_toml_sets_flags_and_adapter_loads_back(model: Path, tmp_path: Pa
     assert r.returncode == 0, r.stderr
     assert sorted(losses(out)) == [1, 2]
     mf = ModelFile(model)
-    lora, alpha, _ = read_gguf_adapter(out / "mine.gguf", base=mf)
+    lora, alpha, meta = read_gguf_adapter(out / "mine.gguf", base=mf)
     assert alpha == 8.0
     assert {e.rank for e in lora.entries.values()} == {4}
     assert not any("attn_output" in n for n in lora.names)
@@ -167,7 +167,7 @@ def test_config_toml_sets_flags_and_adapter_loads_back(model: Path, tmp_path: Pa
     from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.train.trainer import mean_loss
 
-    m = Model(mf)
+    m = Model(mf, matmul=meta["training.compute"])  # the run's own path (bf16 where the CPU has it)
     m.adapters.append(Adapter(lora))
     opts = DataOptions(train_data=Path(TEXT), format="text", ctx=64, val_split=0.2, seed=1)
     _, val, _ = load_batches(opts, Tokenizer.from_model_file(mf), 4, mf)

@@ -60,11 +60,14 @@ def test_thirty_steps_lower_training_and_held_out_loss(run: Path) -> None:
     assert val_logged < base_val - 0.2
 
     # The saved adapter, loaded back, gives the same held-out loss.
-    lora, _, _ = read_gguf_adapter(run / "ggml-lora-LATEST-f32.gguf", base=mf)
-    m = Model(mf)
+    lora, _, meta = read_gguf_adapter(run / "ggml-lora-LATEST-f32.gguf", base=mf)
+    m = Model(mf, matmul=meta["training.compute"])  # the run's own path (bf16 where the CPU has it)
     m.adapters.append(Adapter(lora))
     reloaded = held_out_loss(m, mf)
-    assert abs(reloaded - val_logged) <= 1e-5 * val_logged
+    # f32: the same sums up to the order BLAS takes for another batch shape. bf16: a last-bit difference
+    # of that kind in an activation can move its bf16 rounding by 2^-9, so the bound is bf16's noise.
+    rel = 1e-5 if meta["training.compute"] == "f32" else 3e-4
+    assert abs(reloaded - val_logged) <= rel * val_logged
 
 
 def test_llamacpp_loads_the_adapter_and_it_lowers_perplexity(run: Path) -> None:

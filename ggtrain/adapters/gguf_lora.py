@@ -28,6 +28,7 @@ What else an adapter says about itself (llama.cpp ignores these keys; `ggtrain i
     ggtrain.adapter.note           set when per-target alphas were folded into lora_b
     training.*                     the run's figures, from the trainer (extra_meta):
         training.steps, training.epochs       optimizer steps done, epochs completed
+        training.compute                      the base products' path: f32 or bf16 (--compute)
         training.tokens, training.trained_tokens   tokens processed, target tokens trained
         training.loss                         mean loss of the last step
         training.loss_smoothed                the progress bar's smoothed loss

@@ -21,18 +21,25 @@ from ggtrain.model.lora import LoraCache, LoraEntry, dropout_mask, lora_linear_b
 
 
 class QWeight:
-    """A frozen base weight W (rows, cols) kept in its GGUF type; products go through qmatmul
-    (or, when int8 is set — only for types with an int8 form — qmatmul_int8: inference only)."""
+    """A frozen base weight W (rows, cols) kept in its GGUF type; products go through qmatmul in
+    f32, or with `compute` "bf16" with X and W rounded to bf16 (f32 accumulation), or when int8 is
+    set — only for types with an int8 form — through qmatmul_int8 (inference only)."""
 
     def __init__(self, data: np.ndarray, qtype: int, shape: tuple[int, int]):
         self.data, self.qtype, self.shape = data, qtype, shape
         self.int8 = False
+        self.compute = "f32"  # the qmatmul compute type: "f32" or "bf16"
+
+    def round_input(self, x: np.ndarray) -> np.ndarray:
+        """x as this weight's products read it: rounded to bf16 once (uint16) under bf16, so products
+        sharing an input (q, k, v; gate, up) share the rounding; x itself otherwise."""
+        return kernels.to_bf16(x) if self.compute == "bf16" and not self.int8 else x
 
     def matmul(self, x: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
-        """x (T, cols) -> x·W[r0:r1]ᵀ (T, r1-r0)."""
+        """x (T, cols) f32, or its round_input -> x·W[r0:r1]ᵀ (T, r1-r0)."""
         if self.int8:
             return kernels.qmatmul_int8(x, self.data[r0:r1], self.qtype)
-        return kernels.qmatmul(x, self.data[r0:r1], self.qtype)
+        return kernels.qmatmul(x, self.data[r0:r1], self.qtype, compute=self.compute)
 
     def lse_chunk(self, x: np.ndarray, r0: int, r1: int, targets: np.ndarray, softcap: float,
                   run_max: np.ndarray, run_sum: np.ndarray, tgt_logit: np.ndarray) -> bool:
@@ -47,7 +54,7 @@ class QWeight:
     def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None,
                  out: np.ndarray | None = None) -> np.ndarray:
         """dy (T, r1-r0) -> dy·W[r0:r1] (T, cols), written into `out` when given."""
-        return kernels.qmatmul_backward_input(dy, self.data[r0:r1], self.qtype, out=out)
+        return kernels.qmatmul_backward_input(dy, self.data[r0:r1], self.qtype, out=out, compute=self.compute)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """W[ids] dequantized: f32 (len(ids), cols)."""
@@ -83,11 +90,13 @@ class LoraLinear:
 
     # -- training: the whole output, its backward ------------------------------------------------
     def forward(self, x: np.ndarray, rng: np.random.Generator | None = None,
-                keep: bool = False) -> tuple[np.ndarray, LoraCache | None]:
+                keep: bool = False, x_base: np.ndarray | None = None) -> tuple[np.ndarray, LoraCache | None]:
         """x (T, in) -> y (T, out), and with keep the trainable term's LoraCache (None without one).
 
-        rng draws the trainable term's dropout mask (None: no dropout, as in evaluation)."""
-        y = self.base.matmul(x)
+        rng draws the trainable term's dropout mask (None: no dropout, as in evaluation). x_base: x as
+        the base product reads it (base.round_input(x), shared with other projections of the same x);
+        the LoRA terms always take the f32 x."""
+        y = self.base.matmul(x if x_base is None else x_base)
         if self.bias is not None:
             y += self.bias
         cache = None

@@ -114,7 +114,8 @@ class StepState:
     train: bool = True
 
 
-MATMUL_MODES = ("f32", "int8")
+MATMUL_MODES = ("f32", "bf16", "int8")
+TRAINING_MODES = ("f32", "bf16")  # the modes with a backward
 
 
 class Model:
@@ -122,8 +123,10 @@ class Model:
 
     `adapters` are fixed LoRAs applied at inference; the LoRA being trained is given once, by
     `with_trainable(lora)`, which returns the model that trains it (this one is left as it is).
-    matmul "f32" (the default, and the only mode training accepts) multiplies by dequantized f32
-    tiles; "int8" quantizes activations to int8 as llama.cpp does (qmatmul_int8), for evaluation.
+    matmul "f32" (the default) multiplies by dequantized f32 tiles; "bf16" rounds the activations (or
+    output gradients) and the dequantized tiles to bf16 for the products with the frozen base, which
+    accumulate in f32 (AVX512-BF16 CPUs; everything else stays f32); both train. "int8" quantizes
+    activations to int8 as llama.cpp does (qmatmul_int8), for evaluation only.
     """
 
     def __init__(self, mf: ModelFile, hp: HParams | None = None, matmul: str = "f32"):
@@ -165,14 +168,19 @@ class Model:
         return [self.tok_embd, self.head] + [w for layer in self.layers for w in layer.w.values()]
 
     def set_matmul(self, mode: str) -> None:
-        """Switch every base product to "f32" or "int8" (int8 needs kernels.int8_available())."""
+        """Switch every base product to "f32", "bf16" (needs kernels.bf16_available()) or "int8"
+        (needs kernels.int8_available(); F32/F16/BF16 weights keep the f32 product)."""
         if mode not in MATMUL_MODES:
             raise ValueError(f"matmul mode {mode!r}: expected one of {', '.join(MATMUL_MODES)}")
         if mode == "int8" and not kernels.int8_available():
             raise GGTrainError("int8 matmul needs a CPU with AVX512-VNNI (this one has none); use f32")
+        if mode == "bf16" and not kernels.bf16_available():
+            raise GGTrainError("bf16 compute needs a CPU with AVX512-BF16 (this one has none, or GGTRAIN_BF16=0 / "
+                               "GGTRAIN_AVX512=0 turned it off); use f32")
         self.matmul = mode
-        for w in self.base_weights():  # F32/F16/BF16 weights keep the f32 product
+        for w in self.base_weights():
             w.int8 = mode == "int8" and kernels.int8_supported(w.qtype)
+            w.compute = "bf16" if mode == "bf16" else "f32"
 
     def _load_layer(self, il: int) -> Layer:
         mf, p, hp = self.mf, f"blk.{il}.", self.hp
@@ -238,16 +246,18 @@ class Model:
         neox = hp.rope_type == ROPE_NEOX
         lora: dict[str, LoraCache] = {}
 
-        def project(target: str, inp: np.ndarray) -> np.ndarray:
-            y, lc = self.linear(il, target).forward(inp, rng, keep)
+        def project(target: str, inp: np.ndarray, inp_base: np.ndarray | None = None) -> np.ndarray:
+            y, lc = self.linear(il, target).forward(inp, rng, keep, inp_base)
             if lc is not None:
                 lora[target] = lc
             return y
 
         h, rstd1 = rmsnorm_forward(x, L.attn_norm, hp.norm_eps)
-        q = project("attn_q", h).reshape(T, hp.n_head, hp.head_dim)
-        k = project("attn_k", h).reshape(T, hp.n_head_kv, hp.head_dim)
-        v = project("attn_v", h).reshape(T, hp.n_head_kv, hp.head_dim_v)
+        hb = L.w["attn_q"].round_input(h)  # q, k and v read one rounding of h (bf16), or h itself
+        q = project("attn_q", h, hb).reshape(T, hp.n_head, hp.head_dim)
+        k = project("attn_k", h, hb).reshape(T, hp.n_head_kv, hp.head_dim)
+        v = project("attn_v", h, hb).reshape(T, hp.n_head_kv, hp.head_dim_v)
+        del hb
         q_pre = k_pre = rstd_q = rstd_k = None
         if hp.has_qk_norm:
             q_pre, k_pre = q, k
@@ -265,8 +275,10 @@ class Model:
         x2 = x + o
 
         h2, rstd2 = rmsnorm_forward(x2, L.ffn_norm, hp.norm_eps)
-        g = project("ffn_gate", h2)
-        u = project("ffn_up", h2)
+        h2b = L.w["ffn_gate"].round_input(h2)  # gate and up share it too
+        g = project("ffn_gate", h2, h2b)
+        u = project("ffn_up", h2, h2b)
+        del h2b
         m = geglu_forward(g, u) if hp.ffn_act == "gelu_tanh" else swiglu_forward(g, u)
         f = project("ffn_down", m)
         f_pre = rstd_pf = None
@@ -363,8 +375,8 @@ class Model:
         train=False keeps nothing for backward and uses no dropout (evaluation, perplexity).
         Training needs the f32 matmul (int8 has no backward). step_seed: the dropout masks' seed.
         """
-        if train and self.matmul != "f32":
-            raise ValueError(f"training needs the f32 matmul, not {self.matmul} (it has no backward)")
+        if train and self.matmul not in TRAINING_MODES:
+            raise ValueError(f"training needs the f32 or bf16 matmul, not {self.matmul} (it has no backward)")
         hp = self.hp
         seed = step_seed if isinstance(step_seed, np.random.SeedSequence) else \
             np.random.SeedSequence(step_seed)

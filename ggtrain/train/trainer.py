@@ -73,6 +73,7 @@ class TrainConfig:
     ctx: int = 0  # tokens per row (the data position is meaningless under another one)
     train_data: str = ""  # the training data's file name, for messages
     data_digest: str = ""  # data_digest() of the training data: resuming on other data is refused
+    compute: str = "f32"  # the base products' path (Model.set_matmul: f32 or bf16), --compute resolved
 
 
 # Settings whose change makes a checkpoint's data position point at other rows: a resume with
@@ -84,7 +85,7 @@ RESUME_FLAG_NAMES = {"lr": "--learning-rate", "epochs": "--epochs", "max_steps":
                      "eps": "--adam-eps", "weight_decay": "--adam-decay", "grad_clip": "--adam-gclip",
                      "warmup": "--warmup", "cos_decay_steps": "--cos-decay-steps",
                      "cos_decay_min": "--cos-decay-min", "checkpointing": "--use-checkpointing",
-                     "lora": "the LoRA settings (--lora-alpha, --lora-dropout)"}
+                     "lora": "the LoRA settings (--lora-alpha, --lora-dropout)", "compute": "--compute"}
 
 
 def data_digest(path: str | os.PathLike) -> str:
@@ -311,7 +312,8 @@ class Trainer:
         # The run's figures for the adapter (keys: ggtrain.adapters.gguf_lora's docstring). Token counts are
         # those of the logged steps (a resume counts the kept lines), so they cover the whole run.
         meta: dict[str, str | int | float] = {"training.steps": self.step,
-                                              "training.epochs": self.train.epoch}
+                                              "training.epochs": self.train.epoch,
+                                              "training.compute": self.model.matmul}
         meta.update({"training.tokens": self.logged["tokens"],
                      "training.trained_tokens": self.logged["trained_tokens"]})
         for key, v in (("training.loss", self.logged["loss"]), ("training.loss_smoothed", self.ema),
