@@ -189,7 +189,7 @@ def measure_bf16(qt: Q, T: int, n: int, rows: int, repeat: int, rng: np.random.G
 
 
 def main_bf16(args, types: list[Q]) -> None:
-    from ggtrain.model.saved import CE_CHUNK
+    from ggtrain.kernels.loss import CE_CHUNK
     if not kernels.bf16_available():
         raise SystemExit("--compute bf16: this machine has no bf16 path (kernels.bf16_available() is False)")
     torch = torch_bf16()

@@ -301,7 +301,7 @@ def test_head_chunk(qt: Q, n: int) -> None:
     gradient back through it (K = 16384: 64 tiles of k), 2 threads."""
     if not HERE:
         return refused()
-    from ggtrain.model.saved import CE_CHUNK
+    from ggtrain.kernels.loss import CE_CHUNK
     rng = np.random.default_rng(5)
     w = make_weight(qt, CE_CHUNK, n, rng)
     try:

@@ -72,6 +72,10 @@ class LoraCache:
     mask: np.ndarray | None = field(metadata=saved("T", "in", when="dropout"))  # inverted dropout's
 
 
+# The cross-entropy's vocabulary chunk is the loss's own (kernels.loss.CE_CHUNK), named here too for the
+# modules that size the model's buffers from this file.
+from ggtrain.kernels.loss import CE_CHUNK  # noqa: E402, F401
+
 # The block's projections in the order it computes them (each one a LoraLinear).
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
