@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ggtrain.kernels.loss import CE_CHUNK  # noqa: F401  (the loss's chunk, also named here for the model)
+
 F32 = 4  # every saved array is float32
 
 
@@ -71,10 +73,6 @@ class LoraCache:
     h: np.ndarray = field(metadata=saved("T", "r"))  # xd·Aᵀ
     mask: np.ndarray | None = field(metadata=saved("T", "in", when="dropout"))  # inverted dropout's
 
-
-# The cross-entropy's vocabulary chunk is the loss's own (kernels.loss.CE_CHUNK), named here too for the
-# modules that size the model's buffers from this file.
-from ggtrain.kernels.loss import CE_CHUNK  # noqa: E402, F401
 
 # The block's projections in the order it computes them (each one a LoraLinear).
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
