@@ -197,8 +197,8 @@ def toml_types(param: click.Parameter) -> tuple[type, ...]:
 
 _NOT_ON_CPU = "not needed: ggtrain runs on the CPU; drop it"
 _FROM_GGUF = "not supported: ggtrain reads it from the model's GGUF metadata; drop it"
-_PROMPT = ("ggtrain finetune has no sample prompt: try the adapter with "
-           "`llama-cli -m MODEL --lora ADAPTER -p PROMPT` (for the batch size use -b/--batch)")
+_PROMPT = ("for a sample of the adapter while it trains use --sample-prompt TEXT (at every --eval-every); "
+           "afterwards try it with `ggtrain chat --lora ADAPTER` (for the batch size use -b/--batch)")
 _NO_CONVERGENCE = "not supported: ggtrain has no convergence test (--adam-iter and --epochs end a run)"
 _RANKS_TO_ZERO = ("set --rank-wq/--rank-wk/--rank-wv/--rank-wo/--rank-ffn-gate/--rank-ffn-up/--rank-ffn-down "
                   "to 0 for the projections not to train")
@@ -272,7 +272,8 @@ FINETUNE_FLAGS = {
     "--use-adam": "not needed: ggtrain always uses AdamW; drop it",
     "--use-lbfgs": "not supported: ggtrain only has AdamW",
     "--print-details-interval": "not supported: the progress line shows the loss of every step",
-    "--predict": "not supported: try the adapter with `llama-cli -m MODEL --lora ADAPTER`",
+    "--predict": "use --sample-tokens N (with --sample-prompt TEXT), or try the adapter with "
+                 "`ggtrain generate --lora ADAPTER -p PROMPT`",
     "--freeze-layers": "not supported: every layer gets a LoRA",
     "--num-layers": "not supported: every layer gets a LoRA",
     "--fine-tune-type": "not supported: ggtrain trains LoRA adapters only",

@@ -345,7 +345,7 @@ def test_checkpoint_in_that_is_not_a_checkpoint(world: dict[str, str], tmp_path:
 
 @pytest.mark.parametrize("cmd, flags, want", [
     ("finetune", ["--save-path", "./lora-adapter.bin"], "No such option '--save-path': use --outdir DIR"),
-    ("finetune", ["-p", "32"], "ggtrain finetune has no sample prompt: try the adapter with `llama-cli"),
+    ("finetune", ["-p", "32"], "use --sample-prompt TEXT (at every --eval-every); afterwards try it with `ggtrain"),
     ("finetune", ["--prompt", "Tell me a joke"], "(for the batch size use -b/--batch)"),
     ("finetune", ["-ngl", "99"], "No such option '-n' (in -ngl): not needed: ggtrain runs on the CPU"),
     ("finetune", ["--train_data", "x.txt"], "No such option '--train_data': use --train-data (with dashes)"),

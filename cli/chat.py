@@ -1,0 +1,86 @@
+"""`ggtrain chat`: a conversation with a model (plus LoRA adapters) through its chat template.
+
+The loop is ggtrain.generate.chat.run_chat, which `ggtrain generate -cnv` runs too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
+from ggtrain.cli.options import Command, Int, LoraArg, PathType, Text
+from ggtrain.cli.sampling import sampling_options
+
+from ggtrain.generate.sampling import SamplingParams
+
+DEFAULT_CTX = 4096
+
+
+@click.command(cls=Command)
+@model_option()
+@click.option("--lora", "loras", type=LoraArg(), multiple=True, metavar="ADAPTER[:SCALE]",
+              help="Apply a LoRA adapter (a GGUF file or a PEFT directory), optionally scaled, negative "
+                   "scales included (llama.cpp's --lora / --lora-scaled). Repeatable.")
+@click.option("-sys", "--system-prompt", "--system", "system", type=Text(), default=None, metavar="TEXT",
+              help="System message the conversation starts with (llama.cpp's -sys).")
+@click.option("--chat-template", "--chat-template-file", "chat_template",
+              type=PathType(exists=True, dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Jinja chat template instead of the model's own (needed when the GGUF has none and "
+                   "ggtrain ships none for its family).")
+@sampling_options
+@click.option("-n", "--n-predict", "n_predict", type=Int(min=1, also={-1: "until the end of the turn"}),
+              default=-1, show_default=True, help="Most tokens a reply may have (-1: until the model ends its "
+                                                  "turn or the context is full).")
+@click.option("-c", "--ctx-size", "n_ctx", type=Int(min=8), default=DEFAULT_CTX, show_default=True,
+              help="Context of the whole conversation, in tokens: the KV cache is sized from it.")
+@threads_option()
+@click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
+              help="Products with the quantized weights: int8 activations as llama.cpp (AVX512-VNNI CPUs), "
+                   "or f32; auto picks int8 where the CPU has it.")
+@click.option("--verbose-prompt", is_flag=True, default=False,
+              help="Print each turn's rendered prompt and how many of its tokens were evaluated, on stderr.")
+def chat(model_path: Path | None, loras: tuple[str, ...], system: str | None, chat_template: Path | None,
+         sampling: SamplingParams, n_predict: int, n_ctx: int, threads: int | None, matmul: str,
+         verbose_prompt: bool) -> None:
+    """Chat with a model: lines from the terminal or a pipe, each one a user turn.
+
+    Only the new turn is evaluated: the conversation so far stays in the KV cache. /reset starts over,
+    /exit (or the end of input) quits.
+    """
+    import gc
+
+    from ggtrain.generate.chat import ChatSession, run_chat
+    from ggtrain.generate.sampling import Sampler
+    from ggtrain.text.chat import ChatTemplate
+
+    start_threads(threads)
+    _, mf = open_model(model_path)
+    decoder, tok = open_decoder(mf, loras, n_ctx, matmul)
+    template = ChatTemplate.from_model_file(mf, chat_template, tok)
+    if template.note:
+        click.echo(f"chat: {template.note}", err=True)
+    sampler = Sampler(sampling)
+    click.echo(f"chat: seed {sampler.seed}", err=True)
+    gc.collect()
+    gc.freeze()  # the vocabulary's objects live as long as the session: keep collections off them
+    run_chat(ChatSession(decoder, tok, template, sampler, system, n_predict), verbose_prompt=verbose_prompt)
+
+
+def open_decoder(mf, loras: tuple[str, ...], n_ctx: int, matmul: str):  # type: ignore[no-untyped-def]
+    """The Decoder over mf with the --lora adapters, and the model's tokenizer; the KV cache's size
+    and the matmul path go to stderr."""
+    from ggtrain.generate.decoder import Decoder
+
+    from ggtrain.adapters.load import load_adapter_arg
+    from ggtrain.model.transformer import Adapter, Model
+    from ggtrain.text.tokenizer import Tokenizer
+    from ggtrain.train.memory import format_bytes
+
+    model = Model(mf)
+    for arg in loras:
+        model.adapters.append(Adapter(load_adapter_arg(arg, mf)))
+    decoder = Decoder(model, n_ctx, matmul=matmul)
+    click.echo(f"chat: {mf.path.name}, {len(loras)} adapter(s), {decoder.model.matmul if hasattr(decoder, 'model') else matmul} "
+               f"matmul, KV cache {format_bytes(decoder.kv_bytes)} for -c {n_ctx}", err=True)
+    return decoder, Tokenizer.from_model_file(mf)
