@@ -6,13 +6,18 @@ The loop is ggtrain.generate.chat.run_chat, which `ggtrain generate -cnv` runs t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
 from ggtrain.cli.options import Command, Int, LoraArg, PathType, Text
 from ggtrain.cli.sampling import sampling_options
 
-from ggtrain.generate.sampling import SamplingParams
+if TYPE_CHECKING:
+    from ggtrain.generate.decoder import Decoder
+    from ggtrain.generate.sampling import SamplingParams
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.text.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
 
@@ -67,12 +72,11 @@ def chat(model_path: Path | None, loras: tuple[str, ...], system: str | None, ch
     run_chat(ChatSession(decoder, tok, template, sampler, system, n_predict), verbose_prompt=verbose_prompt)
 
 
-def open_decoder(mf, loras: tuple[str, ...], n_ctx: int, matmul: str):  # type: ignore[no-untyped-def]
+def open_decoder(mf: ModelFile, loras: tuple[str, ...], n_ctx: int, matmul: str) -> tuple[Decoder, Tokenizer]:
     """The Decoder over mf with the --lora adapters, and the model's tokenizer; the KV cache's size
     and the matmul path go to stderr."""
-    from ggtrain.generate.decoder import Decoder
-
     from ggtrain.adapters.load import load_adapter_arg
+    from ggtrain.generate.decoder import Decoder
     from ggtrain.model.transformer import Adapter, Model
     from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.train.memory import format_bytes
@@ -81,6 +85,7 @@ def open_decoder(mf, loras: tuple[str, ...], n_ctx: int, matmul: str):  # type: 
     for arg in loras:
         model.adapters.append(Adapter(load_adapter_arg(arg, mf)))
     decoder = Decoder(model, n_ctx, matmul=matmul)
-    click.echo(f"chat: {mf.path.name}, {len(loras)} adapter(s), {decoder.model.matmul if hasattr(decoder, 'model') else matmul} "
-               f"matmul, KV cache {format_bytes(decoder.kv_bytes)} for -c {n_ctx}", err=True)
+    adapters = f", adapters {', '.join(loras)}" if loras else ""
+    click.echo(f"chat: {mf.path.name}{adapters}; {decoder.matmul} matmul; KV cache {format_bytes(decoder.kv_bytes)} "
+               f"for -c {n_ctx}", err=True)
     return decoder, Tokenizer.from_model_file(mf)
