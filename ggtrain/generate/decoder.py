@@ -95,6 +95,13 @@ class Decoder:
         self._neox = hp.rope_type == ROPE_NEOX
         self._geglu = hp.ffn_act == "gelu_tanh"
 
+    def warmup(self) -> None:
+        """Evaluate two tokens and a step, then start over, as llama.cpp warms up before its first
+        decode: pages in the mmap'd weights and compiles the kernels before anything is timed."""
+        self.eval([0, 0])
+        self.eval([0])
+        self.truncate(0)
+
     def truncate(self, n: int) -> None:
         """Forget positions >= n (truncate(0) starts over); the cache's rows are reused."""
         if n < 0:
