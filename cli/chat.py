@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
+from ggtrain.cli.generate import DEFAULT_CTX
 from ggtrain.cli.options import Command, Int, LoraArg, PathType, Text
 from ggtrain.cli.sampling import sampling_options
 
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.text.tokenizer import Tokenizer
 
-DEFAULT_CTX = 4096
 
 
 @click.command(cls=Command)
@@ -37,8 +37,9 @@ DEFAULT_CTX = 4096
 @click.option("-n", "--n-predict", "n_predict", type=Int(min=1, also={-1: "until the end of the turn"}),
               default=-1, show_default=True, help="Most tokens a reply may have (-1: until the model ends its "
                                                   "turn or the context is full).")
-@click.option("-c", "--ctx-size", "n_ctx", type=Int(min=8), default=DEFAULT_CTX, show_default=True,
-              help="Context of the whole conversation, in tokens: the KV cache is sized from it.")
+@click.option("-c", "--ctx-size", "n_ctx", type=Int(min=8), default=None,
+              help=f"Context of the whole conversation, in tokens: the KV cache is sized from it (default: "
+                   f"{DEFAULT_CTX}, or the model's training context if smaller).")
 @threads_option()
 @click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
               help="Products with the quantized weights: int8 activations as llama.cpp (AVX512-VNNI CPUs), "
@@ -46,20 +47,32 @@ DEFAULT_CTX = 4096
 @click.option("--verbose-prompt", is_flag=True, default=False,
               help="Print each turn's rendered prompt and how many of its tokens were evaluated, on stderr.")
 def chat(model_path: Path | None, loras: tuple[str, ...], system: str | None, chat_template: Path | None,
-         sampling: SamplingParams, n_predict: int, n_ctx: int, threads: int | None, matmul: str,
+         sampling: SamplingParams, n_predict: int, n_ctx: int | None, threads: int | None, matmul: str,
          verbose_prompt: bool) -> None:
     """Chat with a model: lines from the terminal or a pipe, each one a user turn.
 
     Only the new turn is evaluated: the conversation so far stays in the KV cache. /reset starts over,
     /exit (or the end of input) quits.
     """
+    start_chat(model_path, loras, sampling, n_predict, n_ctx, threads, matmul, system, chat_template,
+               verbose_prompt)
+
+
+def start_chat(model_path: Path | None, loras: tuple[str, ...], sampling: SamplingParams, n_predict: int,
+               n_ctx: int | None, threads: int | None, matmul: str, system: str | None = None,
+               chat_template: Path | None = None, verbose_prompt: bool = False) -> None:
+    """The chat with these options, until /exit or the end of input (`ggtrain chat`, `generate -cnv`)."""
     import gc
 
+    from ggtrain import kernels
     from ggtrain.generate.chat import ChatSession, run_chat
     from ggtrain.generate.sampling import Sampler
     from ggtrain.text.chat import ChatTemplate
 
     start_threads(threads)
+    notice = kernels.first_run_notice()
+    if notice:
+        click.echo(f"chat: {notice}", err=True)
     _, mf = open_model(model_path)
     decoder, tok = open_decoder(mf, loras, n_ctx, matmul)
     template = ChatTemplate.from_model_file(mf, chat_template, tok)
@@ -72,7 +85,7 @@ def chat(model_path: Path | None, loras: tuple[str, ...], system: str | None, ch
     run_chat(ChatSession(decoder, tok, template, sampler, system, n_predict), verbose_prompt=verbose_prompt)
 
 
-def open_decoder(mf: ModelFile, loras: tuple[str, ...], n_ctx: int, matmul: str) -> tuple[Decoder, Tokenizer]:
+def open_decoder(mf: ModelFile, loras: tuple[str, ...], n_ctx: int | None, matmul: str) -> tuple[Decoder, Tokenizer]:
     """The Decoder over mf with the --lora adapters, and the model's tokenizer; the KV cache's size
     and the matmul path go to stderr."""
     from ggtrain.adapters.load import load_adapter_arg
@@ -84,6 +97,7 @@ def open_decoder(mf: ModelFile, loras: tuple[str, ...], n_ctx: int, matmul: str)
     model = Model(mf)
     for arg in loras:
         model.adapters.append(Adapter(load_adapter_arg(arg, mf)))
+    n_ctx = n_ctx or min(DEFAULT_CTX, model.hp.n_ctx_train)
     decoder = Decoder(model, n_ctx, matmul=matmul)
     adapters = f", adapters {', '.join(loras)}" if loras else ""
     click.echo(f"chat: {mf.path.name}{adapters}; {decoder.matmul} matmul; KV cache {format_bytes(decoder.kv_bytes)} "

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import codecs
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
+
+import numpy as np
 
 from ggtrain.errors import GGTrainError
 from ggtrain.text.chat import ChatTemplate
@@ -51,7 +52,7 @@ def end_of_turn_ids(template: ChatTemplate, tok: Tokenizer) -> frozenset[int]:
     if at < 0:
         return frozenset()
     after = tok.encode(text[at + len(_MARK):], add_special=False, parse_special=True)
-    return frozenset(after[:1]) if after and after[0] in tok.special_ids else frozenset()
+    return frozenset(after[:1]) if after and tok.is_control(after[0]) else frozenset()
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Turn:
     prompt: str  # the whole conversation as rendered for this turn (add_generation_prompt=True)
     reused: int  # tokens of the prompt already in the Decoder
     fed: int  # prompt tokens evaluated this turn
+    messages: list[dict[str, str]] = field(default_factory=list)  # the conversation up to this user message
+    ids: list[int] = field(default_factory=list)  # the prompt's tokens
     reply_ids: list[int] = field(default_factory=list)
     reply: str = ""
     stats: GenStats | None = None
@@ -97,45 +100,49 @@ class ChatSession:
     def turn(self, text: str, on_text: Callable[[str], None] = lambda s: None) -> Turn:
         """Add the user's message, evaluate what the cache lacks, stream the reply (on_text gets its
         text as it is sampled). Raises TurnRefused when the prompt does not fit in the context."""
-        from ggtrain.generate.stream import generate_tokens
+        return self.reply(self.prepare(text), on_text)
 
+    def prepare(self, text: str) -> Turn:
+        """The turn for the user's message `text`: rendered, tokenized, the cache truncated to what the
+        new rendering keeps of it. Raises TurnRefused (nothing changed) when it does not fit."""
         messages = self.messages + [{"role": "user", "content": text}]
-        rendered = self.render(messages)
         ids = self.tokens(messages)
         n_ctx = self.decoder.n_ctx
         if len(ids) >= n_ctx:
             raise TurnRefused(f"this turn does not fit: the conversation would take {len(ids)} tokens and the "
                               f"context holds {n_ctx} (-c {n_ctx}); /reset to start over, or a larger -c")
-        keep = _common_prefix(self.context, ids)
-        keep = min(keep, len(ids) - 1)  # at least one token is evaluated: its logits start the reply
+        keep = min(common_prefix(self.context, ids), len(ids) - 1)  # evaluate one at least: its logits
         if keep < len(self.context):  # the template rewrote earlier text: re-evaluate from there
             self.decoder.truncate(keep)
             del self.context[keep:]
-        new = ids[keep:]
-        t = Turn(rendered, keep, len(new))
+        return Turn(self.render(messages), keep, len(ids) - keep, messages, ids)
+
+    def reply(self, t: Turn, on_text: Callable[[str], None] = lambda s: None) -> Turn:
+        """Evaluate the prepared turn's new tokens and generate the reply; the conversation then holds it."""
+        from ggtrain.generate.stream import generate_tokens
+
         text_out = _Utf8Stream(self.tok, on_text)
 
         def on_token(tid: int) -> None:
             t.reply_ids.append(tid)
             text_out.push(tid)
 
-        t.stats = generate_tokens(self.decoder, self.sampler, new, self.n_predict, self.stop, on_token,
-                                  history=self.context)
+        t.stats = generate_tokens(self.decoder, self.sampler, t.ids[t.reused:], self.n_predict, self.stop,
+                                  on_token, history=self.context)
         text_out.flush()
         t.reply = text_out.text
         # what the Decoder holds: the stop token is not fed, nor the last token when -n or the context
         # ended the reply, nor anything after a Ctrl-C inside an evaluation
-        self.context = (ids + t.reply_ids)[:self.decoder.n_past]
-        self.messages = messages + [{"role": "assistant", "content": t.reply}]
+        self.context = (t.ids + t.reply_ids)[:self.decoder.n_past]
+        self.messages = t.messages + [{"role": "assistant", "content": t.reply}]
         return t
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:  # turns are short next to the cost of one token's evaluation
-        i += 1
-    return i
+    differ = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(differ[0]) if differ.size else n
 
 
 def pieces_text(tok: Tokenizer, ids: list[int]) -> str:
@@ -207,17 +214,19 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
         if not text.strip():
             continue
         try:
-            t0 = time.perf_counter()
-            turn = session.turn(text, lambda s: (stdout.write(s), stdout.flush()))
+            turn = session.prepare(text)
         except TurnRefused as e:
             stderr.write(f"chat: {e}\n")
+            stderr.flush()
             continue
-        stdout.write("\n")
-        stdout.flush()
         turns += 1
         if verbose_prompt:
-            stderr.write(f"chat: turn {turns} prompt ({turn.reused} tokens reused, {turn.fed} evaluated, "
-                         f"{time.perf_counter() - t0:.2f} s):\n{turn.prompt}\n")
+            stderr.write(f"chat: turn {turns} prompt ({turn.reused} tokens reused, {turn.fed} evaluated):\n"
+                         f"{turn.prompt}\nchat: end of prompt\n")
+            stderr.flush()
+        session.reply(turn, lambda s: (stdout.write(s), stdout.flush()))
+        stdout.write("\n")
+        stdout.flush()
         stderr.write(timing_line(turn) + "\n")
         if turn.stats is not None and turn.stats.stopped_by == "ctx":
             stderr.write(f"chat: the context is full (-c {session.decoder.n_ctx}); /reset to start over, "
