@@ -228,6 +228,8 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
         stdout.write("\n")
         stdout.flush()
         stderr.write(timing_line(turn) + "\n")
+        if turn.stats is not None and turn.stats.stopped_by == "interrupt":
+            stderr.write("chat: reply interrupted (Ctrl-C); the conversation keeps what was written\n")
         if turn.stats is not None and turn.stats.stopped_by == "ctx":
             stderr.write(f"chat: the context is full (-c {session.decoder.n_ctx}); /reset to start over, "
                          "or a larger -c\n")
