@@ -161,7 +161,7 @@ def generate(model_path: Path | None, loras: tuple[str, ...], prompt: str | None
         if label:
             click.echo(f"--- {label} ---")
         if display_prompt:
-            click.echo(tok.decode(ids, special=False), nl=False)
+            click.echo(prompt, nl=False)  # as given (llama.cpp echoes its tokens: the same text)
             sys.stdout.flush()
         on_token, flush = token_printer(lambda t: tok.piece_bytes(t, special=False))
         st = generate_tokens(decoder, sampler, ids, n_predict, stop, on_token)
