@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 @click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
               help="Products with the quantized weights: int8 activations as llama.cpp (AVX512-VNNI CPUs), "
                    "or f32; auto picks int8 where the CPU has it.")
+# llama.cpp's switches for what ggtrain chat always does: taken, and nothing to do
+@click.option("-cnv", "--conversation", "--jinja", is_flag=True, expose_value=False, hidden=True)
 @click.option("--verbose-prompt", is_flag=True, default=False,
               help="Print each turn's rendered prompt and how many of its tokens were evaluated, on stderr.")
 def chat(model_path: Path | None, loras: tuple[str, ...], system: str | None, chat_template: Path | None,

@@ -200,6 +200,9 @@ _FROM_GGUF = "not supported: ggtrain reads it from the model's GGUF metadata; dr
 _PROMPT = ("for a sample of the adapter while it trains use --sample-prompt TEXT (at every --eval-every); "
            "afterwards try it with `ggtrain chat --lora ADAPTER` (for the batch size use -b/--batch)")
 _NO_CONVERGENCE = "not supported: ggtrain has no convergence test (--adam-iter and --epochs end a run)"
+_CHAT_INPUT = ("the messages come from stdin, one a line: `echo 'Hello' | ggtrain chat ...` "
+               "(to continue a text use `ggtrain generate -p PROMPT`)")
+_NO_AFFIXES = "not supported: the chat template frames each turn (--chat-template FILE to change it)"
 _RANKS_TO_ZERO = ("set --rank-wq/--rank-wk/--rank-wv/--rank-wo/--rank-ffn-gate/--rank-ffn-up/--rank-ffn-down "
                   "to 0 for the projections not to train")
 
@@ -289,6 +292,12 @@ HINTS: dict[str, dict[str, str]] = {
                    "--ctx": "use -c/--ctx-size", "--batch": "use -b/--batch-size",
                    "-ub": "not needed: -b/--batch-size decides the tokens of a forward pass"},
     "tokenize": {**EVERY_COMMAND, "--text": "use -p/--prompt TEXT"},
+    "chat": {**EVERY_COMMAND, **{f: _CHAT_INPUT for f in ("-p", "--prompt", "-f", "--file")},
+             **{f: "not needed: ggtrain chat is always interactive (lines from the terminal or a pipe)"
+                for f in ("-i", "--interactive", "-if", "--interactive-first")},
+             "--lora-scaled": "use --lora ADAPTER:SCALE", "--in-prefix": _NO_AFFIXES, "--in-suffix": _NO_AFFIXES,
+             "-r": "not needed: a reply ends at the chat template's end-of-turn token",
+             "--reverse-prompt": "not needed: a reply ends at the chat template's end-of-turn token"},
     "info": {**EVERY_COMMAND},
 }
 

@@ -179,3 +179,18 @@ def test_the_prompt_marker_shows_on_a_terminal(qwen: Path):
     assert proc.returncode == 0, err
     assert out.startswith(b"\n> ") and out.count(b"> ") == 2, out
     assert b"/reset to start over" in err
+
+
+@pytest.mark.parametrize("flags, want", [
+    (["-p", "Hello"], "No such option '-p': the messages come from stdin, one a line"),
+    (["-i"], "not needed: ggtrain chat is always interactive"),
+    (["--lora-scaled", "a.gguf", "0.5"], "use --lora ADAPTER:SCALE"),
+    (["-r", "User:"], "a reply ends at the chat template's end-of-turn token"),
+])
+def test_llama_cli_flags_get_a_hint(qwen: Path, flags: list[str], want: str):
+    assert want in refused(chat(qwen, "Hi\n", *flags))
+
+
+def test_llama_cli_conversation_switches_are_taken(qwen: Path):
+    r = chat(qwen, "Hello there\n", "-cnv", "--jinja", "-n", "2", "--temp", "0")
+    assert r.returncode == 0 and len(TIMING.findall(r.stderr)) == 1, r.stderr
