@@ -37,7 +37,9 @@ def logged_samples(outdir: Path) -> dict[int, list[dict]]:
 def test_samples_at_every_evaluation_printed_logged_and_moving(model: Path, tmp_path: Path):
     out = tmp_path / "run"
     flags = [x for p in PROMPTS for x in ("--sample-prompt", p)]
-    r = finetune(model, out, "--adam-iter", "8", "--eval-every", "3", "--sample-tokens", "6", *flags)
+    # with dropout on: a sample uses the adapter as it stands, never a dropped-out branch
+    r = finetune(model, out, "--adam-iter", "8", "--eval-every", "3", "--sample-tokens", "6", "--lora-dropout", "0.1",
+                 *flags)
     assert r.returncode == 0, r.stderr
     samples = logged_samples(out)
     assert sorted(samples) == [3, 6, 8]  # every --eval-every, then the end (8 is not a multiple of 3)
@@ -60,12 +62,26 @@ def test_samples_at_every_evaluation_printed_logged_and_moving(model: Path, tmp_
         assert g.stdout.rstrip("\n") == s["text"].rstrip("\n"), (g.stdout, s["text"])
 
 
-def test_samples_without_validation_data_and_only_at_the_end(model: Path, tmp_path: Path):
-    r = finetune(model, tmp_path / "end", "--adam-iter", "2", "--sample-prompt", PROMPTS[0], "--sample-tokens", "4")
+def losses(outdir: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (outdir / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_samples_without_validation_data_leave_training_as_it_was(model: Path, tmp_path: Path):
+    common = ["--adam-iter", "3", "--lora-dropout", "0.1"]
+    r = finetune(model, tmp_path / "end", *common, "--sample-prompt", PROMPTS[0], "--sample-tokens", "4")
     assert r.returncode == 0, r.stderr
     samples = logged_samples(tmp_path / "end")
-    assert list(samples) == [2] and samples[2][0]["prompt"] == PROMPTS[0]
-    assert "sample at step 2: " in r.stderr
+    assert list(samples) == [3] and samples[3][0]["prompt"] == PROMPTS[0]  # no --eval-every: at the end
+    assert "sample at step 3: " in r.stderr
+    every = finetune(model, tmp_path / "every", *common, "--eval-every", "1", "--sample-prompt", PROMPTS[0],
+                     "--sample-tokens", "4")
+    assert every.returncode == 0, every.stderr
+    assert list(logged_samples(tmp_path / "every")) == [1, 2, 3]
+    plain = finetune(model, tmp_path / "plain", *common)
+    assert plain.returncode == 0, plain.stderr
+    # sampling between steps touches nothing training uses: the same losses to the last bit
+    assert losses(tmp_path / "every") == losses(tmp_path / "end") == losses(tmp_path / "plain")
 
 
 def test_sample_flags_are_checked(model: Path, tmp_path: Path):
