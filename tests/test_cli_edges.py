@@ -75,8 +75,10 @@ def make_world(root: Path) -> dict[str, str]:
     adapter = write_gguf_adapter(root / "adapter.gguf", lora, mf)
     export_peft(adapter, root / "peft", mf)
     (root / "out").mkdir()
+    (root / "chat.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     return {"root": str(root), "model": str(model), "train": str(root / "train.txt"), "ppl": str(root / "ppl.txt"),
-            "binary": str(root / "binary.bin"), "adapter": str(adapter), "peft": str(root / "peft")}
+            "binary": str(root / "binary.bin"), "adapter": str(adapter), "peft": str(root / "peft"),
+            "chat_template": str(root / "chat.jinja")}
 
 
 def case_files(root: Path, cid: int) -> dict[str, str]:
@@ -104,6 +106,8 @@ def base_values(w: dict[str, str]) -> dict[str, dict[str, str]]:
         "import-peft": {"peft_dir": w["peft"], "model_path": w["model"], "outfile": "OUTDIR.gguf"},
         "merge": {"model_path": w["model"], "loras": w["adapter"], "out": "merged.gguf", "threads": "1"},
         "ollama": {"model_path": w["model"], "loras": w["adapter"], "out": "Modelfile"},
+        "chat": {"model_path": w["model"], "chat_template": w["chat_template"], "n_ctx": "16", "threads": "1"},
+        "generate": {"model_path": w["model"], "prompt": "hello", "n_ctx": "16", "n_predict": "1", "threads": "1"},
     }
 
 
