@@ -72,7 +72,14 @@ _TOML_KIND = {bool: "a boolean", int: "an integer", float: "a float", str: "a st
 
 
 def _config_value(path: Path, key: str, v: Any, param: click.Parameter, ctx: click.Context) -> Any:
-    """v from the config file, checked as the option's type checks what is typed on the command line."""
+    """v from the config file, checked as the option's type checks what is typed on the command line;
+    a repeatable option (--sample-prompt) takes an array of such values, or one."""
+    if isinstance(param, click.Option) and param.multiple:
+        return [_config_value_one(path, key, x, param, ctx) for x in (v if isinstance(v, list) else [v])]
+    return _config_value_one(path, key, v, param, ctx)
+
+
+def _config_value_one(path: Path, key: str, v: Any, param: click.Parameter, ctx: click.Context) -> Any:
     want = toml_types(param)
     shown = _toml_repr(v)
     if isinstance(v, bool) != (bool in want) or not isinstance(v, want):

@@ -91,3 +91,18 @@ def test_sample_flags_are_checked(model: Path, tmp_path: Path):
     assert r.returncode == 2 and "--sample-prompt" in r.stderr and "empty" in r.stderr
     r = finetune(model, tmp_path / "z", "--sample-prompt", "Hi", "--sample-tokens", "0")
     assert r.returncode == 2 and "--sample-tokens" in r.stderr
+
+
+def test_sample_prompts_from_a_config_file(model: Path, tmp_path: Path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('adam-iter = 1\nsample-tokens = 3\nsample-prompt = ["Hello there", "Bye"]\n')
+    r = finetune(model, tmp_path / "a", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert [s["prompt"] for s in logged_samples(tmp_path / "a")[1]] == ["Hello there", "Bye"]
+    cfg.write_text('adam-iter = 1\nsample-tokens = 3\nsample-prompt = "Hello there"\n')  # one, as a string
+    r = finetune(model, tmp_path / "b", "--config", str(cfg), "--sample-prompt", "From the command line")
+    assert r.returncode == 0, r.stderr
+    assert [s["prompt"] for s in logged_samples(tmp_path / "b")[1]] == ["From the command line"]  # flags win
+    cfg.write_text("sample-prompt = [1, 2]\n")
+    assert "sample-prompt = 1: expected a string, not an integer" in refused(finetune(model, tmp_path / "c",
+                                                                                       "--config", str(cfg)))
