@@ -189,6 +189,20 @@ def timing_line(t: Turn) -> str:
             f"generation: {s.gen_tokens} tokens, {rate(s.gen_tokens, s.gen_seconds)} ]")
 
 
+def _read_line(stdin: TextIO, stdout: TextIO, interactive: bool) -> str:
+    """The next line ('' at the end of input); on a terminal after a `> ` prompt."""
+    if not interactive:
+        return stdin.readline()
+    if stdin is sys.stdin and stdout is sys.stdout:
+        try:
+            return input("\n> ") + "\n"  # with readline loaded: line editing and history
+        except EOFError:
+            return ""
+    stdout.write("\n> ")
+    stdout.flush()
+    return stdin.readline()
+
+
 def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
              stderr: TextIO | None = None, verbose_prompt: bool = False) -> int:
     """The conversation loop over stdin (see the module docstring); returns the number of turns."""
@@ -197,11 +211,10 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
     turns = 0
     if interactive:
         stderr.write(f"chat: {EXIT} or end of input (Ctrl-D) to quit, {RESET} to start over\n")
+    if interactive and stdin is sys.stdin and stdout is sys.stdout:
+        import readline  # noqa: F401  (input() then edits lines and keeps a history, as llama-cli does)
     while True:
-        if interactive:
-            stdout.write("\n> ")
-            stdout.flush()
-        line = stdin.readline()
+        line = _read_line(stdin, stdout, interactive)
         if not line:  # end of input
             break
         text = line.rstrip("\r\n")
