@@ -1,6 +1,7 @@
 """`ggtrain chat`: a conversation with a model (plus LoRA adapters) through its chat template.
 
-The loop is ggtrain.generate.chat.run_chat, which `ggtrain generate -cnv` runs too.
+The loop is ggtrain.generate.chat.run_chat; `start_chat` (model, adapters, template, sampler, then the
+loop) is what `ggtrain generate -cnv` calls too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     from ggtrain.generate.sampling import SamplingParams
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.text.tokenizer import Tokenizer
-
 
 
 @click.command(cls=Command)

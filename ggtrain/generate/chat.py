@@ -8,9 +8,9 @@ that re-tokenizes differently) makes the tokens diverge, and the Decoder is trun
 differing token and evaluated from there. A reply stops at the model's end-of-generation tokens
 and at the template's own end-of-turn token (the one it writes after an assistant message).
 
-`run_chat` is the interactive loop `ggtrain chat` and `ggtrain generate -cnv` share: lines from
-stdin (a `> ` prompt only on a terminal), /exit and /reset, end of input ends, the reply streamed
-to stdout, a timing line per turn on stderr.
+`run_chat` is the interactive loop (of `ggtrain chat`, through cli/chat.py's start_chat, which
+`ggtrain generate -cnv` calls too): lines from stdin (a `> ` prompt only on a terminal), /exit and
+/reset, end of input ends, the reply streamed to stdout, a timing line per turn on stderr.
 """
 
 from __future__ import annotations
