@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pty
 import re
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,29 @@ def test_llama_cli_flags_get_a_hint(qwen: Path, flags: list[str], want: str):
 def test_llama_cli_conversation_switches_are_taken(qwen: Path):
     r = chat(qwen, "Hello there\n", "-cnv", "--jinja", "-n", "2", "--temp", "0")
     assert r.returncode == 0 and len(TIMING.findall(r.stderr)) == 1, r.stderr
+
+
+def test_a_program_can_drive_it_turn_by_turn_through_pipes(qwen: Path):
+    """The reply is on stdout (flushed) while the chat waits for the next line: a driver can read it
+    before it writes the next turn."""
+    proc = subprocess.Popen([*GGTRAIN, "chat", "-m", str(qwen), "-t", "2", "-n", "4", "--temp", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"Hello there\n")
+        proc.stdin.flush()
+        got = b""
+        while not got.endswith(b"\n"):  # the reply (or its first line)
+            ready, _, _ = select.select([proc.stdout], [], [], 300)
+            assert ready, "no reply within 300 s"
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, proc.stderr.read().decode()
+            got += chunk
+        assert proc.poll() is None  # still there, waiting for the next turn
+        proc.stdin.write(b"/exit\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert got.strip() and err.count(b"[ prompt: ") == 1  # the one turn's text came before /exit was sent
