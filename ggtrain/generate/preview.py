@@ -28,7 +28,9 @@ def continuation(model: Model, tok: Tokenizer, prompt: str, n_tokens: int, matmu
     ids = tok.encode(prompt, add_special=True, parse_special=True)
     decoder = Decoder(model, len(ids) + n_tokens, matmul=matmul)
     reply: list[int] = []
-    generate_tokens(decoder, Sampler(GREEDY), ids, n_tokens, tok.eog_ids, reply.append)
+    stats = generate_tokens(decoder, Sampler(GREEDY), ids, n_tokens, tok.eog_ids, reply.append)
+    if stats.stopped_by == "interrupt":  # the trainer's third Ctrl-C (quit now): not a sample's to swallow
+        raise KeyboardInterrupt
     return {"prompt": prompt, "text": pieces_text(tok, reply), "tokens": len(reply)}
 
 
