@@ -84,28 +84,39 @@ def _softmax_f32(x: np.ndarray) -> np.ndarray:
     return e / np.cumsum(e, dtype=np.float32)[-1]
 
 
+def _largest(x: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m largest of x, largest first (argpartition, then a sort of those m only)."""
+    n = x.shape[0]
+    part = np.argpartition(x, n - m)[n - m:] if m < n else np.arange(n)
+    return part[np.argsort(-x[part], kind="stable")]
+
+
 def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, logits) that top-k, top-p and min-p leave, in the order llama.cpp holds them:
     sorted by descending logit once top-k or top-p has run, vocabulary order otherwise."""
     ids: np.ndarray | None = None
     x = logits
     sorted_ = False
-    n = x.shape[0]
     if params.top_k > 0:
-        k = min(params.top_k, n)
-        part = np.argpartition(x, n - k)[n - k:] if k < n else np.arange(n)  # the k largest
-        ids = part[np.argsort(-x[part], kind="stable")]
+        ids = _largest(x, min(params.top_k, x.shape[0]))
         x = x[ids]
         sorted_ = True
     if params.top_p < 1.0:
-        if not sorted_:
-            ids = np.argsort(-x, kind="stable")
-            x = x[ids]
-            sorted_ = True
-        cum = np.cumsum(_softmax_f32(x), dtype=np.float32)
+        probs = _softmax_f32(x)
+        order, cum = None, np.cumsum(probs, dtype=np.float32)
+        m = 256 if x.shape[0] > 1024 else x.shape[0]  # unsorted: the 256 largest first, as llama.cpp
+        while not sorted_:  # then 16 times more, until they hold top_p of the mass
+            order = _largest(x, min(m, x.shape[0]))
+            cum = np.cumsum(probs[order], dtype=np.float32)
+            if order.size == x.shape[0] or cum[-1] >= np.float32(params.top_p):
+                break
+            m *= 16
         reached = np.flatnonzero(cum >= np.float32(params.top_p))
-        keep = int(reached[0]) + 1 if reached.size else x.shape[0]
-        ids, x = ids[:keep], x[:keep]  # type: ignore[index]
+        keep = int(reached[0]) + 1 if reached.size else cum.shape[0]
+        sel = np.arange(keep) if order is None else order[:keep]
+        ids = sel if ids is None else ids[sel]
+        x = x[sel]
+        sorted_ = True
     if params.min_p > 0.0:
         floor = np.float32(x.max()) + np.float32(np.log(np.float32(params.min_p)))
         keep_mask = x >= floor
@@ -117,7 +128,7 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
         ids = sel if ids is None else ids[sel]
         x = x[sel]
     if ids is None:
-        ids = np.arange(n)
+        ids = np.arange(x.shape[0])
     return ids, x
 
 
