@@ -395,6 +395,10 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     click.echo(f"checkpoint: {out.checkpoints(trainer.step)[-1].resolve()}")
     click.echo(f"log:        {out.log.resolve()}")
     click.echo("")
+    click.echo("try it here:")
+    click.echo(f"  ggtrain chat -m {base} --lora {adapter}" + ("" if has_chat_template(mf, tok) else
+                                                               " --chat-template FILE     (the model has none)"))
+    click.echo(f"  ggtrain generate -m {base} --lora {adapter} -p PROMPT --compare     (base, then adapted)")
     click.echo("use it with llama.cpp:")
     click.echo(f"  llama-cli -m {base} --lora {adapter}     (or --lora-scaled {adapter}:0.5)")
     click.echo(f"  llama-server -m {base} --lora {adapter}")
@@ -418,6 +422,17 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
         click.echo(f"  ADAPTER {adapter}")
         click.echo(f"  (`ggtrain ollama -m {base} --lora {adapter}` writes it with the stop tokens, as "
                    "finetune --ollama does)")
+
+
+def has_chat_template(mf: Any, tok: Any) -> bool:
+    """Whether `ggtrain chat` finds a chat template for this model without --chat-template."""
+    from ggtrain.text.chat import ChatTemplate
+
+    try:
+        ChatTemplate.from_model_file(mf, None, tok)
+    except GGTrainError:
+        return False
+    return True
 
 
 def resolve_checkpoint_in(value: Path | None, outdir: Path, say: Any) -> Path | None:

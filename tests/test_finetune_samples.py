@@ -74,6 +74,10 @@ def test_samples_without_validation_data_leave_training_as_it_was(model: Path, t
     samples = logged_samples(tmp_path / "end")
     assert list(samples) == [3] and samples[3][0]["prompt"] == PROMPTS[0]  # no --eval-every: at the end
     assert "sample at step 3: " in r.stderr
+    adapter = (tmp_path / "end" / "ggml-lora-LATEST-f32.gguf").resolve()
+    # the closing lines say how to try it here (this tiny model has no chat template: chat needs one)
+    assert f"ggtrain chat -m {model.resolve()} --lora {adapter} --chat-template FILE" in r.stdout
+    assert f"ggtrain generate -m {model.resolve()} --lora {adapter} -p PROMPT --compare" in r.stdout
     every = finetune(model, tmp_path / "every", *common, "--eval-every", "1", "--sample-prompt", PROMPTS[0],
                      "--sample-tokens", "4")
     assert every.returncode == 0, every.stderr
