@@ -39,8 +39,10 @@ def main() -> None:
 
 
 def _register() -> None:
+    from ggtrain.cli.chat import chat
     from ggtrain.cli.data import data
     from ggtrain.cli.finetune import finetune
+    from ggtrain.cli.generate import generate
     from ggtrain.cli.info import info
     from ggtrain.cli.merge import merge
     from ggtrain.cli.ollama import ollama
@@ -49,6 +51,7 @@ def _register() -> None:
     from ggtrain.cli.tokenize import tokenize
 
     main.add_command(finetune)
+    main.add_command(generate)
     main.add_command(info)
     main.add_command(data)
     main.add_command(perplexity)
@@ -57,6 +60,7 @@ def _register() -> None:
     main.add_command(import_peft)
     main.add_command(merge)
     main.add_command(ollama)
+    main.add_command(chat)
 
 
 _register()

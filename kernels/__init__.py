@@ -202,6 +202,13 @@ def _bf16_for(what: str, compute: str) -> ModuleType | None:
     return bf
 
 
+def _int8_mv_module() -> ModuleType | None:
+    """int8mv_avx512 (qmatmul_int8 for a few tokens), or None where int8mm_avx512 is absent; looked up once."""
+    if "_int8_mv" not in globals():
+        globals()["_int8_mv"] = variant_module("int8mv_avx512") if _int8_module() is not None else None
+    return globals()["_int8_mv"]
+
+
 def __getattr__(name: str) -> object:
     if name in ("_impl", "simd_level"):
         _quant()
@@ -517,6 +524,11 @@ def qmatmul_int8(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | Non
     x = _check_f32_2d(x, "x", n)
     out = _check_out(out, (x.shape[0], w.shape[0]))
     block, type_size = GGML_QUANT_SIZES[qt]
+    mv = _int8_mv_module()
+    if mv is not None and x.shape[0] <= mv.MAX_TOKENS:  # decoding: the matrix-vector kernel, no 16-token tiles
+        mv.qmatmul_int8_mv(int(qt), int8.group_size(int(qt)), int8.has_offset(int(qt)), block, type_size, w, x,
+                           out, get_num_threads())
+        return out
     int8.qmatmul_int8(int(qt), block, type_size, w, x, out, get_num_threads())
     return out
 

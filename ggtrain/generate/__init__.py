@@ -1,0 +1,1 @@
+"""Generation: sampling, the decoding loop with its KV cache, chat sessions."""
