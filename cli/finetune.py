@@ -72,7 +72,14 @@ _TOML_KIND = {bool: "a boolean", int: "an integer", float: "a float", str: "a st
 
 
 def _config_value(path: Path, key: str, v: Any, param: click.Parameter, ctx: click.Context) -> Any:
-    """v from the config file, checked as the option's type checks what is typed on the command line."""
+    """v from the config file, checked as the option's type checks what is typed on the command line;
+    a repeatable option (--sample-prompt) takes an array of such values, or one."""
+    if isinstance(param, click.Option) and param.multiple:
+        return [_config_value_one(path, key, x, param, ctx) for x in (v if isinstance(v, list) else [v])]
+    return _config_value_one(path, key, v, param, ctx)
+
+
+def _config_value_one(path: Path, key: str, v: Any, param: click.Parameter, ctx: click.Context) -> Any:
     want = toml_types(param)
     shown = _toml_repr(v)
     if isinstance(v, bool) != (bool in want) or not isinstance(v, want):
@@ -174,7 +181,13 @@ def _toml_repr(v: Any) -> str:
               help="Gradient checkpointing: keep only each block's input and recompute in backward "
                    "(less memory, ~30% more compute).")
 @click.option("--eval-every", type=Int(min=0), default=0, show_default=True,
-              help="Validation loss every N steps (0: at the end only); needs --val-data or --val-split.")
+              help="Validation loss (and --sample-prompt continuations) every N steps (0: at the end only); "
+                   "needs --val-data, --val-split or --sample-prompt.")
+@click.option("--sample-prompt", "sample_prompts", type=Text(), multiple=True, metavar="TEXT",
+              help="At every --eval-every (and at the end), print a greedy continuation of TEXT by the adapter "
+                   "being trained and write it to train_log.jsonl, to watch it learn. Repeatable.")
+@click.option("--sample-tokens", type=Int(min=1, max=4096), default=32, show_default=True,
+              help="Tokens of each --sample-prompt continuation.")
 @click.option("--overwrite", is_flag=True, default=False,
               help="Replace an earlier run's results in --outdir: its adapters, checkpoints and train_log.jsonl "
                    "are removed before the first step (without it, a new run there is refused).")
@@ -192,8 +205,9 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
              grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, lora_r: int,
              lora_alpha: float, lora_dropout: float, lr: float, adam_beta1: float, adam_beta2: float,
              adam_eps: float, adam_decay: float, adam_gclip: float, warmup: int, cos_decay_steps: int,
-             cos_decay_min: float, checkpointing: bool, eval_every: int, overwrite: bool, keep_checkpoints: int,
-             lora_in: Path | None, write_ollama: bool, **kw: Any) -> None:
+             cos_decay_min: float, checkpointing: bool, eval_every: int, sample_prompts: tuple[str, ...],
+             sample_tokens: int, overwrite: bool, keep_checkpoints: int, lora_in: Path | None, write_ollama: bool,
+             **kw: Any) -> None:
     """Fine-tune a LoRA adapter on a quantized GGUF model.
 
     The base stays in its GGUF type; the adapter is written in llama.cpp's GGUF LoRA format
@@ -274,9 +288,9 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
         say(f"note: {n}")
     if not prep.train.samples:
         raise GGTrainError(f"{opts.train_data}: no usable training samples")
-    if eval_every and val is None:
+    if eval_every and val is None and not sample_prompts:
         raise GGTrainError(f"--eval-every {eval_every}: there is no validation data; give --val-data FILE "
-                           "or --val-split F (e.g. 0.1), or drop --eval-every")
+                           "or --val-split F (e.g. 0.1) or --sample-prompt TEXT, or drop --eval-every")
     # The vocabulary and the samples live as long as the run: keep full garbage collections,
     # triggered by every step's array allocations, from walking them again and again.
     gc.collect()
@@ -296,7 +310,12 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
                       cos_decay_min=cos_decay_min, checkpointing=checkpointing, save_every=save_every,
                       eval_every=eval_every, seed=opts.seed, mem_limit=limit, lora=lcfg.to_dict(),
                       ctx=opts.ctx, train_data=str(opts.train_data), data_digest=data_digest(opts.train_data))
-    trainer = Trainer(model, lora, train, val, cfg, out, echo=say)
+    samples = None
+    if sample_prompts:
+        from ggtrain.generate.preview import sample_fn
+
+        samples = sample_fn(tok, sample_prompts, sample_tokens)
+    trainer = Trainer(model, lora, train, val, cfg, out, echo=say, samples=samples)
     micro = trainer.choose_micro_batch(hp, lcfg, opts.ctx, path.stat().st_size)
 
     if not fresh:

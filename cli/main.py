@@ -39,6 +39,7 @@ def main() -> None:
 
 
 def _register() -> None:
+    from ggtrain.cli.chat import chat
     from ggtrain.cli.data import data
     from ggtrain.cli.finetune import finetune
     from ggtrain.cli.generate import generate
@@ -59,6 +60,7 @@ def _register() -> None:
     main.add_command(import_peft)
     main.add_command(merge)
     main.add_command(ollama)
+    main.add_command(chat)
 
 
 _register()

@@ -197,9 +197,12 @@ def toml_types(param: click.Parameter) -> tuple[type, ...]:
 
 _NOT_ON_CPU = "not needed: ggtrain runs on the CPU; drop it"
 _FROM_GGUF = "not supported: ggtrain reads it from the model's GGUF metadata; drop it"
-_PROMPT = ("ggtrain finetune has no sample prompt: try the adapter with "
-           "`llama-cli -m MODEL --lora ADAPTER -p PROMPT` (for the batch size use -b/--batch)")
+_PROMPT = ("for a sample of the adapter while it trains use --sample-prompt TEXT (at every --eval-every); "
+           "afterwards try it with `ggtrain chat --lora ADAPTER` (for the batch size use -b/--batch)")
 _NO_CONVERGENCE = "not supported: ggtrain has no convergence test (--adam-iter and --epochs end a run)"
+_CHAT_INPUT = ("the messages come from stdin, one a line: `echo 'Hello' | ggtrain chat ...` "
+               "(to continue a text use `ggtrain generate -p PROMPT`)")
+_NO_AFFIXES = "not supported: the chat template frames each turn (--chat-template FILE to change it)"
 _RANKS_TO_ZERO = ("set --rank-wq/--rank-wk/--rank-wv/--rank-wo/--rank-ffn-gate/--rank-ffn-up/--rank-ffn-down "
                   "to 0 for the projections not to train")
 
@@ -272,7 +275,8 @@ FINETUNE_FLAGS = {
     "--use-adam": "not needed: ggtrain always uses AdamW; drop it",
     "--use-lbfgs": "not supported: ggtrain only has AdamW",
     "--print-details-interval": "not supported: the progress line shows the loss of every step",
-    "--predict": "not supported: try the adapter with `llama-cli -m MODEL --lora ADAPTER`",
+    "--predict": "use --sample-tokens N (with --sample-prompt TEXT), or try the adapter with "
+                 "`ggtrain generate --lora ADAPTER -p PROMPT`",
     "--freeze-layers": "not supported: every layer gets a LoRA",
     "--num-layers": "not supported: every layer gets a LoRA",
     "--fine-tune-type": "not supported: ggtrain trains LoRA adapters only",
@@ -288,6 +292,12 @@ HINTS: dict[str, dict[str, str]] = {
                    "--ctx": "use -c/--ctx-size", "--batch": "use -b/--batch-size",
                    "-ub": "not needed: -b/--batch-size decides the tokens of a forward pass"},
     "tokenize": {**EVERY_COMMAND, "--text": "use -p/--prompt TEXT"},
+    "chat": {**EVERY_COMMAND, **{f: _CHAT_INPUT for f in ("-p", "--prompt", "-f", "--file")},
+             **{f: "not needed: ggtrain chat is always interactive (lines from the terminal or a pipe)"
+                for f in ("-i", "--interactive", "-if", "--interactive-first")},
+             "--lora-scaled": "use --lora ADAPTER:SCALE", "--in-prefix": _NO_AFFIXES, "--in-suffix": _NO_AFFIXES,
+             "-r": "not needed: a reply ends at the chat template's end-of-turn token",
+             "--reverse-prompt": "not needed: a reply ends at the chat template's end-of-turn token"},
     "info": {**EVERY_COMMAND},
 }
 

@@ -15,14 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from ggtrain.cli.options import INT32_MAX, UINT32_MAX, Float, Int
+from ggtrain.cli.options import UINT32_MAX, Float, Int
 
 # (param declarations, keyword arguments) in the order --help lists them.
 SAMPLING_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--temp", "--temperature", "temp"), {"type": Float(), "default": 0.8, "show_default": True, "metavar": "T",
-     "help": "Temperature: logits are divided by it before the draw; 0 (or less) is greedy, always the most "
+    (("--temp", "--temperature", "temp"), {"type": Float(min=0.0), "default": 0.8, "show_default": True, "metavar": "T",
+     "help": "Temperature: logits are divided by it before the draw; 0 is greedy, always the most "
           "likely token."}),
-    (("--top-k", "top_k"), {"type": Int(min=None, max=INT32_MAX), "default": 40, "show_default": True,
+    (("--top-k", "top_k"), {"type": Int(min=0), "default": 40, "show_default": True,
      "metavar": "K", "help": "Keep only the K most likely tokens (0: off)."}),
     (("--top-p", "top_p"), {"type": Float(0.0, 1.0), "default": 0.95, "show_default": True, "metavar": "P",
      "help": "Keep the most likely tokens whose probabilities add up to P (1.0: off)."}),

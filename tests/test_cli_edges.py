@@ -75,8 +75,10 @@ def make_world(root: Path) -> dict[str, str]:
     adapter = write_gguf_adapter(root / "adapter.gguf", lora, mf)
     export_peft(adapter, root / "peft", mf)
     (root / "out").mkdir()
+    (root / "chat.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     return {"root": str(root), "model": str(model), "train": str(root / "train.txt"), "ppl": str(root / "ppl.txt"),
-            "binary": str(root / "binary.bin"), "adapter": str(adapter), "peft": str(root / "peft")}
+            "binary": str(root / "binary.bin"), "adapter": str(adapter), "peft": str(root / "peft"),
+            "chat_template": str(root / "chat.jinja")}
 
 
 def case_files(root: Path, cid: int) -> dict[str, str]:
@@ -104,6 +106,8 @@ def base_values(w: dict[str, str]) -> dict[str, dict[str, str]]:
         "import-peft": {"peft_dir": w["peft"], "model_path": w["model"], "outfile": "OUTDIR.gguf"},
         "merge": {"model_path": w["model"], "loras": w["adapter"], "out": "merged.gguf", "threads": "1"},
         "ollama": {"model_path": w["model"], "loras": w["adapter"], "out": "Modelfile"},
+        "chat": {"model_path": w["model"], "chat_template": w["chat_template"], "n_ctx": "16", "threads": "1"},
+        "generate": {"model_path": w["model"], "prompt": "hello", "n_ctx": "16", "n_predict": "1", "threads": "1"},
     }
 
 
@@ -345,7 +349,7 @@ def test_checkpoint_in_that_is_not_a_checkpoint(world: dict[str, str], tmp_path:
 
 @pytest.mark.parametrize("cmd, flags, want", [
     ("finetune", ["--save-path", "./lora-adapter.bin"], "No such option '--save-path': use --outdir DIR"),
-    ("finetune", ["-p", "32"], "ggtrain finetune has no sample prompt: try the adapter with `llama-cli"),
+    ("finetune", ["-p", "32"], "use --sample-prompt TEXT (at every --eval-every); afterwards try it with `ggtrain"),
     ("finetune", ["--prompt", "Tell me a joke"], "(for the batch size use -b/--batch)"),
     ("finetune", ["-ngl", "99"], "No such option '-n' (in -ngl): not needed: ggtrain runs on the CPU"),
     ("finetune", ["--train_data", "x.txt"], "No such option '--train_data': use --train-data (with dashes)"),

@@ -93,7 +93,7 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     n = x.shape[0]
     if params.top_k > 0:
         k = min(params.top_k, n)
-        part = np.argpartition(-x, k - 1)[:k] if k < n else np.arange(n)
+        part = np.argpartition(x, n - k)[n - k:] if k < n else np.arange(n)  # the k largest
         ids = part[np.argsort(-x[part], kind="stable")]
         x = x[ids]
         sorted_ = True

@@ -204,15 +204,23 @@ class StepResult:
     micro_batch: int
 
 
+# The model being trained (its LoRA as it stands) -> records of what it writes for the sample prompts,
+# e.g. [{"prompt": ..., "text": ...}] (finetune --sample-prompt: the generate stage makes them).
+SampleFn = Callable[[Model], list[dict[str, Any]]]
+
+
 class Trainer:
     """Trains `lora` on `model`'s frozen weights (self.model = model.with_trainable(lora); the given
-    model is left as it is) over `train` batches; see the module docstring."""
+    model is left as it is) over `train` batches; see the module docstring. `samples`, when given,
+    runs at every evaluation (and at the end if none ran there) and its records go to the log."""
 
     def __init__(self, model: Model, lora: LoraWeights, train: Batches, val: Batches | None,
-                 cfg: TrainConfig, out: OutputPaths, echo: Callable[[str], None] = print):
+                 cfg: TrainConfig, out: OutputPaths, echo: Callable[[str], None] = print,
+                 samples: SampleFn | None = None):
         self.model = model.with_trainable(lora)
         self.lora, self.train, self.val, self.cfg, self.out = lora, train, val, cfg, out
         self.echo = echo
+        self.samples = samples
         self.grads = lora.zeros_like()
         self.opt = AdamW({"lora": lora.flat}, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                          weight_decay=cfg.weight_decay)
@@ -445,6 +453,18 @@ class Trainer:
         self.last_val = mean_loss(self.model, self.val.epoch_batches(0), self.micro)
         return self.last_val
 
+    def evaluate(self) -> dict[str, Any]:
+        """The validation loss and the sample prompts' continuations, as log fields (printed too)."""
+        rec: dict[str, Any] = {}
+        if self.val is not None:
+            rec["val_loss"] = self.validate()
+        if self.samples is not None:
+            rec["samples"] = self.samples(self.model)
+            for smp in rec["samples"]:
+                self.echo(f"sample at step {self.step}: {json.dumps(smp['prompt'], ensure_ascii=False)} -> "
+                          f"{json.dumps(smp['text'], ensure_ascii=False)}")
+        return rec
+
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, progress: Any = None) -> str:
         """Train to the end (or an interrupt). Returns "done" or "interrupted"."""
@@ -468,8 +488,8 @@ class Trainer:
                            "seconds": r.seconds, "tokens_per_s": r.tokens / r.seconds,
                            "rss_bytes": self.monitor.rss, "peak_rss_bytes": self.monitor.peak,
                            "micro_batch": r.micro_batch}
-                    if cfg.eval_every and r.step % cfg.eval_every == 0 and self.val is not None:
-                        rec["val_loss"] = self.validate()
+                    if cfg.eval_every and r.step % cfg.eval_every == 0:
+                        rec.update(self.evaluate())
                     self.log(rec)
                     if progress is not None:
                         progress(r, ema, self)
@@ -477,9 +497,8 @@ class Trainer:
                         return self._stop(signals.received)
                     if cfg.save_every and r.step % cfg.save_every == 0 and r.step < self.total_steps:
                         self._save(signals)
-                if self.val is not None and (not cfg.eval_every or self.step % cfg.eval_every):
-                    v = self.validate()
-                    self.log({"step": self.step, "val_loss": v})
+                if (self.val is not None or self.samples) and (not cfg.eval_every or self.step % cfg.eval_every):
+                    self.log({"step": self.step, **self.evaluate()})
                 self._save(signals)
                 return "done"
         finally:
