@@ -180,3 +180,15 @@ def test_cnv_is_the_chat_loop() -> None:
     cnv, chat = run("generate", "-cnv"), run("chat")
     assert cnv.stdout == chat.stdout and cnv.stdout.count("\n") >= 2
     assert "-cnv" in refused(ggtrain("generate", "-cnv", "-p", "Hi"))
+
+
+def test_a_peft_directory_is_the_same_adapter(model: Path, adapter: Path, tmp_path: Path) -> None:
+    # --lora takes PEFT directories as perplexity does: the exported adapter continues as the GGUF one,
+    # at a negative scale too
+    peft_dir = tmp_path / "peft"
+    ok(ggtrain("export-peft", adapter, "-o", peft_dir, "-m", model))
+    common = ["-m", model, "-p", PROMPT, "-n", "10", "--temp", "0", "-c", "64", "--no-display-prompt"]
+    from_gguf = ok(ggtrain("generate", *common, "--lora", f"{adapter}:-0.5")).stdout
+    from_peft = ok(ggtrain("generate", *common, "--lora", f"{peft_dir}:-0.5")).stdout
+    tok = Tokenizer.from_model_file(ModelFile(model))
+    assert from_gguf == from_peft != tok.decode(greedy_ids(model, PROMPT, 10), special=False) + "\n"
