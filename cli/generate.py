@@ -92,13 +92,19 @@ def token_printer(piece: Callable[[int], bytes]) -> tuple[Callable[[int], None],
 @click.option("--display-prompt/--no-display-prompt", default=True, show_default=True,
               help="Print the prompt before its continuation (llama.cpp's flag).")
 @click.option("-cnv", "--conversation", "conversation", is_flag=True,
-              help="Chat through the model's chat template instead (as `ggtrain chat`).")
+              help="Chat through the model's chat template instead, turns read from stdin (as `ggtrain chat`).")
 def generate(model_path: Path | None, loras: tuple[str, ...], prompt: str | None, prompt_file: Path | None,
              n_predict: int, sampling: SamplingParams, n_ctx: int | None, threads: int | None, matmul: str,
              compare: bool, display_prompt: bool, conversation: bool) -> None:
     """Continue a prompt with a model (plus adapters), streaming tokens as llama-completion does."""
-    if conversation:
-        raise GGTrainError("-cnv: conversation mode is `ggtrain chat` (same options)")
+    if conversation:  # llama.cpp's -cnv: the chat loop over stdin (`ggtrain chat`)
+        if prompt is not None or prompt_file is not None or compare:
+            raise GGTrainError("-cnv is a conversation read from stdin: -p/-f/--compare do not apply "
+                               "(`ggtrain chat --system TEXT` for a system message)")
+        from ggtrain.cli.chat import start_chat
+
+        start_chat(model_path, loras, sampling, n_predict, n_ctx, threads, matmul)
+        return
     if prompt is not None and prompt_file is not None:
         raise GGTrainError("give the prompt once: -p PROMPT or -f FILE, not both")
     if prompt is None and prompt_file is None:

@@ -8,7 +8,8 @@
    Only the integer dot differs in form: signed × signed through vpdpbusd as |xq| × (q with x's sign),
    64 products per instruction, and the per-group scales applied per int32 lane (lane l of a 64-byte
    chunk belongs to group l / (G/4)), so a row is one pass over its bytes with no horizontal sums
-   until the end. A row is converted once (into L1) and used for every token.
+   until the end. A row is converted once (into L1) and used for every token; its scale buffers must
+   be zero past n/G (the caller clears them once).
    (q = -128 would not negate; no GGUF quantizer writes it: Q8_0 quants are rint(x·127/max|x|).)
 */
 #ifndef GG_INT8MV_UTIL_H
@@ -94,7 +95,7 @@ static int gg_mv_weight_row(int qtype, const uint8_t *b, int64_t nb, int8_t *q, 
 }
 
 /* One token: x (n floats) -> ax (|xq| as bytes, n rounded up to 64, zero-padded), neg (sign bits of
-   xq, one mask per 64 bytes), xs[g], xsum[g] = xs·Σxq. */
+   xq, one mask per 64 bytes), xs[g] (4 zeros past the last group), xsum[g] = xs·Σxq. */
 static void gg_mv_quantize(const float *x, int64_t n, int G, uint8_t *ax, __mmask64 *neg, float *xs,
                            float *xsum) {
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
@@ -114,6 +115,7 @@ static void gg_mv_quantize(const float *x, int64_t n, int G, uint8_t *ax, __mmas
         xs[g] = d;
         xsum[g] = d * (float)sum;
     }
+    for (int64_t g = n / G; g < n / G + 4; g++) xs[g] = 0.0f;  /* the last chunk's missing groups */
     for (int64_t c = 0; c < nc; c++) {  /* signed bytes -> magnitudes and sign masks */
         const __m512i v = _mm512_loadu_si512((const void *)(ax + c * 64));
         neg[c] = _mm512_movepi8_mask(v);
@@ -121,33 +123,35 @@ static void gg_mv_quantize(const float *x, int64_t n, int G, uint8_t *ax, __mmas
     }
 }
 
-/* y[t] for one converted row (q: n bytes, zero-padded to 64; s, o per group; sc: scratch of n/G + 16
-   floats) and token t's quantized form. */
+/* y[t] for one converted row (q: n bytes, padded to 64; s, o per group, zero past n/G) and token t's
+   quantized form. The row was just written in 32-byte stores and scalar scales: it is read back the
+   same way (two 32-byte loads a chunk, scalar scales broadcast), so every load is forwarded from its
+   store instead of waiting for wider loads to see several stores retire. */
 static inline float gg_mv_dot(int G, int has_off, int64_t n, const int8_t *q, const float *s, const float *o,
-                              const uint8_t *ax, const __mmask64 *neg, const float *xs, const float *xsum,
-                              float *sc) {
-    const int64_t ng = n / G, nc = (n + 63) / 64, gpc = 64 / G;
-    int64_t g = 0;
-    for (; g + 16 <= ng; g += 16)
-        _mm512_storeu_ps(sc + g, _mm512_mul_ps(_mm512_loadu_ps(s + g), _mm512_loadu_ps(xs + g)));
-    for (; g < ng; g++) sc[g] = s[g] * xs[g];
-    for (int k = 0; k < 16; k++) sc[ng + k] = 0.0f;  /* the tail chunk's missing groups */
-    const __m512i idx = G == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __mmask16 gmask = (__mmask16)((1u << gpc) - 1);
+                              const uint8_t *ax, const __mmask64 *neg, const float *xs, const float *xsum) {
+    const int64_t ng = n / G, nc = (n + 63) / 64;
+    const __m512i idx16 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     const __m512i zero = _mm512_setzero_si512();
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < nc; c++) {
-        __m512i w = _mm512_loadu_si512((const void *)(q + c * 64));
+        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(q + c * 64))),
+                                       _mm256_loadu_si256((const __m256i *)(q + c * 64 + 32)), 1);
         w = _mm512_mask_sub_epi8(w, neg[c], zero, w);
         const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void *)(ax + c * 64)), w);
-        const __m512 lsc = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(gmask, sc + c * gpc));
+        __m512 lsc;
+        if (G == 32)  /* lanes 0-7: group 2c, 8-15: group 2c+1 */
+            lsc = _mm512_insertf32x8(_mm512_set1_ps(s[2 * c] * xs[2 * c]),
+                                     _mm256_set1_ps(s[2 * c + 1] * xs[2 * c + 1]), 1);
+        else  /* four lanes a group */
+            lsc = _mm512_permutexvar_ps(idx16, _mm512_castps128_ps512(
+                _mm_mul_ps(_mm_loadu_ps(s + 4 * c), _mm_loadu_ps(xs + 4 * c))));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), lsc, acc);
     }
     float r = _mm512_reduce_add_ps(acc);
     if (has_off) {
         __m512 oacc = _mm512_setzero_ps();
-        for (g = 0; g + 16 <= ng; g += 16)
+        int64_t g = 0;
+        for (; g + 16 <= ng; g += 16)
             oacc = _mm512_fmadd_ps(_mm512_loadu_ps(o + g), _mm512_loadu_ps(xsum + g), oacc);
         r += _mm512_reduce_add_ps(oacc);
         for (; g < ng; g++) r += o[g] * xsum[g];

@@ -8,12 +8,14 @@
 The same masks, order (scale, then cap) and f32 softmax as attention_forward, so the logits of a
 step equal a full recompute's within f32 rounding. One task per (query, head); scores of a task
 live in a (keys,) scratch row: O(n · L) work, never an (n, L) tensor per head. The dot products
-are plain loops over head_dim, which LLVM vectorises (fastmath); one decoding step is Hq tasks.
+are plain loops over head_dim, which LLVM vectorises (fastmath); one decoding step is Hq tasks, run
+on the calling thread unless the context is long.
 """
 
 import math
 
 import numpy as np
+from ggtrain.kernels import PARALLEL_MIN
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
@@ -46,8 +48,18 @@ def _attend_one(q, kc, vc, i, h, g, p0, n_swa, scale, softcap, s, kbuf, out):
             out[i, h, d] += p * vc[lo + j, g, d]
 
 
+@njit(cache=True)
+def _attend_serial(q, kc, vc, p0, n_swa, scale, softcap, out):
+    n, Hq = q.shape[0], q.shape[1]
+    G = Hq // kc.shape[1]
+    s = np.empty(p0 + n, np.float32)
+    kbuf = np.empty(p0 + n, np.int32)
+    for task in range(n * Hq):
+        _attend_one(q, kc, vc, task // Hq, task % Hq, (task % Hq) // G, p0, n_swa, scale, softcap, s, kbuf, out)
+
+
 @njit(cache=True, parallel=True)
-def _attend(q, kc, vc, p0, n_swa, scale, softcap, out):
+def _attend_parallel(q, kc, vc, p0, n_swa, scale, softcap, out):
     n, Hq = q.shape[0], q.shape[1]
     G = Hq // kc.shape[1]
     L = p0 + n
@@ -70,5 +82,8 @@ def attention_cached(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, p0: int, sca
         raise ValueError(f"attention_cached: positions {p0}..{p0 + n - 1} beyond a cache of {kc.shape[0]}")
     if out is None:
         out = np.empty((n, Hq, vc.shape[2]), np.float32)
-    _attend(q, kc, vc, int(p0), int(n_swa), np.float32(scale), np.float32(softcap), out)
+    # a decoding step over a short context is a few hundred microseconds of work: waking the thread
+    # pool (and, on a busy machine, waiting for its threads to be scheduled) would cost more
+    run = _attend_parallel if n * Hq * (p0 + n) * D >= PARALLEL_MIN * 4 else _attend_serial
+    run(q, kc, vc, int(p0), int(n_swa), np.float32(scale), np.float32(softcap), out)
     return out

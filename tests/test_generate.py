@@ -166,3 +166,23 @@ def test_int8_decode_product_is_the_int8_product(qt: Q) -> None:
         for T in (1, 3, 8):
             x = rng.standard_normal((T, n), dtype=np.float32)
             assert rel_err(kernels.qmatmul_int8(x, w, qt), reference(x, w, qt)) < 1e-5, (n, T)
+
+
+@pytest.mark.parametrize("n_swa, softcap", [(0, 0.0), (300, 30.0)])
+@pytest.mark.parametrize("L, n", [(40, 1), (40, 7), (2100, 1), (2100, 5)])  # short: serial; long: parallel
+def test_attention_over_the_cache_is_the_causal_attention(L: int, n: int, n_swa: int, softcap: float) -> None:
+    # the last n queries over a cache of L positions = those rows of attention over all L at once
+    from ggtrain.kernels.attention import attention_forward
+    from ggtrain.kernels.kvattention import attention_cached
+
+    rng = np.random.default_rng(L + n)
+    q = rng.standard_normal((L, 4, 64), dtype=np.float32)
+    k = rng.standard_normal((L, 2, 64), dtype=np.float32)
+    v = rng.standard_normal((L, 2, 64), dtype=np.float32)
+    full, _ = attention_forward(q, k, v, 0.125, softcap, n_swa)
+    cache_k = np.zeros((L + 10, 2, 64), np.float32)
+    cache_v = np.zeros((L + 10, 2, 64), np.float32)
+    cache_k[:L], cache_v[:L] = k, v  # rows past L are never read
+    cache_k[L:], cache_v[L:] = np.nan, np.nan
+    got = attention_cached(np.ascontiguousarray(q[L - n:]), cache_k, cache_v, L - n, 0.125, softcap, n_swa)
+    assert np.allclose(got, full[L - n:], rtol=0, atol=2e-5)

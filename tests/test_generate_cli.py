@@ -166,3 +166,29 @@ def test_refusals(model: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all" * 10)
     assert "bad.gguf" in refused(ggtrain("generate", "-m", model, "-p", "a", "--lora", bad))
+
+
+def test_cnv_is_the_chat_loop() -> None:
+    # `generate -cnv` is `ggtrain chat` (the bundled Gemma 3 270M, whose template ggtrain ships)
+    args = ["-n", "6", "--temp", "0", "-c", "128", "-t", "1"]
+    turns = "Hello\nWhat is two plus two?\n/exit\n"
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return ok(subprocess.run([*GGTRAIN, *cmd, *args], input=turns, capture_output=True, text=True,
+                                 timeout=600, check=False))
+
+    cnv, chat = run("generate", "-cnv"), run("chat")
+    assert cnv.stdout == chat.stdout and cnv.stdout.count("\n") >= 2
+    assert "-cnv" in refused(ggtrain("generate", "-cnv", "-p", "Hi"))
+
+
+def test_a_peft_directory_is_the_same_adapter(model: Path, adapter: Path, tmp_path: Path) -> None:
+    # --lora takes PEFT directories as perplexity does: the exported adapter continues as the GGUF one,
+    # at a negative scale too
+    peft_dir = tmp_path / "peft"
+    ok(ggtrain("export-peft", adapter, "-o", peft_dir, "-m", model))
+    common = ["-m", model, "-p", PROMPT, "-n", "10", "--temp", "0", "-c", "64", "--no-display-prompt"]
+    from_gguf = ok(ggtrain("generate", *common, "--lora", f"{adapter}:-0.5")).stdout
+    from_peft = ok(ggtrain("generate", *common, "--lora", f"{peft_dir}:-0.5")).stdout
+    tok = Tokenizer.from_model_file(ModelFile(model))
+    assert from_gguf == from_peft != tok.decode(greedy_ids(model, PROMPT, 10), special=False) + "\n"
