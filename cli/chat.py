@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
+from ggtrain.cli.common import compute_option, model_option, open_model, start_threads, threads_option
 from ggtrain.cli.generate import DEFAULT_CTX
 from ggtrain.cli.options import Command, Int, LoraArg, PathType, Text
 from ggtrain.cli.sampling import sampling_options
@@ -41,9 +41,7 @@ if TYPE_CHECKING:
               help=f"Context of the whole conversation, in tokens: the KV cache is sized from it (default: "
                    f"{DEFAULT_CTX}, or the model's training context if smaller).")
 @threads_option()
-@click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
-              help="Products with the quantized weights: int8 activations as llama.cpp (AVX512-VNNI CPUs), "
-                   "or f32; auto picks int8 where the CPU has it.")
+@compute_option(training=False, dest="matmul")
 # llama.cpp's switches for what ggtrain chat always does: taken, and nothing to do
 @click.option("-cnv", "--conversation", "--jinja", is_flag=True, expose_value=False, hidden=True)
 @click.option("--verbose-prompt", is_flag=True, default=False,

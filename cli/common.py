@@ -53,8 +53,9 @@ def open_model(model_path: Path | None, check_types: bool = True) -> tuple[Path,
     return path, ModelFile(path, check_types=check_types)
 
 
-def compute_option(training: bool = True) -> Callable:
-    """--compute: the type of the products with the frozen base weights (`--matmul` is its old name)."""
+def compute_option(training: bool = True, dest: str = "compute") -> Callable:
+    """--compute: the type of the products with the frozen base weights (`--matmul` is its old name);
+    ggtrain.model.transformer.resolve_matmul turns the value into the mode that runs."""
     if training:
         choices, text = ["auto", "bf16", "f32"], (
             "Products with the frozen base weights: bf16 rounds their inputs (activations, output gradients, the "
@@ -65,30 +66,6 @@ def compute_option(training: bool = True) -> Callable:
         choices, text = ["auto", "int8", "bf16", "f32"], (
             "Products with the quantized weights: int8 quantizes activations as llama.cpp does (AVX512-VNNI), bf16 "
             "rounds them to bf16 (AVX512-BF16), f32 keeps them f32; auto picks int8 where the CPU has it.")
-    return click.option("--compute", "--matmul", "compute", type=click.Choice(choices), default="auto",
+    return click.option("--compute", "--matmul", dest, type=click.Choice(choices), default="auto",
                         show_default=True, help=text)
 
-
-def resolve_compute(requested: str, training: bool = True) -> tuple[str, str]:
-    """(mode, why) for --compute: what Model.set_matmul runs and the reason the start-up line prints."""
-    from ggtrain import kernels
-
-    if requested != "auto":
-        return requested, f"--compute {requested}"
-    if not training and kernels.int8_available():
-        return "int8", "auto: this CPU has AVX512-VNNI (llama.cpp's int8 activations)"
-    if kernels.bf16_available():
-        return "bf16", "auto: this CPU has AVX512-BF16 dot products"
-    import os
-
-    from ggtrain.kernels.variants import cpu_features
-
-    if "avx512_bf16" not in cpu_features():
-        why = "this CPU has no native bf16 dot products (AVX512-BF16)"
-    elif os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
-        why = "GGTRAIN_AVX512=0 turns the AVX512 kernels off"
-    elif os.environ.get("GGTRAIN_BF16", "").strip() == "0":
-        why = "GGTRAIN_BF16=0 turns the bf16 kernels off"
-    else:
-        why = "the bf16 kernels were not built here"
-    return "f32", f"auto: {why}"

@@ -13,7 +13,6 @@ from ggtrain.cli.common import (
     compute_option,
     model_option,
     open_model,
-    resolve_compute,
     start_threads,
     threads_option,
 )
@@ -228,7 +227,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     from ggtrain.dataset.batches import load_batches
     from ggtrain.gguf.arch import read_hparams
     from ggtrain.model.lora import DEFAULT_TARGETS, LoraConfig, LoraWeights, target_shapes
-    from ggtrain.model.transformer import Model
+    from ggtrain.model.transformer import Model, resolve_matmul
     from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.train.checkpoint import load_checkpoint
     from ggtrain.train.memory import check_fits, default_mem_limit, format_bytes
@@ -286,7 +285,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     check_fits(batch, micro_batch, limit, hp, lcfg, opts.ctx, checkpointing, path.stat().st_size,
                limit_given=mem_limit is not None, threads=n_threads)
 
-    mode, why = resolve_compute(compute)
+    mode, why = resolve_matmul(compute, training=True)
     model = Model(mf, hp, matmul=mode)
     tok = Tokenizer.from_model_file(mf)
     notice = kernels.first_run_notice()

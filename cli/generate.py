@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from ggtrain.cli.common import model_option, open_model, start_threads, threads_option
+from ggtrain.cli.common import compute_option, model_option, open_model, start_threads, threads_option
 from ggtrain.cli.options import Command, Int, LoraArg, PathType, Text
 from ggtrain.cli.sampling import sampling_options
 
@@ -84,9 +84,7 @@ def token_printer(piece: Callable[[int], bytes]) -> tuple[Callable[[int], None],
               help=f"Context size in tokens: prompt plus generated; the KV cache is sized from it "
                    f"(default: {DEFAULT_CTX}, or the model's training context if smaller).")
 @threads_option()
-@click.option("--matmul", type=click.Choice(["auto", "int8", "f32"]), default="auto", show_default=True,
-              help="Products with the quantized weights: int8 quantizes activations as llama.cpp does "
-                   "(AVX512-VNNI CPUs); f32 multiplies dequantized tiles; auto picks int8 where the CPU has it.")
+@compute_option(training=False, dest="matmul")
 @click.option("--compare", is_flag=True,
               help="Print the base model's continuation, then the adapted model's (same prompt, same seed).")
 @click.option("--display-prompt/--no-display-prompt", default=True, show_default=True,
@@ -121,11 +119,11 @@ def generate(model_path: Path | None, loras: tuple[str, ...], prompt: str | None
 
     from ggtrain import kernels
     from ggtrain.adapters.load import load_adapter_arg
-    from ggtrain.generate.decoder import Decoder, resolve_matmul
+    from ggtrain.generate.decoder import Decoder
     from ggtrain.generate.kvcache import KVCache
     from ggtrain.generate.sampling import Sampler
     from ggtrain.generate.stream import generate_tokens
-    from ggtrain.model.transformer import Adapter, Model
+    from ggtrain.model.transformer import Adapter, Model, require_matmul, resolve_matmul
     from ggtrain.text.tokenizer import Tokenizer
 
     n_threads = start_threads(threads)
@@ -149,11 +147,11 @@ def generate(model_path: Path | None, loras: tuple[str, ...], prompt: str | None
                            "raise -c/--ctx-size or shorten the prompt")
     if not ids:
         raise GGTrainError("the prompt is empty: there is nothing to continue")
-    mode = resolve_matmul(matmul)
+    mode, why = resolve_matmul(matmul)
+    require_matmul(mode)
     echo_err(f"generate: n_ctx = {n_ctx} (the model's training context: {hp.n_ctx_train}), KV cache "
              f"{KVCache.bytes_for(hp, n_ctx) / MIB:.1f} MiB (f32), n_threads = {n_threads}")
-    echo_err(f"generate: {mode} matmul" + (" (activations quantized to int8, AVX512-VNNI)" if mode == "int8"
-                                            else " (dequantized f32 tiles)"))
+    echo_err(f"generate: {mode} matmul ({why})")
     runs = [("base model", [])] if compare else []
     runs.append(("with " + ", ".join(loras), adapters) if compare else ("", adapters))
     stop = tok.eog_ids

@@ -12,7 +12,6 @@ from ggtrain.cli.common import (
     compute_option,
     model_option,
     open_model,
-    resolve_compute,
     start_threads,
     threads_option,
 )
@@ -57,7 +56,7 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
     from ggtrain import kernels
     from ggtrain.adapters.load import load_adapter_arg
     from ggtrain.model.perplexity import perplexity_chunks
-    from ggtrain.model.transformer import Adapter, Model
+    from ggtrain.model.transformer import Adapter, Model, resolve_matmul
     from ggtrain.text.tokenizer import Tokenizer
 
     start_threads(threads)
@@ -65,7 +64,7 @@ def perplexity(model_path: Path | None, text_file: Path, n_ctx: int, n_batch: in
     if notice:
         click.echo(f"perplexity: {notice}", err=True)
     _, mf = open_model(model_path)
-    matmul, why = resolve_compute(compute, training=False)
+    matmul, why = resolve_matmul(compute)
     model = Model(mf, matmul=matmul)
     for arg in loras:
         model.adapters.append(Adapter(load_adapter_arg(arg, mf)))

@@ -33,26 +33,14 @@ from ggtrain.kernels.norm import rmsnorm_forward
 from ggtrain.kernels.rope import rope_forward
 from ggtrain.model.linear import LoraLinear, QWeight
 from ggtrain.model.saved import PROJECTIONS
-from ggtrain.model.transformer import Model
-
-MATMUL_CHOICES = ("auto", "int8", "f32")
+from ggtrain.model.transformer import Model, require_matmul, resolve_matmul
 
 
-def resolve_matmul(matmul: str) -> str:
-    """"auto" -> "int8" where the CPU has VNNI (kernels.int8_available()), else "f32" (perplexity's rule)."""
-    if matmul not in MATMUL_CHOICES:
-        raise ValueError(f"matmul {matmul!r}: expected one of {', '.join(MATMUL_CHOICES)}")
-    if matmul == "auto":
-        return "int8" if kernels.int8_available() else "f32"
-    if matmul == "int8" and not kernels.int8_available():
-        raise GGTrainError("int8 matmul needs a CPU with AVX512-VNNI (this one has none); use f32")
-    return matmul
-
-
-def _own_linear(lin: LoraLinear, int8: bool) -> LoraLinear:
-    """lin with a QWeight of its own (same bytes, not copied), so choosing int8 here leaves the model's alone."""
+def _own_linear(lin: LoraLinear, matmul: str) -> LoraLinear:
+    """lin with a QWeight of its own (same bytes, not copied), so the path chosen here leaves the model's alone."""
     base = QWeight(lin.base.data, lin.base.qtype, lin.base.shape)
-    base.int8 = int8 and kernels.int8_supported(base.qtype)
+    base.int8 = matmul == "int8" and kernels.int8_supported(base.qtype)
+    base.compute = "bf16" if matmul == "bf16" else "f32"
     return LoraLinear(base, lin.terms, lin.bias)
 
 
@@ -81,15 +69,15 @@ class Decoder:
         self.model = model
         self.n_ctx = int(n_ctx)
         self.n_past = 0
-        self.matmul = resolve_matmul(matmul)
-        int8 = self.matmul == "int8"
+        self.matmul, self.matmul_why = resolve_matmul(matmul)
+        require_matmul(self.matmul)
         ropes = model._rope_tables(np.arange(self.n_ctx, dtype=np.int32))  # one table per (base, scale)
         self.blocks = []
         for il, L in enumerate(model.layers):
-            lin = {t: _own_linear(model.linear(il, t), int8) for t in PROJECTIONS}
+            lin = {t: _own_linear(model.linear(il, t), self.matmul) for t in PROJECTIONS}
             self.blocks.append(_Block(lin, L.attn_norm, L.ffn_norm, L.q_norm, L.k_norm, L.attn_post_norm,
                                       L.ffn_post_norm, hp.n_swa if hp.is_swa(il) else 0, ropes[il]))
-        self.head = _own_linear(model.output_head(), int8)
+        self.head = _own_linear(model.output_head(), self.matmul)
         self.cache = KVCache(hp, self.n_ctx)
         self.kv_bytes = self.cache.nbytes
         self._neox = hp.rope_type == ROPE_NEOX

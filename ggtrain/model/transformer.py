@@ -118,6 +118,48 @@ MATMUL_MODES = ("f32", "bf16", "int8")
 TRAINING_MODES = ("f32", "bf16")  # the modes with a backward
 
 
+def require_matmul(mode: str) -> None:
+    """GGTrainError unless `mode` runs on this CPU (ValueError for a name that is no mode)."""
+    if mode not in MATMUL_MODES:
+        raise ValueError(f"matmul mode {mode!r}: expected one of {', '.join(MATMUL_MODES)}")
+    if mode == "int8" and not kernels.int8_available():
+        raise GGTrainError("int8 matmul needs a CPU with AVX512-VNNI (this one has none); use f32")
+    if mode == "bf16" and not kernels.bf16_available():
+        raise GGTrainError("bf16 compute needs a CPU with AVX512-BF16 (this one has none, or GGTRAIN_BF16=0 / "
+                           "GGTRAIN_AVX512=0 turned it off); use f32")
+
+
+def resolve_matmul(requested: str, training: bool = False) -> tuple[str, str]:
+    """(mode, why) for a --compute/--matmul value: "auto" is int8 for inference on a CPU with
+    AVX512-VNNI (llama.cpp's activations), else bf16 where it has AVX512-BF16 (training always, as
+    int8 has no backward), else f32; a named mode is taken as given (set_matmul checks it runs here).
+    `why` is what the start-up line prints."""
+    import os
+
+    from ggtrain.kernels.variants import cpu_features
+
+    if requested not in ("auto", *MATMUL_MODES) or (training and requested == "int8"):
+        allowed = ("auto", *TRAINING_MODES) if training else ("auto", *MATMUL_MODES)
+        raise ValueError(f"compute {requested!r}: expected one of {', '.join(allowed)}")
+    if requested != "auto":
+        return requested, f"--compute {requested}"
+    if not training and kernels.int8_available():
+        return "int8", "auto: this CPU has AVX512-VNNI (llama.cpp's int8 activations)"
+    if training and kernels.bf16_available():
+        return "bf16", "auto: this CPU has AVX512-BF16 dot products"
+    if not training:
+        return "f32", "auto: this CPU has no AVX512-VNNI"
+    if "avx512_bf16" not in cpu_features():
+        why = "this CPU has no native bf16 dot products (AVX512-BF16)"
+    elif os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
+        why = "GGTRAIN_AVX512=0 turns the AVX512 kernels off"
+    elif os.environ.get("GGTRAIN_BF16", "").strip() == "0":
+        why = "GGTRAIN_BF16=0 turns the bf16 kernels off"
+    else:
+        why = "the bf16 kernels were not built here"
+    return "f32", f"auto: {why}"
+
+
 class Model:
     """A GGUF model's frozen base plus LoRA adapters: forward, loss, backward.
 
@@ -170,13 +212,7 @@ class Model:
     def set_matmul(self, mode: str) -> None:
         """Switch every base product to "f32", "bf16" (needs kernels.bf16_available()) or "int8"
         (needs kernels.int8_available(); F32/F16/BF16 weights keep the f32 product)."""
-        if mode not in MATMUL_MODES:
-            raise ValueError(f"matmul mode {mode!r}: expected one of {', '.join(MATMUL_MODES)}")
-        if mode == "int8" and not kernels.int8_available():
-            raise GGTrainError("int8 matmul needs a CPU with AVX512-VNNI (this one has none); use f32")
-        if mode == "bf16" and not kernels.bf16_available():
-            raise GGTrainError("bf16 compute needs a CPU with AVX512-BF16 (this one has none, or GGTRAIN_BF16=0 / "
-                               "GGTRAIN_AVX512=0 turned it off); use f32")
+        require_matmul(mode)
         self.matmul = mode
         for w in self.base_weights():
             w.int8 = mode == "int8" and kernels.int8_supported(w.qtype)
