@@ -33,6 +33,7 @@ import argparse
 import time
 
 import numpy as np
+from ggtrain.kernels.blas import blas_cores
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
@@ -198,8 +199,10 @@ def main_bf16(args, types: list[Q]) -> None:
     peak = micro_peak(args.threads)
     print(f"CPU {cpu_model()}; threads {args.threads} (BLAS: {blas_threads()}), best of {args.repeat}, "
           f"load average {os.getloadavg()[0]:.2f}")
+    cores = ", ".join(f"{k} {v}" for k, v in blas_cores().items())
     print(f"kernel path: bf16 = AVX512-BF16 vdpbf16ps, {kernels.BF16_ROWS}×{kernels.BF16_COLS} micro-kernel; "
-          f"f32 = simd {kernels.simd_level} + sgemm; torch {torch.__version__ if torch else 'not importable'}")
+          f"f32 = simd {kernels.simd_level} + sgemm; OpenBLAS kernels: {cores}; "
+          f"torch {torch.__version__ if torch else 'not importable'}")
     print(f"micro-kernel peak: {peak:.1f} GFLOPS on {args.threads} threads (in-cache packed data, no dequantization)")
     print(f"{'type':7} {'X (T×n)·W(rows×n)ᵀ':27} {'dir':4} {'bf16':>8} {'f32':>8} {'numpy':>9} {'torch':>9} "
           f"{'/torch':>7} {'/f32':>7} {'/numpy':>8} {'util':>5} {'tile MiB':>8}   (GFLOPS; ratios of bf16)")

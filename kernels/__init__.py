@@ -100,12 +100,18 @@ COMPUTE = ("f32", "bf16")
 BF16_COLS = 64
 BF16_K = 256
 BF16_ROWS = 6
-# Values of k per packed bf16 tile (multiples of BF16_K). Up to BF16_ONE_TILE_K, all of K in one
-# tile: each output is then written once. Adding partial sums tile after tile into an output whose
-# rows are a power of two apart (the head chunk's 64 KiB) thrashes the caches: the head's forward
-# ran at 0.55x. Above it, BF16_TILE_K (forward, backward): measured on Zen 5, one thread.
-BF16_ONE_TILE_K = 1024
-BF16_TILE_K = (256, 768)
+# Values of k per packed bf16 tile: all of K rounded up to BF16_K, at most BF16_MAX_TILE_K
+# (forward, backward). Few tiles mean each output is written once or twice: adding partial sums
+# tile after tile into an output whose rows are a power of two apart (the head chunk's 64 KiB)
+# thrashes the caches (the head's forward ran at 0.55x with tiles of 256); and at K = 2048 one
+# tile beat 8 tiles by 11% on one thread even though the weight tile then lives in L2, not L1.
+BF16_MAX_TILE_K = (2048, 1024)
+# Bytes of packed weight tiles a forward item holds (its panels of one k tile), at most: L2's half.
+BF16_ITEM_BYTES = 512 * 1024
+# Columns of dX a backward item covers at most (6 panels): wider items re-read dY less often, and
+# equal ranges, as many as threads, need no split by tokens (which packs each range twice): for
+# n = 640 on 2 threads, 2 × 320 ran 5% faster than 3 × 256 split by tokens (measured).
+BF16_BACKWARD_COLS = 384
 
 
 # ---- which compiled variants run here (the table: kernels/variants.py) ---------------------------
@@ -304,22 +310,26 @@ def _even_rows(rows: int, most: int, multiple_of: int = 1) -> int:
 
 
 def _plan_bf16(backward: bool, rows: int, n: int, tokens: int, block: int, threads: int) -> tuple[int, int, int]:
-    """The bf16 kernels' tiles; k (n forward, rows backward) in tiles as BF16_ONE_TILE_K says.
+    """The bf16 kernels' tiles; k (n forward, rows backward) in tiles as BF16_MAX_TILE_K says.
     Forward: items of tile_rows weight rows (panels of BF16_COLS), as many as 4 panels (the
     activations' k tile is then read from L2 once a panel, not fetched again) while the items
-    still share out evenly; tile_cols = k per tile. Backward: tile_rows = k per tile; items of up
-    to 4 panels' width of columns (a multiple of the block), split by tokens when the column
+    still share out evenly and their tiles fit BF16_ITEM_BYTES; tile_cols = k per tile. Backward: tile_rows = k per tile; items of up
+    to BF16_BACKWARD_COLS columns (a multiple of the block), split by tokens when the column
     ranges alone would leave a thread idle."""
     k = rows if backward else n
-    tile_k = -(-max(k, 1) // BF16_K) * BF16_K if k <= BF16_ONE_TILE_K else BF16_TILE_K[backward]
+    tile_k = min(-(-max(k, 1) // BF16_K) * BF16_K, BF16_MAX_TILE_K[backward])
     if not backward:
         panels = -(-max(rows, 1) // BF16_COLS)
         for per_item in (4, 2, 1):
             items = -(-panels // per_item)
-            if items % threads == 0 or items >= 8 * threads or per_item == 1:
+            fits = per_item * BF16_COLS * tile_k * 2 <= BF16_ITEM_BYTES
+            if per_item == 1 or (fits and (items % threads == 0 or items >= 8 * threads)):
                 return per_item * BF16_COLS, tile_k, 1
     unit = BF16_COLS * block // math.gcd(BF16_COLS, block)
-    cols = max(unit, 4 * BF16_COLS // unit * unit)
+    units, most = -(-max(n, block) // unit), max(1, BF16_BACKWARD_COLS // unit)
+    # the widest items that cut the columns into equal ranges, a multiple of threads of them
+    per = next((u for u in range(most, 0, -1) if units % u == 0 and units // u % threads == 0), min(most, units))
+    cols = per * unit
     n_col = -(-max(n, block) // cols)
     uneven = n_col % threads and n_col < 4 * threads
     return tile_k, cols, threads if threads > 1 and uneven and tokens >= 2 * BF16_ROWS * threads else 1
@@ -378,6 +388,13 @@ def _threads_for(n_elements: int) -> int:
     return get_num_threads() if n_elements >= PARALLEL_MIN else 1
 
 
+def _round_threads(n_values: int) -> int:
+    """Threads that round n_values f32 to bf16: rounding costs about an eighth of what an element
+    of the loops PARALLEL_MIN was set for costs (512 × 640 values: 0.03 ms on one thread, while a
+    second thread on a busy machine could wait a time slice to wake)."""
+    return _threads_for(n_values // 8)
+
+
 def dequantize(data: np.ndarray, qtype: int) -> np.ndarray:
     """Raw GGUF rows uint8 (..., row_bytes) -> float32 (..., n); bit-identical to gguf.quants.dequantize."""
     qt = _qtype(qtype)
@@ -415,7 +432,8 @@ def _qmatmul_bf16(bf: ModuleType, backward: bool, qt: GGMLQuantizationType, w: n
     n = w.shape[1] // type_size * block
     tr, tc, tp = plan(backward, w.shape[0], n, a.shape[0], qt, nth, "bf16")
     a_f32, a_bf16 = (None, a) if a.dtype == np.uint16 else (a, None)
-    bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tr, tc, tp, nth)
+    bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tr, tc, tp, nth,
+               _round_threads(a.size))
 
 
 def to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -437,7 +455,7 @@ def to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
             raise ValueError("out is read-only")
         if (shape[1] > 1 and out.strides[1] != 2) or (shape[0] > 1 and out.strides[0] < shape[1] * 2):
             raise ValueError(f"out must have contiguous, non-overlapping rows (strides {out.strides})")
-    bf.to_bf16_rows(x, out, get_num_threads())
+    bf.to_bf16_rows(x, out, _round_threads(x.size))
     return out
 
 

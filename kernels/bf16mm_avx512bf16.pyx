@@ -42,9 +42,6 @@ cdef extern from "bf16mm_util.h" nogil:
     void gg_bf16_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1,
                        const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate)
 
-# Values below which the activations are rounded on one thread (0.03 ms for 512 × 640 here)
-DEF ROUND_PARALLEL_MIN = 1 << 21
-
 MICRO_ROWS = GG_BF_MR   # tokens per micro-tile
 MICRO_COLS = GG_BF_NR   # output columns per micro-tile (and forward tile rows)
 TILE_K = GG_BF_KC       # k per packed tile: a multiple of this
@@ -60,12 +57,10 @@ cdef inline Py_ssize_t split(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t p) noexc
 
 
 def to_bf16_rows(const float[:, :] x, uint16_t[:, :] out, int nth):
-    """out = x rounded to bf16 (inner strides 1, checked by the caller), rows on up to nth threads."""
+    """out = x rounded to bf16 (inner strides 1, checked by the caller), rows on nth threads."""
     cdef Py_ssize_t T = x.shape[0], n = x.shape[1], t
     if T == 0 or n == 0:
         return
-    if T * n < ROUND_PARALLEL_MIN:
-        nth = 1
     cdef const float *src = &x[0, 0]
     cdef uint16_t *dst = &out[0, 0]
     cdef Py_ssize_t lds = x.strides[0] // 4, ldd = out.strides[0] // 2
@@ -179,13 +174,14 @@ def supports(int qtype):
 
 def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w, a_f32, a_bf16,
             float[:, :] c, bint accumulate, Py_ssize_t tile_rows, Py_ssize_t tile_cols, Py_ssize_t token_parts,
-            int nth):
+            int nth, int round_nth):
     """Forward c = a·Wᵀ or backward c (+)= a·W in bf16 with f32 accumulation. The activations a come
     as f32 (a_f32, rounded here) or already rounded (a_bf16, uint16 bits); the other is None. Inner
     strides of w, a, c are 1 (checked by the caller). The tiles ggtrain.kernels planned: forward,
     tile_rows weight rows an item (a multiple of GG_BF_NR) × tile_cols values of k; backward,
     tile_rows values of k × tile_cols columns an item (a multiple of GG_BF_NR and of block) in
-    token_parts token ranges. Values of k per tile: a multiple of GG_BF_KC."""
+    token_parts token ranges. Values of k per tile: a multiple of GG_BF_KC. round_nth: the threads
+    that round f32 activations."""
     cdef Py_ssize_t tile_k = tile_rows if backward else tile_cols
     if (tile_k <= 0 or tile_k % GG_BF_KC or (not backward and tile_rows % GG_BF_NR)
             or (backward and (tile_cols % GG_BF_NR or tile_cols % block))):
@@ -237,9 +233,7 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
             srcb = &ab[0, 0]
             lds = ab.strides[0] // 2
         with nogil:
-            # one thread rounds ~10 G values/s: below ROUND_PARALLEL_MIN the others would wait
-            # longer to wake (on a busy machine, for a time slice) than they save
-            for t in prange(T, num_threads=nth if T * K >= ROUND_PARALLEL_MIN else 1, schedule="static"):
+            for t in prange(T, num_threads=round_nth, schedule="static"):
                 gg_bf16_tile_row(src + t * lds if src != NULL else NULL, srcb + t * lds if srcb != NULL else NULL,
                                  K, tile_k, T, t, abuf)
     cdef Py_ssize_t ldc = c.strides[0] // 4 if T > 1 else c.shape[1]

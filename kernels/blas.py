@@ -56,3 +56,24 @@ def set_numpy_blas_threads(n: int) -> None:
     """Threads of numpy's own OpenBLAS (set_threads keeps it at 1); for baselines in bench/."""
     if "numpy" in _openblas():
         _openblas()["numpy"][0](int(n))
+
+
+@functools.cache
+def blas_cores() -> dict[str, str]:
+    """The kernel set each bundled OpenBLAS chose at load (openblas_get_corename), e.g.
+    {'scipy': 'SkylakeX', 'numpy': 'Haswell'}: OPENBLAS_CORETYPE in the environment overrides it,
+    which benchmarks report beside their figures."""
+    import numpy
+    import scipy
+    names = ("scipy_openblas_get_corename", "scipy_openblas_get_corename64_", "openblas_get_corename64_",
+             "openblas_get_corename")
+    found = {}
+    for label, pkg in (("scipy", scipy), ("numpy", numpy)):
+        for path in sorted((Path(pkg.__file__).parent.parent / f"{pkg.__name__}.libs").glob("lib*openblas*.so*")):
+            lib = ctypes.CDLL(str(path))
+            fn = next((getattr(lib, n) for n in names if getattr(lib, n, None) is not None), None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [], ctypes.c_char_p
+                found[label] = fn().decode()
+                break
+    return found

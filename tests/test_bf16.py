@@ -5,8 +5,8 @@ What is proven, for every supported type, forward (Y = X·Wᵀ) and backward (dX
   weight side), with an F32 identity weight it returns X rounded (the activation side); the
   rounding is this file's own round-to-nearest-even in numpy, the dequantization gguf-py's;
 - (a) against float64 on the bf16-rounded inputs: only f32 accumulation error is left. The kernel
-  sums a tile of k (at most 1024 values) in order (vdpbf16ps rounds twice per pair of k), then
-  the tiles (at most K/256) in order, so |error| ≤ (min(K, 1024) + K/256 + 2)·u·Σ|a||b| with
+  sums a tile of k (at most 2048 values) in order (vdpbf16ps rounds twice per pair of k), then
+  the tiles (at most K/256) in order, so |error| ≤ (min(K, 2048) + K/256 + 2)·u·Σ|a||b| with
   u = 2⁻²⁴ (the classic bound for recursive summation, per output element);
 - (b) against the float64 product of the unrounded inputs: each rounded input is off by at most
   2⁻⁸ of itself, independently, so the sum's error has a standard deviation of about
@@ -81,7 +81,7 @@ def check_product(got: np.ndarray, a: np.ndarray, b: np.ndarray, what: str, acc:
     acc64 = np.zeros(got.shape) if acc is None else acc.astype(np.float64)
     ar, br = widen(rne(a)), widen(rne(b))
     abs_sum = np.abs(ar) @ np.abs(br)
-    run = min(K, max(kernels.BF16_ONE_TILE_K, *kernels.BF16_TILE_K))  # the longest run summed in order
+    run = min(K, max(kernels.BF16_MAX_TILE_K))  # the longest run summed in order
     f32_bound = (run + tiles + 2) * U32 * (abs_sum + np.abs(acc64))
     err = np.abs(got.astype(np.float64) - acc64 - ar @ br)
     assert (err <= f32_bound).all(), \
@@ -130,11 +130,11 @@ def test_every_type_against_float64(qt: Q, threads: int) -> None:
         set_threads(default_threads())
 
 
-@pytest.mark.parametrize("qt, n, rows", [(Q.Q4_K, 1536, 1101), (Q.Q8_0, 1088, 1100), (Q.F32, 1027, 1025)],
+@pytest.mark.parametrize("qt, n, rows", [(Q.Q4_K, 2560, 1101), (Q.Q8_0, 2080, 1100), (Q.F32, 2051, 1025)],
                          ids=["Q4_K", "Q8_0", "F32-odd"])
 def test_k_in_several_tiles(qt: Q, n: int, rows: int) -> None:
-    """K above BF16_ONE_TILE_K, forward and backward: several tiles of k, the last one short (and
-    odd: 1027 columns, 1101 rows); the activations as f32 or as to_bf16's uint16 (copied into the
+    """K above BF16_MAX_TILE_K, forward and backward: several tiles of k, the last one short (and
+    odd: 2051 columns, 1101 rows); the activations as f32 or as to_bf16's uint16 (copied into the
     tiled layout) give the same floats. 2 threads."""
     if not HERE:
         return refused()
