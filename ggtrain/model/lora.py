@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ggtrain import kernels
 from ggtrain.errors import GGTrainError
 from ggtrain.model.saved import LoraCache
 
@@ -248,6 +249,77 @@ def dropout_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float) -> 
     return keep.astype(np.float32) * np.float32(1.0 / (1.0 - p))
 
 
+def _product(a: np.ndarray, b: np.ndarray, c: np.ndarray, alpha: float = 1.0, beta: float = 0.0,
+             trans_a: bool = False, trans_b: bool = False) -> None:
+    """c = alpha · op(a) · op(b) + beta · c in place. f32: the threaded in-place kernel (no temporary,
+    no second pass to add); other dtypes (the tests' float64): numpy."""
+    if a.dtype == b.dtype == c.dtype == np.float32:
+        from ggtrain.kernels.gemm import gemm  # on first use: it loads scipy's BLAS
+        gemm(a, b, c, alpha, beta, trans_a, trans_b, kernels.get_num_threads())
+        return
+    p = (a.T if trans_a else a) @ (b.T if trans_b else b)
+    if alpha != 1.0:
+        p *= c.dtype.type(alpha)
+    if beta == 0.0:
+        c[...] = p
+    else:
+        c += p
+
+
+def _stacked(mats: Sequence[np.ndarray]) -> np.ndarray:
+    return mats[0] if len(mats) == 1 else np.concatenate(mats)
+
+
+def lora_shared_forward(x: np.ndarray, base_ys: Sequence[np.ndarray], As: Sequence[np.ndarray],
+                        Bs: Sequence[np.ndarray], scales: Sequence[float]) -> list[LoraCache]:
+    """LoRA terms that share their input x (T, in) (q/k/v of one norm's output, gate/up):
+    base_ys[i] += scales[i] · (x·A_iᵀ)·B_iᵀ, each updated in place. x·[A_1; A_2; …]ᵀ is one
+    (T, Σr) product (x is read once); each term's cache holds its columns of it."""
+    ranks = [A.shape[0] for A in As]
+    h = np.empty((x.shape[0], sum(ranks)), dtype=np.result_type(x, As[0]))
+    _product(x, _stacked(As), h, trans_b=True)
+    caches, off = [], 0
+    for y, B, s, r in zip(base_ys, Bs, scales, ranks):
+        hi = h[:, off:off + r]
+        _product(hi, B, y, alpha=s, beta=1.0, trans_b=True)  # y += s · h_i·Bᵀ, no (T, out) temporary
+        caches.append(LoraCache(x, hi, None))
+        off += r
+    return caches
+
+
+def lora_shared_backward(dys: Sequence[np.ndarray], As: Sequence[np.ndarray], Bs: Sequence[np.ndarray],
+                         scales: Sequence[float], caches: Sequence[LoraCache], dAs: Sequence[np.ndarray],
+                         dBs: Sequence[np.ndarray], dx: np.ndarray) -> None:
+    """The backward of lora_shared_forward (or of one term with dropout): adds each term's dA_i (r, in)
+    into dAs[i], dB_i (out, r) into dBs[i] and the LoRA part of dL/dx, Σ_i dx_i, into dx (T, in).
+    The caches share their input xd (a single term may carry its dropout mask)."""
+    xd = caches[0].xd
+    ranks = [A.shape[0] for A in As]
+    dh = np.empty((xd.shape[0], sum(ranks)), dtype=np.result_type(xd, dys[0]))
+    off = 0
+    for dy, B, s, c, dB, r in zip(dys, Bs, scales, caches, dBs, ranks):
+        _product(dy, B, dh[:, off:off + r], alpha=s)  # dh_i = s · dy_i·B_i
+        _product(dy, c.h, dB, alpha=s, beta=1.0, trans_a=True)  # dB_i += s · dy_iᵀ·h_i
+        off += r
+    if len(dAs) == 1:
+        _product(dh, xd, dAs[0], beta=1.0, trans_a=True)  # dA += dhᵀ·xd
+    else:  # one pass over xd for every term's dA
+        dA = np.empty((dh.shape[1], xd.shape[1]), dtype=dh.dtype)
+        _product(dh, xd, dA, trans_a=True)
+        off = 0
+        for acc, r in zip(dAs, ranks):
+            acc += dA[off:off + r]
+            off += r
+    mask = caches[0].mask
+    if mask is None:
+        _product(dh, _stacked(As), dx, beta=1.0)  # dx += dh·[A_1; A_2; …]
+    else:  # dropout: the branch's dx is masked before it joins the base's
+        dxl = np.empty_like(dx)
+        _product(dh, As[0], dxl)
+        dxl *= mask
+        dx += dxl
+
+
 def lora_linear_forward(x: np.ndarray, base_y: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float,
                         dropout_mask: np.ndarray | None = None) -> tuple[np.ndarray, LoraCache]:
     """y = base_y + scale · (drop(x)·Aᵀ)·Bᵀ.
@@ -256,9 +328,8 @@ def lora_linear_forward(x: np.ndarray, base_y: np.ndarray, A: np.ndarray, B: np.
     as y, to spare a (T, out) buffer), A (r, in), B (out, r), dropout_mask (T, in) or None.
     """
     xd = x * dropout_mask if dropout_mask is not None else x
-    h = xd @ A.T  # (T, r)
-    base_y += (h * np.float32(scale)) @ B.T  # (T, r)·(r, out): the temp is (T, out) once
-    return base_y, LoraCache(xd, h, dropout_mask)
+    (cache,) = lora_shared_forward(xd, [base_y], [A], [B], [scale])
+    return base_y, LoraCache(xd, cache.h, dropout_mask)
 
 
 def lora_linear_backward(dy: np.ndarray, x: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float,
@@ -272,17 +343,9 @@ def lora_linear_backward(dy: np.ndarray, x: np.ndarray, A: np.ndarray, B: np.nda
     x is not read (cache.xd holds the LoRA input); it is in the signature so every *_backward takes
     its forward's inputs.
     """
-    s = np.float32(scale)
-    dh = (dy @ B) * s  # (T, r)
-    dB = (dy.T @ cache.h) * s  # (out, r)
-    dA = dh.T @ cache.xd  # (r, in)
-    dx = dh @ A  # (T, in)
-    if cache.mask is not None:
-        dx *= cache.mask
-    if dA_out is not None:
-        dA_out += dA
-        dA = dA_out
-    if dB_out is not None:
-        dB_out += dB
-        dB = dB_out
+    dt = np.result_type(dy, cache.xd)
+    dA = dA_out if dA_out is not None else np.zeros(A.shape, dtype=dt)
+    dB = dB_out if dB_out is not None else np.zeros(B.shape, dtype=dt)
+    dx = np.zeros((dy.shape[0], A.shape[1]), dtype=dt)
+    lora_shared_backward([dy], [A], [B], [scale], [cache], [dA], [dB], dx)
     return dA, dB, dx
