@@ -42,8 +42,8 @@ OPS = {
     ("attention.py", "attention_backward"): "attention backward",
     ("lora.py", "lora_linear_forward"): "LoRA products forward",
     ("lora.py", "lora_linear_backward"): "LoRA products backward",
-    ("lora.py", "dropout_mask"): "LoRA products forward",
-    ("linear.py", "backward"): "LoRA products backward",  # dx += the LoRA part
+    ("lora.py", "lora_shared_forward"): "LoRA products forward",
+    ("lora.py", "lora_shared_backward"): "LoRA products backward",
     ("norm.py", "*"): "rmsnorm",
     ("rope.py", "*"): "rope",
     ("activation.py", "*"): "gated activation",

@@ -6,7 +6,8 @@ where numpy's `@` runs on one thread, allocates its result and needs a second pa
 here the result is written (beta = 0) or added (beta = 1) in place, into any view with unit column
 stride (a column slice of a wider array, e.g. one term's columns of the q/k/v terms' joint (T, R)
 projection), and the work is split over C's rows (or, when C has few rows, its columns) in blocks,
-one single-threaded sgemm (scipy's OpenBLAS, which ggtrain keeps at one thread) per block.
+one single-threaded sgemm (scipy's OpenBLAS, which ggtrain keeps at one thread) per block;
+a small product (under PARALLEL_WORK multiply-adds) is one sgemm on the calling thread.
 """
 
 from cython.parallel cimport prange
@@ -14,6 +15,11 @@ from scipy.linalg.cython_blas cimport sgemm
 
 # Rows (or columns) of C per task: enough that one sgemm amortises its packing.
 DEF SPLIT = 64
+# Multiply-adds below which the product runs on the calling thread alone: a parallel region costs
+# little on a quiet machine, but on a busy one it waits for a descheduled thread (measured: a LoRA
+# forward at T 512 took 2–9 ms on 2 threads at load 4–7 against 0.6 ms on one). At this size a
+# product takes ~0.3 ms on one core, which such a wait no longer dwarfs.
+DEF PARALLEL_WORK = 1 << 25
 
 
 cdef inline Py_ssize_t _ld(const float[:, :] a, str name) except -1:
@@ -28,7 +34,8 @@ cdef inline Py_ssize_t _ld(const float[:, :] a, str name) except -1:
 def gemm(const float[:, :] a, const float[:, :] b, float[:, :] c, float alpha=1.0, float beta=0.0,
          bint trans_a=False, bint trans_b=False, int nth=1):
     """c = alpha · op(a) · op(b) + beta · c, op(x) = x.T if trans_x else x; c (M, N), op(a) (M, K),
-    op(b) (K, N). beta = 0 never reads c (it may hold anything). On up to nth threads."""
+    op(b) (K, N). beta = 0 never reads c (it may hold anything). On up to nth threads (one below
+    PARALLEL_WORK multiply-adds)."""
     cdef Py_ssize_t M = c.shape[0], N = c.shape[1]
     cdef Py_ssize_t K = a.shape[0] if trans_a else a.shape[1]
     if (a.shape[1] if trans_a else a.shape[0]) != M or (b.shape[1] if trans_b else b.shape[0]) != K \
@@ -43,7 +50,10 @@ def gemm(const float[:, :] a, const float[:, :] b, float[:, :] c, float alpha=1.
     cdef float *pc = &c[0, 0]
     cdef bint by_rows = M >= N or M >= SPLIT * nth  # split the longer side of C
     cdef Py_ssize_t length = M if by_rows else N
-    cdef Py_ssize_t ntask = (length + SPLIT - 1) // SPLIT, task, s0
+    if M * N * K < PARALLEL_WORK:
+        nth = 1
+    cdef Py_ssize_t split = SPLIT if nth > 1 else length  # one thread: one sgemm over all of C
+    cdef Py_ssize_t ntask = (length + split - 1) // split, task, s0
     cdef int n_threads = <int>max(1, min(<Py_ssize_t>nth, ntask))
     if K == 0:  # op(a) · op(b) is zero: c = beta · c
         for s0 in range(M):
@@ -51,8 +61,8 @@ def gemm(const float[:, :] a, const float[:, :] b, float[:, :] c, float alpha=1.
                 c[s0, task] = 0.0 if beta == 0.0 else c[s0, task] * beta
         return
     for task in prange(ntask, nogil=True, num_threads=n_threads, schedule="static"):
-        s0 = task * SPLIT
-        _block(by_rows, trans_a, trans_b, M, N, K, s0, min(length, s0 + SPLIT), alpha, pa, lda, pb, ldb,
+        s0 = task * split
+        _block(by_rows, trans_a, trans_b, M, N, K, s0, min(length, s0 + split), alpha, pa, lda, pb, ldb,
                beta, pc, ldc)
 
 
