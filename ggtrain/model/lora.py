@@ -249,21 +249,18 @@ def dropout_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float) -> 
     return keep.astype(np.float32) * np.float32(1.0 / (1.0 - p))
 
 
-def _product(a: np.ndarray, b: np.ndarray, c: np.ndarray, alpha: float = 1.0, beta: float = 0.0,
-             trans_a: bool = False, trans_b: bool = False) -> None:
-    """c = alpha · op(a) · op(b) + beta · c in place. f32: the threaded in-place kernel (no temporary,
-    no second pass to add); other dtypes (the tests' float64): numpy."""
+def _add_product(a: np.ndarray, b: np.ndarray, c: np.ndarray, alpha: float = 1.0, trans_b: bool = False) -> None:
+    """c += alpha · a · op(b) in place, for the (T, out) / (T, in) sums: f32 through kernels/gemm (sgemm
+    with beta = 1: no (T, out) temporary, no second pass to add it); other dtypes (the tests' float64)
+    with numpy. The small products (T, r), (r, in), (out, r) stay numpy's `@`, which is as fast there."""
     if a.dtype == b.dtype == c.dtype == np.float32:
         from ggtrain.kernels.gemm import gemm  # on first use: it loads scipy's BLAS
-        gemm(a, b, c, alpha, beta, trans_a, trans_b, kernels.get_num_threads())
+        gemm(a, b, c, alpha, 1.0, False, trans_b, kernels.get_num_threads())
         return
-    p = (a.T if trans_a else a) @ (b.T if trans_b else b)
+    p = a @ (b.T if trans_b else b)
     if alpha != 1.0:
         p *= c.dtype.type(alpha)
-    if beta == 0.0:
-        c[...] = p
-    else:
-        c += p
+    c += p
 
 
 def _stacked(mats: Sequence[np.ndarray]) -> np.ndarray:
@@ -276,12 +273,11 @@ def lora_shared_forward(x: np.ndarray, base_ys: Sequence[np.ndarray], As: Sequen
     base_ys[i] += scales[i] · (x·A_iᵀ)·B_iᵀ, each updated in place. x·[A_1; A_2; …]ᵀ is one
     (T, Σr) product (x is read once); each term's cache holds its columns of it."""
     ranks = [A.shape[0] for A in As]
-    h = np.empty((x.shape[0], sum(ranks)), dtype=np.result_type(x, As[0]))
-    _product(x, _stacked(As), h, trans_b=True)
+    h = x @ _stacked(As).T  # (T, Σr)
     caches, off = [], 0
     for y, B, s, r in zip(base_ys, Bs, scales, ranks):
         hi = h[:, off:off + r]
-        _product(hi, B, y, alpha=s, beta=1.0, trans_b=True)  # y += s · h_i·Bᵀ, no (T, out) temporary
+        _add_product(hi, B, y, alpha=s, trans_b=True)  # y += s · h_i·Bᵀ
         caches.append(LoraCache(x, hi, None))
         off += r
     return caches
@@ -298,26 +294,20 @@ def lora_shared_backward(dys: Sequence[np.ndarray], As: Sequence[np.ndarray], Bs
     dh = np.empty((xd.shape[0], sum(ranks)), dtype=np.result_type(xd, dys[0]))
     off = 0
     for dy, B, s, c, dB, r in zip(dys, Bs, scales, caches, dBs, ranks):
-        _product(dy, B, dh[:, off:off + r], alpha=s)  # dh_i = s · dy_i·B_i
-        _product(dy, c.h, dB, alpha=s, beta=1.0, trans_a=True)  # dB_i += s · dy_iᵀ·h_i
+        sf = dy.dtype.type(s)
+        np.multiply(dy @ B, sf, out=dh[:, off:off + r])  # dh_i = s · dy_i·B_i
+        dB += (dy.T @ c.h) * sf  # dB_i += s · dy_iᵀ·h_i
         off += r
-    if len(dAs) == 1:
-        _product(dh, xd, dAs[0], beta=1.0, trans_a=True)  # dA += dhᵀ·xd
-    else:  # one pass over xd for every term's dA
-        dA = np.empty((dh.shape[1], xd.shape[1]), dtype=dh.dtype)
-        _product(dh, xd, dA, trans_a=True)
-        off = 0
-        for acc, r in zip(dAs, ranks):
-            acc += dA[off:off + r]
-            off += r
+    dA = dh.T @ xd  # one pass over xd for every term's dA
+    off = 0
+    for acc, r in zip(dAs, ranks):
+        acc += dA[off:off + r]
+        off += r
     mask = caches[0].mask
     if mask is None:
-        _product(dh, _stacked(As), dx, beta=1.0)  # dx += dh·[A_1; A_2; …]
+        _add_product(dh, _stacked(As), dx)  # dx += dh·[A_1; A_2; …]
     else:  # dropout: the branch's dx is masked before it joins the base's
-        dxl = np.empty_like(dx)
-        _product(dh, As[0], dxl)
-        dxl *= mask
-        dx += dxl
+        dx += (dh @ As[0]) * mask
 
 
 def lora_linear_forward(x: np.ndarray, base_y: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float,
