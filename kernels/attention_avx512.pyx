@@ -6,8 +6,9 @@ has them (f64, the tests' finite differences, stays in Numba). Work: K is transp
 (one prange over kv heads × 16-key blocks); then tasks of AT_ROWS query rows of one head, the heaviest
 (latest rows, most keys) first, handed out dynamically; every task writes its own rows of o and lse.
 Backward: K and V transposed the same way and dsum = do·o per row; then tasks of 16 keys of one kv
-head, the heaviest (earliest keys, most queries) first, handed out dynamically: each writes its rows of
-dk and dv and adds into its thread's dq buffer (thread 0's is dq itself), summed at the end.
+head, the heaviest (earliest keys, most queries) first: each writes its rows of
+dk and dv and adds into its thread's dq buffer (thread 0's is dq itself), summed at the end; tasks
+go round-robin to the threads (the result does not depend on timing).
 """
 
 from cython.parallel cimport parallel, prange, threadid
@@ -101,7 +102,9 @@ def attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] q, co
             t = threadid()
             sc = scratch + t * (D + Dv) * 16
             dqb = dqp if t == 0 else parts + (t - 1) * n
-            for task in prange(Hkv * nb, schedule="dynamic", chunksize=1):
+            # round-robin, not dynamic: which thread's dq buffer a task adds to is fixed, so the
+            # sum of the buffers (and training) is the same from run to run
+            for task in prange(Hkv * nb, schedule="static", chunksize=1):
                 g = task % Hkv
                 gg_ab_task(&q[0, 0, 0], &k[0, 0, 0], kt + g * D * Tp, vt + g * Dv * Tp, &dout[0, 0, 0],
                            &lse[0, 0], dsum, &lo[0], &hi[0], T, Tp, Hq, Hkv, D, Dv, g, (task // Hkv) * 16,
