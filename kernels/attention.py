@@ -266,19 +266,19 @@ def attention_backward(
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     lo, hi = visible_range(_segments(segments, T), int(n_swa))
-    # one dq buffer per thread; on many cores cap their memory by running this kernel on fewer threads
-    all_threads = numba.get_num_threads()
-    n_threads = max(1, min(all_threads, DQ_BUFFERS_BYTES // (Hq * T * D * dt.itemsize)))
-    if _avx512 is not None and dt == np.float32:
-        f32 = [np.ascontiguousarray(a, dtype=dt) for a in (do, q, k, v, o)]
-        dq = np.zeros((T, Hq, D), dtype=dt)
+    if _avx512 is not None and dt == np.float32:  # no dq buffers: its dq pass owns the rows it writes
+        dq = np.empty((T, Hq, D), dtype=dt)
         dk = np.empty((T, Hkv, D), dtype=dt)
         dv = np.empty((T, Hkv, v.shape[2]), dtype=dt)
-        _avx512.attention_backward(*f32, np.ascontiguousarray(lse, dtype=dt), lo, hi, float(scale), float(softcap),
-                                   dq, dk, dv, min(n_threads, get_num_threads()))
+        _avx512.attention_backward(*(np.ascontiguousarray(a, dtype=dt) for a in (do, q, k, v, o)),
+                                   np.ascontiguousarray(lse, dtype=dt), lo, hi, float(scale), float(softcap),
+                                   dq, dk, dv, get_num_threads())
         return dq, dk, dv
     doh = _heads(do, dt)
     dsum = np.einsum("htd,thd->ht", doh, np.asarray(o, dtype=dt))  # (Hq, T): do_i·o_i, the softmax-backward row term
+    # one dq buffer per thread; on many cores cap their memory by running this kernel on fewer threads
+    all_threads = numba.get_num_threads()
+    n_threads = max(1, min(all_threads, DQ_BUFFERS_BYTES // (Hq * T * D * dt.itemsize)))
     dq_part = np.zeros((n_threads, Hq, T, D), dtype=dt)
     dkh = np.empty((Hkv, T, D), dtype=dt)
     dvh = np.empty((Hkv, T, v.shape[2]), dtype=dt)
