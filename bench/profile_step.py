@@ -26,6 +26,7 @@ import cProfile
 import io
 import os
 import pstats
+import resource
 import time
 
 from benchutil import load_average
@@ -167,15 +168,18 @@ def main() -> None:
     warm = step(0)
     prof = cProfile.Profile()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for i in range(args.steps):
         prof.enable()
         times.append(step(1 + i))
         prof.disable()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // args.steps
     secs = sum(times) / len(times)
     print(cpu_line())
     print(f"{n} tokens, checkpointing {'on' if args.checkpointing else 'off'}, threads {args.threads}: warm-up "
           f"step {warm:.1f} s, profiled steps {' '.join(f'{t:.2f}' for t in times)} s (mean {n / secs:.1f} "
           f"tokens/s); {load_average()}")
+    print(f"minor page faults per step: {faults} (fresh memory the allocator maps and the kernel zeroes)")
     print(op_table(pstats.Stats(prof), len(times), secs))
     if args.top:
         buf = io.StringIO()
