@@ -9,7 +9,9 @@ Dropout is PEFT's: inverted dropout (keep with 1-p, scale by 1/(1-p)) on the LoR
 All parameters live in one flat float32 buffer (`LoraWeights.flat`) with per-tensor views, so the
 optimizer and the checkpoint handle a single array; `LoraWeights.zeros_like()` gives gradients of
 the same layout. `lora_linear_forward` / `lora_linear_backward` are one term's forward/backward pair;
-ggtrain.model.linear.LoraLinear (a base weight with its terms) is the layer the model uses.
+`lora_shared_forward` / `lora_shared_backward` the same for terms that share their input (q/k/v, gate/up:
+one x·[A_q; A_k; A_v]ᵀ product), which the model's blocks use; ggtrain.model.linear.LoraLinear (a
+base weight with its terms) is the layer for everything else.
 """
 
 from __future__ import annotations

@@ -337,8 +337,9 @@ class Model:
     def block_backward(self, il: int, dx3: np.ndarray, c: BlockCache, batch: Batch, rope: np.ndarray,
                        grads: LoraWeights) -> np.ndarray:
         """dL/dx3 (T, d) -> dL/dx (T, d); adds the block's LoRA gradients into grads. The input
-        gradients of q, k, v (and of gate, up) are summed into one buffer, each product written into
-        one reused scratch buffer: no new (T, d) array per projection. (Not accumulate=True into the
+        gradients of q, k, v (and of gate, up) are summed into one buffer, each base product written
+        into one reused scratch buffer (no new (T, d) array per projection), their LoRA parts added in
+        one product (project_back). (Not accumulate=True into the
         sum itself: qmatmul adds its partial sums to `out`, which rounds differently from a product
         added whole, and training would no longer be bit-identical.)"""
         hp, L = self.hp, self.layers[il]
