@@ -2,7 +2,10 @@
 
 The kernels call scipy's OpenBLAS (scipy.linalg.cython_blas) from inside their own OpenMP threads,
 so that BLAS must run single-threaded: a threaded BLAS inside a prange would oversubscribe the
-cores. numpy's own OpenBLAS (a separate copy, used by `@` in Python code) gets the full count.
+cores. numpy's own OpenBLAS (a separate copy, used by `@` in Python code) stays at 1 too (see
+set_threads). Our Cython kernels and Numba's `omp` layer share one libgomp, whose barrier spin
+ggtrain/__init__.py shortens (GOMP_SPINCOUNT) before it loads: on a shared machine long spins make
+every parallel region wait for a descheduled thread.
 """
 
 from __future__ import annotations

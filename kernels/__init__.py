@@ -80,7 +80,10 @@ SUPPORTED_TYPES = frozenset(
 # these memory-bound loops save, the more so on a busy machine. The one threshold for going
 # parallel: dequantize / get_rows here, and norm, rope and activation (which import it) ask it;
 # attention, the cross-entropy and the matmuls always have enough work and always run parallel.
-PARALLEL_MIN = 1 << 18
+# Measured at load 5–6 on 2 cores: rmsnorm of (512, 640) 0.04 ms on one thread, 12 ms median on two
+# (the region waits for a descheduled thread); quiet, two threads save 0.02 ms. So a training step's
+# (T, d) and (T, ff) loops run on one thread up to 4 Mi elements (≈ 1.5 ms of GeGLU backward).
+PARALLEL_MIN = 1 << 22
 
 # Floats in each thread's dequantization tile: 512 Ki floats = 2 MiB per thread, whatever the size
 # of W (bigger tiles re-pack X less often; measured, bench/qmatmul.py). qmatmul allocates nothing

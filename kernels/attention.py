@@ -38,7 +38,8 @@ from ggtrain.kernels.blas import set_kernel_blas_single_threaded
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
-# f32 forward on AVX512 CPUs (own register-blocked products, twice what BLAS's AVX2 kernels give)
+# f32 forward and backward on AVX512 CPUs (own register-blocked products, twice what BLAS's AVX2 kernels
+# give for the forward)
 _avx512 = variant_module("attention_avx512")
 # The Numba kernels below call scipy's BLAS (np.dot) inside their prange: one thread each.
 set_kernel_blas_single_threaded()
@@ -265,6 +266,14 @@ def attention_backward(
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     lo, hi = visible_range(_segments(segments, T), int(n_swa))
+    if _avx512 is not None and dt == np.float32:  # no dq buffers: its dq pass owns the rows it writes
+        dq = np.empty((T, Hq, D), dtype=dt)
+        dk = np.empty((T, Hkv, D), dtype=dt)
+        dv = np.empty((T, Hkv, v.shape[2]), dtype=dt)
+        _avx512.attention_backward(*(np.ascontiguousarray(a, dtype=dt) for a in (do, q, k, v, o)),
+                                   np.ascontiguousarray(lse, dtype=dt), lo, hi, float(scale), float(softcap),
+                                   dq, dk, dv, get_num_threads())
+        return dq, dk, dv
     doh = _heads(do, dt)
     dsum = np.einsum("htd,thd->ht", doh, np.asarray(o, dtype=dt))  # (Hq, T): do_i·o_i, the softmax-backward row term
     # one dq buffer per thread; on many cores cap their memory by running this kernel on fewer threads

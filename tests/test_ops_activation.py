@@ -80,3 +80,32 @@ def test_avx512_forward_matches_reference_and_the_numba_kernel(fwd, bwd, ref, mo
     np.testing.assert_allclose(y, ref(g.astype(np.float64), u.astype(np.float64)), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(activation, "_avx512", None)
     np.testing.assert_allclose(y, fwd(g, u), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fwd,bwd,ref", CASES, ids=["swiglu", "geglu"])
+def test_avx512_backward_matches_finite_differences_and_the_numba_kernel(fwd, bwd, ref, monkeypatch):
+    from ggtrain.kernels import activation
+
+    if activation._avx512 is None:
+        pytest.skip("this CPU has no AVX512: the f32 AVX512 backward cannot run here")
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((7, 40001)) * 5  # several parallel blocks, a ragged tail
+    g[0, :6] = [-80.0, 80.0, 0.0, -12.0, 12.0, -1e-3]  # saturated tails: no nan/inf, the right limits
+    u, dy = rng.standard_normal((2, 7, 40001))
+    g32, u32, dy32 = (a.astype(np.float32) for a in (g, u, dy))
+    g64, u64, dy64 = (a.astype(np.float64) for a in (g32, u32, dy32))
+    h = 1e-6
+    num_dg = (ref(g64 + h, u64) - ref(g64 - h, u64)) / (2 * h) * dy64
+    num_du = ref(g64, np.ones_like(u64)) * dy64  # y is linear in u
+    monkeypatch.setattr(activation, "PARALLEL_MIN", 0)  # the threaded path too
+    for nthreads_path in (True, False):
+        if not nthreads_path:
+            monkeypatch.setattr(activation, "PARALLEL_MIN", 1 << 40)
+        dg, du = bwd(dy32, g32, u32)
+        assert dg.dtype == np.float32 and np.all(np.isfinite(dg)) and np.all(np.isfinite(du))
+        np.testing.assert_allclose(dg, num_dg, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(du, num_du, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(activation, "_avx512", None)
+    dg_numba, du_numba = bwd(dy32, g32, u32)
+    np.testing.assert_allclose(dg, dg_numba, rtol=1e-5, atol=1e-5)  # both f32 near cancellation (g << 0)
+    np.testing.assert_allclose(du, du_numba, rtol=1e-5, atol=1e-6)

@@ -230,3 +230,37 @@ def test_avx512_forward_matches_reference_and_the_numba_kernel(name, monkeypatch
     o_nb, lse_nb = attention_forward(*f, scale, softcap=cap, n_swa=n_swa, segments=seg)
     np.testing.assert_allclose(o, o_nb, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(lse, lse_nb, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(A._avx512 is None, reason="this CPU has no AVX512: the f32 AVX512 backward cannot run here")
+@pytest.mark.parametrize("name", sorted(AVX512_CASES) + ["d8_dv12", "all"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_avx512_backward_matches_reference_and_the_numba_kernel(name, threads, monkeypatch):
+    """Ragged key blocks (T not a multiple of 16), head dims that are not whole vectors, GQA, windows,
+    segments, soft-cap and T = 1; on one thread (dq written in place) and on two (per-thread buffers)."""
+    import numba
+
+    extra = {"d8_dv12": (45, 3, 1, 8, 12, 0.35, 0.0, 0, None), "all": CASES["all"]}
+    T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = {**AVX512_CASES, **extra}[name]
+    q, k, v = _inputs(T, Hq, Hkv, D, Dv, seed=11)
+    seg = _seg(T, lens)
+    r = np.random.default_rng(12).standard_normal((T, Hq, Dv))
+    kw = {"softcap": cap, "n_swa": n_swa, "segments": seg}
+    ref = ref_attention_backward(r, q, k, v, scale, **kw)
+    f = [a.astype(np.float32) for a in (q, k, v)]
+    o, lse = attention_forward(*f, scale, **kw)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        g = attention_backward(r.astype(np.float32), *f, o, lse, scale, **kw)  # the AVX512 kernel
+        again = attention_backward(r.astype(np.float32), *f, o, lse, scale, **kw)
+    finally:
+        numba.set_num_threads(before)
+    for a, b, c in zip(g, ref, again):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
+        np.testing.assert_array_equal(a, c)  # the same from run to run (training is reproducible)
+    monkeypatch.setattr(A, "_avx512", None)
+    g_nb = attention_backward(r.astype(np.float32), *f, o, lse, scale, **kw)
+    for a, b in zip(g, g_nb):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)

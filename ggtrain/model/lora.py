@@ -9,7 +9,9 @@ Dropout is PEFT's: inverted dropout (keep with 1-p, scale by 1/(1-p)) on the LoR
 All parameters live in one flat float32 buffer (`LoraWeights.flat`) with per-tensor views, so the
 optimizer and the checkpoint handle a single array; `LoraWeights.zeros_like()` gives gradients of
 the same layout. `lora_linear_forward` / `lora_linear_backward` are one term's forward/backward pair;
-ggtrain.model.linear.LoraLinear (a base weight with its terms) is the layer the model uses.
+`lora_shared_forward` / `lora_shared_backward` the same for terms that share their input (q/k/v, gate/up:
+one x·[A_q; A_k; A_v]ᵀ product), which the model's blocks use; ggtrain.model.linear.LoraLinear (a
+base weight with its terms) is the layer for everything else.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ggtrain import kernels
 from ggtrain.errors import GGTrainError
 from ggtrain.model.saved import LoraCache
 
@@ -248,6 +251,67 @@ def dropout_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float) -> 
     return keep.astype(np.float32) * np.float32(1.0 / (1.0 - p))
 
 
+def _add_product(a: np.ndarray, b: np.ndarray, c: np.ndarray, alpha: float = 1.0, trans_b: bool = False) -> None:
+    """c += alpha · a · op(b) in place, for the (T, out) / (T, in) sums: f32 through kernels/gemm (sgemm
+    with beta = 1: no (T, out) temporary, no second pass to add it); other dtypes (the tests' float64)
+    with numpy. The small products (T, r), (r, in), (out, r) stay numpy's `@`, which is as fast there."""
+    if a.dtype == b.dtype == c.dtype == np.float32:
+        from ggtrain.kernels.gemm import gemm  # on first use: it loads scipy's BLAS
+        gemm(a, b, c, alpha, 1.0, False, trans_b, kernels.get_num_threads())
+        return
+    p = a @ (b.T if trans_b else b)
+    if alpha != 1.0:
+        p *= c.dtype.type(alpha)
+    c += p
+
+
+def _stacked(mats: Sequence[np.ndarray]) -> np.ndarray:
+    return mats[0] if len(mats) == 1 else np.concatenate(mats)
+
+
+def lora_shared_forward(x: np.ndarray, base_ys: Sequence[np.ndarray], As: Sequence[np.ndarray],
+                        Bs: Sequence[np.ndarray], scales: Sequence[float]) -> list[LoraCache]:
+    """LoRA terms that share their input x (T, in) (q/k/v of one norm's output, gate/up):
+    base_ys[i] += scales[i] · (x·A_iᵀ)·B_iᵀ, each updated in place. x·[A_1; A_2; …]ᵀ is one
+    (T, Σr) product (x is read once); each term's cache holds its columns of it."""
+    ranks = [A.shape[0] for A in As]
+    h = x @ _stacked(As).T  # (T, Σr)
+    caches, off = [], 0
+    for y, B, s, r in zip(base_ys, Bs, scales, ranks):
+        hi = h[:, off:off + r]
+        _add_product(hi, B, y, alpha=s, trans_b=True)  # y += s · h_i·Bᵀ
+        caches.append(LoraCache(x, hi, None))
+        off += r
+    return caches
+
+
+def lora_shared_backward(dys: Sequence[np.ndarray], As: Sequence[np.ndarray], Bs: Sequence[np.ndarray],
+                         scales: Sequence[float], caches: Sequence[LoraCache], dAs: Sequence[np.ndarray],
+                         dBs: Sequence[np.ndarray], dx: np.ndarray) -> None:
+    """The backward of lora_shared_forward (or of one term with dropout): adds each term's dA_i (r, in)
+    into dAs[i], dB_i (out, r) into dBs[i] and the LoRA part of dL/dx, Σ_i dx_i, into dx (T, in).
+    The caches share their input xd (a single term may carry its dropout mask)."""
+    xd = caches[0].xd
+    ranks = [A.shape[0] for A in As]
+    dh = np.empty((xd.shape[0], sum(ranks)), dtype=np.result_type(xd, dys[0]))
+    off = 0
+    for dy, B, s, c, dB, r in zip(dys, Bs, scales, caches, dBs, ranks):
+        sf = dy.dtype.type(s)
+        np.multiply(dy @ B, sf, out=dh[:, off:off + r])  # dh_i = s · dy_i·B_i
+        dB += (dy.T @ c.h) * sf  # dB_i += s · dy_iᵀ·h_i
+        off += r
+    dA = dh.T @ xd  # one pass over xd for every term's dA
+    off = 0
+    for acc, r in zip(dAs, ranks):
+        acc += dA[off:off + r]
+        off += r
+    mask = caches[0].mask
+    if mask is None:
+        _add_product(dh, _stacked(As), dx)  # dx += dh·[A_1; A_2; …]
+    else:  # dropout: the branch's dx is masked before it joins the base's
+        dx += (dh @ As[0]) * mask
+
+
 def lora_linear_forward(x: np.ndarray, base_y: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float,
                         dropout_mask: np.ndarray | None = None) -> tuple[np.ndarray, LoraCache]:
     """y = base_y + scale · (drop(x)·Aᵀ)·Bᵀ.
@@ -256,9 +320,8 @@ def lora_linear_forward(x: np.ndarray, base_y: np.ndarray, A: np.ndarray, B: np.
     as y, to spare a (T, out) buffer), A (r, in), B (out, r), dropout_mask (T, in) or None.
     """
     xd = x * dropout_mask if dropout_mask is not None else x
-    h = xd @ A.T  # (T, r)
-    base_y += (h * np.float32(scale)) @ B.T  # (T, r)·(r, out): the temp is (T, out) once
-    return base_y, LoraCache(xd, h, dropout_mask)
+    (cache,) = lora_shared_forward(xd, [base_y], [A], [B], [scale])
+    return base_y, LoraCache(xd, cache.h, dropout_mask)
 
 
 def lora_linear_backward(dy: np.ndarray, x: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float,
@@ -272,17 +335,9 @@ def lora_linear_backward(dy: np.ndarray, x: np.ndarray, A: np.ndarray, B: np.nda
     x is not read (cache.xd holds the LoRA input); it is in the signature so every *_backward takes
     its forward's inputs.
     """
-    s = np.float32(scale)
-    dh = (dy @ B) * s  # (T, r)
-    dB = (dy.T @ cache.h) * s  # (out, r)
-    dA = dh.T @ cache.xd  # (r, in)
-    dx = dh @ A  # (T, in)
-    if cache.mask is not None:
-        dx *= cache.mask
-    if dA_out is not None:
-        dA_out += dA
-        dA = dA_out
-    if dB_out is not None:
-        dB_out += dB
-        dB = dB_out
+    dt = np.result_type(dy, cache.xd)
+    dA = dA_out if dA_out is not None else np.zeros(A.shape, dtype=dt)
+    dB = dB_out if dB_out is not None else np.zeros(B.shape, dtype=dt)
+    dx = np.zeros((dy.shape[0], A.shape[1]), dtype=dt)
+    lora_shared_backward([dy], [A], [B], [scale], [cache], [dA], [dB], dx)
     return dA, dB, dx

@@ -24,6 +24,7 @@ checkpointing (the default) a block keeps only its input and recomputes the rest
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +39,15 @@ from ggtrain.kernels.loss import CE_CHUNK, CrossEntropyStats, cross_entropy_back
 from ggtrain.kernels.norm import rmsnorm_backward, rmsnorm_forward
 from ggtrain.kernels.rope import rope_backward, rope_cache, rope_forward
 from ggtrain.model.linear import LoraLinear, LoraTerm, QWeight
-from ggtrain.model.lora import LoraWeights, tensor_name
+from ggtrain.model.lora import (
+    LoraEntry,
+    LoraWeights,
+    dropout_mask,
+    lora_linear_forward,
+    lora_shared_backward,
+    lora_shared_forward,
+    tensor_name,
+)
 from ggtrain.model.saved import PROJECTIONS, BlockCache, LoraCache
 
 
@@ -236,18 +245,72 @@ class Model:
         return layer
 
     # -- the LoRA layers -----------------------------------------------------------------------
-    def linear(self, il: int | None, target: str) -> LoraLinear:
+    def linear(self, il: int | None, target: str, trainable: bool = True) -> LoraLinear:
         """Projection `target` of block il ("output", il None: the LM head) with every adapter on it:
-        the inference adapters' terms, then the trainable LoRA's."""
+        the inference adapters' terms, then the trainable LoRA's (left out with trainable=False)."""
         name = tensor_name(target, il)
         if target == "output":
             base, bias = self.head, None
         else:
             base, bias = self.layers[il].w[target], self.layers[il].bias.get(target)
         terms = [LoraTerm.of(ad.lora[name], ad.scale) for ad in self.adapters if name in ad.lora]
-        if self._trainable is not None and name in self._trainable:
+        if trainable and self._trainable is not None and name in self._trainable:
             terms.append(LoraTerm.of(self._trainable[name], trainable=True))
         return LoraLinear(base, terms, bias)
+
+    def _trained(self, il: int, targets: Sequence[str]) -> list[tuple[int, LoraEntry]]:
+        """(index in targets, trainable LoRA entry) of the targets of block il that are trained."""
+        lw = self._trainable
+        return [] if lw is None else [(i, lw[tensor_name(t, il)]) for i, t in enumerate(targets)
+                                      if tensor_name(t, il) in lw]
+
+    def project(self, il: int, targets: Sequence[str], x: np.ndarray, rng: np.random.Generator | None,
+                keep: bool, caches: dict[str, LoraCache]) -> list[np.ndarray]:
+        """The projections `targets` of block il that share their input x (T, in): q/k/v, gate/up, or a
+        single one. Each base product (with bias and inference adapters) by itself, all reading one
+        rounding of x under bf16 (QWeight.round_input); the trained LoRA
+        terms' products together (lora_shared_forward: x·[A_q; A_k; A_v]ᵀ is one product). A term with
+        dropout (rng given) draws its own mask, in target order, and runs alone. keep: the trained
+        terms' caches go into `caches` by target."""
+        xb = self.layers[il].w[targets[0]].round_input(x)  # one bf16 rounding of x for all of them (or x)
+        ys = [self.linear(il, t, trainable=False).forward(x, x_base=xb)[0] for t in targets]
+        del xb
+        together = []
+        for i, e in self._trained(il, targets):
+            if rng is not None and e.dropout > 0.0:
+                _, lc = lora_linear_forward(x, ys[i], e.A, e.B, e.scale, dropout_mask(rng, x.shape, e.dropout))
+                if keep:
+                    caches[targets[i]] = lc
+            else:
+                together.append((i, e))
+        if together:
+            lcs = lora_shared_forward(x, [ys[i] for i, _ in together], [e.A for _, e in together],
+                                      [e.B for _, e in together], [e.scale for _, e in together])
+            if keep:
+                caches.update((targets[i], lc) for (i, _), lc in zip(together, lcs))
+        return ys
+
+    def project_back(self, il: int, targets: Sequence[str], dys: Sequence[np.ndarray],
+                     caches: dict[str, LoraCache], grads: LoraWeights,
+                     scratch: np.ndarray | None = None) -> np.ndarray:
+        """The backward of project(): dL/dx (T, in) summed over the targets; the trained terms' dA, dB
+        added into grads. The base products after the first are written into `scratch` (T, in) when
+        given (a buffer reused across calls), then added; the trained terms' LoRA parts are added in
+        one product per group of terms sharing their input."""
+        dx = self.linear(il, targets[0], trainable=False).backward(dys[0], None)
+        for t, dy in zip(targets[1:], dys[1:]):
+            dx += self.linear(il, t, trainable=False).backward(dy, None, out=scratch)
+        groups: dict[int, list[int]] = {}  # id(input) -> indices of the terms reading it
+        trained = self._trained(il, targets)
+        for i, _ in trained:
+            groups.setdefault(id(caches[targets[i]].xd), []).append(i)
+        entries = dict(trained)
+        for idx in groups.values():
+            es = [entries[i] for i in idx]
+            lora_shared_backward([dys[i] for i in idx], [e.A for e in es], [e.B for e in es],
+                                 [e.scale for e in es], [caches[targets[i]] for i in idx],
+                                 [grads[e.name].A for e in es], [grads[e.name].B for e in es], dx)
+        return dx
 
     def output_head(self) -> LoraLinear:
         """The LM head, with any inference adapters' output.weight LoRA applied on the fly."""
@@ -282,18 +345,11 @@ class Model:
         neox = hp.rope_type == ROPE_NEOX
         lora: dict[str, LoraCache] = {}
 
-        def project(target: str, inp: np.ndarray, inp_base: np.ndarray | None = None) -> np.ndarray:
-            y, lc = self.linear(il, target).forward(inp, rng, keep, inp_base)
-            if lc is not None:
-                lora[target] = lc
-            return y
-
         h, rstd1 = rmsnorm_forward(x, L.attn_norm, hp.norm_eps)
-        hb = L.w["attn_q"].round_input(h)  # q, k and v read one rounding of h (bf16), or h itself
-        q = project("attn_q", h, hb).reshape(T, hp.n_head, hp.head_dim)
-        k = project("attn_k", h, hb).reshape(T, hp.n_head_kv, hp.head_dim)
-        v = project("attn_v", h, hb).reshape(T, hp.n_head_kv, hp.head_dim_v)
-        del hb
+        q, k, v = self.project(il, ("attn_q", "attn_k", "attn_v"), h, rng, keep, lora)
+        q = q.reshape(T, hp.n_head, hp.head_dim)
+        k = k.reshape(T, hp.n_head_kv, hp.head_dim)
+        v = v.reshape(T, hp.n_head_kv, hp.head_dim_v)
         q_pre = k_pre = rstd_q = rstd_k = None
         if hp.has_qk_norm:
             q_pre, k_pre = q, k
@@ -303,7 +359,7 @@ class Model:
         kr = rope_forward(k, rope, neox)
         window = hp.n_swa if hp.is_swa(il) else 0
         a, lse = attention_forward(qr, kr, v, hp.attn_scale, hp.attn_softcap, window, batch.segments)
-        o = project("attn_output", a.reshape(T, hp.n_head * hp.head_dim_v))
+        (o,) = self.project(il, ("attn_output",), a.reshape(T, hp.n_head * hp.head_dim_v), rng, keep, lora)
         o_pre = rstd_po = None
         if hp.has_post_norms:
             o_pre = o
@@ -311,12 +367,9 @@ class Model:
         x2 = x + o
 
         h2, rstd2 = rmsnorm_forward(x2, L.ffn_norm, hp.norm_eps)
-        h2b = L.w["ffn_gate"].round_input(h2)  # gate and up share it too
-        g = project("ffn_gate", h2, h2b)
-        u = project("ffn_up", h2, h2b)
-        del h2b
+        g, u = self.project(il, ("ffn_gate", "ffn_up"), h2, rng, keep, lora)
         m = geglu_forward(g, u) if hp.ffn_act == "gelu_tanh" else swiglu_forward(g, u)
-        f = project("ffn_down", m)
+        (f,) = self.project(il, ("ffn_down",), m, rng, keep, lora)
         f_pre = rstd_pf = None
         if hp.has_post_norms:
             f_pre = f
@@ -331,32 +384,27 @@ class Model:
     def block_backward(self, il: int, dx3: np.ndarray, c: BlockCache, batch: Batch, rope: np.ndarray,
                        grads: LoraWeights) -> np.ndarray:
         """dL/dx3 (T, d) -> dL/dx (T, d); adds the block's LoRA gradients into grads. The input
-        gradients of q, k, v (and of gate, up) are summed into one buffer, each product written into
-        one reused scratch buffer: no new (T, d) array per projection. (Not accumulate=True into the
+        gradients of q, k, v (and of gate, up) are summed into one buffer, each base product written
+        into one reused scratch buffer (no new (T, d) array per projection), their LoRA parts added in
+        one product (project_back). (Not accumulate=True into the
         sum itself: qmatmul adds its partial sums to `out`, which rounds differently from a product
         added whole, and training would no longer be bit-identical.)"""
         hp, L = self.hp, self.layers[il]
         T = dx3.shape[0]
         neox = hp.rope_type == ROPE_NEOX
 
-        def project_back(target: str, dy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-            lin = self.linear(il, target)
-            grad = grads[tensor_name(target, il)] if lin.trainable is not None else None
-            return lin.backward(dy, c.lora.get(target), grad, out=out)
-
         # x3 = x2 + f
         df = dx3
         if hp.has_post_norms:
             df = rmsnorm_backward(df, c.f_pre, L.ffn_post_norm, c.rstd_pf)
-        dm = project_back("ffn_down", df)
+        dm = self.project_back(il, ("ffn_down",), [df], c.lora, grads)
         if hp.ffn_act == "gelu_tanh":
             dg, du = geglu_backward(dm, c.g, c.u)
         else:
             dg, du = swiglu_backward(dm, c.g, c.u)
         del dm, df
-        dh2 = project_back("ffn_gate", dg)
-        scratch = project_back("ffn_up", du)  # (T, d): reused for every product below
-        dh2 += scratch
+        scratch = np.empty_like(dx3)  # (T, d): reused for every base product added into a sum
+        dh2 = self.project_back(il, ("ffn_gate", "ffn_up"), [dg, du], c.lora, grads, scratch)
         del dg, du
         dx2 = rmsnorm_backward(dh2, c.x2, L.ffn_norm, c.rstd2)
         dx2 += dx3
@@ -366,7 +414,7 @@ class Model:
         do = dx2
         if hp.has_post_norms:
             do = rmsnorm_backward(do, c.o_pre, L.attn_post_norm, c.rstd_po)
-        da = project_back("attn_output", do).reshape(T, hp.n_head, hp.head_dim_v)
+        da = self.project_back(il, ("attn_output",), [do], c.lora, grads).reshape(T, hp.n_head, hp.head_dim_v)
         del do
         window = hp.n_swa if hp.is_swa(il) else 0
         dqr, dkr, dv = attention_backward(da, c.qr, c.kr, c.v, c.a, c.lse, hp.attn_scale, hp.attn_softcap,
@@ -378,9 +426,8 @@ class Model:
         if hp.has_qk_norm:
             dq = rmsnorm_backward(dq, c.q_pre, L.q_norm, c.rstd_q)
             dk = rmsnorm_backward(dk, c.k_pre, L.k_norm, c.rstd_k)
-        dh = project_back("attn_q", dq.reshape(T, -1))
-        dh += project_back("attn_k", dk.reshape(T, -1), out=scratch)
-        dh += project_back("attn_v", dv.reshape(T, -1), out=scratch)
+        dh = self.project_back(il, ("attn_q", "attn_k", "attn_v"), [dq.reshape(T, -1), dk.reshape(T, -1),
+                                                                  dv.reshape(T, -1)], c.lora, grads, scratch)
         del dq, dk, dv, scratch
         dx = rmsnorm_backward(dh, c.x, L.attn_norm, c.rstd1)
         dx += dx2
