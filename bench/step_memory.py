@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     mf = ModelFile(args.model)
     hp = read_hparams(mf)
-    model = Model(mf, hp)
+    model = Model(mf, hp, matmul=args.compute)
     tok = Tokenizer.from_model_file(mf)
     n = args.ctx * args.batch
     ids = np.asarray(tok.encode(TEXT.read_text(encoding="utf-8"), add_special=True), dtype=np.int32)
@@ -99,7 +99,7 @@ def finetune_peak(args: argparse.Namespace, checkpointing: bool, outdir: Path) -
            "--train-data", str(TEXT), "--format", "text", "--outdir", str(outdir), "-c", str(args.ctx), "-b", str(args.batch),
            "--micro-batch", str(args.batch), "--lora-r", str(args.rank), "--lora-alpha", str(2 * args.rank),
            "--lora-dropout", "0", "--adam-iter", "2", "--save-every", "0", "-t", str(args.threads),
-           "--use-checkpointing" if checkpointing else "--no-checkpointing", "--overwrite"]
+           "--use-checkpointing" if checkpointing else "--no-checkpointing", "--overwrite", "--compute", args.compute]
     proc, peak = run_sampled(cmd, env=dict(os.environ, TQDM_DISABLE="1"))
     if proc.returncode:
         raise SystemExit(f"ggtrain finetune failed ({proc.returncode}):\n{' '.join(cmd)}\n"
@@ -107,7 +107,8 @@ def finetune_peak(args: argparse.Namespace, checkpointing: bool, outdir: Path) -
     return peak
 
 
-def estimate(model: Path, ctx: int, batch: int, rank: int, checkpointing: bool, threads: int) -> dict[str, int]:
+def estimate(model: Path, ctx: int, batch: int, rank: int, checkpointing: bool, threads: int,
+             compute: str = "f32") -> dict[str, int]:
     from ggtrain.gguf.arch import read_hparams
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.model.lora import LoraConfig
@@ -117,8 +118,8 @@ def estimate(model: Path, ctx: int, batch: int, rank: int, checkpointing: bool, 
     hp = read_hparams(ModelFile(model))
     lcfg = LoraConfig.make(r=rank, alpha=2.0 * rank, targets=PROJECTIONS)
     size = model.stat().st_size
-    total = estimate_step_memory(hp, lcfg, ctx, batch, checkpointing, size, threads=threads)
-    parts = memory_breakdown(hp, lcfg, ctx, batch, checkpointing, size, threads=threads)
+    total = estimate_step_memory(hp, lcfg, ctx, batch, checkpointing, size, threads=threads, compute=compute)
+    parts = memory_breakdown(hp, lcfg, ctx, batch, checkpointing, size, threads=threads, compute=compute)
     fixed = sum(v for k, v in parts.items() if k.startswith(("weights", "runtime", "safety")))
     return {"total": total, "step": parts["total"] - fixed, "parts": parts}
 
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("-b", "--batch", type=int, default=1, help="rows per step (default 1)")
     ap.add_argument("-r", "--rank", type=int, default=8, help="LoRA rank on the 7 projections (default 8)")
     ap.add_argument("-t", "--threads", type=int, default=2, help="threads (default 2)")
+    ap.add_argument("--compute", choices=("f32", "bf16"), default="f32", help="the base products' path (default f32)")
     ap.add_argument("--worker", choices=("checkpointing", "no-checkpointing"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
@@ -141,18 +143,20 @@ def main() -> None:
         return
 
     print(f"model {args.model.name} ({args.model.stat().st_size / MiB:.0f} MiB), ctx {args.ctx}, batch "
-          f"{args.batch}, LoRA r {args.rank} on 7 projections, threads {args.threads}, {load_average()}")
+          f"{args.batch}, LoRA r {args.rank} on 7 projections, threads {args.threads}, compute {args.compute}, "
+          f"{load_average()}")
     rows = []
     for setting in ("checkpointing", "no-checkpointing"):
         cmd = [sys.executable, __file__, "--worker", setting, "-m", str(args.model), "-c", str(args.ctx),
-               "-b", str(args.batch), "-r", str(args.rank), "-t", str(args.threads)]
+               "-b", str(args.batch), "-r", str(args.rank), "-t", str(args.threads), "--compute", args.compute]
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False)
         if proc.returncode:
             raise SystemExit(f"worker {setting} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         with tempfile.TemporaryDirectory() as tmp:
             res["finetune_peak"] = finetune_peak(args, setting == "checkpointing", Path(tmp) / "out")
-        est = estimate(args.model, args.ctx, args.batch, args.rank, setting == "checkpointing", args.threads)
+        est = estimate(args.model, args.ctx, args.batch, args.rank, setting == "checkpointing", args.threads,
+                       args.compute)
         rows.append((setting, res, est))
 
     def mib(x: float) -> str:

@@ -282,10 +282,10 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     else:
         lcfg = LoraConfig.make(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=DEFAULT_TARGETS, ranks=ranks)
     limit = mem_limit or default_mem_limit()
-    check_fits(batch, micro_batch, limit, hp, lcfg, opts.ctx, checkpointing, path.stat().st_size,
-               limit_given=mem_limit is not None, threads=n_threads)
-
     mode, why = resolve_matmul(compute, training=True)
+    check_fits(batch, micro_batch, limit, hp, lcfg, opts.ctx, checkpointing, path.stat().st_size,
+               limit_given=mem_limit is not None, threads=n_threads, compute=mode)
+
     model = Model(mf, hp, matmul=mode)
     tok = Tokenizer.from_model_file(mf)
     notice = kernels.first_run_notice()

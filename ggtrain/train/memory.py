@@ -46,7 +46,7 @@ RUNTIME_BASE_BYTES = 150 * MiB
 RUNTIME_BYTES_PER_VOCAB = 400  # the model file's token metadata and the tokenizer, per vocabulary entry
 TILE_BYTES = 2 * MiB  # a qmatmul thread's dequantized tile (ggtrain.kernels' TILE_BUDGET floats)
 KERNEL_BYTES_PER_THREAD = 8 * MiB  # OpenBLAS's packing buffers, Numba's arrays: outside numpy, measured
-SAFETY_FRACTION = 0.10
+SAFETY_FRACTION = 0.08  # the parts above already sit 1-6% over the measured peak (bench/step_memory.py)
 DEFAULT_LIMIT_SHARE = 0.8  # share of the available RAM a run may take by default
 
 
@@ -68,8 +68,10 @@ def default_runtime_bytes(hparams: Any) -> int:
 
 def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batch: int, checkpointing: bool,
                      model_file_bytes: int, threads: int | None = None, ce_chunk: int = CE_CHUNK,
-                     runtime_bytes: int | None = None) -> dict[str, int]:
-    """Peak bytes of one training step by part (see the module doc); 'total' includes the margin."""
+                     runtime_bytes: int | None = None, compute: str = "f32") -> dict[str, int]:
+    """Peak bytes of one training step by part (see the module doc); 'total' includes the margin.
+    compute "bf16": the products also hold their input rounded to bf16 (2 bytes a value), the widest
+    being the head chunk's output gradient (T, ce_chunk) in its backward."""
     if ctx <= 0 or micro_batch <= 0:
         raise ValueError("ctx and micro_batch must be > 0")
     threads = threads or os.cpu_count() or 1
@@ -92,8 +94,9 @@ def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batc
     n_lora = lora_param_count(hparams, lora_config)
     parts["LoRA params, grads, Adam state (m, v, scratch)"] = 5 * n_lora * F32
     attn_dq = T * int(hparams.n_head) * int(hparams.head_dim) * F32
+    rounded = 2 * T * max(min(ce_chunk, n_vocab), int(hparams.n_ff), int(hparams.n_embd)) if compute == "bf16" else 0
     parts["kernel buffers (qmatmul tiles, attention dq, BLAS)"] = threads * (TILE_BYTES + attn_dq
-                                                                             + KERNEL_BYTES_PER_THREAD)
+                                                                             + KERNEL_BYTES_PER_THREAD) + rounded
     if runtime_bytes is None:
         runtime_bytes = default_runtime_bytes(hparams)
     parts["runtime (python, libraries, tokenizer, data)"] = int(runtime_bytes)
@@ -105,7 +108,7 @@ def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batc
 
 def estimate_step_memory(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batch: int, checkpointing: bool,
                          model_file_bytes: int, **kw: Any) -> int:
-    """Estimated peak RSS in bytes of a training step (kw: threads, ce_chunk, runtime_bytes)."""
+    """Estimated peak RSS in bytes of a training step (kw: threads, ce_chunk, runtime_bytes, compute)."""
     return memory_breakdown(hparams, lora_config, ctx, micro_batch, checkpointing, model_file_bytes, **kw)["total"]
 
 

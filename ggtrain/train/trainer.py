@@ -271,7 +271,7 @@ class Trainer:
             self.micro = self.cfg.micro_batch
         elif self.cfg.mem_limit:
             self.micro = choose_micro_batch(self.cfg.batch, self.cfg.mem_limit, hp, lora_config, ctx,
-                                            self.cfg.checkpointing, file_bytes)
+                                            self.cfg.checkpointing, file_bytes, compute=self.cfg.compute)
         return self.micro
 
     # -- state ---------------------------------------------------------------------------------
