@@ -88,12 +88,8 @@ def start_chat(model_path: Path | None, loras: tuple[str, ...], sampling: Sampli
 def open_decoder(mf: ModelFile, loras: tuple[str, ...], n_ctx: int | None, matmul: str) -> tuple[Decoder, Tokenizer]:
     """The Decoder over mf with the --lora adapters, and the model's tokenizer; the KV cache's size
     and the matmul path go to stderr."""
-    import psutil
-
     from ggtrain.adapters.load import load_adapter_arg
-    from ggtrain.errors import GGTrainError
     from ggtrain.generate.decoder import Decoder
-    from ggtrain.generate.kvcache import KVCache
     from ggtrain.model.transformer import Adapter, Model
     from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.train.memory import format_bytes
@@ -102,10 +98,6 @@ def open_decoder(mf: ModelFile, loras: tuple[str, ...], n_ctx: int | None, matmu
     for arg in loras:
         model.adapters.append(Adapter(load_adapter_arg(arg, mf)))
     n_ctx = n_ctx or min(DEFAULT_CTX, model.hp.n_ctx_train)
-    need, avail = KVCache.bytes_for(model.hp, n_ctx), psutil.virtual_memory().available
-    if need > avail:  # refused before allocating, rather than dying of it
-        raise GGTrainError(f"-c/--ctx-size {n_ctx}: the KV cache would take {format_bytes(need)}, more than the "
-                           f"{format_bytes(avail)} of memory available; give a smaller -c")
     decoder = Decoder(model, n_ctx, matmul=matmul)
     adapters = f", adapters {', '.join(loras)}" if loras else ""
     click.echo(f"chat: {mf.path.name}{adapters}; {decoder.matmul} matmul; KV cache {format_bytes(decoder.kv_bytes)} "

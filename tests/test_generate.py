@@ -93,6 +93,11 @@ def test_kv_cache_size_follows_n_ctx() -> None:
         dec = Decoder(model, n_ctx, "f32")
         assert dec.kv_bytes == 2 * hp.n_layer * n_ctx * hp.n_head_kv * hp.head_dim * 4
         assert dec.kv_bytes == KVCache.bytes_for(hp, n_ctx)
+    # a cache larger than the memory available is refused before anything is allocated
+    import psutil
+    huge = 2 * psutil.virtual_memory().available // KVCache.bytes_for(hp, 1)
+    with pytest.raises(GGTrainError, match="the KV cache would take .* of memory available; give a smaller -c"):
+        Decoder(model, huge, "f32")
 
 
 def test_a_full_context_is_refused() -> None:

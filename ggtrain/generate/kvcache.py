@@ -11,8 +11,11 @@ back (rows past it are overwritten by the next tokens). Its size is fixed by n_c
 from __future__ import annotations
 
 import numpy as np
+import psutil
 
+from ggtrain.errors import GGTrainError
 from ggtrain.gguf.arch import HParams
+from ggtrain.train.memory import format_bytes
 
 
 class KVCache:
@@ -21,6 +24,10 @@ class KVCache:
     def __init__(self, hp: HParams, n_ctx: int) -> None:
         if n_ctx < 1:
             raise ValueError(f"KV cache of {n_ctx} positions")
+        need, avail = self.bytes_for(hp, n_ctx), psutil.virtual_memory().available
+        if need > avail:  # refused before allocating, rather than dying of it (generate, chat, previews alike)
+            raise GGTrainError(f"-c/--ctx-size {n_ctx}: the KV cache would take {format_bytes(need)}, more than "
+                               f"the {format_bytes(avail)} of memory available; give a smaller -c")
         self.n_ctx = n_ctx
         # np.zeros: pages are taken from the OS as positions fill, not all at once
         self.k = [np.zeros((n_ctx, hp.n_head_kv, hp.head_dim), np.float32) for _ in range(hp.n_layer)]
