@@ -48,6 +48,7 @@ __all__ = [
     "PARALLEL_MIN",
     "SUPPORTED_TYPES",
     "bf16_available",
+    "bf16_missing",
     "dequantize",
     "first_run_notice",
     "get_num_threads",
@@ -186,6 +187,19 @@ def _bf16_module() -> ModuleType | None:
     return bf
 
 
+def bf16_missing() -> str | None:
+    """Why compute="bf16" does not run here, for messages; None when it does."""
+    if _bf16_module() is not None:
+        return None
+    if "avx512_bf16" not in variants.cpu_features():
+        return "this CPU has no native bf16 dot products (AVX512-BF16)"
+    if os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
+        return "GGTRAIN_AVX512=0 turns the AVX512 kernels off"
+    if os.environ.get("GGTRAIN_BF16", "").strip() == "0":
+        return "GGTRAIN_BF16=0 turns the bf16 kernels off"
+    return "the bf16 kernels were not built here"
+
+
 def bf16_available() -> bool:
     """Whether compute="bf16" runs here: a CPU with AVX512-BF16 (x86 build), not turned off by
     GGTRAIN_AVX512=0 or GGTRAIN_BF16=0."""
@@ -201,13 +215,7 @@ def _bf16_for(what: str, compute: str) -> ModuleType | None:
         return None
     bf = _bf16_module()
     if bf is None:
-        if os.environ.get("GGTRAIN_BF16", "").strip() == "0":
-            why = "GGTRAIN_BF16=0 turns it off"
-        elif os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
-            why = "GGTRAIN_AVX512=0 turns it off"
-        else:
-            why = "this CPU lacks AVX512-BF16"
-        raise ValueError(f"{what}: compute='bf16' is not available ({why})")
+        raise ValueError(f"{what}: compute='bf16' is not available ({bf16_missing()})")
     return bf
 
 

@@ -143,10 +143,6 @@ def resolve_matmul(requested: str, training: bool = False) -> tuple[str, str]:
     AVX512-VNNI (llama.cpp's activations), else bf16 where it has AVX512-BF16 (training always, as
     int8 has no backward), else f32; a named mode is taken as given (set_matmul checks it runs here).
     `why` is what the start-up line prints."""
-    import os
-
-    from ggtrain.kernels.variants import cpu_features
-
     if requested not in ("auto", *MATMUL_MODES) or (training and requested == "int8"):
         allowed = ("auto", *TRAINING_MODES) if training else ("auto", *MATMUL_MODES)
         raise ValueError(f"compute {requested!r}: expected one of {', '.join(allowed)}")
@@ -158,15 +154,7 @@ def resolve_matmul(requested: str, training: bool = False) -> tuple[str, str]:
         return "bf16", "auto: this CPU has AVX512-BF16 dot products"
     if not training:
         return "f32", "auto: this CPU has no AVX512-VNNI"
-    if "avx512_bf16" not in cpu_features():
-        why = "this CPU has no native bf16 dot products (AVX512-BF16)"
-    elif os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
-        why = "GGTRAIN_AVX512=0 turns the AVX512 kernels off"
-    elif os.environ.get("GGTRAIN_BF16", "").strip() == "0":
-        why = "GGTRAIN_BF16=0 turns the bf16 kernels off"
-    else:
-        why = "the bf16 kernels were not built here"
-    return "f32", f"auto: {why}"
+    return "f32", f"auto: {kernels.bf16_missing()}"
 
 
 class Model:
