@@ -38,7 +38,13 @@ from ggtrain.errors import GGTrainError
 from ggtrain.model.lora import LoraConfig, LoraWeights
 from ggtrain.model.transformer import Batch, Model
 from ggtrain.train.checkpoint import Checkpoint, model_fingerprint, save_checkpoint
-from ggtrain.train.memory import MemoryMonitor, choose_micro_batch, format_bytes, smaller_micro_batch
+from ggtrain.train.memory import (
+    SAFETY_FRACTION,
+    MemoryMonitor,
+    choose_micro_batch,
+    format_bytes,
+    smaller_micro_batch,
+)
 from ggtrain.train.optim import AdamW, Schedule, clip_grad_norm
 from ggtrain.train.outputs import OutputPaths
 
@@ -437,7 +443,9 @@ class Trainer:
     def _maybe_shrink(self) -> bool:
         """Near the memory limit: continue with the next smaller micro-batch (same step, same result).
         True when the micro-batch shrank."""
-        if self.monitor.limit is None or not self.monitor.near_limit():
+        # "near": RSS has entered the estimate's safety margin, i.e. the run uses more than the
+        # estimate's parts allow at this limit (so a run at its estimate does not shrink)
+        if self.monitor.limit is None or not self.monitor.near_limit(1 / (1 + SAFETY_FRACTION)):
             return False
         smaller = smaller_micro_batch(self.cfg.batch, self.micro)
         if smaller is None:
