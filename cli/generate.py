@@ -9,7 +9,6 @@ stderr. --compare runs the base model, then the adapted one, on the same prompt 
 
 from __future__ import annotations
 
-import codecs
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,20 +51,16 @@ def timing_lines(st: GenStats, prefix: str = "generate") -> list[str]:
 
 def token_printer(piece: Callable[[int], bytes]) -> tuple[Callable[[int], None], Callable[[], None]]:
     """(on_token, flush): write each token's bytes to stdout as soon as they form whole UTF-8 characters."""
-    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    from ggtrain.generate.stream import Utf8Stream
+
     out = sys.stdout
 
-    def on_token(tok: int) -> None:
-        text = dec.decode(piece(tok))
-        if text:
-            out.write(text)
-            out.flush()
-
-    def flush() -> None:
-        out.write(dec.decode(b"", final=True))
+    def emit(text: str) -> None:
+        out.write(text)
         out.flush()
 
-    return on_token, flush
+    stream = Utf8Stream(piece, emit)
+    return stream.push, stream.flush
 
 
 @click.command(cls=Command)

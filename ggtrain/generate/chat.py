@@ -15,7 +15,6 @@ and at the template's own end-of-turn token (the one it writes after an assistan
 
 from __future__ import annotations
 
-import codecs
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,9 +118,9 @@ class ChatSession:
 
     def reply(self, t: Turn, on_text: Callable[[str], None] = lambda s: None) -> Turn:
         """Evaluate the prepared turn's new tokens and generate the reply; the conversation then holds it."""
-        from ggtrain.generate.stream import generate_tokens
+        from ggtrain.generate.stream import Utf8Stream, generate_tokens
 
-        text_out = _Utf8Stream(self.tok, on_text)
+        text_out = Utf8Stream(lambda t: self.tok.piece_bytes(t, special=False), on_text)
 
         def on_token(tid: int) -> None:
             t.reply_ids.append(tid)
@@ -149,32 +148,6 @@ def pieces_text(tok: Tokenizer, ids: list[int]) -> str:
     """What a reply of these tokens shows: their pieces joined, control tokens as nothing (as llama.cpp
     prints a generation; unlike decode, no space prefix is taken off the first)."""
     return b"".join(tok.piece_bytes(i, special=False) for i in ids).decode("utf-8", errors="replace")
-
-
-class _Utf8Stream:
-    """Token pieces -> text, a character only once its last byte has come (no broken UTF-8 shown);
-    control tokens print nothing, as llama.cpp's conversation mode shows them."""
-
-    def __init__(self, tok: Tokenizer, emit: Callable[[str], None]) -> None:
-        self.tok, self.emit = tok, emit
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.parts: list[str] = []
-
-    def push(self, tid: int) -> None:
-        s = self.decoder.decode(self.tok.piece_bytes(tid, special=False))
-        if s:
-            self.parts.append(s)
-            self.emit(s)
-
-    def flush(self) -> None:
-        s = self.decoder.decode(b"", final=True)
-        if s:
-            self.parts.append(s)
-            self.emit(s)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
 
 
 def timing_line(t: Turn) -> str:

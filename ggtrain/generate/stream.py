@@ -11,6 +11,7 @@ never evaluated), sampling is timed apart. Ctrl-C ends the loop between tokens w
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -86,3 +87,30 @@ def generate_tokens(decoder: Decoder, sampler: Sampler, prompt: Sequence[int], n
     stats.prompt_seconds = t1 - t0
     stats.gen_seconds = end - t1
     return stats
+
+
+class Utf8Stream:
+    """Token pieces -> text, a character only once its last byte has come (no broken UTF-8 shown);
+    piece(token) gives a token's bytes (control tokens: none, as llama.cpp shows them). What
+    generate prints and chat replies with; `text` is everything emitted so far."""
+
+    def __init__(self, piece: Callable[[int], bytes], emit: Callable[[str], None]) -> None:
+        self.piece, self.emit = piece, emit
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.parts: list[str] = []
+
+    def push(self, tid: int) -> None:
+        s = self.decoder.decode(self.piece(tid))
+        if s:
+            self.parts.append(s)
+            self.emit(s)
+
+    def flush(self) -> None:
+        s = self.decoder.decode(b"", final=True)
+        if s:
+            self.parts.append(s)
+            self.emit(s)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
