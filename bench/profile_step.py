@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("-s", "--steps", type=int, default=3, help="profiled steps after the warm-up (default 3)")
     ap.add_argument("--top", type=int, default=0, help="also the top N functions by own time (default 0)")
+    ap.add_argument("--compute", default="auto", choices=("auto", "bf16", "f32"),
+                    help="compute path of the base products, as finetune's --compute (default auto)")
     args = ap.parse_args()
 
     import numpy as np
@@ -137,7 +139,7 @@ def main() -> None:
     from ggtrain.gguf.defaults import default_model_path
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
-    from ggtrain.model.transformer import PROJECTIONS, Batch, Model
+    from ggtrain.model.transformer import PROJECTIONS, Batch, Model, resolve_matmul
     from ggtrain.text.tokenizer import Tokenizer
     from ggtrain.threads import set_threads
     from ggtrain.train.optim import AdamW
@@ -145,7 +147,8 @@ def main() -> None:
     set_threads(args.threads)
     mf = ModelFile(args.model or default_model_path())
     hp = read_hparams(mf)
-    model = Model(mf, hp)
+    compute, why = resolve_matmul(args.compute, training=True)
+    model = Model(mf, hp, matmul=compute)
     n = args.ctx * args.batch
     ids = np.asarray(Tokenizer.from_model_file(mf).encode(TEXT.read_text(encoding="utf-8")), dtype=np.int32)
     ids = np.tile(ids, (n + 1) // len(ids) + 1)
@@ -176,6 +179,7 @@ def main() -> None:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // args.steps
     secs = sum(times) / len(times)
     print(cpu_line())
+    print(f"compute: {compute} ({why})")
     print(f"{n} tokens, checkpointing {'on' if args.checkpointing else 'off'}, threads {args.threads}: warm-up "
           f"step {warm:.1f} s, profiled steps {' '.join(f'{t:.2f}' for t in times)} s (mean {n / secs:.1f} "
           f"tokens/s); {load_average()}")
