@@ -4,8 +4,7 @@
 Built only for x86 with the avx512bf16 row's flags; ggtrain.kernels imports it only on a CPU that
 has them. One call: the activations (X forward, dY backward) are rounded to bf16 once, row-major,
 by a prange over tokens into k tiles (or used as given when the caller passes them rounded and K is
-one tile); then each work item
-is a disjoint block of the output, handed out dynamically, no barriers: a thread packs one weight
+even); then each work item is a disjoint block of the output, handed out dynamically, no barriers: a thread packs one weight
 tile at a time (dequantize, round, interleave) into its own 64-byte-aligned buffer and runs the
 micro-kernel over it for every token of the item.
   forward items:  tile_rows weight rows (panels of GG_BF_NR), walked tile_cols columns at a time
@@ -206,8 +205,8 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
                 for j in range(c.shape[1]):
                     c[i, j] = 0
         return
-    # the rounded activations in k tiles (ATiles): the caller's array when it rounded them and K is
-    # one even tile, else a buffer this call fills once
+    # the rounded activations in k tiles (ATiles): the caller's array as it is when it rounded them
+    # and K is even (tile kb at column kb·tile_k of its rows), else a buffer this call fills once
     cdef ATiles A
     A.n_tiles = (K + tile_k - 1) // tile_k
     cdef Py_ssize_t k_last = K - (A.n_tiles - 1) * tile_k
@@ -218,9 +217,10 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     cdef const float *src = NULL
     cdef const uint16_t *srcb = NULL
     cdef Py_ssize_t lds
-    if a_f32 is None and A.n_tiles == 1 and not (K & 1):
+    if a_f32 is None and not (K & 1):
         A.a = &ab[0, 0]
-        A.ld_last = ab.strides[0] // 2 if T > 1 else K
+        A.tstride = tile_k
+        A.ld = A.ld_last = ab.strides[0] // 2 if T > 1 else K
     else:
         abuf = <uint16_t *>alloc64(T * ((A.n_tiles - 1) * tile_k + A.ld_last) * 2)
         if abuf == NULL:

@@ -43,7 +43,8 @@ CE_CHUNK = 16384
 
 class Head(Protocol):
     """Optionally also lse_chunk(h, r0, r1, targets, softcap, run_max, run_sum, tgt_logit) -> bool: the
-    chunk's logits folded into the running stats without writing them (True if it did)."""
+    chunk's logits folded into the running stats without writing them (True if it did); and
+    takes_bf16 (bool): matmul_t reads dy rounded to bf16 (uint16 bits, as kernels.to_bf16 rounds) too."""
 
     shape: tuple[int, int]  # (vocab, d): only read when n_vocab is not given
 
@@ -242,13 +243,24 @@ def _fused(h: np.ndarray, head: Head, tgt: np.ndarray, weights: np.ndarray, n_vo
     tg = tgt[rows]
     run_max, run_sum, tgt_logit, rescale = np.full(n, -np.inf), np.zeros(n), np.zeros(n), np.zeros(n)
     c = min(chunk, n_vocab)
-    kbuf = np.empty((numba.get_num_threads(), c), dtype=np.int32)
-    fbuf = np.empty((numba.get_num_threads(), c), dtype=h.dtype)
+    native = _avx512 is not None and h.dtype == np.float32
+    if native:  # a head whose backward rounds its input to bf16 gets e rounded here, in the same pass
+        e16 = np.empty(n * c, dtype=np.uint16) if getattr(head, "takes_bf16", False) else None
+    else:
+        kbuf = np.empty((numba.get_num_threads(), c), dtype=np.int32)
+        fbuf = np.empty((numba.get_num_threads(), c), dtype=h.dtype)
     acc = np.zeros((n, h.shape[1]), dtype=h.dtype)  # Σ exp(z - M)·z'·W in units of the running max M
     for r0 in range(0, n_vocab, chunk):
         r1 = min(n_vocab, r0 + chunk)
         e = np.ascontiguousarray(head.matmul(hs, r0, r1))
-        _ce_fused_chunk(e, r0, tg, softcap, e.dtype == np.float32, kbuf, fbuf, run_max, run_sum, tgt_logit, rescale)
+        if native:
+            out16 = e16[:e.size].reshape(e.shape) if e16 is not None else None
+            _avx512.ce_fused_chunk(e, r0, tg, softcap, run_max, run_sum, tgt_logit, rescale, out16,
+                                   get_num_threads())
+            e = e if out16 is None else out16
+        else:
+            _ce_fused_chunk(e, r0, tg, softcap, e.dtype == np.float32, kbuf, fbuf, run_max, run_sum, tgt_logit,
+                            rescale)
         acc *= rescale.astype(h.dtype)[:, None]
         acc += head.matmul_t(e, r0, r1)
     lse_r = run_max + np.log(run_sum)

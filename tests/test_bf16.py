@@ -134,8 +134,9 @@ def test_every_type_against_float64(qt: Q, threads: int) -> None:
                          ids=["Q4_K", "Q8_0", "F32-odd"])
 def test_k_in_several_tiles(qt: Q, n: int, rows: int) -> None:
     """K above BF16_MAX_TILE_K, forward and backward: several tiles of k, the last one short (and
-    odd: 2051 columns, 1101 rows); the activations as f32 or as to_bf16's uint16 (copied into the
-    tiled layout) give the same floats. 2 threads."""
+    odd: 2051 columns, 1101 rows); the activations as f32 or as to_bf16's uint16 (read in place,
+    row-strided too, with an even K; copied into the tiled layout with an odd one) give the same
+    floats. 2 threads."""
     if not HERE:
         return refused()
     rng = np.random.default_rng(n)
@@ -151,6 +152,9 @@ def test_k_in_several_tiles(qt: Q, n: int, rows: int) -> None:
                               kernels.qmatmul(x, w, qt, compute="bf16"))
         assert np.array_equal(kernels.qmatmul_backward_input(kernels.to_bf16(dy), w, qt, compute="bf16"),
                               kernels.qmatmul_backward_input(dy, w, qt, compute="bf16"))
+        xs = np.zeros((50, n + 40), np.uint16)[:, 18:18 + n]  # rows 2n + 80 bytes apart
+        kernels.to_bf16(x, out=xs)
+        assert np.array_equal(kernels.qmatmul(xs, w, qt, compute="bf16"), kernels.qmatmul(x, w, qt, compute="bf16"))
     finally:
         set_threads(default_threads())
 

@@ -173,3 +173,68 @@ def test_avx512_chunk_kernel_matches_the_numba_kernel(softcap, monkeypatch):
     l_nb, st_nb = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=1000)
     assert l_avx == pytest.approx(l_nb, rel=1e-5)
     np.testing.assert_allclose(st_avx.lse, st_nb.lse, rtol=1e-6)
+
+
+def _bf16_bits(x):
+    """numpy's own f32 -> bf16 round to nearest even (finite values), the reference for the kernel's."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+class RecordingHead(DenseHead):
+    """A head whose backward products record what they were handed; bf16 bits are widened back."""
+
+    def __init__(self, w, takes_bf16):
+        super().__init__(w)
+        self.takes_bf16 = takes_bf16
+        self.dys = []
+
+    def matmul_t(self, dy, r0, r1):
+        self.dys.append(dy.copy())
+        if dy.dtype == np.uint16:
+            dy = (dy.astype(np.uint32) << 16).view(np.float32)
+        return super().matmul_t(dy, r0, r1)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_avx512_fused_kernel_matches_the_numba_kernel(softcap, monkeypatch):
+    from ggtrain.kernels import loss
+
+    if loss._avx512 is None:
+        pytest.skip("this CPU has no AVX512: the f32 AVX512 row kernel cannot run here")
+    h, w, t = _problem(T=30, d=16, V=2501, seed=4)
+    mask = np.arange(30) % 5 != 0
+    h32, w32 = h.astype(np.float32), w.astype(np.float32)
+    l_avx, st_avx = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=700,
+                                          with_grad=True)
+    _, st_64 = cross_entropy_forward(h, DenseHead(w), t, mask, final_softcap=softcap, chunk=700, with_grad=True)
+    assert l_avx == pytest.approx(ref_loss(h, w, t, mask, softcap)[0], rel=1e-5)
+    np.testing.assert_allclose(st_avx.dh, st_64.dh, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(loss, "_avx512", None)
+    l_nb, st_nb = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=700,
+                                        with_grad=True)
+    assert l_avx == pytest.approx(l_nb, rel=1e-6)
+    np.testing.assert_allclose(st_avx.dh, st_nb.dh, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_fused_pass_hands_a_bf16_head_its_gradient_rounded_once(softcap):
+    # a head whose backward reads bf16 gets exp(z - M)·z' rounded to nearest even by the same pass,
+    # bit for bit what rounding the f32 values would give; the loss does not move
+    from ggtrain.kernels import loss
+
+    if loss._avx512 is None:
+        pytest.skip("this CPU has no AVX512: the fused AVX512 row kernel cannot run here")
+    h, w, t = _problem(T=13, d=8, V=1000, seed=6)
+    h32, w32 = h.astype(np.float32), w.astype(np.float32)
+    f32_head, bf16_head = RecordingHead(w32, False), RecordingHead(w32, True)
+    l32, st32 = cross_entropy_forward(h32, f32_head, t, np.ones(13), final_softcap=softcap, chunk=300,
+                                      with_grad=True)
+    l16, st16 = cross_entropy_forward(h32, bf16_head, t, np.ones(13), final_softcap=softcap, chunk=300,
+                                      with_grad=True)
+    assert [d.dtype for d in bf16_head.dys] == [np.uint16] * 4 and [d.shape[1] for d in bf16_head.dys] == [
+        300, 300, 300, 100]
+    for d16, d32 in zip(bf16_head.dys, f32_head.dys):
+        np.testing.assert_array_equal(d16, _bf16_bits(d32))
+    assert l16 == l32
+    np.testing.assert_allclose(st16.dh, st32.dh, rtol=2e-2, atol=1e-3)  # bf16's 2^-9 on each e

@@ -133,8 +133,14 @@ class LoraLinear:
             y, _ = lora_linear_forward(x, y, t.A, t.B[r0:r1], t.scale)
         return y
 
+    @property
+    def takes_bf16(self) -> bool:
+        """Whether matmul_t also reads dy already rounded to bf16 (uint16): the base computes in bf16
+        and no term multiplies dy (the terms' products are f32)."""
+        return self.base.compute == "bf16" and not self.base.int8 and not self.terms
+
     def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
-        """dy (T, r1-r0) -> dy·W'[r0:r1] (T, in)."""
+        """dy (T, r1-r0) -> dy·W'[r0:r1] (T, in); dy may be bf16 bits when takes_bf16."""
         dx = self.base.matmul_t(dy, r0, r1)
         for t in self.terms:
             dx += (dy @ t.B[r0:r1] * np.float32(t.scale)) @ t.A
