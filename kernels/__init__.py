@@ -436,15 +436,42 @@ def _check_activations(a: np.ndarray, name: str, cols: int, bf16: bool) -> np.nd
     return _check_f32_2d(a, name, cols)
 
 
+def _check_addend(addend: tuple[np.ndarray, np.ndarray] | None, out: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(u f32 (T, r), v f32 (r, columns of out)) with contiguous rows, or None for no addend."""
+    if addend is None:
+        return None
+    u, v = addend
+    _check_array(u, np.float32, 2, "addend u must be a float32 array (tokens, r)")
+    _check_array(v, np.float32, 2, "addend v must be a float32 array (r, columns)")
+    if u.shape[0] != out.shape[0] or v.shape != (u.shape[1], out.shape[1]):
+        raise ValueError(f"addend u {u.shape} · v {v.shape} does not give the output's {out.shape}")
+    return _rows_contiguous(u), _rows_contiguous(v)
+
+
+def _add_addend(addend: tuple[np.ndarray, np.ndarray] | None, out: np.ndarray) -> None:
+    """out += u·v after an f32 product (the bf16 kernels add it in their own pass)."""
+    if addend is not None and addend[0].shape[1]:
+        from ggtrain.kernels.gemm import gemm  # on first use: it loads scipy's BLAS
+
+        gemm(addend[0], addend[1], out, 1.0, 1.0, False, False, get_num_threads())
+
+
 def _qmatmul_bf16(bf: ModuleType, backward: bool, qt: GGMLQuantizationType, w: np.ndarray, a: np.ndarray,
-                  out: np.ndarray, accumulate: bool) -> None:
+                  out: np.ndarray, accumulate: bool, addend: tuple[np.ndarray, np.ndarray] | None) -> None:
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     n = w.shape[1] // type_size * block
     tr, tc, tp = plan(backward, w.shape[0], n, a.shape[0], qt, nth, "bf16")
     a_f32, a_bf16 = (None, a) if a.dtype == np.uint16 else (a, None)
+    if addend is not None and (w.shape[0] == 0 or n == 0):  # nothing for the kernel to fuse it with
+        bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tr, tc, tp, nth,
+                   _round_threads(a.size))
+        _add_addend(addend, out)
+        return
+    u, v = addend if addend is not None else (None, None)
     bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tr, tc, tp, nth,
-               _round_threads(a.size))
+               _round_threads(a.size), u, v)
 
 
 def to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -471,28 +498,33 @@ def to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def qmatmul(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None,
-            compute: str = "f32") -> np.ndarray:
+            compute: str = "f32", addend: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Y = X·Wᵀ: x f32 (T, n), w uint8 (rows, row_bytes) of type qtype -> f32 (T, rows) (into out if given).
-    compute="bf16": X and the dequantized W rounded to bf16, f32 accumulation; x may be to_bf16's uint16."""
+    compute="bf16": X and the dequantized W rounded to bf16, f32 accumulation; x may be to_bf16's uint16.
+    addend (u (T, r), v (r, rows), f32): Y + u·v, in f32 (a LoRA branch; bf16 adds it as it stores Y)."""
     bf = _bf16_for("qmatmul", compute)
     qt = _qtype(qtype)
     n = _check_weight(w, qt)
     x = _check_activations(x, "x", n, bf is not None)
     out = _check_out(out, (x.shape[0], w.shape[0]))
+    addend = _check_addend(addend, out)
     if bf is not None:
-        _qmatmul_bf16(bf, False, qt, w, x, out, False)
+        _qmatmul_bf16(bf, False, qt, w, x, out, False, addend)
         return out
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     tr, tc, tp = plan(False, w.shape[0], n, x.shape[0], qt, nth)
     _quant().qmatmul(False, int(qt), block, type_size, w, x, out, False, tr, tc, tp, nth)
+    _add_addend(addend, out)
     return out
 
 
 def qmatmul_backward_input(dy: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = None,
-                           accumulate: bool = False, compute: str = "f32") -> np.ndarray:
+                           accumulate: bool = False, compute: str = "f32",
+                           addend: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """dX = dY·W: dy f32 (T, rows), w uint8 (rows, row_bytes) -> f32 (T, n); out += dX if accumulate.
-    compute="bf16": dY and the dequantized W rounded to bf16, f32 accumulation; dy may be uint16."""
+    compute="bf16": dY and the dequantized W rounded to bf16, f32 accumulation; dy may be uint16.
+    addend (u (T, r), v (r, n), f32): dX + u·v, as qmatmul's."""
     bf = _bf16_for("qmatmul_backward_input", compute)
     qt = _qtype(qtype)
     n = _check_weight(w, qt)
@@ -500,13 +532,15 @@ def qmatmul_backward_input(dy: np.ndarray, w: np.ndarray, qtype: int, out: np.nd
     if accumulate and out is None:
         raise ValueError("qmatmul_backward_input: accumulate=True needs out")
     out = _check_out(out, (dy.shape[0], n))
+    addend = _check_addend(addend, out)
     if bf is not None:
-        _qmatmul_bf16(bf, True, qt, w, dy, out, bool(accumulate))
+        _qmatmul_bf16(bf, True, qt, w, dy, out, bool(accumulate), addend)
         return out
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     tr, tc, tp = plan(True, w.shape[0], n, dy.shape[0], qt, nth)
     _quant().qmatmul(True, int(qt), block, type_size, w, dy, out, bool(accumulate), tr, tc, tp, nth)
+    _add_addend(addend, out)
     return out
 
 

@@ -37,9 +37,11 @@ cdef extern from "bf16mm_util.h" nogil:
     int gg_bf16_pack_bwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride, int kr,
                          int64_t c0, int nc, float *scratch, uint32_t *bp)
     void gg_bf16_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp, float *c,
-                       int64_t ldc, int nc, int accumulate)
+                       int64_t ldc, int nc, int accumulate, const float *u, int64_t ldu, const float *v,
+                       int64_t ldv, int ur)
     void gg_bf16_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1,
-                       const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate)
+                       const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate, const float *u,
+                       int64_t ldu, const float *v, int64_t ldv, int ur)
 
 MICRO_ROWS = GG_BF_MR   # tokens per micro-tile
 MICRO_COLS = GG_BF_NR   # output columns per micro-tile (and forward tile rows)
@@ -68,6 +70,14 @@ def to_bf16_rows(const float[:, :] x, uint16_t[:, :] out, int nth):
             gg_bf16_round_row(src + t * lds, dst + t * ldd, n, 0)
 
 
+cdef struct Addend:
+    # the f32 low-rank U (T, ur) · V (ur, columns of C) added to the output (ur = 0: none)
+    const float *u
+    const float *v
+    Py_ssize_t ldu, ldv
+    int ur
+
+
 cdef struct ATiles:
     # the rounded activations (T, K), k tile kb at a + kb * tstride, rows ld apart (ld_last in the
     # last tile): gg_bf16_tile_row's layout, or the caller's row-major array when K is one even tile
@@ -81,8 +91,9 @@ cdef inline Py_ssize_t a_ld(const ATiles *A, Py_ssize_t kb) noexcept nogil:
 
 cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
                     Py_ssize_t R, Py_ssize_t K, const ATiles *A, Py_ssize_t T,
-                    float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, Py_ssize_t tile_k, int nth) noexcept nogil:
-    """y (T, R) = a (T, K) · Wᵀ. An item is tile_rows (a multiple of GG_BF_NR) weight rows: per tile
+                    float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, Py_ssize_t tile_k, const Addend *L,
+                    int nth) noexcept nogil:
+    """y (T, R) = a (T, K) · Wᵀ (+ U·V, added with the last tile of k). An item is tile_rows (a multiple of GG_BF_NR) weight rows: per tile
     of tile_k values of k its panels are packed, then each panel meets every token (the tile's
     slice of a, T × tile_k, stays in L2 across the panels). Returns -1 if out of memory."""
     cdef Py_ssize_t n_panels = tile_rows // GG_BF_NR
@@ -116,7 +127,8 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
                 while s < n_panels and item * tile_rows + s * GG_BF_NR < R:
                     r0 = item * tile_rows + s * GG_BF_NR
                     nr = <int>min(<Py_ssize_t>GG_BF_NR, R - r0)
-                    gg_bf16_panel(kp, a, lda, 0, T, bp + s * kp * GG_BF_NR, y + r0, ldy, nr, k0 > 0)
+                    gg_bf16_panel(kp, a, lda, 0, T, bp + s * kp * GG_BF_NR, y + r0, ldy, nr, k0 > 0,
+                                  L.u, L.ldu, L.v + r0, L.ldv, L.ur if k0 + kc >= K else 0)
                     s = s + 1
                 k0 = k0 + kc
     free(bufs)
@@ -126,8 +138,8 @@ cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ss
 cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
                      Py_ssize_t R, Py_ssize_t n, const ATiles *A, Py_ssize_t T,
                      float *dx, Py_ssize_t lddx, bint accumulate, Py_ssize_t tile_k, Py_ssize_t tile_cols,
-                     Py_ssize_t token_parts, int nth) noexcept nogil:
-    """dx (T, n) (+)= a (T, R) · W. Returns -1 if out of memory."""
+                     Py_ssize_t token_parts, const Addend *L, int nth) noexcept nogil:
+    """dx (T, n) (+)= a (T, R) · W (+ U·V, added with the last tile of k). Returns -1 if out of memory."""
     cdef Py_ssize_t n_panels = (tile_cols + GG_BF_NR - 1) // GG_BF_NR
     cdef Py_ssize_t per_thread = ((tile_k // 2) * n_panels * GG_BF_NR * 4  # bp, scratch
                                   + (2 * (tile_cols + GG_BF_NR) * 4 + 63) // 64 * 64)
@@ -157,7 +169,8 @@ cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_s
                 s = 0
                 while s * GG_BF_NR < nc:
                     gg_bf16_panel(kp, a, lda, t0, t1, bp + s * kp * GG_BF_NR, dx + c0 + s * GG_BF_NR, lddx,
-                                  <int>min(<Py_ssize_t>GG_BF_NR, nc - s * GG_BF_NR), accumulate or r0 > 0)
+                                  <int>min(<Py_ssize_t>GG_BF_NR, nc - s * GG_BF_NR), accumulate or r0 > 0,
+                                  L.u, L.ldu, L.v + c0 + s * GG_BF_NR, L.ldv, L.ur if r0 + kr >= R else 0)
                     s = s + 1
                 r0 = r0 + kr
     free(bufs)
@@ -173,14 +186,15 @@ def supports(int qtype):
 
 def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w, a_f32, a_bf16,
             float[:, :] c, bint accumulate, Py_ssize_t tile_rows, Py_ssize_t tile_cols, Py_ssize_t token_parts,
-            int nth, int round_nth):
+            int nth, int round_nth, u=None, v=None):
     """Forward c = a·Wᵀ or backward c (+)= a·W in bf16 with f32 accumulation. The activations a come
     as f32 (a_f32, rounded here) or already rounded (a_bf16, uint16 bits); the other is None. Inner
     strides of w, a, c are 1 (checked by the caller). The tiles ggtrain.kernels planned: forward,
     tile_rows weight rows an item (a multiple of GG_BF_NR) × tile_cols values of k; backward,
     tile_rows values of k × tile_cols columns an item (a multiple of GG_BF_NR and of block) in
     token_parts token ranges. Values of k per tile: a multiple of GG_BF_KC. round_nth: the threads
-    that round f32 activations."""
+    that round f32 activations. u (T, r), v (r, columns of c), f32 with inner strides 1 (checked by
+    the caller): c also gets u·v, in f32, in the same pass."""
     cdef Py_ssize_t tile_k = tile_rows if backward else tile_cols
     if (tile_k <= 0 or tile_k % GG_BF_KC or (not backward and tile_rows % GG_BF_NR)
             or (backward and (tile_cols % GG_BF_NR or tile_cols % block))):
@@ -197,9 +211,23 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
         T = ab.shape[0]
     if not supports(qtype):
         raise ValueError(f"tensor type {qtype} is not supported by the bf16 kernels")
+    cdef Addend L
+    cdef const float[:, :] um, vm
+    L.ur = 0
+    L.u = L.v = NULL
+    L.ldu = L.ldv = 0
+    if u is not None:
+        um, vm = u, v
+        L.ur = <int>um.shape[1]
+        if L.ur:
+            L.u, L.v = &um[0, 0], &vm[0, 0]
+            L.ldu = um.strides[0] // 4 if um.shape[0] > 1 else L.ur
+            L.ldv = vm.strides[0] // 4 if vm.shape[0] > 1 else vm.shape[1]
     if T == 0:
         return
     if R == 0 or n == 0:
+        if L.ur:
+            raise ValueError("an addend needs a weight with rows and columns")
         if not accumulate:
             for i in range(T):
                 for j in range(c.shape[1]):
@@ -241,10 +269,10 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     with nogil:
         if backward:
             rc = bf_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &A, T, &c[0, 0], ldc,
-                             accumulate, tile_k, tile_cols, token_parts, nth)
+                             accumulate, tile_k, tile_cols, token_parts, &L, nth)
         else:
             rc = bf_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &A, T, &c[0, 0], ldc,
-                            tile_rows, tile_k, nth)
+                            tile_rows, tile_k, &L, nth)
     free(abuf)
     if rc != 0:
         raise MemoryError(f"cannot allocate {nth} bf16 weight tiles")
@@ -271,10 +299,10 @@ def micro_peak(int nth, Py_ssize_t reps):
         bp = <uint32_t *>(bufs + tid * per_thread)
         a = <uint16_t *>(bp + (GG_BF_KC // 2) * GG_BF_NR)
         c = <float *>(a + GG_BF_MR * GG_BF_KC)
-        gg_bf16_micro(GG_BF_KC // 2, a, GG_BF_KC, GG_BF_MR, bp, c, GG_BF_NR, GG_BF_NR, 0)  # warm up
+        gg_bf16_micro(GG_BF_KC // 2, a, GG_BF_KC, GG_BF_MR, bp, c, GG_BF_NR, GG_BF_NR, 0, NULL, 0, NULL, 0, 0)
         t0 = openmp.omp_get_wtime()
         for r in range(reps):
-            gg_bf16_micro(GG_BF_KC // 2, a, GG_BF_KC, GG_BF_MR, bp, c, GG_BF_NR, GG_BF_NR, 1)
+            gg_bf16_micro(GG_BF_KC // 2, a, GG_BF_KC, GG_BF_MR, bp, c, GG_BF_NR, GG_BF_NR, 1, NULL, 0, NULL, 0, 0)
         seconds[tid] = openmp.omp_get_wtime() - t0
     free(bufs)
     elapsed = max(seconds)

@@ -188,9 +188,13 @@ static inline __mmask16 gg_bf_cols_mask(int nc, int v) {
 
 /* C (mr rows at c, row stride ldc; nc <= GG_BF_NR columns) (+)= A · B over kp pairs of k: A's mr
    (<= GG_BF_MR) rows at a (row stride lda, in bf16), bp one packed panel (kp × GG_BF_NR u32, 64-byte
-   aligned). Missing rows of A repeat its last row (computed, never stored). */
+   aligned). Missing rows of A repeat its last row (computed, never stored).
+   With ur > 0 the f32 low-rank addend U · V joins the sums before they are stored: U's mr rows at u
+   (row stride ldu, ur columns), V's ur rows at v (row stride ldv, this tile's nc columns), f32 FMAs
+   (a LoRA branch's (x·Aᵀ)·s·Bᵀ: its (T, out) sum never makes a second pass over C). */
 static inline void gg_bf16_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp,
-                                 float *c, int64_t ldc, int nc, int accumulate) {
+                                 float *c, int64_t ldc, int nc, int accumulate, const float *u, int64_t ldu,
+                                 const float *v, int64_t ldv, int ur) {
     const uint8_t *ar[GG_BF_MR];
     for (int m = 0; m < GG_BF_MR; m++) ar[m] = (const uint8_t *)(a + (m < mr ? m : mr - 1) * lda);
     __m512 acc[GG_BF_MR][4];
@@ -211,6 +215,21 @@ static inline void gg_bf16_micro(int64_t kp, const uint16_t *a, int64_t lda, int
             acc[m][3] = _mm512_dpbf16_ps(acc[m][3], x, b3);
         }
     }
+    for (int r = 0; r < ur; r++) {
+        const float *vr = v + r * ldv;
+        const __m512 v0 = _mm512_maskz_loadu_ps(gg_bf_cols_mask(nc, 0), vr);
+        const __m512 v1 = _mm512_maskz_loadu_ps(gg_bf_cols_mask(nc, 1), vr + 16);
+        const __m512 v2 = _mm512_maskz_loadu_ps(gg_bf_cols_mask(nc, 2), vr + 32);
+        const __m512 v3 = _mm512_maskz_loadu_ps(gg_bf_cols_mask(nc, 3), vr + 48);
+#pragma GCC unroll 6
+        for (int m = 0; m < GG_BF_MR; m++) {  /* all rows (the accumulators stay in registers) */
+            const __m512 x = _mm512_set1_ps(u[(m < mr ? m : mr - 1) * ldu + r]);
+            acc[m][0] = _mm512_fmadd_ps(x, v0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(x, v1, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(x, v2, acc[m][2]);
+            acc[m][3] = _mm512_fmadd_ps(x, v3, acc[m][3]);
+        }
+    }
     for (int m = 0; m < mr; m++) {
         float *row = c + m * ldc;
         for (int v = 0; v < 4; v++) {
@@ -223,12 +242,15 @@ static inline void gg_bf16_micro(int64_t kp, const uint16_t *a, int64_t lda, int
     }
 }
 
-/* C rows t0 .. t1 (+)= A rows t0 .. t1 · one packed panel: micro-tiles of GG_BF_MR rows */
+/* C rows t0 .. t1 (+)= A rows t0 .. t1 · one packed panel (+ U rows t0 .. t1 · V with ur > 0; v at
+   the panel's first column): micro-tiles of GG_BF_MR rows */
 static inline void gg_bf16_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1,
-                                 const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate) {
+                                 const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate,
+                                 const float *u, int64_t ldu, const float *v, int64_t ldv, int ur) {
     for (int64_t t = t0; t < t1; t += GG_BF_MR) {
         const int mr = t1 - t < GG_BF_MR ? (int)(t1 - t) : GG_BF_MR;
-        gg_bf16_micro(kp, a + t * lda, lda, mr, bp, c + t * ldc, ldc, nc, accumulate);
+        gg_bf16_micro(kp, a + t * lda, lda, mr, bp, c + t * ldc, ldc, nc, accumulate, ur ? u + t * ldu : u, ldu,
+                      v, ldv, ur);
     }
 }
 

@@ -362,3 +362,37 @@ def test_extra_memory_is_bounded() -> None:
     assert finite == "True"
     assert int(tile) < int(f32_tile) / 2  # the bf16 tiles: half the bytes a value, and fewer values
     assert int(grew) < int(tile) + (8 << 20), (grew, tile)  # 8 MiB: allocator and page-table slack
+
+
+@pytest.mark.parametrize("compute", ["bf16", "f32"])
+@pytest.mark.parametrize("qt, rows, n, T", [(Q.Q4_K, 200, 2560, 37), (Q.Q8_0, 130, 640, 7), (Q.Q5_0, 64, 2080, 13)],
+                         ids=["Q4_K-k-tiles", "Q8_0-col-tail", "Q5_0"])
+def test_low_rank_addend_joins_the_product(compute: str, qt: Q, rows: int, n: int, T: int) -> None:
+    """addend (u, v): the product plus u·v in f32 (a LoRA branch), forward and backward, overwrite
+    and accumulate, several tiles of k, token and column tails; u a column slice (row-strided) as
+    the LoRA code passes it. Against float64, to f32 summation over the rounded inputs plus u·v."""
+    if compute == "bf16" and not HERE:
+        return refused()
+    rng = np.random.default_rng(rows)
+    w = make_weight(qt, rows, n, rng)
+    wf = dequant(w, qt)
+    rd = (lambda a: widen(rne(a))) if compute == "bf16" else (lambda a: a.astype(np.float64))
+    x = rng.standard_normal((T, n), dtype=np.float32)
+    h = rng.standard_normal((T, 11), dtype=np.float32)
+    u, v = h[:, 3:8], rng.standard_normal((5, rows), dtype=np.float32)
+    y = kernels.qmatmul(x, w, qt, compute=compute, addend=(u, v))
+    ref = rd(x) @ rd(wf).T + u.astype(np.float64) @ v
+    bound = (n + 5) * 4 * U32 * (np.abs(rd(x)) @ np.abs(rd(wf)).T + np.abs(u) @ np.abs(v)) + 1e-30
+    assert (np.abs(y - ref) <= bound).all()
+    dy = rng.standard_normal((T, rows), dtype=np.float32)
+    v2 = rng.standard_normal((5, n), dtype=np.float32)
+    dx = kernels.qmatmul_backward_input(dy, w, qt, compute=compute, addend=(u, v2))
+    ref = rd(dy) @ rd(wf) + u.astype(np.float64) @ v2
+    bound = (rows + 5) * 4 * U32 * (np.abs(rd(dy)) @ np.abs(rd(wf)) + np.abs(u) @ np.abs(v2)) + 1e-30
+    assert (np.abs(dx - ref) <= bound).all()
+    acc = rng.standard_normal((T, n), dtype=np.float32)
+    got = acc.copy()
+    kernels.qmatmul_backward_input(dy, w, qt, out=got, accumulate=True, compute=compute, addend=(u, v2))
+    assert (np.abs(got - (ref + acc)) <= bound + 8 * U32 * np.abs(acc)).all()
+    with pytest.raises(ValueError, match="does not give the output"):
+        kernels.qmatmul(x, w, qt, compute=compute, addend=(u, v[:, 1:]))

@@ -35,11 +35,16 @@ class QWeight:
         sharing an input (q, k, v; gate, up) share the rounding; x itself otherwise."""
         return kernels.to_bf16(x) if self.compute == "bf16" and not self.int8 else x
 
-    def matmul(self, x: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
-        """x (T, cols) f32, or its round_input -> x·W[r0:r1]ᵀ (T, r1-r0)."""
+    def matmul(self, x: np.ndarray, r0: int = 0, r1: int | None = None,
+               addend: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """x (T, cols) f32, or its round_input -> x·W[r0:r1]ᵀ (T, r1-r0) (+ u·v for an addend (u, v),
+        a LoRA branch: kernels.qmatmul's)."""
         if self.int8:
-            return kernels.qmatmul_int8(x, self.data[r0:r1], self.qtype)
-        return kernels.qmatmul(x, self.data[r0:r1], self.qtype, compute=self.compute)
+            y = kernels.qmatmul_int8(x, self.data[r0:r1], self.qtype)
+            if addend is not None:
+                y += addend[0] @ addend[1]
+            return y
+        return kernels.qmatmul(x, self.data[r0:r1], self.qtype, compute=self.compute, addend=addend)
 
     def lse_chunk(self, x: np.ndarray, r0: int, r1: int, targets: np.ndarray, softcap: float,
                   run_max: np.ndarray, run_sum: np.ndarray, tgt_logit: np.ndarray) -> bool:
@@ -51,10 +56,11 @@ class QWeight:
                                  tgt_logit)
         return True
 
-    def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None,
-                 out: np.ndarray | None = None) -> np.ndarray:
-        """dy (T, r1-r0) -> dy·W[r0:r1] (T, cols), written into `out` when given."""
-        return kernels.qmatmul_backward_input(dy, self.data[r0:r1], self.qtype, out=out, compute=self.compute)
+    def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None,
+                 addend: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """dy (T, r1-r0) -> dy·W[r0:r1] (T, cols) (+ u·v for an addend), written into `out` when given."""
+        return kernels.qmatmul_backward_input(dy, self.data[r0:r1], self.qtype, out=out, compute=self.compute,
+                                              addend=addend)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """W[ids] dequantized: f32 (len(ids), cols)."""
@@ -90,13 +96,15 @@ class LoraLinear:
 
     # -- training: the whole output, its backward ------------------------------------------------
     def forward(self, x: np.ndarray, rng: np.random.Generator | None = None,
-                keep: bool = False, x_base: np.ndarray | None = None) -> tuple[np.ndarray, LoraCache | None]:
+                keep: bool = False, x_base: np.ndarray | None = None,
+                addend: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, LoraCache | None]:
         """x (T, in) -> y (T, out), and with keep the trainable term's LoraCache (None without one).
 
         rng draws the trainable term's dropout mask (None: no dropout, as in evaluation). x_base: x as
         the base product reads it (base.round_input(x), shared with other projections of the same x);
-        the LoRA terms always take the f32 x."""
-        y = self.base.matmul(x if x_base is None else x_base)
+        the LoRA terms always take the f32 x. addend: a LoRA branch computed outside (the caller's
+        lora_shared_addends), added by the base product."""
+        y = self.base.matmul(x if x_base is None else x_base, addend=addend)
         if self.bias is not None:
             y += self.bias
         cache = None
@@ -108,12 +116,14 @@ class LoraLinear:
         return y, cache
 
     def backward(self, dy: np.ndarray, cache: LoraCache | None, grad: LoraEntry | None = None,
-                 out: np.ndarray | None = None) -> np.ndarray:
+                 out: np.ndarray | None = None, addend: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """dy (T, out) -> dL/dx (T, in), written into `out` when given (a buffer reused across calls);
         the trainable term's dA, dB are added into `grad` (its entry in the gradient buffer).
 
-        cache is what forward(keep=True) returned; the trainable term needs it, and `grad`."""
-        dx = self.base.matmul_t(dy, out=out)
+        cache is what forward(keep=True) returned; the trainable term needs it, and `grad`. addend: a
+        LoRA branch's input gradient computed outside (lora_shared_backward's), added by the base
+        product."""
+        dx = self.base.matmul_t(dy, out=out, addend=addend)
         for t in self.terms:
             if t.trainable:
                 if cache is None or grad is None:

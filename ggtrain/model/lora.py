@@ -9,7 +9,7 @@ Dropout is PEFT's: inverted dropout (keep with 1-p, scale by 1/(1-p)) on the LoR
 All parameters live in one flat float32 buffer (`LoraWeights.flat`) with per-tensor views, so the
 optimizer and the checkpoint handle a single array; `LoraWeights.zeros_like()` gives gradients of
 the same layout. `lora_linear_forward` / `lora_linear_backward` are one term's forward/backward pair;
-`lora_shared_forward` / `lora_shared_backward` the same for terms that share their input (q/k/v, gate/up:
+`lora_shared_forward` (or `lora_shared_addends`, for the base product to add) / `lora_shared_backward` the same for terms that share their input (q/k/v, gate/up:
 one x·[A_q; A_k; A_v]ᵀ product), which the model's blocks use; ggtrain.model.linear.LoraLinear (a
 base weight with its terms) is the layer for everything else.
 """
@@ -269,28 +269,41 @@ def _stacked(mats: Sequence[np.ndarray]) -> np.ndarray:
     return mats[0] if len(mats) == 1 else np.concatenate(mats)
 
 
-def lora_shared_forward(x: np.ndarray, base_ys: Sequence[np.ndarray], As: Sequence[np.ndarray],
-                        Bs: Sequence[np.ndarray], scales: Sequence[float]) -> list[LoraCache]:
-    """LoRA terms that share their input x (T, in) (q/k/v of one norm's output, gate/up):
-    base_ys[i] += scales[i] · (x·A_iᵀ)·B_iᵀ, each updated in place. x·[A_1; A_2; …]ᵀ is one
-    (T, Σr) product (x is read once); each term's cache holds its columns of it."""
+def lora_shared_addends(x: np.ndarray, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray],
+                        scales: Sequence[float]) -> tuple[list[LoraCache], list[tuple[np.ndarray, np.ndarray]]]:
+    """LoRA terms that share their input x (T, in) (q/k/v of one norm's output, gate/up): term i adds
+    scales[i] · (x·A_iᵀ)·B_iᵀ to its base output. x·[A_1; A_2; …]ᵀ is one (T, Σr) product (x is read
+    once); each term's cache holds its columns h_i of it, and its addend is (h_i (T, r), s_i·B_iᵀ
+    (r, out)): the low-rank product kernels.qmatmul adds as it stores the base output."""
     ranks = [A.shape[0] for A in As]
     h = x @ _stacked(As).T  # (T, Σr)
-    caches, off = [], 0
-    for y, B, s, r in zip(base_ys, Bs, scales, ranks):
+    caches, addends, off = [], [], 0
+    for B, s, r in zip(Bs, scales, ranks):
         hi = h[:, off:off + r]
-        _add_product(hi, B, y, alpha=s, trans_b=True)  # y += s · h_i·Bᵀ
         caches.append(LoraCache(x, hi, None))
+        addends.append((hi, np.ascontiguousarray((B * B.dtype.type(s)).T)))
         off += r
+    return caches, addends
+
+
+def lora_shared_forward(x: np.ndarray, base_ys: Sequence[np.ndarray], As: Sequence[np.ndarray],
+                        Bs: Sequence[np.ndarray], scales: Sequence[float]) -> list[LoraCache]:
+    """lora_shared_addends with each base_ys[i] (T, out) already computed: the addends are added
+    into them in place."""
+    caches, addends = lora_shared_addends(x, As, Bs, scales)
+    for y, (u, v) in zip(base_ys, addends):
+        _add_product(u, v, y)  # y += h_i · s_i·B_iᵀ
     return caches
 
 
 def lora_shared_backward(dys: Sequence[np.ndarray], As: Sequence[np.ndarray], Bs: Sequence[np.ndarray],
                          scales: Sequence[float], caches: Sequence[LoraCache], dAs: Sequence[np.ndarray],
-                         dBs: Sequence[np.ndarray], dx: np.ndarray) -> None:
+                         dBs: Sequence[np.ndarray], dx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
     """The backward of lora_shared_forward (or of one term with dropout): adds each term's dA_i (r, in)
     into dAs[i], dB_i (out, r) into dBs[i] and the LoRA part of dL/dx, Σ_i dx_i, into dx (T, in).
-    The caches share their input xd (a single term may carry its dropout mask)."""
+    The caches share their input xd (a single term may carry its dropout mask). dx None (no dropout
+    mask): that part is returned instead as the addend (dh (T, Σr), [A_1; A_2; …]) for the base's
+    input-gradient product to add (kernels.qmatmul_backward_input's addend)."""
     xd = caches[0].xd
     ranks = [A.shape[0] for A in As]
     dh = np.empty((xd.shape[0], sum(ranks)), dtype=np.result_type(xd, dys[0]))
@@ -306,10 +319,15 @@ def lora_shared_backward(dys: Sequence[np.ndarray], As: Sequence[np.ndarray], Bs
         acc += dA[off:off + r]
         off += r
     mask = caches[0].mask
+    if dx is None:
+        if mask is not None:
+            raise ValueError("a LoRA term with a dropout mask adds its dx itself: pass dx")
+        return dh, _stacked(As)
     if mask is None:
         _add_product(dh, _stacked(As), dx)  # dx += dh·[A_1; A_2; …]
     else:  # dropout: the branch's dx is masked before it joins the base's
         dx += (dh @ As[0]) * mask
+    return None
 
 
 def lora_linear_forward(x: np.ndarray, base_y: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float,

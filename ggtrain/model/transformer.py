@@ -44,8 +44,8 @@ from ggtrain.model.lora import (
     LoraWeights,
     dropout_mask,
     lora_linear_forward,
+    lora_shared_addends,
     lora_shared_backward,
-    lora_shared_forward,
     tensor_name,
 )
 from ggtrain.model.saved import PROJECTIONS, BlockCache, LoraCache
@@ -256,26 +256,29 @@ class Model:
                 keep: bool, caches: dict[str, LoraCache]) -> list[np.ndarray]:
         """The projections `targets` of block il that share their input x (T, in): q/k/v, gate/up, or a
         single one. Each base product (with bias and inference adapters) by itself, all reading one
-        rounding of x under bf16 (QWeight.round_input); the trained LoRA
-        terms' products together (lora_shared_forward: x·[A_q; A_k; A_v]ᵀ is one product). A term with
+        rounding of x under bf16 (QWeight.round_input); the trained LoRA terms' first products together
+        (lora_shared_addends: x·[A_q; A_k; A_v]ᵀ is one product), their second added by the base
+        products as they store their outputs (no second pass over the outputs). A term with
         dropout (rng given) draws its own mask, in target order, and runs alone. keep: the trained
         terms' caches go into `caches` by target."""
-        xb = self.layers[il].w[targets[0]].round_input(x)  # one bf16 rounding of x for all of them (or x)
-        ys = [self.linear(il, t, trainable=False).forward(x, x_base=xb)[0] for t in targets]
-        del xb
-        together = []
-        for i, e in self._trained(il, targets):
-            if rng is not None and e.dropout > 0.0:
-                _, lc = lora_linear_forward(x, ys[i], e.A, e.B, e.scale, dropout_mask(rng, x.shape, e.dropout))
-                if keep:
-                    caches[targets[i]] = lc
-            else:
-                together.append((i, e))
-        if together:
-            lcs = lora_shared_forward(x, [ys[i] for i, _ in together], [e.A for _, e in together],
-                                      [e.B for _, e in together], [e.scale for _, e in together])
+        trained = self._trained(il, targets)
+        dropped = [(i, e) for i, e in trained if rng is not None and e.dropout > 0.0]
+        together = [(i, e) for i, e in trained if not (rng is not None and e.dropout > 0.0)]
+        addends: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if together:  # added by the base products as they store their outputs
+            lcs, adds = lora_shared_addends(x, [e.A for _, e in together], [e.B for _, e in together],
+                                            [e.scale for _, e in together])
+            addends = {i: a for (i, _), a in zip(together, adds)}
             if keep:
                 caches.update((targets[i], lc) for (i, _), lc in zip(together, lcs))
+        xb = self.layers[il].w[targets[0]].round_input(x)  # one bf16 rounding of x for all of them (or x)
+        ys = [self.linear(il, t, trainable=False).forward(x, x_base=xb, addend=addends.get(i))[0]
+              for i, t in enumerate(targets)]
+        del xb
+        for i, e in dropped:
+            _, lc = lora_linear_forward(x, ys[i], e.A, e.B, e.scale, dropout_mask(rng, x.shape, e.dropout))
+            if keep:
+                caches[targets[i]] = lc
         return ys
 
     def project_back(self, il: int, targets: Sequence[str], dys: Sequence[np.ndarray],
@@ -283,17 +286,28 @@ class Model:
                      scratch: np.ndarray | None = None) -> np.ndarray:
         """The backward of project(): dL/dx (T, in) summed over the targets; the trained terms' dA, dB
         added into grads. The base products after the first are written into `scratch` (T, in) when
-        given (a buffer reused across calls), then added; the trained terms' LoRA parts are added in
-        one product per group of terms sharing their input."""
-        dx = self.linear(il, targets[0], trainable=False).backward(dys[0], None)
-        for t, dy in zip(targets[1:], dys[1:]):
-            dx += self.linear(il, t, trainable=False).backward(dy, None, out=scratch)
+        given (a buffer reused across calls), then added; the trained terms' LoRA parts are one
+        product per group of terms sharing their input, added by the first base product (kernels'
+        addend) or, for a term with dropout, after them."""
         groups: dict[int, list[int]] = {}  # id(input) -> indices of the terms reading it
         trained = self._trained(il, targets)
         for i, _ in trained:
             groups.setdefault(id(caches[targets[i]].xd), []).append(i)
         entries = dict(trained)
-        for idx in groups.values():
+        addend, masked = None, []
+        for idx in groups.values():  # the group without dropout (at most one: they all read x) is added
+            cs = [caches[targets[i]] for i in idx]  # by the first base product, a masked one after it
+            if addend is None and cs[0].mask is None:
+                es = [entries[i] for i in idx]
+                addend = lora_shared_backward([dys[i] for i in idx], [e.A for e in es], [e.B for e in es],
+                                              [e.scale for e in es], cs, [grads[e.name].A for e in es],
+                                              [grads[e.name].B for e in es], None)
+            else:
+                masked.append(idx)
+        dx = self.linear(il, targets[0], trainable=False).backward(dys[0], None, addend=addend)
+        for t, dy in zip(targets[1:], dys[1:]):
+            dx += self.linear(il, t, trainable=False).backward(dy, None, out=scratch)
+        for idx in masked:
             es = [entries[i] for i in idx]
             lora_shared_backward([dys[i] for i in idx], [e.A for e in es], [e.B for e in es],
                                  [e.scale for e in es], [caches[targets[i]] for i in idx],
