@@ -85,6 +85,29 @@ static inline void gg_amx_configure(void) {
 
 static inline void gg_amx_release(void) { _tile_release(); }
 
+/* One tdpbf16ps on tiles of any valid shape, for the tests of the instruction itself: C (M × N f32,
+   row-major) += A (M × K pairs of bf16) · B (K pairs × N), M, K, N <= 16; configures tiles 0 (C), 1
+   (A), 2 (B) unless configure is 0 (a tile instruction without a configuration faults), releases. */
+static inline void gg_amx_tile_dot(int M, int N, int K, float *c, const uint16_t *a, const uint16_t *b,
+                                   int configure) {
+    uint8_t cfg[64] __attribute__((aligned(64)));
+    memset(cfg, 0, sizeof cfg);
+    cfg[0] = 1;
+    const int colsb[3] = {4 * N, 4 * K, 4 * N}, rows[3] = {M, M, K};
+    for (int t = 0; t < 3; t++) {
+        cfg[16 + 2 * t] = (uint8_t)colsb[t];
+        cfg[48 + t] = (uint8_t)rows[t];
+    }
+    if (configure) _tile_loadconfig(cfg);
+    __asm__ volatile("" ::: "memory");
+    _tile_loadd(0, c, 4 * N);
+    _tile_loadd(1, a, 4 * K);
+    _tile_loadd(2, b, 4 * N);
+    _tile_dpbf16ps(0, 1, 2);
+    _tile_stored(0, c, 4 * N);
+    _tile_release();
+}
+
 /* Row t of x (f32, rounded here; or bf16 bits xb) into the padded k-tiled layout: k tile kb
    (k0 = kb · tk .. k0 + kc) is a (Tp, ld) row-major block at kb · Tp · tk, ld = kc rounded up to
    GG_AMX_KB (tk is a multiple of it), its pad columns zero. */

@@ -50,6 +50,7 @@ cdef extern from "amx_bf16mm.h" nogil:
                          uint16_t *dst)
     void gg_amx_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp, float *c,
                       int64_t ldc, int nc, int accumulate, float *cst)
+    void gg_amx_tile_dot(int M, int N, int K, float *c, const uint16_t *a, const uint16_t *b, int configure)
     void gg_amx_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1, const uint32_t *bp,
                       float *c, int64_t ldc, int nc, int accumulate, float *cst)
 
@@ -64,6 +65,19 @@ def request_tile_state():
     XFEATURE_XTILEDATA): 0 when granted, else the errno of the refusal. Needed once per process
     before the first tile instruction (ggtrain.kernels asks, once); executes none itself."""
     return gg_amx_request_tiles()
+
+
+def tile_dot(float[:, ::1] c, const uint16_t[:, ::1] a, const uint16_t[:, ::1] b, bint configure=True):
+    """One tdpbf16ps: c (M, N) += a (M, 2K bf16 bits: K pairs a row) · b (K, 2N: row k holds pair k of
+    each column n at 2n, 2n + 1); M, K, N <= 16. configure=False skips ldtilecfg: the instruction
+    then faults (SIGILL), on the CPU and in the emulation alike. The instruction alone, for tests."""
+    cdef int M = c.shape[0], N = c.shape[1], K = a.shape[1] // 2
+    if not (0 < M <= 16 and 0 < N <= 16 and 0 < K <= 16 and a.shape[0] == M and a.shape[1] == 2 * K
+            and b.shape[0] == K and b.shape[1] == 2 * N):
+        raise ValueError(f"tile_dot: shapes c ({c.shape[0]}, {c.shape[1]}), a ({a.shape[0]}, {a.shape[1]}), "
+                         f"b ({b.shape[0]}, {b.shape[1]}) do not fit one tile")
+    with nogil:
+        gg_amx_tile_dot(M, N, K, &c[0, 0], &a[0, 0], &b[0, 0], configure)
 
 
 cdef inline void *alloc64(size_t n) noexcept nogil:
