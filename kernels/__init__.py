@@ -461,14 +461,17 @@ def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threa
                compute: str = "f32") -> int:
     """Bytes a qmatmul allocates besides its output: the f32 tile buffers, one per thread; with
     compute="bf16", the bf16 tiles (half the bytes a value) and their f32 scratch per thread, plus
-    the activations rounded to bf16 (not allocated when the caller passes them as to_bf16 made
-    them, with an even K)."""
+    the activations rounded to bf16 (not allocated by vdpbf16ps when the caller passes them as
+    to_bf16 made them, with an even K; where the AMX kernel runs, they are always copied into
+    tiles padded to 32 tokens and 32 values of k, and each thread has a 4 KiB block more)."""
     threads = threads or get_num_threads()
     tile_rows, tile_cols, _ = plan(backward, rows, n, tokens, qtype, threads, compute)
     if compute != "bf16":
         return threads * tile_rows * tile_cols * 4
     scratch = 2 * (tile_cols + BF16_COLS) * 4 if backward else 16 * BF16_K * 4
     k = rows if backward else n
+    if amx_missing() is None:
+        return threads * (tile_rows * tile_cols * 2 + scratch + 4096) + -(-tokens // 32) * 32 * -(-k // 32) * 32 * 2
     return threads * (tile_rows * tile_cols * 2 + scratch) + tokens * (k + k % 2) * 2
 
 
