@@ -17,7 +17,10 @@
    TDPBF16PS (per the SDM pseudocode): for each row m of dst, two f32 partial sums per output column
    n, one over the even and one over the odd bf16 of the pairs, each an FMA per pair k in order;
    then dst[m][n] += (even + odd). DAZ on the inputs (a bf16 denormal is a signed zero), FTZ on every
-   result, round to nearest even; MXCSR neither read nor written. */
+   result, round to nearest even; MXCSR neither read nor written. (The Intrinsics Guide writes the
+   older form: both FMAs of a pair straight into dst[m][n], pair after pair. The two differ only in
+   rounding; the kernel's tests against float64 hold for either, and for whatever order a CPU's
+   adders really use; only the emulated kernel is held to the bit.) */
 #ifndef GG_AMX_EMULATE_H
 #define GG_AMX_EMULATE_H
 

@@ -71,6 +71,22 @@ def no_emulation() -> None:
     assert kernels.amx_missing() == kernels.bf16_missing()
 
 
+def test_both_builds_of_the_one_source() -> None:
+    """On x86 both modules are built from bf16mm_amx.pyx: the real one (the "amx" row: imported by
+    the kernels only where the CPU has AMX; importing it runs no tile instruction) and the
+    emulated one (the "avx512bf16" row)."""
+    if EMU is None:
+        return no_emulation()
+    import importlib
+    real = importlib.import_module(f"ggtrain.kernels.{kernels.AMX_MODULE}")
+    assert EMU.EMULATED and not real.EMULATED
+    assert (EMU.MICRO_ROWS, EMU.MICRO_COLS, EMU.TILE_K) == (real.MICRO_ROWS, real.MICRO_COLS, real.TILE_K) == (
+        32, kernels.BF16_COLS, kernels.BF16_K)
+    assert (kernels.variant_module(kernels.AMX_MODULE) is not None) == variants.runs_on("amx", variants.cpu_features())
+    assert variants.VARIANTS["amx"].cpu[-2:] == ("amx_tile", "amx_bf16")
+    assert set(variants.VARIANTS["avx512bf16"].flags) < set(variants.VARIANTS["amx"].flags)
+
+
 # ---- the emulated instruction ------------------------------------------------------------------
 
 def bf16_bits(values) -> np.ndarray:
