@@ -470,8 +470,9 @@ def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threa
         return threads * tile_rows * tile_cols * 4
     scratch = 2 * (tile_cols + BF16_COLS) * 4 if backward else 16 * BF16_K * 4
     k = rows if backward else n
-    if amx_missing() is None:
-        return threads * (tile_rows * tile_cols * 2 + scratch + 4096) + -(-tokens // 32) * 32 * -(-k // 32) * 32 * 2
+    if amx_missing() is None:  # rows of k padded to 32 values, and 32 more a tile (bf16mm_amx's gg_amx_lda)
+        padded_k = -(-k // 32) * 32 + 32 * -(-max(k, 1) // (tile_rows if backward else tile_cols))
+        return threads * (tile_rows * tile_cols * 2 + scratch + 4096) + -(-tokens // 32) * 32 * padded_k * 2
     return threads * (tile_rows * tile_cols * 2 + scratch) + tokens * (k + k % 2) * 2
 
 

@@ -13,7 +13,7 @@
    Tails are zeros in memory, never another tile shape (a new configuration would cost a
    ldtilecfg, which also zeroes the accumulators): the activations' k tiles are GG_AMX_TM-row
    blocks with T rounded up to GG_AMX_TM (rows past T are zeros) and each row padded to
-   GG_AMX_KB values of k (columns past K are zeros); each packed weight panel holds its pairs
+   GG_AMX_KB values of k (columns past K are zeros; gg_amx_lda); each packed weight panel holds its pairs
    rounded up to GG_AMX_KP with zero pairs after. So every tile load reads in-bounds memory and a
    tail adds exact zeros (0 · 0; rows and columns past the output are computed, never stored).
 
@@ -108,14 +108,22 @@ static inline void gg_amx_tile_dot(int M, int N, int K, float *c, const uint16_t
     _tile_release();
 }
 
+/* The row stride (in bf16) of a k tile of kc values: kc rounded up to GG_AMX_KB, plus GG_AMX_KB
+   more where that is a multiple of 256 values (512 bytes; every full tile): an A tile's 16 rows at
+   a stride of a power of two would all fall into the same L1 set. */
+static inline int64_t gg_amx_lda(int64_t kc) {
+    const int64_t ld = (kc + GG_AMX_KB - 1) / GG_AMX_KB * GG_AMX_KB;
+    return ld % 256 ? ld : ld + GG_AMX_KB;
+}
+
 /* Row t of x (f32, rounded here; or bf16 bits xb) into the padded k-tiled layout: k tile kb
-   (k0 = kb · tk .. k0 + kc) is a (Tp, ld) row-major block at kb · Tp · tk, ld = kc rounded up to
-   GG_AMX_KB (tk is a multiple of it), its pad columns zero. */
+   (k0 = kb · tk .. k0 + kc) is a (Tp, gg_amx_lda(kc)) row-major block at kb · Tp · gg_amx_lda(tk),
+   its pad columns zero. */
 static inline void gg_amx_tile_row(const float *x, const uint16_t *xb, int64_t K, int64_t tk, int64_t Tp,
                                    int64_t t, uint16_t *dst) {
     for (int64_t k0 = 0, kb = 0; k0 < K; k0 += tk, kb++) {
-        const int64_t kc = K - k0 < tk ? K - k0 : tk, ld = (kc + GG_AMX_KB - 1) / GG_AMX_KB * GG_AMX_KB;
-        uint16_t *row = dst + kb * Tp * tk + t * ld;
+        const int64_t kc = K - k0 < tk ? K - k0 : tk, ld = gg_amx_lda(kc);
+        uint16_t *row = dst + kb * Tp * gg_amx_lda(tk) + t * ld;
         if (x) gg_bf16_round_row(x + k0, row, kc, 0);
         else memcpy(row, xb + k0, (size_t)kc * 2);
         memset(row + kc, 0, (size_t)(ld - kc) * 2);

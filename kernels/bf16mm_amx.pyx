@@ -44,6 +44,7 @@ cdef extern from "amx_bf16mm.h" nogil:
     enum:
         GG_AMX_TM, GG_AMX_TN, GG_AMX_KP, GG_AMX_KB, GG_AMX_EMULATED
     int gg_amx_request_tiles()
+    int64_t gg_amx_lda(int64_t kc)
     void gg_amx_configure()
     void gg_amx_release()
     void gg_amx_tile_row(const float *x, const uint16_t *xb, int64_t K, int64_t tk, int64_t Tp, int64_t t,
@@ -70,7 +71,8 @@ def request_tile_state():
 def tile_dot(float[:, ::1] c, const uint16_t[:, ::1] a, const uint16_t[:, ::1] b, bint configure=True):
     """One tdpbf16ps: c (M, N) += a (M, 2K bf16 bits: K pairs a row) · b (K, 2N: row k holds pair k of
     each column n at 2n, 2n + 1); M, K, N <= 16. configure=False skips ldtilecfg: the instruction
-    then faults (SIGILL), on the CPU and in the emulation alike. The instruction alone, for tests."""
+    then faults (SIGILL), on the CPU and in the emulation alike. The instruction alone, for tests;
+    the real module's needs the tile state first (kernels.amx_available() asks for it)."""
     cdef int M = c.shape[0], N = c.shape[1], K = a.shape[1] // 2
     if not (0 < M <= 16 and 0 < N <= 16 and 0 < K <= 16 and a.shape[0] == M and a.shape[1] == 2 * K
             and b.shape[0] == K and b.shape[1] == 2 * N):
@@ -95,7 +97,7 @@ cdef inline Py_ssize_t split(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t p) noexc
 
 cdef struct ATiles:
     # the rounded activations (Tp rows, K), k tile kb at a + kb * tstride, rows ld apart (ld_last in
-    # the last tile), gg_amx_tile_row's layout
+    # the last tile), gg_amx_tile_row's layout (gg_amx_lda: padded rows)
     const uint16_t *a
     Py_ssize_t tstride, ld, ld_last, n_tiles
 
@@ -252,10 +254,10 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     cdef Py_ssize_t Tp = (T + GG_AMX_TM - 1) // GG_AMX_TM * GG_AMX_TM
     A.n_tiles = (K + tile_k - 1) // tile_k
     cdef Py_ssize_t k_last = K - (A.n_tiles - 1) * tile_k
-    A.tstride = Tp * tile_k
-    A.ld = tile_k
-    A.ld_last = (k_last + GG_AMX_KB - 1) // GG_AMX_KB * GG_AMX_KB
-    cdef uint16_t *abuf = <uint16_t *>alloc64(Tp * ((A.n_tiles - 1) * tile_k + A.ld_last) * 2)
+    A.ld = gg_amx_lda(tile_k)
+    A.ld_last = gg_amx_lda(k_last)
+    A.tstride = Tp * A.ld
+    cdef uint16_t *abuf = <uint16_t *>alloc64(Tp * ((A.n_tiles - 1) * A.ld + A.ld_last) * 2)
     if abuf == NULL:
         raise MemoryError(f"cannot allocate the bf16 activations ({T}x{K})")
     A.a = abuf
