@@ -16,6 +16,8 @@ instructions (bf16mm_amxemu_avx512bf16), which runs on any AVX512-BF16 CPU. Prov
 - on the emulated tiles, bit for bit against a numpy model of the kernel's summation order
   (per k tile, per 16 pairs: the even and odd sums, then their sum, then the tile's sum added to
   the output): the data layout and every tail are exactly what the instructions were given;
+- a whole training step on the AMX kernel: loss and LoRA gradients as near the f32 path's as
+  test_compute asks of the bf16 path;
 - the choice: amx_available()/amx_missing(), Linux's arch_prctl refusal (on a CPU that claims AMX
   but whose kernel refuses: faked here by claiming the CPU features; the refusal is the real
   syscall's), GGTRAIN_AMX=0/1 and bad values, GGTRAIN_AVX512=0, and the start-up line.
@@ -38,7 +40,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 from loras import refused
 from test_bf16 import ALL_TYPES, U32, check_product, dequant, rne, widen
-from test_compute import finetune
+from test_compute import GRAD_COS, GRAD_REL, finetune, step_gradients
 from test_qmatmul import make_weight
 from tinymodels import tiny_model
 
@@ -310,6 +312,26 @@ def test_weights_and_activations_are_rounded_bit_exactly(amx_kernel: str) -> Non
     x = rng.standard_normal((35, 67), dtype=np.float32)
     eye = np.eye(67, dtype=np.float32).view(np.uint8)
     assert np.array_equal(kernels.qmatmul(x, eye, Q.F32, compute="bf16"), widen(rne(x)).astype(np.float32))
+
+
+@on_kernels
+def test_a_training_step_on_the_amx_kernel(amx_kernel: str) -> None:
+    """A whole-model step (the block projections forward and back, q/k/v sharing one rounding, the
+    head into the cross-entropy and back) on the AMX kernel: the loss and the LoRA gradients as near
+    the f32 path's as test_compute asks of the bf16 path, and a kernel that really ran (its
+    gradients differ from vdpbf16ps' in the last bits, as its summation order does)."""
+    if EMU is None:
+        return no_emulation()
+    path = tiny_model("llama", "Q4_K")
+    loss32, g32 = vdpbf16ps(step_gradients, path, "f32")
+    _, g_v = vdpbf16ps(step_gradients, path, "bf16")
+    loss_a, g_a = step_gradients(path, "bf16")
+    rel = float(np.linalg.norm(g_a - g32) / np.linalg.norm(g32))
+    cos = float(g_a @ g32 / (np.linalg.norm(g_a) * np.linalg.norm(g32)))
+    assert abs(loss_a - loss32) <= 5e-3 * abs(loss32)
+    assert rel <= GRAD_REL and cos >= GRAD_COS, (rel, cos)
+    assert not np.array_equal(g_a, g_v)
+    assert np.linalg.norm(g_a - g_v) <= GRAD_REL * np.linalg.norm(g32)
 
 
 # ---- which kernel runs, and why ------------------------------------------------------------------
