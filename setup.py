@@ -7,7 +7,8 @@ Portable flags only: no -march=native. Which source is built with which flags co
 in kernels/variants.py (the run-time dispatcher in ggtrain.kernels reads the same table): a
 NAME_simd.pyx is built once per SIMD level (NAME_base, NAME_avx2) and ggtrain.kernels picks one at
 run time from the CPU's flags; a NAME_<variant>.pyx (int8mm_avx512, bf16mm_avx512bf16) is built
-only with that row's flags.
+only with that row's flags (bf16mm_amx also a second time against a C emulation of its tile
+instructions: EMULATED).
 """
 
 import importlib.util
@@ -39,6 +40,11 @@ BASE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-un
 X86 = sys.platform != "darwin" and any(m in platform.machine().lower() for m in ("x86", "amd64"))
 
 
+# Variant-only sources also built as an emulated twin: source -> (module, macro, the twin's variant).
+# bf16mm_amx.pyx with GG_AMX_EMULATE runs its tile instructions as kernels/amx_emulate.h's C.
+EMULATED = {"bf16mm_amx": ("bf16mm_amxemu_avx512bf16", "GG_AMX_EMULATE", "avx512bf16")}
+
+
 def variant_flags(variant: str) -> list[str]:
     return list(V.VARIANTS[variant].flags) if X86 else []
 
@@ -68,6 +74,18 @@ def kernel_extensions() -> list[Extension]:
             if X86:  # code for one variant only (imported only where the CPU runs it)
                 exts.append(Extension(f"ggtrain.kernels.{name}", [str(pyx.relative_to(HERE))],
                                       extra_compile_args=BASE_ARGS + variant_flags(variant), **common))
+            if X86 and name in EMULATED:
+                # the same source against C emulations of the variant's instructions: its logic
+                # runs (and is tested) on CPUs without them
+                twin, macro, twin_variant = EMULATED[name]
+                src = HERE / "build" / "emulated" / f"{twin}.pyx"
+                src.parent.mkdir(parents=True, exist_ok=True)
+                text = f'include "{pyx.resolve()}"\n'
+                if not src.exists() or src.read_text() != text:
+                    src.write_text(text)
+                exts.append(Extension(f"ggtrain.kernels.{twin}", [str(src)],
+                                      extra_compile_args=BASE_ARGS + variant_flags(twin_variant),
+                                      **{**common, "define_macros": common["define_macros"] + [(macro, "1")]}))
         else:
             exts.append(Extension(f"ggtrain.kernels.{name}", [str(pyx.relative_to(HERE))],
                                   extra_compile_args=BASE_ARGS, **common))

@@ -12,11 +12,14 @@ thread (its only memory besides the output). The last line is `min ratio: R` ove
 beside our f32 path, numpy's f32 GEMM on the dequantized weight and, when torch imports, torch's
 bf16 matmul on the same dequantized weight (torch.set_num_threads to the same count; oneDNN). Also
 X (512×640)·W(1024×640)ᵀ (the q projection) and the output head's 16384-row chunk (CE_CHUNK).
+The bf16 figures are taken on every bf16 kernel this CPU runs, one block of rows each (first
+column: vdpbf16ps, then amx where the CPU has AMX-BF16 and Linux grants the tile state; with
+GGTRAIN_AMX set, only the kernel it forces); the lines before them say which ran, and why not AMX.
 Each figure is the best of --repeat rounds that give the four a turn each (one column does not
 get a quieter stretch of the machine than another). First the micro-kernel's peak: the bf16
 micro-kernel alone on in-cache packed data, no packing or dequantization, on the same threads
 (measured again at the end); "util" is each product's GFLOPS over that peak. The last line is
-`min bf16/f32: R` (the bf16 path over ours in f32) over the training shapes.
+`min bf16/f32 (KERNEL): R` (the bf16 path over ours in f32) over the training shapes, per kernel.
 """
 
 from __future__ import annotations
@@ -142,10 +145,23 @@ def best_interleaved(fns, repeat: int) -> list[float]:
 
 
 def micro_peak(threads: int, rounds: int = 30) -> float:
-    """The bf16 micro-kernel's GFLOPS on `threads` threads at once: the best of many ~2 ms runs (a
-    run that the OS interrupts on a shared machine only lowers its own figure)."""
-    bf = kernels._bf16_module()
+    """The running bf16 kernel's micro-kernel GFLOPS on `threads` threads at once (AMX tiles or
+    vdpbf16ps, as kernels.bf16_kernel() says): the best of many ~2 ms runs (a run that the OS
+    interrupts on a shared machine only lowers its own figure)."""
+    bf = kernels._amx_module() or kernels._bf16_module()
     return max(bf.micro_peak(threads, 10000) for _ in range(rounds))
+
+
+KERNEL_TEXT = {"vdpbf16ps": f"AVX512-BF16 vdpbf16ps, {kernels.BF16_ROWS}×{kernels.BF16_COLS} micro-kernel",
+               "amx": "AMX-BF16 tdpbf16ps, 2×2 tiles of 16×16 (32×32) micro-kernel"}
+
+
+def bf16_kernels_to_run() -> list[str]:
+    """Every bf16 kernel this CPU runs (vdpbf16ps, and AMX where it runs), or only the one
+    GGTRAIN_AMX forces when it is set."""
+    if os.environ.get("GGTRAIN_AMX", "").strip():
+        return [kernels.bf16_kernel()]
+    return ["vdpbf16ps"] + (["amx"] if kernels.amx_available() else [])
 
 
 def measure_bf16(qt: Q, T: int, n: int, rows: int, repeat: int, rng: np.random.Generator, peak: float,
@@ -196,31 +212,38 @@ def main_bf16(args, types: list[Q]) -> None:
     torch = torch_bf16()
     if torch is not None:
         torch.set_num_threads(args.threads)
-    peak = micro_peak(args.threads)
     print(f"CPU {cpu_model()}; threads {args.threads} (BLAS: {blas_threads()}), best of {args.repeat}, "
           f"load average {os.getloadavg()[0]:.2f}")
     cores = ", ".join(f"{k} {v}" for k, v in blas_cores().items())
-    print(f"kernel path: bf16 = AVX512-BF16 vdpbf16ps, {kernels.BF16_ROWS}×{kernels.BF16_COLS} micro-kernel; "
-          f"f32 = simd {kernels.simd_level} + sgemm; OpenBLAS kernels: {cores}; "
-          f"torch {torch.__version__ if torch else 'not importable'}")
-    print(f"micro-kernel peak: {peak:.1f} GFLOPS on {args.threads} threads (in-cache packed data, no dequantization)")
-    print(f"{'type':7} {'X (T×n)·W(rows×n)ᵀ':27} {'dir':4} {'bf16':>8} {'f32':>8} {'numpy':>9} {'torch':>9} "
-          f"{'/torch':>7} {'/f32':>7} {'/numpy':>8} {'util':>5} {'tile MiB':>8}   (GFLOPS; ratios of bf16)")
+    run = bf16_kernels_to_run()
+    amx_note = "" if "amx" in run else f" (not AMX: {kernels.amx_missing()})"
+    print(f"bf16 kernels run: {', '.join(run)}{amx_note}; f32 = simd {kernels.simd_level} + sgemm; "
+          f"OpenBLAS kernels: {cores}; torch {torch.__version__ if torch else 'not importable'}")
     rng = np.random.default_rng(0)
-    ratios = []
-    for qt in types:
-        block = GGML_QUANT_SIZES[qt][0]
-        shapes = [(T, n, rows, False) for T, n, rows in BF16_SHAPES]
-        if qt in (Q.Q8_0, Q.Q6_K):  # the output head's types in the quantized Gemma 3 files
-            shapes.append((512, 640, CE_CHUNK, True))
-        for T, n, rows, head in shapes:
-            for line, ratio in measure_bf16(qt, T, -(-n // block) * block, rows, args.repeat, rng, peak, torch, head):
-                print(line, flush=True)
-                if not head:
-                    ratios.append(ratio)
-    peak_end = micro_peak(args.threads)
-    print(f"micro-kernel peak at the end: {peak_end:.1f} GFLOPS; load average {os.getloadavg()[0]:.2f}")
-    print(f"min bf16/f32: {min(ratios):.3f}")
+    for kernel in run:
+        os.environ["GGTRAIN_AMX"] = "1" if kernel == "amx" else "0"  # this process only
+        peak = micro_peak(args.threads)
+        print(f"kernel {kernel}: bf16 = {KERNEL_TEXT[kernel]}")
+        print(f"micro-kernel peak: {peak:.1f} GFLOPS on {args.threads} threads (in-cache packed data, "
+              "no dequantization)")
+        print(f"{'kernel':9} {'type':7} {'X (T×n)·W(rows×n)ᵀ':27} {'dir':4} {'bf16':>8} {'f32':>8} {'numpy':>9} "
+              f"{'torch':>9} {'/torch':>7} {'/f32':>7} {'/numpy':>8} {'util':>5} {'tile MiB':>8}   "
+              "(GFLOPS; ratios of bf16)")
+        ratios = []
+        for qt in types:
+            block = GGML_QUANT_SIZES[qt][0]
+            shapes = [(T, n, rows, False) for T, n, rows in BF16_SHAPES]
+            if qt in (Q.Q8_0, Q.Q6_K):  # the output head's types in the quantized Gemma 3 files
+                shapes.append((512, 640, CE_CHUNK, True))
+            for T, n, rows, head in shapes:
+                for line, ratio in measure_bf16(qt, T, -(-n // block) * block, rows, args.repeat, rng, peak, torch,
+                                                head):
+                    print(f"{kernel:9} {line}", flush=True)
+                    if not head:
+                        ratios.append(ratio)
+        peak_end = micro_peak(args.threads)
+        print(f"micro-kernel peak at the end: {peak_end:.1f} GFLOPS; load average {os.getloadavg()[0]:.2f}")
+        print(f"min bf16/f32 ({kernel}): {min(ratios):.3f}")
 
 
 def main() -> None:

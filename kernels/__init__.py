@@ -24,7 +24,9 @@ an unsupported tensor type, naming it, before any kernel sees it).
 The compiled code lives in quant_base / quant_avx2 (one source, kernels/quant_simd.pyx), on a
 CPU with AVX512-VNNI int8mm_avx512 and with AVX512-BF16 bf16mm_avx512bf16; which variant runs comes
 from kernels/variants.py's table (GGTRAIN_SIMD=base|avx2 overrides the SIMD level, GGTRAIN_AVX512=0
-turns the AVX512 code off, GGTRAIN_BF16=0 the bf16 path alone).
+turns the AVX512 code off, GGTRAIN_BF16=0 the bf16 path alone). On a CPU with AMX-BF16 whose kernel
+grants the tile state, the bf16 products run on tiles instead (bf16mm_amx; bf16_kernel() says which,
+amx_missing() why not; GGTRAIN_AMX=0 forces vdpbf16ps, GGTRAIN_AMX=1 requires AMX).
 They are imported on first use, not with this package: the tokenizer's kernels (bpe, pretok) live
 here too, and `ggtrain tokenize` or `--help` never load the matmul code or scipy's BLAS.
 """
@@ -47,7 +49,10 @@ __all__ = [
     "COMPUTE",
     "PARALLEL_MIN",
     "SUPPORTED_TYPES",
+    "amx_available",
+    "amx_missing",
     "bf16_available",
+    "bf16_kernel",
     "bf16_missing",
     "dequantize",
     "first_run_notice",
@@ -206,9 +211,82 @@ def bf16_available() -> bool:
     return _bf16_module() is not None
 
 
+# ---- the AMX-BF16 kernel: the same products on tiles where the CPU has them -------------------------
+# compute="bf16" multiplies on AMX tiles (bf16mm_amx) where they run, else on vdpbf16ps. GGTRAIN_AMX:
+# unset picks at run time, "0" forces vdpbf16ps, "1" requires AMX (a GGTrainError where it does not
+# run); read at each call, like GGTRAIN_BF16.
+AMX_MODULE = "bf16mm_amx"
+AMX_EMULATED_MODULE = "bf16mm_amxemu_avx512bf16"  # the same kernel on amx_emulate.h's C tiles (tests)
+_tile_state: dict[str, int] = {}  # Linux's answer to the tile-state request: asked once a process
+
+
+def _amx_env() -> str:
+    value = os.environ.get("GGTRAIN_AMX", "").strip()
+    if value not in ("", "0", "1"):
+        raise GGTrainError(f"GGTRAIN_AMX={value!r}: expected 0 (the vdpbf16ps kernel) or 1 (the AMX kernel; "
+                           "an error where it does not run), or unset (AMX where it runs)")
+    return value
+
+
+def _tile_state_errno(amx: ModuleType) -> int:
+    """0 when Linux granted this process the AMX tile state, else the errno of its refusal."""
+    if "errno" not in _tile_state:
+        _tile_state["errno"] = int(amx.request_tile_state())
+    return _tile_state["errno"]
+
+
+def amx_missing() -> str | None:
+    """Why the bf16 products do not run on AMX tiles here, for messages; None when they do."""
+    if _amx_env() == "0":
+        return "GGTRAIN_AMX=0 turns the AMX kernel off"
+    if os.environ.get("GGTRAIN_AVX512", "").strip() == "0":
+        return "GGTRAIN_AVX512=0 turns the AVX512 and AMX kernels off"
+    if _bf16_module() is None:
+        return bf16_missing()
+    features = variants.cpu_features()
+    absent = [f for f in variants.VARIANTS["amx"].cpu if f not in features]
+    if absent:
+        return f"this CPU has no AMX-BF16 tiles ({', '.join(absent)} missing)"
+    amx = variant_module(AMX_MODULE)
+    if amx is None:
+        return "the AMX kernel was not built here"
+    err = _tile_state_errno(amx)
+    if err:
+        return (f"Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA: "
+                f"{os.strerror(err)})")
+    return None
+
+
+def amx_available() -> bool:
+    """Whether compute="bf16" multiplies on AMX-BF16 tiles here (else on vdpbf16ps)."""
+    return amx_missing() is None
+
+
+def _amx_module() -> ModuleType | None:
+    """bf16mm_amx where the AMX kernel runs (the tile state granted), else None; GGTrainError when
+    GGTRAIN_AMX=1 asks for it where it does not run."""
+    why = amx_missing()
+    if why is not None:
+        if _amx_env() == "1":
+            raise GGTrainError(f"GGTRAIN_AMX=1: the AMX-BF16 kernel does not run here ({why})")
+        return None
+    amx = variant_module(AMX_MODULE)
+    if (amx.MICRO_COLS, amx.TILE_K) != (BF16_COLS, BF16_K):
+        raise RuntimeError(f"ggtrain.kernels: {AMX_MODULE} was built with other tile sizes; rebuild")
+    return amx
+
+
+def bf16_kernel() -> str | None:
+    """The kernel compute="bf16" runs here: "amx" (AMX-BF16 tiles), "vdpbf16ps" (AVX512-BF16), or
+    None where the bf16 path does not run. GGTrainError for GGTRAIN_AMX=1 where AMX does not run."""
+    if _amx_module() is not None:
+        return "amx"
+    return "vdpbf16ps" if _bf16_module() is not None else None
+
+
 def _bf16_for(what: str, compute: str) -> ModuleType | None:
     """The bf16 module for compute="bf16", None for "f32"; ValueError for anything else, or for
-    "bf16" where it does not run."""
+    "bf16" where it does not run. Its products run on _amx_module() where that is not None."""
     if compute not in COMPUTE:
         raise ValueError(f"{what}: compute must be one of {', '.join(map(repr, COMPUTE))}, got {compute!r}")
     if compute == "f32":
@@ -383,14 +461,18 @@ def tile_bytes(backward: bool, rows: int, n: int, tokens: int, qtype: int, threa
                compute: str = "f32") -> int:
     """Bytes a qmatmul allocates besides its output: the f32 tile buffers, one per thread; with
     compute="bf16", the bf16 tiles (half the bytes a value) and their f32 scratch per thread, plus
-    the activations rounded to bf16 (not allocated when the caller passes them as to_bf16 made
-    them, with an even K)."""
+    the activations rounded to bf16 (not allocated by vdpbf16ps when the caller passes them as
+    to_bf16 made them, with an even K; where the AMX kernel runs, they are always copied into
+    tiles padded to 32 tokens and 32 values of k, and each thread has a 4 KiB block more)."""
     threads = threads or get_num_threads()
     tile_rows, tile_cols, _ = plan(backward, rows, n, tokens, qtype, threads, compute)
     if compute != "bf16":
         return threads * tile_rows * tile_cols * 4
     scratch = 2 * (tile_cols + BF16_COLS) * 4 if backward else 16 * BF16_K * 4
     k = rows if backward else n
+    if amx_missing() is None:  # rows of k padded to 32 values, and 32 more a tile (bf16mm_amx's gg_amx_lda)
+        padded_k = -(-k // 32) * 32 + 32 * -(-max(k, 1) // (tile_rows if backward else tile_cols))
+        return threads * (tile_rows * tile_cols * 2 + scratch + 4096) + -(-tokens // 32) * 32 * padded_k * 2
     return threads * (tile_rows * tile_cols * 2 + scratch) + tokens * (k + k % 2) * 2
 
 
@@ -459,19 +541,18 @@ def _add_addend(addend: tuple[np.ndarray, np.ndarray] | None, out: np.ndarray) -
 
 def _qmatmul_bf16(bf: ModuleType, backward: bool, qt: GGMLQuantizationType, w: np.ndarray, a: np.ndarray,
                   out: np.ndarray, accumulate: bool, addend: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """The product on bf, a module with the bf16 kernels' qmatmul (vdpbf16ps or AMX): same tiles. The
+    addend joins the product in the kernel where it takes one (TAKES_ADDEND), else after it."""
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
     n = w.shape[1] // type_size * block
     tr, tc, tp = plan(backward, w.shape[0], n, a.shape[0], qt, nth, "bf16")
     a_f32, a_bf16 = (None, a) if a.dtype == np.uint16 else (a, None)
-    if addend is not None and (w.shape[0] == 0 or n == 0):  # nothing for the kernel to fuse it with
-        bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tr, tc, tp, nth,
-                   _round_threads(a.size))
-        _add_addend(addend, out)
-        return
-    u, v = addend if addend is not None else (None, None)
+    fuse = addend is not None and w.shape[0] > 0 and n > 0 and getattr(bf, "TAKES_ADDEND", False)
     bf.qmatmul(backward, int(qt), block, type_size, w, a_f32, a_bf16, out, accumulate, tr, tc, tp, nth,
-               _round_threads(a.size), u, v)
+               _round_threads(a.size), *(addend if fuse else ()))
+    if not fuse:
+        _add_addend(addend, out)
 
 
 def to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -509,7 +590,7 @@ def qmatmul(x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray | None = N
     out = _check_out(out, (x.shape[0], w.shape[0]))
     addend = _check_addend(addend, out)
     if bf is not None:
-        _qmatmul_bf16(bf, False, qt, w, x, out, False, addend)
+        _qmatmul_bf16(_amx_module() or bf, False, qt, w, x, out, False, addend)
         return out
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()
@@ -534,7 +615,7 @@ def qmatmul_backward_input(dy: np.ndarray, w: np.ndarray, qtype: int, out: np.nd
     out = _check_out(out, (dy.shape[0], n))
     addend = _check_addend(addend, out)
     if bf is not None:
-        _qmatmul_bf16(bf, True, qt, w, dy, out, bool(accumulate), addend)
+        _qmatmul_bf16(_amx_module() or bf, True, qt, w, dy, out, bool(accumulate), addend)
         return out
     block, type_size = GGML_QUANT_SIZES[qt]
     nth = get_num_threads()

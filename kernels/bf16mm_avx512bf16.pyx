@@ -46,6 +46,7 @@ cdef extern from "bf16mm_util.h" nogil:
 MICRO_ROWS = GG_BF_MR   # tokens per micro-tile
 MICRO_COLS = GG_BF_NR   # output columns per micro-tile (and forward tile rows)
 TILE_K = GG_BF_KC       # k per packed tile: a multiple of this
+TAKES_ADDEND = True     # qmatmul's u, v: the micro-kernel adds a low-rank f32 product as it stores
 
 
 cdef inline void *alloc64(size_t n) noexcept nogil:

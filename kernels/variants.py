@@ -12,9 +12,12 @@ How sources map to variants:
   its features (GGTRAIN_AVX512=0 turns off every variant that needs AVX512).
 - any other NAME.pyx is built with the common flags alone.
 The bf16 kernels are the "avx512bf16" row: the avx512 row's flags plus -mavx512bf16, its features
-plus "avx512_bf16" (bf16mm_avx512bf16.pyx: vdpbf16ps). An AMX kernel would be one more row the same
-way: "amx" with -mamx-tile -mamx-bf16 and "amx_tile", "amx_bf16", then NAME_amx.pyx (Linux also
-wants arch_prctl(ARCH_REQ_XCOMP_PERM) before the first tile instruction, see DESIGN.md).
+plus "avx512_bf16" (bf16mm_avx512bf16.pyx: vdpbf16ps). The AMX kernel is one more row the same way:
+"amx", those flags plus -mamx-tile -mamx-bf16 and features plus "amx_tile", "amx_bf16"
+(bf16mm_amx.pyx; Linux also wants arch_prctl(ARCH_REQ_XCOMP_PERM) before the first tile
+instruction, which ggtrain.kernels asks for). setup.py builds that source a second time against a C
+emulation of the tile instructions, as bf16mm_amxemu_avx512bf16 (the avx512bf16 row): the tests run
+the AMX kernel's logic on a CPU without AMX.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ _AVX2 = Variant(("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c"))
 _AVX512 = Variant(_AVX2.flags + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
                   _AVX2.cpu + ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"))
 
+_AVX512BF16 = Variant(_AVX512.flags + ("-mavx512bf16",), _AVX512.cpu + ("avx512_bf16",))
+
 VARIANTS: dict[str, Variant] = {
     "base": Variant((), ()),
     "avx2": _AVX2,
     "avx512": _AVX512,
-    "avx512bf16": Variant(_AVX512.flags + ("-mavx512bf16",), _AVX512.cpu + ("avx512_bf16",)),
+    "avx512bf16": _AVX512BF16,
+    "amx": Variant(_AVX512BF16.flags + ("-mamx-tile", "-mamx-bf16"), _AVX512BF16.cpu + ("amx_tile", "amx_bf16")),
 }
 
 SIMD_LEVELS = ("base", "avx2")  # the levels every NAME_simd.pyx is built at, lowest first

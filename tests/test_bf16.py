@@ -17,6 +17,8 @@ Odd shapes (tokens not a multiple of the 6-row micro-tile, rows not a multiple o
 tile, odd K, one block wide), row-strided views, uint16 input equal to f32 input, 1 and 2 threads
 bit-identical, the head's 16384-row chunk, the off switches and the refusals.
 On a CPU without AVX512-BF16 each test checks the refusal instead (compute="bf16" -> ValueError).
+Every test runs on each bf16 kernel this CPU has (BF16_KERNELS: vdpbf16ps, and the AMX tiles where
+they run); tests/test_amx.py runs the AMX kernel's logic on emulated tiles where the CPU has none.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ ALL_TYPES = sorted(kernels.SUPPORTED_TYPES, key=int)
 U32 = 2.0 ** -24  # f32 unit roundoff
 U_BF16 = 2.0 ** -8  # bf16 unit roundoff (8 significant bits)
 HERE = kernels.bf16_available()
+# The bf16 kernels this CPU runs, each forced in turn (GGTRAIN_AMX=0: vdpbf16ps, =1: AMX tiles)
+BF16_KERNELS = ["vdpbf16ps"] + (["amx"] if kernels.amx_available() else [])
+
+
+@pytest.fixture(autouse=True, params=BF16_KERNELS)
+def bf16_kernel(request, monkeypatch) -> str:
+    monkeypatch.setenv("GGTRAIN_AMX", "1" if request.param == "amx" else "0")
+    return request.param
 
 
 def rne(x: np.ndarray) -> np.ndarray:

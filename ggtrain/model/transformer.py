@@ -138,20 +138,30 @@ def require_matmul(mode: str) -> None:
                            "GGTRAIN_AVX512=0 turned it off); use f32")
 
 
+def bf16_kernel_text() -> str:
+    """Which kernel the bf16 products run on, and why, for the start-up line (GGTrainError for
+    GGTRAIN_AMX=1 where AMX does not run)."""
+    if kernels.bf16_kernel() == "amx":
+        return "kernel: AMX-BF16 tiles (tdpbf16ps)"
+    return f"kernel: AVX512-BF16 vdpbf16ps, not AMX: {kernels.amx_missing()}"
+
+
 def resolve_matmul(requested: str, training: bool = False) -> tuple[str, str]:
     """(mode, why) for a --compute/--matmul value: "auto" is int8 for inference on a CPU with
     AVX512-VNNI (llama.cpp's activations), else bf16 where it has AVX512-BF16 (training always, as
     int8 has no backward), else f32; a named mode is taken as given (set_matmul checks it runs here).
-    `why` is what the start-up line prints."""
+    `why` is what the start-up line prints (for bf16, also which kernel: AMX tiles or vdpbf16ps)."""
     if requested not in ("auto", *MATMUL_MODES) or (training and requested == "int8"):
         allowed = ("auto", *TRAINING_MODES) if training else ("auto", *MATMUL_MODES)
         raise ValueError(f"compute {requested!r}: expected one of {', '.join(allowed)}")
     if requested != "auto":
+        if requested == "bf16" and kernels.bf16_available():
+            return requested, f"--compute bf16; {bf16_kernel_text()}"
         return requested, f"--compute {requested}"
     if not training and kernels.int8_available():
         return "int8", "auto: this CPU has AVX512-VNNI (llama.cpp's int8 activations)"
-    if training and kernels.bf16_available():
-        return "bf16", "auto: this CPU has AVX512-BF16 dot products"
+    if training and kernels.bf16_kernel() is not None:
+        return "bf16", f"auto: this CPU has AVX512-BF16 dot products; {bf16_kernel_text()}"
     if not training:
         return "f32", "auto: this CPU has no AVX512-VNNI"
     return "f32", f"auto: {kernels.bf16_missing()}"
