@@ -11,7 +11,7 @@ thread (its only memory besides the output). The last line is `min ratio: R` ove
 --compute bf16: the bf16 path (X or dY and the dequantized W rounded to bf16, f32 accumulation)
 beside our f32 path, numpy's f32 GEMM on the dequantized weight and, when torch imports, torch's
 bf16 matmul on the same dequantized weight (torch.set_num_threads to the same count; oneDNN). Also
-X (512×640)·W(1024×640)ᵀ (the q projection) and the output head's 16384-row chunk (CE_CHUNK).
+X (512×640)·W(1024×640)ᵀ (the q projection) and the output head's chunk of CE_CHUNK rows.
 The bf16 figures are taken on every bf16 kernel this CPU runs, one block of rows each (first
 column: vdpbf16ps, then amx where the CPU has AMX-BF16 and Linux grants the tile state; with
 GGTRAIN_AMX set, only the kernel it forces); the lines before them say which ran, and why not AMX.

@@ -37,6 +37,7 @@ import hashlib
 import importlib
 import math
 import os
+import sys
 from types import ModuleType
 
 import numpy as np
@@ -150,8 +151,12 @@ def variant_module(name: str) -> ModuleType | None:
     variant = variants.variant_of(name)
     if variant is None or not variants.runs_on(variant, _cpu_features()):
         return None
+    full = f"ggtrain.kernels.{name}"
+    module = sys.modules.get(full)  # (asked before every product: import_module's lookup costs more)
+    if module is not None:
+        return module
     try:
-        return importlib.import_module(f"ggtrain.kernels.{name}")
+        return importlib.import_module(full)
     except ImportError:  # not built (non-x86)
         return None
 

@@ -311,8 +311,8 @@ def test_threads_give_identical_results() -> None:
 
 @pytest.mark.parametrize("qt, n", [(Q.Q8_0, 640), (Q.Q6_K, 768)], ids=["Q8_0", "Q6_K"])
 def test_head_chunk(qt: Q, n: int) -> None:
-    """A 16384-row chunk of the output head (CE_CHUNK rows), forward into logits and the input
-    gradient back through it (K = 16384: 64 tiles of k), 2 threads."""
+    """A chunk of the output head (CE_CHUNK rows), forward into logits and the input gradient back
+    through it (K = CE_CHUNK: several tiles of k), 2 threads."""
     if not HERE:
         return refused()
     from ggtrain.kernels.loss import CE_CHUNK

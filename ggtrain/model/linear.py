@@ -149,6 +149,10 @@ class LoraLinear:
         and no term multiplies dy (the terms' products are f32)."""
         return self.base.compute == "bf16" and not self.base.int8 and not self.terms
 
+    def round_input(self, x: np.ndarray) -> np.ndarray:
+        """x as matmul reads it for every chunk of rows: the base's rounding when no term reads x."""
+        return x if self.terms else self.base.round_input(x)
+
     def matmul_t(self, dy: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
         """dy (T, r1-r0) -> dy·W'[r0:r1] (T, in); dy may be bf16 bits when takes_bf16."""
         dx = self.base.matmul_t(dy, r0, r1)
