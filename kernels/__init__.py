@@ -186,9 +186,28 @@ def _int8_module() -> ModuleType | None:
     return globals()["_int8"]
 
 
+# What the bf16 lookups found, by what decides them: the switches' values and the CPU's features
+# (the function, which tests replace). Asked before every product: re-deciding cost ~20 Python
+# calls a product, 10k a training step.
+_bf16_memo: dict[tuple, tuple] = {}
+
+
+def _bf16_key(what: str) -> tuple:
+    env = os.environ
+    return (what, env.get("GGTRAIN_AVX512"), env.get("GGTRAIN_BF16"), env.get("GGTRAIN_AMX"),
+            id(variants.cpu_features), id(_tile_state))
+
+
 def _bf16_module() -> ModuleType | None:
     """bf16mm_avx512bf16, or None on a CPU without AVX512-BF16, when GGTRAIN_AVX512=0 or
     GGTRAIN_BF16=0 (both read at each call)."""
+    key = _bf16_key("bf16")
+    if key not in _bf16_memo:
+        _bf16_memo[key] = (_find_bf16_module(),)
+    return _bf16_memo[key][0]
+
+
+def _find_bf16_module() -> ModuleType | None:
     if os.environ.get("GGTRAIN_BF16", "").strip() == "0":
         return None
     bf = variant_module("bf16mm_avx512bf16")
@@ -270,7 +289,10 @@ def amx_available() -> bool:
 def _amx_module() -> ModuleType | None:
     """bf16mm_amx where the AMX kernel runs (the tile state granted), else None; GGTrainError when
     GGTRAIN_AMX=1 asks for it where it does not run."""
-    why = amx_missing()
+    key = _bf16_key("amx")
+    if key not in _bf16_memo:
+        _bf16_memo[key] = (amx_missing(),)
+    why = _bf16_memo[key][0]
     if why is not None:
         if _amx_env() == "1":
             raise GGTrainError(f"GGTRAIN_AMX=1: the AMX-BF16 kernel does not run here ({why})")
