@@ -185,8 +185,8 @@ def _toml_repr(v: Any) -> str:
 @click.option("--cos-decay-min", type=Float(0, 1), default=0.1, show_default=True,
               help="Learning-rate multiplier at the end of the cosine decay.")
 @click.option("--use-checkpointing/--no-checkpointing", "checkpointing", default=True, show_default=True,
-              help="Gradient checkpointing: keep only each block's input and recompute in backward "
-                   "(less memory, ~30% more compute).")
+              help="Gradient checkpointing: keep each block's input and its attn_output/ffn_down outputs "
+                   "and recompute the rest in backward (less memory, ~20% more compute).")
 @click.option("--eval-every", type=Int(min=0), default=0, show_default=True,
               help="Validation loss (and --sample-prompt continuations) every N steps (0: at the end only); "
                    "needs --val-data, --val-split or --sample-prompt.")

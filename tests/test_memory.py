@@ -54,7 +54,7 @@ def test_checkpointing_reduces_and_parts_add_up():
     # activations dominate at a long context: checkpointing saves most of them
     a = memory_breakdown(GEMMA, CFG, 2048, 4, True, FILE, threads=2)
     b = memory_breakdown(GEMMA, CFG, 2048, 4, False, FILE, threads=2)
-    act_ck = a["activations (block inputs + one block recomputed)"]
+    act_ck = a["activations (block checkpoints + one block recomputed)"]
     act_full = b["activations (all blocks)"]
     assert act_full > 5 * act_ck
     assert a["total"] == sum(v for k, v in a.items() if k != "total")
@@ -156,7 +156,7 @@ def test_monitor_sees_a_real_allocation():
     assert MemoryMonitor().near_limit() is False  # no limit, never near it
 
 
-ACT_CK, ACT_FULL = "activations (block inputs + one block recomputed)", "activations (all blocks)"
+ACT_CK, ACT_FULL = "activations (block checkpoints + one block recomputed)", "activations (all blocks)"
 
 
 def test_estimate_is_computed_from_the_declared_block_cache(monkeypatch):
@@ -225,3 +225,37 @@ def test_block_cache_holds_what_it_declares(arch):
     arrays += [a for lc in c.lora.values() for a in vars(lc).values() if isinstance(a, np.ndarray)]
     owned = {id(b): b.nbytes for b in map(_buffer, arrays) if b is not _buffer(c.x)}
     assert sum(owned.values()) == BlockCache.nbytes(model.hp, cfg.targets, T)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_block_checkpoint_holds_what_it_declares(arch):
+    """Under checkpointing a block keeps its BlockCheckpoint: the input and the attn_output output,
+    plus the ffn_down output where post-norms read it (gemma3), at the declared shapes and bytes;
+    the backward of those checkpoints gives the very gradients of the run that kept everything."""
+    from tinymodels import tiny_model
+
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.saved import BlockCheckpoint, block_dims, check_shapes
+    from ggtrain.model.transformer import Batch, Model
+
+    mf = ModelFile(tiny_model(arch, "Q8_0"))
+    cfg = LoraConfig.make(r=4, dropout=0.1, dropouts={"ffn_down": 0.0})
+    model = Model(mf)
+    model = model.with_trainable(LoraWeights.init(cfg, target_shapes(mf.tensors, cfg, model.hp.n_layer), seed=1))
+    T = 24
+    ids = np.random.default_rng(0).integers(5, 500, T + 1).astype(np.int32)
+    batch = Batch.from_rows(ids[None, :-1], ids[None, 1:], np.ones((1, T)))
+    grads = []
+    for ck in (True, False):
+        loss, state = model.forward(batch, train=True, checkpointing=ck, step_seed=3)
+        if ck:
+            c = state.caches[1]
+            assert isinstance(c, BlockCheckpoint) and (c.f is not None) == model.hp.has_post_norms
+            check_shapes(c, block_dims(model.hp, T))
+            owned = {id(_buffer(a)): _buffer(a).nbytes for a in (c.x, c.o, c.f) if a is not None}
+            assert sum(owned.values()) == BlockCheckpoint.nbytes(model.hp, T)
+        g = model.trainable.zeros_like()
+        model.backward(state, g)
+        grads.append((loss, g.flat.copy()))
+    assert grads[0][0] == grads[1][0]
+    np.testing.assert_array_equal(grads[0][1], grads[1][1])

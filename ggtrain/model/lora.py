@@ -337,9 +337,16 @@ def lora_linear_forward(x: np.ndarray, base_y: np.ndarray, A: np.ndarray, B: np.
     x (T, in) f32, base_y (T, out) f32 (= x·Wᵀ from the quantized base; updated IN PLACE and returned
     as y, to spare a (T, out) buffer), A (r, in), B (out, r), dropout_mask (T, in) or None.
     """
+    cache = lora_input_cache(x, A, dropout_mask)
+    _add_product(cache.h, B, base_y, alpha=scale, trans_b=True)  # y += s · h·Bᵀ
+    return base_y, cache
+
+
+def lora_input_cache(x: np.ndarray, A: np.ndarray, dropout_mask: np.ndarray | None = None) -> LoraCache:
+    """One term's LoraCache for input x (T, in): drop(x) and drop(x)·Aᵀ (T, r) (the forward's first
+    product; also what a checkpointed block's recompute needs where it skips the base product)."""
     xd = x * dropout_mask if dropout_mask is not None else x
-    (cache,) = lora_shared_forward(xd, [base_y], [A], [B], [scale])
-    return base_y, LoraCache(xd, cache.h, dropout_mask)
+    return LoraCache(xd, xd @ A.T, dropout_mask)
 
 
 def lora_linear_backward(dy: np.ndarray, x: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float,

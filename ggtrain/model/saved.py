@@ -74,6 +74,22 @@ class LoraCache:
     mask: np.ndarray | None = field(metadata=saved("T", "in", when="dropout"))  # inverted dropout's
 
 
+@dataclass
+class BlockCheckpoint:
+    """What a block keeps under checkpointing; the rest is recomputed in backward. Its input, and the
+    outputs of the two projections that the recompute then skips: attn_output's (before any
+    post-norm) and ffn_down's (before its post-norm: only models with post-norms read it, the others
+    need no ffn_down output in backward at all). 2 of a block's 7 products, for two (T, d) arrays."""
+
+    x: np.ndarray = field(metadata=saved("T", "d"))  # the block's input
+    o: np.ndarray = field(metadata=saved("T", "d"))  # a·Woᵀ (+ its LoRA)
+    f: np.ndarray | None = field(metadata=saved("T", "d", when="has_post_norms"))  # m·Wdᵀ (+ its LoRA)
+
+    @classmethod
+    def nbytes(cls, hp: Any, T: int) -> int:
+        return saved_bytes(cls, block_dims(hp, T), hp)
+
+
 # The block's projections in the order it computes them (each one a LoraLinear).
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 

@@ -18,7 +18,8 @@ same thing to the model. Per block (llama, qwen2, qwen3, gemma2, gemma3):
 then rmsnorm(x, output_norm) and the chunked cross-entropy over the (tied or separate) head.
 
 Only LoRA matrices and activations get gradients; base weights stay quantized and frozen. With
-checkpointing (the default) a block keeps only its input and recomputes the rest in backward.
+checkpointing (the default) a block keeps only its input and its attn_output and ffn_down outputs
+(BlockCheckpoint) and recomputes the rest in backward, those two products excepted.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ from ggtrain.model.lora import (
     LoraEntry,
     LoraWeights,
     dropout_mask,
+    lora_input_cache,
     lora_linear_forward,
     lora_shared_addends,
     lora_shared_backward,
     tensor_name,
 )
-from ggtrain.model.saved import PROJECTIONS, BlockCache, LoraCache
+from ggtrain.model.saved import PROJECTIONS, BlockCache, BlockCheckpoint, LoraCache
 
 
 def _vector(mf: ModelFile, name: str) -> np.ndarray:
@@ -113,7 +115,8 @@ class StepState:
 
     batch: Batch
     block_inputs: list[np.ndarray]  # per layer: its input x (T, d)
-    caches: list[BlockCache | None]  # per layer: what its backward needs, None when checkpointed
+    caches: list[BlockCache | BlockCheckpoint | None]  # per layer: what its backward needs (a checkpoint:
+    # the rest is recomputed)
     final_x: np.ndarray  # (T, d) input of the output norm
     final_rstd: np.ndarray
     final_h: np.ndarray  # (T, d) normed: the loss's input
@@ -263,14 +266,16 @@ class Model:
                                       if tensor_name(t, il) in lw]
 
     def project(self, il: int, targets: Sequence[str], x: np.ndarray, rng: np.random.Generator | None,
-                keep: bool, caches: dict[str, LoraCache]) -> list[np.ndarray]:
+                keep: bool, caches: dict[str, LoraCache], kept: Sequence[np.ndarray | None] | None = None
+                ) -> list[np.ndarray | None]:
         """The projections `targets` of block il that share their input x (T, in): q/k/v, gate/up, or a
         single one. Each base product (with bias and inference adapters) by itself, all reading one
         rounding of x under bf16 (QWeight.round_input); the trained LoRA terms' first products together
         (lora_shared_addends: x·[A_q; A_k; A_v]ᵀ is one product), their second added by the base
         products as they store their outputs (no second pass over the outputs). A term with
         dropout (rng given) draws its own mask, in target order, and runs alone. keep: the trained
-        terms' caches go into `caches` by target."""
+        terms' caches go into `caches` by target. kept: the outputs, kept by a checkpoint (None where
+        nothing reads one): no product is made, the caches (and masks) are made as they would be."""
         trained = self._trained(il, targets)
         dropped = [(i, e) for i, e in trained if rng is not None and e.dropout > 0.0]
         together = [(i, e) for i, e in trained if not (rng is not None and e.dropout > 0.0)]
@@ -281,6 +286,12 @@ class Model:
             addends = {i: a for (i, _), a in zip(together, adds)}
             if keep:
                 caches.update((targets[i], lc) for (i, _), lc in zip(together, lcs))
+        if kept is not None:
+            for i, e in dropped:
+                lc = lora_input_cache(x, e.A, dropout_mask(rng, x.shape, e.dropout))
+                if keep:
+                    caches[targets[i]] = lc
+            return list(kept)
         xb = self.layers[il].w[targets[0]].round_input(x)  # one bf16 rounding of x for all of them (or x)
         ys = [self.linear(il, t, trainable=False).forward(x, x_base=xb, addend=addends.get(i))[0]
               for i, t in enumerate(targets)]
@@ -350,8 +361,13 @@ class Model:
 
     # -- block ---------------------------------------------------------------------------------
     def block_forward(self, il: int, x: np.ndarray, batch: Batch, rope: np.ndarray,
-                      rng: np.random.Generator | None, keep: bool) -> tuple[np.ndarray, BlockCache | None]:
-        """x (T, d) -> (T, d). keep=True also returns what backward needs (rng: dropout masks)."""
+                      rng: np.random.Generator | None, keep: bool, checkpoint: bool = False,
+                      recompute: BlockCheckpoint | None = None
+                      ) -> tuple[np.ndarray | None, BlockCache | BlockCheckpoint | None]:
+        """x (T, d) -> (T, d). keep=True also returns what backward needs (rng: dropout masks);
+        checkpoint=True only what a checkpoint keeps (BlockCheckpoint). recompute: the block's
+        checkpoint, in backward (keep=True): its kept outputs are not made again, nor the ffn_down
+        product that nothing reads without post-norms (the output is then None)."""
         hp, L = self.hp, self.layers[il]
         T = x.shape[0]
         neox = hp.rope_type == ROPE_NEOX
@@ -371,7 +387,9 @@ class Model:
         kr = rope_forward(k, rope, neox)
         window = hp.n_swa if hp.is_swa(il) else 0
         a, lse = attention_forward(qr, kr, v, hp.attn_scale, hp.attn_softcap, window, batch.segments)
-        (o,) = self.project(il, ("attn_output",), a.reshape(T, hp.n_head * hp.head_dim_v), rng, keep, lora)
+        (o,) = self.project(il, ("attn_output",), a.reshape(T, hp.n_head * hp.head_dim_v), rng, keep, lora,
+                            None if recompute is None else [recompute.o])
+        o_out = o
         o_pre = rstd_po = None
         if hp.has_post_norms:
             o_pre = o
@@ -381,12 +399,14 @@ class Model:
         h2, rstd2 = rmsnorm_forward(x2, L.ffn_norm, hp.norm_eps)
         g, u = self.project(il, ("ffn_gate", "ffn_up"), h2, rng, keep, lora)
         m = geglu_forward(g, u) if hp.ffn_act == "gelu_tanh" else swiglu_forward(g, u)
-        (f,) = self.project(il, ("ffn_down",), m, rng, keep, lora)
+        (f,) = self.project(il, ("ffn_down",), m, rng, keep, lora, None if recompute is None else [recompute.f])
         f_pre = rstd_pf = None
         if hp.has_post_norms:
             f_pre = f
             f, rstd_pf = rmsnorm_forward(f, L.ffn_post_norm, hp.norm_eps)
-        x3 = x2 + f
+        x3 = x2 + f if f is not None else None
+        if checkpoint:
+            return x3, BlockCheckpoint(x=x, o=o_out, f=f_pre)
         if not keep:
             return x3, None
         return x3, BlockCache(x=x, h=h, rstd1=rstd1, q_pre=q_pre, k_pre=k_pre, rstd_q=rstd_q, rstd_k=rstd_k,
@@ -478,12 +498,13 @@ class Model:
         ropes = self._rope_tables(batch.positions)
         x = self.embed(batch.tokens)
         inputs: list[np.ndarray] = []
-        caches: list[BlockCache | None] = []
+        caches: list[BlockCache | BlockCheckpoint | None] = []
         for il in range(hp.n_layer):
             if train:
                 inputs.append(x)
             rng = self._rng(seed, il) if train else None
-            x, c = self.block_forward(il, x, batch, ropes[il], rng, keep=train and not checkpointing)
+            x, c = self.block_forward(il, x, batch, ropes[il], rng, keep=train and not checkpointing,
+                                      checkpoint=train and checkpointing)
             caches.append(c)
         hf, rstd = rmsnorm_forward(x, self.output_norm, hp.norm_eps)
         if train:  # dL/dh comes in the same pass over the vocabulary (one head GEMM fewer)
@@ -517,9 +538,9 @@ class Model:
         del dhf
         for il in reversed(range(hp.n_layer)):
             c = state.caches[il]
-            if c is None:  # checkpointed: recompute this block's intermediates
-                _, c = self.block_forward(il, state.block_inputs[il], state.batch, state.ropes[il],
-                                          self._rng(state.seed, il), keep=True)
+            if isinstance(c, BlockCheckpoint):  # checkpointed: recompute what it did not keep
+                _, c = self.block_forward(il, c.x, state.batch, state.ropes[il], self._rng(state.seed, il),
+                                          keep=True, recompute=c)
             dx = self.block_backward(il, dx, c, state.batch, state.ropes[il], grads)
             state.caches[il] = c = None
             state.block_inputs[il] = None  # type: ignore[call-overload]

@@ -5,7 +5,8 @@ The estimate follows what ggtrain.model keeps (T = micro_batch · ctx tokens, f3
 - the base weights, mmap'd and all touched every step: the model file's size;
 - what a block keeps for its backward: BlockCache's declared arrays (ggtrain.model.saved) at these
   dims and options, with each trained projection's LoraCache — for every layer without
-  checkpointing; with it, every layer's input x plus one block recomputed in backward;
+  checkpointing; with it, every layer's BlockCheckpoint (its input and two projections' outputs) plus
+  one block recomputed in backward;
 - after the blocks, the chunked cross-entropy (two (T, chunk) blocks of logits, as the next chunk's
   product is made before the last is dropped) and then the blocks' backward (the gradients at
   block_backward's widest point, BlockCache.BACKWARD_PEAK): never live at once, so the larger
@@ -35,7 +36,7 @@ import psutil
 from ggtrain.errors import GGTrainError
 from ggtrain.kernels.loss import CE_CHUNK
 from ggtrain.model.lora import LoraConfig
-from ggtrain.model.saved import BlockCache, projection_shapes
+from ggtrain.model.saved import BlockCache, BlockCheckpoint, projection_shapes
 from ggtrain.rss import MemoryMonitor  # noqa: F401  (the trainer's monitor, also imported from here)
 
 F32 = 4
@@ -83,7 +84,8 @@ def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batc
     parts: dict[str, int] = {}
     parts["weights (mmap'd model file)"] = int(model_file_bytes)
     if checkpointing:
-        parts["activations (block inputs + one block recomputed)"] = n_layer * x + cache
+        parts["activations (block checkpoints + one block recomputed)"] = (n_layer * BlockCheckpoint.nbytes(hparams, T)
+                                                                           + cache)
     else:
         parts["activations (all blocks)"] = n_layer * (x + cache)
     ce = 2 * T * min(ce_chunk, n_vocab) * F32 + 2 * x  # two chunks of logits, dh's accumulator and product
