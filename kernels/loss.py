@@ -265,7 +265,8 @@ def _fused(h: np.ndarray, head: Head, tgt: np.ndarray, weights: np.ndarray, n_vo
         else:
             _ce_fused_chunk(e, r0, tg, softcap, e.dtype == np.float32, kbuf, fbuf, run_max, run_sum, tgt_logit,
                             rescale)
-        acc *= rescale.astype(h.dtype)[:, None]
+        if (rescale != 1.0).any():  # the running max moved for some row (exp(0) is exactly 1 elsewhere)
+            acc *= rescale.astype(h.dtype)[:, None]
         acc += head.matmul_t(e, r0, r1)
     lse_r = run_max + np.log(run_sum)
     loss_r = lse_r - tgt_logit
