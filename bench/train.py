@@ -230,6 +230,51 @@ def common_flags(args: argparse.Namespace) -> list[str]:
     return flags + ([] if args.checkpointing else ["--no-checkpointing"])
 
 
+# The peak of a compute path's own product kernel on in-cache data, in a fresh process on the run's
+# threads: the bf16 micro-kernel that runs here (AMX or vdpbf16ps: its micro_peak), or for f32 the
+# tiles' sgemm (kernels/gemm, OpenBLAS on one thread per tile) on a tile-sized in-cache product.
+PEAK_CODE = r"""
+import sys, time
+import numpy as np
+from ggtrain import kernels
+from ggtrain.threads import set_threads
+compute, nth = sys.argv[1], int(sys.argv[2])
+set_threads(nth)
+if compute == "bf16":
+    mod = kernels._amx_module() or kernels._bf16_module()
+    mod.micro_peak(nth, 2000)
+    print(max(mod.micro_peak(nth, 100000) for _ in range(3)), kernels.bf16_kernel() + " micro-kernel")
+else:  # nth threads, each its own one-thread sgemm on its own in-cache tile, as the f32 tiles run
+    import threading
+    from ggtrain.kernels.gemm import gemm
+    rng = np.random.default_rng(0)
+    a = [rng.standard_normal((512, 256), dtype=np.float32) for _ in range(nth)]
+    b = [rng.standard_normal((256, 256), dtype=np.float32) for _ in range(nth)]
+    c = [np.empty((512, 256), np.float32) for _ in range(nth)]
+    reps = 200
+    def work(i):
+        for _ in range(reps):
+            gemm(a[i], b[i], c[i], 1.0, 0.0, False, False, 1)
+    best = 1e9
+    for _ in range(5):
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(nth)]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = min(best, time.perf_counter() - t0)
+    print(2 * 512 * 256 * 256 * reps * nth / best / 1e9, "f32 sgemm (one-thread sgemm a thread, in-cache tiles)")
+"""
+
+
+def path_peak(compute: str, threads: int) -> tuple[float, str]:
+    """(GFLOP/s, kernel name) of PEAK_CODE for --compute `compute`."""
+    out = subprocess.run([sys.executable, "-c", PEAK_CODE, compute, str(threads)], capture_output=True, text=True,
+                         check=True).stdout.split(maxsplit=1)
+    return float(out[0]), out[1].strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", type=Path, help="GGUF model (default: the bundled Gemma 3 270M Q4_K_M)")
@@ -322,6 +367,13 @@ def main() -> None:
         for name, res in results.items():
             print(f"best of {args.rounds} {name:18}: {res['rate']:8.1f} tokens/s, peak RSS {res['peak'] / MiB:6.0f} MiB")
     ours = {k: v for k, v in results.items() if k.startswith("ggtrain")}
+    for name, res in ours.items():
+        compute = res.get("path", "").removeprefix("compute:").split()[:1]
+        if compute and compute[0] in ("bf16", "f32"):
+            peak, kernel = path_peak(compute[0], args.threads)
+            achieved = res["rate"] * fpt / 1e9
+            print(f"utilisation ({name}): {achieved:.0f} GFLOP/s of model FLOPs over the {kernel} peak of "
+                  f"{peak:.0f} GFLOP/s measured now on {args.threads} threads = {achieved / peak:.1%}")
     peft = {k: v for k, v in results.items() if k.startswith("PyTorch")}
     if not peft:
         print(f"ratio (ggtrain / PyTorch+PEFT): not measured (no baseline: {INSTALL_HINT})")
