@@ -15,7 +15,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "avx512_math.h"
+#include "simd_math.h"
 
 #define AT_ROWS 8
 
@@ -81,7 +81,7 @@ static void gg_at_task(const float *q, const float *kt, const float *v, const in
             __m512 z = _mm512_loadu_ps(sr + c);
             if (softcap > 0.0f) {
                 const __m512 cap = _mm512_set1_ps(softcap);
-                z = _mm512_mul_ps(cap, gg_tanh512(_mm512_div_ps(z, cap)));
+                z = _mm512_mul_ps(cap, gg_tanh(_mm512_div_ps(z, cap)));
                 _mm512_storeu_ps(sr + c, z);
             }
             vmax = _mm512_mask_max_ps(vmax, vis, vmax, z);
@@ -92,7 +92,7 @@ static void gg_at_task(const float *q, const float *kt, const float *v, const in
         for (int64_t c = 0; c < nk; c += 16) {
             const __m512i j = _mm512_add_epi32(_mm512_set1_epi32((int)(jlo + c)), iota);
             const __mmask16 vis = _mm512_cmpge_epi32_mask(j, vlo) & _mm512_cmple_epi32_mask(j, vhi);
-            const __m512 p = _mm512_maskz_mov_ps(vis, gg_exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + c), vm)));
+            const __m512 p = _mm512_maskz_mov_ps(vis, gg_exp(_mm512_sub_ps(_mm512_loadu_ps(sr + c), vm)));
             _mm512_storeu_ps(sr + c, p);
             vsum = _mm512_add_ps(vsum, p);
         }
@@ -183,11 +183,11 @@ static inline void gg_ab_block(const float *const *qr, const float *const *dr, c
         __m512 z = _mm512_mul_ps(p[r], vscale), dz = one;
         if (softcap > 0.0f) {
             const __m512 cap = _mm512_set1_ps(softcap);
-            const __m512 t = gg_tanh512(_mm512_div_ps(z, cap));
+            const __m512 t = gg_tanh(_mm512_div_ps(z, cap));
             z = _mm512_mul_ps(cap, t);
             dz = _mm512_fnmadd_ps(t, t, one);
         }
-        p[r] = _mm512_maskz_mov_ps(vis, gg_exp512(_mm512_sub_ps(z, _mm512_set1_ps(lse[h * T + i]))));
+        p[r] = _mm512_maskz_mov_ps(vis, gg_exp(_mm512_sub_ps(z, _mm512_set1_ps(lse[h * T + i]))));
         ds[r] = _mm512_mul_ps(_mm512_mul_ps(p[r], _mm512_sub_ps(ds[r], _mm512_set1_ps(dsum[h * T + i]))),
                               _mm512_mul_ps(dz, vscale));
     }

@@ -30,11 +30,11 @@ from typing import Protocol
 
 import numba
 import numpy as np
-from ggtrain.kernels import get_num_threads, variant_module
+from ggtrain.kernels import get_num_threads, widest_module
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
-_avx512 = variant_module("loss_avx512")  # the forward's f32 row work on AVX512 CPUs
+_vec = widest_module("loss")  # the forward's f32 row work in C on AVX2 / AVX512 CPUs
 
 # Vocabulary rows per chunk: the loss holds a (T, CE_CHUNK) f32 block of logits at a time (512 tokens:
 # 32 MiB); the one chunk size, which the model and the memory estimate use too.
@@ -216,8 +216,8 @@ def cross_entropy_forward(
         if fused is not None and fused(h_rows, r0, r1, tgt, float(final_softcap), run_max, run_sum, tgt_logit):
             continue
         logits = np.ascontiguousarray(head.matmul(h, r0, r1))
-        if _avx512 is not None and logits.dtype == np.float32:
-            _avx512.ce_forward_chunk(logits, r0, tgt, float(final_softcap), run_max, run_sum, tgt_logit,
+        if _vec is not None and logits.dtype == np.float32:
+            _vec.ce_forward_chunk(logits, r0, tgt, float(final_softcap), run_max, run_sum, tgt_logit,
                                      get_num_threads())
         else:
             _ce_fwd_chunk(logits, r0, tgt, float(final_softcap), logits.dtype == np.float32, kbuf, run_max,

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The cross-entropy forward's per-chunk row work in f32 on AVX512 (loss.py's _ce_fwd_chunk, same
-contract; the math is in loss_util.h). Rows run in parallel, each on its own entries."""
+"""The cross-entropy forward's per-chunk row work in f32 (loss.py's _ce_fwd_chunk, same contract; the
+math is in loss_util.h), built as loss_avx2 and loss_avx512. Rows run in parallel, each on its own
+entries."""
 
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
