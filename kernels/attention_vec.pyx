@@ -34,6 +34,9 @@ cdef extern from "attention_util.h" nogil:
                        int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t h, int64_t g, int64_t i0,
                        int64_t i1, float scale, float softcap, float *dq)
     int AB_ROWS
+    int GG_W
+
+VECTOR_FLOATS = GG_W  # floats a vector holds at the width this module was built for (8: AVX2, 16: AVX512)
 
 
 def attention_forward(const float[:, :, ::1] q, const float[:, :, ::1] k, const float[:, :, ::1] v,

@@ -252,7 +252,7 @@ def test_vector_backward_matches_reference_and_the_numba_kernel(name, threads, l
     windows, segments, soft-cap and T = 1; on one thread and on two."""
     import numba
 
-    monkeypatch.setattr(A, "_vec", _vec_module(level))
+    monkeypatch.setattr(A, "_vec_backward", _vec_module(level))  # the C backward (training runs it on AVX512)
     extra = {"d8_dv12": (45, 3, 1, 8, 12, 0.35, 0.0, 0, None), "all": CASES["all"]}
     T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = {**VEC_CASES, **extra}[name]
     q, k, v = _inputs(T, Hq, Hkv, D, Dv, seed=11)
@@ -273,7 +273,7 @@ def test_vector_backward_matches_reference_and_the_numba_kernel(name, threads, l
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
         np.testing.assert_array_equal(a, c)  # the same from run to run (training is reproducible)
-    monkeypatch.setattr(A, "_vec", None)
+    monkeypatch.setattr(A, "_vec_backward", None)
     g_nb = attention_backward(r.astype(np.float32), *f, o, lse, scale, **kw)
     for a, b in zip(g, g_nb):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
@@ -284,6 +284,7 @@ def test_vector_backward_matches_finite_differences(level, monkeypatch):
     # the C backward's own gradients of L = Σ o·r against central differences of the C forward (f32,
     # so a coarse step and a loose bound; the float64 chain-rule reference above is the tight check)
     monkeypatch.setattr(A, "_vec", _vec_module(level))
+    monkeypatch.setattr(A, "_vec_backward", _vec_module(level))
     T, Hq, Hkv, D, Dv, scale, cap = 37, 2, 1, 24, 16, 0.3, 4.0
     q, k, v = (a.astype(np.float32) for a in _inputs(T, Hq, Hkv, D, Dv, seed=21))
     r = np.random.default_rng(22).standard_normal((T, Hq, Dv)).astype(np.float32)
