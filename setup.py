@@ -5,10 +5,10 @@ kernels/, cli/ and data/ (as ggtrain.samples) are installed under the one ggtrai
 
 Portable flags only: no -march=native. Which source is built with which flags comes from the table
 in kernels/variants.py (the run-time dispatcher in ggtrain.kernels reads the same table): a
-NAME_simd.pyx is built once per SIMD level (NAME_base, NAME_avx2) and ggtrain.kernels picks one at
-run time from the CPU's flags; a NAME_<variant>.pyx (int8mm_avx512, bf16mm_avx512bf16) is built
-only with that row's flags (bf16mm_amx also a second time against a C emulation of its tile
-instructions: EMULATED).
+NAME_simd.pyx is built once per SIMD level (NAME_base, NAME_avx2) and a NAME_vec.pyx once per vector
+level (NAME_avx2, NAME_avx512; x86 only), and ggtrain.kernels picks one at run time from the CPU's
+flags; a NAME_<variant>.pyx (int8mm_avx512, bf16mm_avx512bf16) is built only with that row's flags
+(bf16mm_amx also a second time against a C emulation of its tile instructions: EMULATED).
 """
 
 import importlib.util
@@ -59,11 +59,13 @@ def kernel_extensions() -> list[Extension]:
             "extra_link_args": ["-fopenmp"],
             "define_macros": [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         }
-        if name.endswith("_simd"):
-            # One source, one module per SIMD level: NAME_simd.pyx -> NAME_base, NAME_avx2.
-            stem = name[: -len("_simd")]
-            for level in V.SIMD_LEVELS:
-                src = HERE / "build" / "simd" / f"{stem}_{level}.pyx"
+        if name.endswith(("_simd", "_vec")):
+            # One source, one module per level: NAME_simd.pyx -> NAME_base, NAME_avx2 (every platform);
+            # NAME_vec.pyx -> NAME_avx2, NAME_avx512 (x86 only: intrinsics at the level's width).
+            stem, _, kind = name.rpartition("_")
+            levels = V.SIMD_LEVELS if kind == "simd" else V.VECTOR_LEVELS if X86 else ()
+            for level in levels:
+                src = HERE / "build" / kind / f"{stem}_{level}.pyx"
                 src.parent.mkdir(parents=True, exist_ok=True)
                 text = f'include "{pyx.resolve()}"\n'
                 if not src.exists() or src.read_text() != text:

@@ -71,6 +71,7 @@ __all__ = [
     "tile_bytes",
     "to_bf16",
     "variant_module",
+    "widest_module",
 ]
 
 # Tensor types the kernels dequantize and multiply by: the types kernels/quant_layout.h lays out
@@ -159,6 +160,16 @@ def variant_module(name: str) -> ModuleType | None:
         return importlib.import_module(full)
     except ImportError:  # not built (non-x86)
         return None
+
+
+def widest_module(stem: str) -> ModuleType | None:
+    """ggtrain.kernels.STEM_<level> (built from STEM_vec.pyx) at the widest of variants.VECTOR_LEVELS
+    this CPU runs (GGTRAIN_AVX512=0: avx2), or None where it runs none of them or none was built."""
+    for level in reversed(variants.VECTOR_LEVELS):
+        module = variant_module(f"{stem}_{level}")
+        if module is not None:
+            return module
+    return None
 
 
 # ---- the compiled modules, imported on first use -------------------------------------------------

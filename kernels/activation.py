@@ -20,11 +20,11 @@ import math
 
 import numba
 import numpy as np
-from ggtrain.kernels import PARALLEL_MIN, get_num_threads, variant_module
+from ggtrain.kernels import PARALLEL_MIN, get_num_threads, widest_module
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
-_avx512 = variant_module("activation_avx512")  # f32 forwards and backwards on AVX512 CPUs
+_vec = widest_module("activation")  # f32 forwards and backwards in C on AVX2 / AVX512 CPUs
 
 GELU_COEF_A = 0.044715
 SQRT_2_OVER_PI = 0.79788456080286535587989211986876
@@ -116,10 +116,10 @@ def _run(op: int, dy: np.ndarray | None, g: np.ndarray, u: np.ndarray, n_out: in
     out1 = np.empty_like(gf)
     out2 = np.empty_like(gf) if n_out == 2 else out1
     nth = get_num_threads() if gf.shape[0] >= PARALLEL_MIN else 1
-    if _avx512 is not None and dt == np.float32 and op in (SWIGLU_FWD, GEGLU_FWD):
-        _avx512.gated_forward(op == GEGLU_FWD, gf, uf, out1, nth)
-    elif _avx512 is not None and dt == np.float32:
-        _avx512.gated_backward(op == GEGLU_BWD, dyf, gf, uf, out1, out2, nth)
+    if _vec is not None and dt == np.float32 and op in (SWIGLU_FWD, GEGLU_FWD):
+        _vec.gated_forward(op == GEGLU_FWD, gf, uf, out1, nth)
+    elif _vec is not None and dt == np.float32:
+        _vec.gated_backward(op == GEGLU_BWD, dyf, gf, uf, out1, out2, nth)
     elif gf.shape[0] >= PARALLEL_MIN:
         _run_parallel(op, dyf, gf, uf, out1, out2, dt == np.float32, numba.get_num_threads())
     else:

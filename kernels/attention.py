@@ -33,14 +33,18 @@ import math
 
 import numba
 import numpy as np
-from ggtrain.kernels import get_num_threads, variant_module
+from ggtrain.kernels import get_num_threads, widest_module
 from ggtrain.kernels.blas import set_kernel_blas_single_threaded
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
-# f32 forward and backward on AVX512 CPUs (own register-blocked products, twice what BLAS's AVX2 kernels
-# give for the forward)
-_avx512 = variant_module("attention_avx512")
+# f32 forward and backward in C on AVX2 / AVX512 CPUs (own register-blocked products: on AVX512 twice
+# what BLAS's AVX2 kernels give for the forward; no BLAS call per task and no dq buffers either way)
+_vec = widest_module("attention")
+# Its backward recomputes the scores and dp (7 products where the Numba kernel's BLAS calls do 5): with
+# AVX512's 16 lanes that still wins (T 512, Gemma 3 shapes, one thread: 7.6 ms against 10.3), with
+# AVX2's 8 it does not (14.0 ms): there the backward stays the Numba kernel.
+_vec_backward = _vec if _vec is not None and _vec.VECTOR_FLOATS >= 16 else None
 # The Numba kernels below call scipy's BLAS (np.dot) inside their prange: one thread each.
 set_kernel_blas_single_threaded()
 
@@ -235,11 +239,11 @@ def attention_forward(
     dt = q.dtype
     T, Hq, _ = q.shape
     lo, _ = visible_range(_segments(segments, T), int(n_swa))
-    if _avx512 is not None and dt == np.float32 and v.shape[2] % 16 == 0:
+    if _vec is not None and dt == np.float32 and v.shape[2] % 16 == 0:
         o = np.empty((T, Hq, v.shape[2]), dtype=dt)
         lse = np.empty((Hq, T), dtype=dt)
-        _avx512.attention_forward(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), lo,
-                                  float(scale), float(softcap), o, lse, get_num_threads())
+        _vec.attention_forward(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), lo,
+                               float(scale), float(softcap), o, lse, get_num_threads())
         return o, lse
     oh = np.empty((Hq, T, v.shape[2]), dtype=dt)
     lse = np.empty((Hq, T), dtype=dt)
@@ -266,13 +270,13 @@ def attention_backward(
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     lo, hi = visible_range(_segments(segments, T), int(n_swa))
-    if _avx512 is not None and dt == np.float32:  # no dq buffers: its dq pass owns the rows it writes
+    if _vec_backward is not None and dt == np.float32:  # no dq buffers: its dq pass owns the rows it writes
         dq = np.empty((T, Hq, D), dtype=dt)
         dk = np.empty((T, Hkv, D), dtype=dt)
         dv = np.empty((T, Hkv, v.shape[2]), dtype=dt)
-        _avx512.attention_backward(*(np.ascontiguousarray(a, dtype=dt) for a in (do, q, k, v, o)),
-                                   np.ascontiguousarray(lse, dtype=dt), lo, hi, float(scale), float(softcap),
-                                   dq, dk, dv, get_num_threads())
+        _vec_backward.attention_backward(*(np.ascontiguousarray(a, dtype=dt) for a in (do, q, k, v, o)),
+                                         np.ascontiguousarray(lse, dtype=dt), lo, hi, float(scale), float(softcap),
+                                         dq, dk, dv, get_num_threads())
         return dq, dk, dv
     doh = _heads(do, dt)
     dsum = np.einsum("htd,thd->ht", doh, np.asarray(o, dtype=dt))  # (Hq, T): do_i·o_i, the softmax-backward row term

@@ -30,11 +30,11 @@ from typing import Protocol
 
 import numba
 import numpy as np
-from ggtrain.kernels import get_num_threads, variant_module
+from ggtrain.kernels import get_num_threads, widest_module
 from ggtrain.kernels.vecmath import exp_shift_inplace
 from numba import njit, prange
 
-_avx512 = variant_module("loss_avx512")  # the forward's f32 row work on AVX512 CPUs
+_vec = widest_module("loss")  # the forward's and the fused pass's f32 row work in C on AVX2 / AVX512 CPUs
 
 # Vocabulary rows per chunk: the loss holds a (T, CE_CHUNK) f32 block of logits at a time (512 tokens:
 # 8 MiB); the one chunk size, which the model and the memory estimate use too. Small enough that a
@@ -220,8 +220,8 @@ def cross_entropy_forward(
         if fused is not None and fused(h_rows, r0, r1, tgt, float(final_softcap), run_max, run_sum, tgt_logit):
             continue
         logits = np.ascontiguousarray(head.matmul(h, r0, r1))
-        if _avx512 is not None and logits.dtype == np.float32:
-            _avx512.ce_forward_chunk(logits, r0, tgt, float(final_softcap), run_max, run_sum, tgt_logit,
+        if _vec is not None and logits.dtype == np.float32:
+            _vec.ce_forward_chunk(logits, r0, tgt, float(final_softcap), run_max, run_sum, tgt_logit,
                                      get_num_threads())
         else:
             _ce_fwd_chunk(logits, r0, tgt, float(final_softcap), logits.dtype == np.float32, kbuf, run_max,
@@ -247,9 +247,10 @@ def _fused(h: np.ndarray, head: Head, tgt: np.ndarray, weights: np.ndarray, n_vo
     tg = tgt[rows]
     run_max, run_sum, tgt_logit, rescale = np.full(n, -np.inf), np.zeros(n), np.zeros(n), np.zeros(n)
     c = min(chunk, n_vocab)
-    native = _avx512 is not None and h.dtype == np.float32
+    native = _vec is not None and h.dtype == np.float32
     if native:  # a head whose backward rounds its input to bf16 gets e rounded here, in the same pass
-        e16 = np.empty(n * c, dtype=np.uint16) if getattr(head, "takes_bf16", False) else None
+        bf16 = getattr(head, "takes_bf16", False) and _vec.BF16_OUT
+        e16 = np.empty(n * c, dtype=np.uint16) if bf16 else None
     else:
         kbuf = np.empty((numba.get_num_threads(), c), dtype=np.int32)
         fbuf = np.empty((numba.get_num_threads(), c), dtype=h.dtype)
@@ -259,8 +260,7 @@ def _fused(h: np.ndarray, head: Head, tgt: np.ndarray, weights: np.ndarray, n_vo
         e = np.ascontiguousarray(head.matmul(hx, r0, r1))
         if native:
             out16 = e16[:e.size].reshape(e.shape) if e16 is not None else None
-            _avx512.ce_fused_chunk(e, r0, tg, softcap, run_max, run_sum, tgt_logit, rescale, out16,
-                                   get_num_threads())
+            _vec.ce_fused_chunk(e, r0, tg, softcap, run_max, run_sum, tgt_logit, rescale, out16, get_num_threads())
             e = e if out16 is None else out16
         else:
             _ce_fused_chunk(e, r0, tg, softcap, e.dtype == np.float32, kbuf, fbuf, run_max, run_sum, tgt_logit,

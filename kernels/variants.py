@@ -7,6 +7,9 @@ run time what this CPU can run. cpu_features() is the one place that asks the CP
 How sources map to variants:
 - NAME_simd.pyx is built at every SIMD level (SIMD_LEVELS) as NAME_<level>, the same source each
   time; at run time the best level the CPU runs is imported (GGTRAIN_SIMD overrides the choice).
+- NAME_vec.pyx is built at every vector level (VECTOR_LEVELS) as NAME_avx2 and NAME_avx512, the
+  same source each time, on x86 only: C kernels written once against simd_math.h, whose vector width
+  follows the level's flags (8 or 16 floats); at run time the widest level the CPU runs is imported.
 - NAME_<variant>.pyx, for a variant outside SIMD_LEVELS (int8mm_avx512.pyx), is code that exists
   for that variant only: built once with its flags, on x86 only, imported only on a CPU with all
   its features (GGTRAIN_AVX512=0 turns off every variant that needs AVX512).
@@ -46,6 +49,7 @@ VARIANTS: dict[str, Variant] = {
 }
 
 SIMD_LEVELS = ("base", "avx2")  # the levels every NAME_simd.pyx is built at, lowest first
+VECTOR_LEVELS = ("avx2", "avx512")  # the levels every NAME_vec.pyx is built at (x86), narrowest first
 
 # numpy's name of a feature where it is not the /proc/cpuinfo name upper-cased without "_"
 _NUMPY_NAMES = {"fma": "FMA3"}

@@ -95,6 +95,22 @@ def test_every_built_module_is_a_row_of_the_table() -> None:
             assert (kernels.variant_module(name) is not None) == runs
 
 
+def test_vector_kernels_are_built_at_every_vector_level_and_the_widest_runs(monkeypatch) -> None:
+    package = Path(kernels.__file__).parent
+    built = {p.name.split(".")[0] for p in package.glob("*.so")} | {p.name.split(".")[0] for p in package.glob("*.pyd")}
+    stems = sorted(p.stem[: -len("_vec")] for p in (REPO / "kernels").glob("*_vec.pyx"))
+    assert stems == ["activation", "attention", "loss"]
+    features = variants.cpu_features()
+    for stem in stems:
+        assert {f"{stem}_{level}" for level in variants.VECTOR_LEVELS} <= built  # x86 builds every level
+        widest = [level for level in variants.VECTOR_LEVELS if variants.runs_on(level, features)]
+        assert getattr(kernels.widest_module(stem), "__name__", None) == (
+            f"ggtrain.kernels.{stem}_{widest[-1]}" if widest else None)
+    monkeypatch.setenv("GGTRAIN_AVX512", "0")
+    expected = "ggtrain.kernels.attention_avx2" if variants.runs_on("avx2", features) else None
+    assert getattr(kernels.widest_module("attention"), "__name__", None) == expected
+
+
 def test_avx512_off_switch_hides_the_avx512_rows(monkeypatch) -> None:
     monkeypatch.setenv("GGTRAIN_AVX512", "0")
     assert kernels.variant_module("int8mm_avx512") is None

@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
+from ggtrain.kernels import variants
 from ggtrain.kernels.activation import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+
+from ggtrain import kernels
 
 
 def ref_swiglu(g, u):
@@ -66,28 +69,36 @@ def test_parallel_and_serial_paths_agree_across_blocks(fwd, bwd, ref, monkeypatc
     np.testing.assert_allclose(serial[0], ref(g.astype(np.float64), u.astype(np.float64)), rtol=1e-5, atol=1e-5)
 
 
+def _vec_module(level):
+    """activation_<level> (activation_vec.pyx at that vector width); skips where this CPU lacks it."""
+    module = kernels.variant_module(f"activation_{level}")
+    if module is None:
+        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: activation_{level} cannot run here")
+    return module
+
+
+@pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
 @pytest.mark.parametrize("fwd,bwd,ref", CASES, ids=["swiglu", "geglu"])
-def test_avx512_forward_matches_reference_and_the_numba_kernel(fwd, bwd, ref, monkeypatch):
+def test_vector_forward_matches_reference_and_the_numba_kernel(fwd, bwd, ref, level, monkeypatch):
     from ggtrain.kernels import activation
 
-    if activation._avx512 is None:
-        pytest.skip("this CPU has no AVX512: the f32 AVX512 forward cannot run here")
+    monkeypatch.setattr(activation, "_vec", _vec_module(level))
     rng = np.random.default_rng(4)
     g = (rng.standard_normal((7, 40001)) * 5).astype(np.float32)  # several parallel blocks, a ragged tail
     g[0, :4] = [-80.0, 80.0, 0.0, -12.0]
     u = rng.standard_normal((7, 40001)).astype(np.float32)
     y = fwd(g, u)
     np.testing.assert_allclose(y, ref(g.astype(np.float64), u.astype(np.float64)), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(activation, "_avx512", None)
+    monkeypatch.setattr(activation, "_vec", None)
     np.testing.assert_allclose(y, fwd(g, u), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
 @pytest.mark.parametrize("fwd,bwd,ref", CASES, ids=["swiglu", "geglu"])
-def test_avx512_backward_matches_finite_differences_and_the_numba_kernel(fwd, bwd, ref, monkeypatch):
+def test_vector_backward_matches_finite_differences_and_the_numba_kernel(fwd, bwd, ref, level, monkeypatch):
     from ggtrain.kernels import activation
 
-    if activation._avx512 is None:
-        pytest.skip("this CPU has no AVX512: the f32 AVX512 backward cannot run here")
+    monkeypatch.setattr(activation, "_vec", _vec_module(level))
     rng = np.random.default_rng(5)
     g = rng.standard_normal((7, 40001)) * 5  # several parallel blocks, a ragged tail
     g[0, :6] = [-80.0, 80.0, 0.0, -12.0, 12.0, -1e-3]  # saturated tails: no nan/inf, the right limits
@@ -105,7 +116,23 @@ def test_avx512_backward_matches_finite_differences_and_the_numba_kernel(fwd, bw
         assert dg.dtype == np.float32 and np.all(np.isfinite(dg)) and np.all(np.isfinite(du))
         np.testing.assert_allclose(dg, num_dg, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(du, num_du, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(activation, "_avx512", None)
+    monkeypatch.setattr(activation, "_vec", None)
     dg_numba, du_numba = bwd(dy32, g32, u32)
     np.testing.assert_allclose(dg, dg_numba, rtol=1e-5, atol=1e-5)  # both f32 near cancellation (g << 0)
     np.testing.assert_allclose(du, du_numba, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fwd,bwd,ref", CASES, ids=["swiglu", "geglu"])
+def test_vector_levels_give_the_same_bits(fwd, bwd, ref, monkeypatch):
+    # elementwise, the same operations lane by lane: 8 lanes (AVX2) or 16 (AVX512) cannot differ
+    from ggtrain.kernels import activation
+
+    rng = np.random.default_rng(6)
+    g = (rng.standard_normal((3, 4099)) * 5).astype(np.float32)  # a tail shorter than either width
+    u, dy = rng.standard_normal((2, 3, 4099)).astype(np.float32)
+    results = []
+    for level in variants.VECTOR_LEVELS:
+        monkeypatch.setattr(activation, "_vec", _vec_module(level))
+        results.append((fwd(g, u), *bwd(dy, g, u)))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)

@@ -5,7 +5,10 @@ T not a multiple of the block size, and T = 1."""
 import numpy as np
 import pytest
 from ggtrain.kernels import attention as A
+from ggtrain.kernels import variants
 from ggtrain.kernels.attention import attention_backward, attention_forward
+
+from ggtrain import kernels
 
 
 def ref_attention(q, k, v, scale, softcap=0.0, n_swa=0, segments=None):
@@ -207,7 +210,7 @@ def test_dq_buffer_cap_runs_on_fewer_threads_with_the_same_result(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
-AVX512_CASES = {  # T, Hq, Hkv, D, Dv, scale, softcap, n_swa, segment lengths (Dv a multiple of 16)
+VEC_CASES = {  # T, Hq, Hkv, D, Dv, scale, softcap, n_swa, segment lengths (Dv a multiple of 16)
     "gemma_like": (300, 4, 1, 256, 256, 0.0625, 0.0, 0, None),
     "gqa_swa_segments": (133, 4, 2, 40, 32, 0.2, 0.0, 17, (50, 3, 80)),
     "softcap_dv48": (77, 6, 3, 64, 48, 0.125, 5.0, 0, None),
@@ -215,33 +218,43 @@ AVX512_CASES = {  # T, Hq, Hkv, D, Dv, scale, softcap, n_swa, segment lengths (D
 }
 
 
-@pytest.mark.skipif(A._avx512 is None, reason="this CPU has no AVX512: the f32 AVX512 forward cannot run here")
-@pytest.mark.parametrize("name", sorted(AVX512_CASES))
-def test_avx512_forward_matches_reference_and_the_numba_kernel(name, monkeypatch):
-    T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = AVX512_CASES[name]
+def _vec_module(level):
+    """attention_<level> (attention_vec.pyx at that vector width); skips where this CPU lacks it."""
+    module = kernels.variant_module(f"attention_{level}")
+    if module is None:
+        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: attention_{level} cannot run here")
+    return module
+
+
+@pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
+@pytest.mark.parametrize("name", sorted(VEC_CASES))
+def test_vector_forward_matches_reference_and_the_numba_kernel(name, level, monkeypatch):
+    monkeypatch.setattr(A, "_vec", _vec_module(level))
+    T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = VEC_CASES[name]
     q, k, v = _inputs(T, Hq, Hkv, D, Dv, seed=7)
     seg = _seg(T, lens)
     f = [a.astype(np.float32) for a in (q, k, v)]
-    o, lse = attention_forward(*f, scale, softcap=cap, n_swa=n_swa, segments=seg)  # the AVX512 kernel
+    o, lse = attention_forward(*f, scale, softcap=cap, n_swa=n_swa, segments=seg)  # the C kernel
     np.testing.assert_allclose(o, ref_attention(q, k, v, scale, cap, n_swa, seg), rtol=1e-4, atol=1e-5)
     _, lse64 = attention_forward(q, k, v, scale, softcap=cap, n_swa=n_swa, segments=seg)
     np.testing.assert_allclose(lse, lse64, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(A, "_avx512", None)
+    monkeypatch.setattr(A, "_vec", None)
     o_nb, lse_nb = attention_forward(*f, scale, softcap=cap, n_swa=n_swa, segments=seg)
     np.testing.assert_allclose(o, o_nb, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(lse, lse_nb, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(A._avx512 is None, reason="this CPU has no AVX512: the f32 AVX512 backward cannot run here")
-@pytest.mark.parametrize("name", sorted(AVX512_CASES) + ["d8_dv12", "all"])
+@pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
+@pytest.mark.parametrize("name", sorted(VEC_CASES) + ["d8_dv12", "all"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_avx512_backward_matches_reference_and_the_numba_kernel(name, threads, monkeypatch):
-    """Ragged key blocks (T not a multiple of 16), head dims that are not whole vectors, GQA, windows,
-    segments, soft-cap and T = 1; on one thread (dq written in place) and on two (per-thread buffers)."""
+def test_vector_backward_matches_reference_and_the_numba_kernel(name, threads, level, monkeypatch):
+    """Ragged key blocks (T not a multiple of 16 or 8), head dims that are not whole vectors, GQA,
+    windows, segments, soft-cap and T = 1; on one thread and on two."""
     import numba
 
+    monkeypatch.setattr(A, "_vec_backward", _vec_module(level))  # the C backward (training runs it on AVX512)
     extra = {"d8_dv12": (45, 3, 1, 8, 12, 0.35, 0.0, 0, None), "all": CASES["all"]}
-    T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = {**AVX512_CASES, **extra}[name]
+    T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = {**VEC_CASES, **extra}[name]
     q, k, v = _inputs(T, Hq, Hkv, D, Dv, seed=11)
     seg = _seg(T, lens)
     r = np.random.default_rng(12).standard_normal((T, Hq, Dv))
@@ -252,7 +265,7 @@ def test_avx512_backward_matches_reference_and_the_numba_kernel(name, threads, m
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        g = attention_backward(r.astype(np.float32), *f, o, lse, scale, **kw)  # the AVX512 kernel
+        g = attention_backward(r.astype(np.float32), *f, o, lse, scale, **kw)  # the C kernel
         again = attention_backward(r.astype(np.float32), *f, o, lse, scale, **kw)
     finally:
         numba.set_num_threads(before)
@@ -260,7 +273,32 @@ def test_avx512_backward_matches_reference_and_the_numba_kernel(name, threads, m
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
         np.testing.assert_array_equal(a, c)  # the same from run to run (training is reproducible)
-    monkeypatch.setattr(A, "_avx512", None)
+    monkeypatch.setattr(A, "_vec_backward", None)
     g_nb = attention_backward(r.astype(np.float32), *f, o, lse, scale, **kw)
     for a, b in zip(g, g_nb):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
+def test_vector_backward_matches_finite_differences(level, monkeypatch):
+    # the C backward's own gradients of L = Σ o·r against central differences of the C forward (f32,
+    # so a coarse step and a loose bound; the float64 chain-rule reference above is the tight check)
+    monkeypatch.setattr(A, "_vec", _vec_module(level))
+    monkeypatch.setattr(A, "_vec_backward", _vec_module(level))
+    T, Hq, Hkv, D, Dv, scale, cap = 37, 2, 1, 24, 16, 0.3, 4.0
+    q, k, v = (a.astype(np.float32) for a in _inputs(T, Hq, Hkv, D, Dv, seed=21))
+    r = np.random.default_rng(22).standard_normal((T, Hq, Dv)).astype(np.float32)
+    o, lse = attention_forward(q, k, v, scale, softcap=cap, n_swa=9)
+    grads = attention_backward(r, q, k, v, o, lse, scale, softcap=cap, n_swa=9)
+    rng = np.random.default_rng(23)
+    for which, x in enumerate((q, k, v)):
+        for idx in [tuple(rng.integers(0, s) for s in x.shape) for _ in range(6)]:
+            h = 1e-2
+            loss = []
+            for sign in (1, -1):
+                xp = x.copy()
+                xp[idx] += sign * h
+                args = [q, k, v]
+                args[which] = xp
+                loss.append(float(np.sum(attention_forward(*args, scale, softcap=cap, n_swa=9)[0].astype(np.float64) * r)))
+            assert grads[which][idx] == pytest.approx((loss[0] - loss[1]) / (2 * h), rel=2e-2, abs=2e-3)

@@ -4,7 +4,10 @@ do not divide the vocabulary."""
 
 import numpy as np
 import pytest
+from ggtrain.kernels import variants
 from ggtrain.kernels.loss import cross_entropy_backward, cross_entropy_forward
+
+from ggtrain import kernels
 
 
 class DenseHead:
@@ -156,23 +159,27 @@ def test_vectorised_exp_is_float32_accurate():
     assert s == pytest.approx(ref.sum(), rel=1e-6)
 
 
+@pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
-def test_avx512_chunk_kernel_matches_the_numba_kernel(softcap, monkeypatch):
+def test_vector_chunk_kernel_matches_the_reference_and_the_numba_kernel(softcap, level, monkeypatch):
     from ggtrain.kernels import loss
 
-    if loss._avx512 is None:
-        pytest.skip("this CPU has no AVX512: the f32 AVX512 row kernel cannot run here")
-    h, w, t = _problem(T=40, d=16, V=3001, seed=2)
+    module = kernels.variant_module(f"loss_{level}")  # loss_vec.pyx at that vector width
+    if module is None:
+        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: loss_{level} cannot run here")
+    monkeypatch.setattr(loss, "_vec", module)
+    h, w, t = _problem(T=40, d=16, V=3001, seed=2)  # chunks of 1000 and a last one of 1: ragged tails
     mask = np.arange(40) % 4 != 0
     h32, w32 = h.astype(np.float32), w.astype(np.float32)
-    l_avx, st_avx = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=1000)
+    l_vec, st_vec = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=1000)
     ref, ref_losses = ref_loss(h, w, t, mask, softcap)
-    assert l_avx == pytest.approx(ref, rel=1e-5)
-    np.testing.assert_allclose(st_avx.losses, ref_losses, rtol=1e-4, atol=1e-5)
-    monkeypatch.setattr(loss, "_avx512", None)
+    assert l_vec == pytest.approx(ref, rel=1e-5)
+    np.testing.assert_allclose(st_vec.losses, ref_losses, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(loss, "_vec", None)
     l_nb, st_nb = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=1000)
-    assert l_avx == pytest.approx(l_nb, rel=1e-5)
-    np.testing.assert_allclose(st_avx.lse, st_nb.lse, rtol=1e-6)
+    assert l_vec == pytest.approx(l_nb, rel=1e-5)
+    np.testing.assert_allclose(st_vec.lse, st_nb.lse, rtol=1e-6)
+
 
 
 def _bf16_bits(x):
@@ -199,12 +206,15 @@ class RecordingHead(DenseHead):
         return super().matmul_t(dy, r0, r1)
 
 
+@pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
-def test_avx512_fused_kernel_matches_the_numba_kernel(softcap, monkeypatch):
+def test_vector_fused_kernel_matches_the_references_and_the_numba_kernel(softcap, level, monkeypatch):
     from ggtrain.kernels import loss
 
-    if loss._avx512 is None:
-        pytest.skip("this CPU has no AVX512: the f32 AVX512 row kernel cannot run here")
+    module = kernels.variant_module(f"loss_{level}")
+    if module is None:
+        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: loss_{level} cannot run here")
+    monkeypatch.setattr(loss, "_vec", module)
     h, w, t = _problem(T=30, d=16, V=2501, seed=4)
     mask = np.arange(30) % 5 != 0
     h32, w32 = h.astype(np.float32), w.astype(np.float32)
@@ -213,7 +223,7 @@ def test_avx512_fused_kernel_matches_the_numba_kernel(softcap, monkeypatch):
     _, st_64 = cross_entropy_forward(h, DenseHead(w), t, mask, final_softcap=softcap, chunk=700, with_grad=True)
     assert l_avx == pytest.approx(ref_loss(h, w, t, mask, softcap)[0], rel=1e-5)
     np.testing.assert_allclose(st_avx.dh, st_64.dh, rtol=1e-4, atol=1e-6)
-    monkeypatch.setattr(loss, "_avx512", None)
+    monkeypatch.setattr(loss, "_vec", None)
     l_nb, st_nb = cross_entropy_forward(h32, DenseHead(w32), t, mask, final_softcap=softcap, chunk=700,
                                         with_grad=True)
     assert l_avx == pytest.approx(l_nb, rel=1e-6)
@@ -226,8 +236,8 @@ def test_fused_pass_hands_a_bf16_head_its_gradient_rounded_once(softcap):
     # bit for bit what rounding the f32 values would give; the loss does not move
     from ggtrain.kernels import loss
 
-    if loss._avx512 is None:
-        pytest.skip("this CPU has no AVX512: the fused AVX512 row kernel cannot run here")
+    if loss._vec is None or not loss._vec.BF16_OUT:
+        pytest.skip("this CPU (or GGTRAIN_AVX512=0) has no AVX512: the bf16 output is the AVX512 build's")
     h, w, t = _problem(T=13, d=8, V=1000, seed=6)
     h32, w32 = h.astype(np.float32), w.astype(np.float32)
     f32_head, bf16_head = RecordingHead(w32, False), RecordingHead(w32, True)

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from ggtrain.kernels import variants
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
@@ -136,11 +137,16 @@ def test_types_without_int8_form_are_refused() -> None:
 
 
 def test_avx512_paths_can_be_turned_off() -> None:
+    # the C kernels of attention, loss and activation fall back to their AVX2 builds, not to Numba
+    # (the attention backward alone to Numba: the AVX2 build of it is slower, see kernels/attention.py)
     code = ("from ggtrain import kernels; from ggtrain.kernels import attention, loss, activation; "
-            "print(kernels.int8_available(), attention._avx512, loss._avx512, activation._avx512)")
+            "print(kernels.int8_available(), *(getattr(m._vec, '__name__', None) for m in (attention, loss, activation)), "
+            "attention._vec_backward)")
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, GGTRAIN_AVX512="0"),
                        capture_output=True, text=True, check=True)
-    assert r.stdout.split() == ["False", "None", "None", "None"]
+    avx2 = variants.runs_on("avx2", variants.cpu_features())
+    assert r.stdout.split() == ["False"] + [f"ggtrain.kernels.{op}_avx2" if avx2 else "None"
+                                            for op in ("attention", "loss", "activation")] + ["None"]
 
 
 def test_training_refuses_the_int8_matmul() -> None:

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Gated FFN activations' forward and backward in f32 on AVX512 (activation.py's GeGLU and SwiGLU;
-the math is in activation_util.h). Blocks of BLOCK elements run in parallel."""
+"""Gated FFN activations' forward and backward in f32 (activation.py's GeGLU and SwiGLU; the math is in
+activation_util.h), built as activation_avx2 and activation_avx512. Blocks of BLOCK elements run in
+parallel."""
 
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t

@@ -1,16 +1,21 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The cross-entropy's per-chunk row work in f32 on AVX512 (loss.py's _ce_fwd_chunk and
-_ce_fused_chunk, same contracts; the math is in loss_util.h). Rows run in parallel, each on its own
-entries."""
+"""The cross-entropy's per-chunk row work in f32 (loss.py's _ce_fwd_chunk and _ce_fused_chunk, same
+contracts; the math is in loss_util.h), built as loss_avx2 and loss_avx512. Rows run in parallel,
+each on its own entries."""
 
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint16_t
 
 cdef extern from "loss_util.h" nogil:
+    enum:
+        GG_W
     void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s)
     void gg_lse_merge(double *mx, double *sm, double m, double s)
     void gg_ce_fused_row(float *row, int64_t c, float softcap, int64_t j, double *run_max, double *run_sum,
                          double *tgt, double *rescale, uint16_t *out16)
+
+
+BF16_OUT = GG_W == 16  # ce_fused_chunk can write its output as bf16 (the AVX512 build)
 
 
 def ce_forward_chunk(float[:, ::1] logits, int64_t r0, const int64_t[::1] targets, float softcap,
@@ -41,6 +46,8 @@ def ce_fused_chunk(float[:, ::1] logits, int64_t r0, const int64_t[::1] targets,
         return
     if out16 is not None and (out16.shape[0] != T or out16.shape[1] != c):
         raise ValueError(f"out16 is {out16.shape[0]}x{out16.shape[1]}, the logits {T}x{c}")
+    if out16 is not None and not BF16_OUT:
+        raise ValueError("a bf16 output needs the AVX512 build (the bf16 products run on AVX512 CPUs only)")
     cdef uint16_t *o = &out16[0, 0] if out16 is not None else NULL
     for t in prange(T, nogil=True, num_threads=nth, schedule="static"):
         gg_ce_fused_row(&logits[t, 0], c, softcap, targets[t] - r0, &run_max[t], &run_sum[t], &tgt_logit[t],

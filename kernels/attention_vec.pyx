@@ -1,8 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Causal GQA attention forward and backward in f32 on AVX512 (the math is in attention_util.h).
+"""Causal GQA attention forward and backward in f32 (the math is in attention_util.h), built for x86 as
+attention_avx2 and attention_avx512 (vectors of 8 or 16 floats).
 
-Built only for x86 with AVX512 flags; ggtrain.kernels.attention uses it for f32 input on a CPU that
-has them (f64, the tests' finite differences, stays in Numba). Work: K is transposed once per call
+ggtrain.kernels.attention uses the widest this CPU runs for f32 input (f64, the tests' finite
+differences, stays in Numba). Work: K is transposed once per call
 (one prange over kv heads × 16-key blocks); then tasks of AT_ROWS query rows of one head, the heaviest
 (latest rows, most keys) first, handed out dynamically; every task writes its own rows of o and lse.
 Backward: K and V transposed the same way and dsum = do·o per row in one region; then, in one more,
@@ -33,6 +34,9 @@ cdef extern from "attention_util.h" nogil:
                        int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, int64_t h, int64_t g, int64_t i0,
                        int64_t i1, float scale, float softcap, float *dq)
     int AB_ROWS
+    int GG_W
+
+VECTOR_FLOATS = GG_W  # floats a vector holds at the width this module was built for (8: AVX2, 16: AVX512)
 
 
 def attention_forward(const float[:, :, ::1] q, const float[:, :, ::1] k, const float[:, :, ::1] v,
