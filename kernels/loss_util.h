@@ -11,9 +11,9 @@
 #include "bf16_round.h"  /* the bf16 products (and so a bf16 gradient for them) exist on AVX512 only */
 #endif
 
-/* row (c floats): capped in place when softcap > 0 (so the target logit reads the capped value);
-   *m = max, *s = Σ exp(row - max). */
-static void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s) {
+/* row (c floats) capped in place when softcap > 0 (so the target logit reads the capped value);
+   returns its max. */
+static float gg_ce_cap_max(float *row, int64_t c, float softcap) {
     const gg_vf cap = gg_set1(softcap);
     gg_vf vmax = gg_set1(-INFINITY);
     for (int64_t v = 0; v < c; v += GG_W) {
@@ -25,7 +25,12 @@ static void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s
         }
         vmax = gg_mask_max(vmax, k, z);
     }
-    const float mx = gg_reduce_max(vmax);
+    return gg_reduce_max(vmax);
+}
+
+/* row (c floats): capped in place when softcap > 0; *m = max, *s = Σ exp(row - max). */
+static void gg_ce_row(float *row, int64_t c, float softcap, double *m, double *s) {
+    const float mx = gg_ce_cap_max(row, c, softcap);
     const gg_vf vm = gg_set1(mx);
     gg_vf acc = gg_zero();
     for (int64_t v = 0; v < c; v += GG_W) {
@@ -57,18 +62,8 @@ static inline void gg_lse_merge(double *mx, double *sm, double m, double s) {
 static void gg_ce_fused_row(float *row, int64_t c, float softcap, int64_t j, double *run_max, double *run_sum,
                             double *tgt, double *rescale, uint16_t *out16) {
     const gg_vf cap = gg_set1(softcap), one = gg_set1(1.0f);
-    gg_vf vmax = gg_set1(-INFINITY);
-    for (int64_t v = 0; v < c; v += GG_W) {
-        const gg_mask k = gg_first(c - v);
-        gg_vf z = gg_maskz_loadu(k, row + v);
-        if (softcap > 0.0f) {
-            z = gg_mul(cap, gg_tanh(gg_div(z, cap)));
-            gg_mask_storeu(row + v, k, z);
-        }
-        vmax = gg_mask_max(vmax, k, z);
-    }
+    const double m = gg_ce_cap_max(row, c, softcap), mo = *run_max, M = m > mo ? m : mo;
     if (0 <= j && j < c) *tgt = row[j];
-    const double mo = *run_max, m = gg_reduce_max(vmax), M = m > mo ? m : mo;
     const gg_vf vm = gg_set1((float)M);
     double s = 0.0;
     for (int64_t b = 0; b < c; b += 64 * GG_W) {
