@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,11 +120,18 @@ def test_seeded_sampling_is_reproducible_and_the_seed_is_printed(model: Path) ->
     assert seed and ok(ggtrain("generate", *common, "--seed", seed.group(1))).stdout == c.stdout
 
 
+# ggtrain with Ctrl-C raising KeyboardInterrupt, as in a terminal: a suite started in the background (nohup,
+# `&`) hands its children SIGINT ignored, and Python then installs no handler for it
+AS_IN_A_TERMINAL = [sys.executable, "-c", ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                                           "signal.default_int_handler); sys.argv[0] = 'ggtrain'; "
+                                           "runpy.run_module('ggtrain.cli.main', run_name='__main__')")]
+
+
 def test_tokens_stream_and_ctrl_c_stops_with_the_timings(model: Path) -> None:
     # -c 16384 (beyond the tiny model's 2048: a warning): ~10 s of generation, so the interrupt lands
     # during it even when this reader is descheduled for a second or two (2048 tokens take ~1.2 s)
-    proc = subprocess.Popen([*GGTRAIN, "generate", "-m", str(model), "-p", PROMPT, "-n", "-1", "-c", "16384",
-                             "--temp", "0.8", "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([*AS_IN_A_TERMINAL, "generate", "-m", str(model), "-p", PROMPT, "-n", "-1", "-c",
+                             "16384", "--temp", "0.8", "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     seen = b""
