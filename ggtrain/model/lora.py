@@ -9,8 +9,9 @@ Dropout is PEFT's: inverted dropout (keep with 1-p, scale by 1/(1-p)) on the LoR
 All parameters live in one flat float32 buffer (`LoraWeights.flat`) with per-tensor views, so the
 optimizer and the checkpoint handle a single array; `LoraWeights.zeros_like()` gives gradients of
 the same layout. `lora_linear_forward` / `lora_linear_backward` are one term's forward/backward pair;
-`lora_shared_forward` (or `lora_shared_addends`, for the base product to add) / `lora_shared_backward` the same for terms that share their input (q/k/v, gate/up:
-one x·[A_q; A_k; A_v]ᵀ product), which the model's blocks use; ggtrain.model.linear.LoraLinear (a
+`lora_shared_addends` (what the base products add as they store their outputs) / `lora_shared_backward`
+the same for terms that share their input (q/k/v, gate/up: one x·[A_q; A_k; A_v]ᵀ product), which the
+model's blocks use; ggtrain.model.linear.LoraLinear (a
 base weight with its terms) is the layer for everything else.
 """
 
@@ -286,20 +287,10 @@ def lora_shared_addends(x: np.ndarray, As: Sequence[np.ndarray], Bs: Sequence[np
     return caches, addends
 
 
-def lora_shared_forward(x: np.ndarray, base_ys: Sequence[np.ndarray], As: Sequence[np.ndarray],
-                        Bs: Sequence[np.ndarray], scales: Sequence[float]) -> list[LoraCache]:
-    """lora_shared_addends with each base_ys[i] (T, out) already computed: the addends are added
-    into them in place."""
-    caches, addends = lora_shared_addends(x, As, Bs, scales)
-    for y, (u, v) in zip(base_ys, addends):
-        _add_product(u, v, y)  # y += h_i · s_i·B_iᵀ
-    return caches
-
-
 def lora_shared_backward(dys: Sequence[np.ndarray], As: Sequence[np.ndarray], Bs: Sequence[np.ndarray],
                          scales: Sequence[float], caches: Sequence[LoraCache], dAs: Sequence[np.ndarray],
                          dBs: Sequence[np.ndarray], dx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """The backward of lora_shared_forward (or of one term with dropout): adds each term's dA_i (r, in)
+    """The backward of lora_shared_addends' terms (or of one term with dropout): adds each term's dA_i (r, in)
     into dAs[i], dB_i (out, r) into dBs[i] and the LoRA part of dL/dx, Σ_i dx_i, into dx (T, in).
     The caches share their input xd (a single term may carry its dropout mask). dx None (no dropout
     mask): that part is returned instead as the addend (dh (T, Σr), [A_1; A_2; …]) for the base's
