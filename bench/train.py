@@ -73,7 +73,11 @@ def make_batches(args: argparse.Namespace, out: Path) -> dict:
     tok = Tokenizer.from_model_file(mf)
     opts = DataOptions(train_data=args.train_data, format="text", ctx=args.ctx, seed=args.seed)
     train, _, prep = load_batches(opts, tok, args.batch, mf)
-    batches = [train.next() for _ in range(args.steps)]
+    batches = []
+    while len(batches) < args.steps:  # full batches only: an epoch's last one may have fewer rows
+        b = train.next()
+        if b.tokens.shape[0] == args.batch:
+            batches.append(b)
     arrays = {k: np.stack([getattr(b, k) for b in batches]) for k in ("tokens", "targets", "mask", "positions",
                                                                           "segments")}
     np.savez(out, **arrays)
@@ -92,6 +96,7 @@ def library_worker(args: argparse.Namespace) -> None:
     from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
     from ggtrain.model.transformer import PROJECTIONS, Batch, Model
     from ggtrain.threads import set_threads
+    from ggtrain.train.memory import choose_keep_ffn, default_mem_limit
     from ggtrain.train.optim import AdamW, clip_grad_norm
 
     set_threads(args.threads)
@@ -104,13 +109,17 @@ def library_worker(args: argparse.Namespace) -> None:
     grads = lora.zeros_like()
     opt = AdamW({"lora": lora.flat}, lr=args.lr, weight_decay=0.0)
     data = np.load(args.worker_batches)
+    rows, ctx = data["tokens"].shape[1:]  # finetune's rule: the FFN outputs if they fit the default limit
+    keep_ffn = choose_keep_ffn(args.checkpoint_ffn, default_mem_limit(), hp, lcfg, ctx, rows, args.checkpointing,
+                               args.model.stat().st_size)
     seconds, losses = [], []
     for s in range(data["tokens"].shape[0]):
         t0 = time.perf_counter()
         batch = Batch.from_rows(data["tokens"][s], data["targets"][s], data["mask"][s], data["positions"][s],
                                 data["segments"][s])
         grads.flat[...] = 0.0
-        loss, state = model.forward(batch, train=True, checkpointing=args.checkpointing, step_seed=s)
+        loss, state = model.forward(batch, train=True, checkpointing=args.checkpointing, step_seed=s,
+                                    keep_ffn=keep_ffn)
         model.backward(state, grads)
         del state
         if args.grad_clip > 0:
@@ -147,7 +156,7 @@ def run_cli(args: argparse.Namespace, outdir: Path, compute: str = "") -> dict:
            "--adam-gclip", str(args.grad_clip), "--adam-iter", str(args.steps), "--epochs", "1000",
            "--save-every", "0", "-t", str(args.threads), "--seed", str(args.seed),
            "--use-checkpointing" if args.checkpointing else "--no-checkpointing",
-           "--overwrite"]  # every round replaces the previous round's outputs
+           "--checkpoint-ffn", args.checkpoint_ffn, "--overwrite"]  # every round replaces the previous round's outputs
     if compute:
         cmd += ["--compute", compute]
     env = dict(os.environ, TQDM_DISABLE="1")
@@ -159,8 +168,9 @@ def run_cli(args: argparse.Namespace, outdir: Path, compute: str = "") -> dict:
     if len(steps) != args.steps:
         raise SystemExit(f"ggtrain finetune logged {len(steps)} steps, expected {args.steps}")
     path = next((line.strip() for line in proc.stderr.splitlines() if line.startswith("compute:")), "")
+    kept = next((line.strip() for line in proc.stderr.splitlines() if line.startswith("checkpointing:")), "")
     return {"seconds": [r["tokens"] / r["tokens_per_s"] for r in steps], "losses": [r["loss"] for r in steps],
-            "path": path,
+            "path": path, "kept": kept,
             "peak": peak, "log_peak": max(r.get("peak_rss_bytes", 0) for r in steps),
             "tokens": [r["tokens"] for r in steps]}
 
@@ -226,7 +236,7 @@ def common_flags(args: argparse.Namespace) -> list[str]:
     flags = ["-m", str(args.model), "--train-data", str(args.train_data), "-c", str(args.ctx), "-b",
              str(args.batch), "--steps", str(args.steps), "-t", str(args.threads), "--rank", str(args.rank),
              "--alpha", str(args.alpha), "--lr", str(args.lr), "--grad-clip", str(args.grad_clip),
-             "--seed", str(args.seed)]
+             "--seed", str(args.seed), "--checkpoint-ffn", args.checkpoint_ffn]
     return flags + ([] if args.checkpointing else ["--no-checkpointing"])
 
 
@@ -291,6 +301,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42, help="data order and LoRA init seed (default 42)")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                     help="no gradient checkpointing on either side")
+    ap.add_argument("--checkpoint-ffn", choices=("auto", "on", "off"), default="auto",
+                    help="ggtrain's --checkpoint-ffn (default auto, as finetune's)")
     ap.add_argument("--ggtrain-side", choices=("auto", "cli", "library", "both"), default="auto",
                     help="auto: `ggtrain finetune` when it exists, else the library loop")
     ap.add_argument("--baseline-python", help="interpreter with torch, transformers, peft (default: this one)")
@@ -359,6 +371,8 @@ def main() -> None:
                              f"{res['versions']['transformers']}, peft {res['versions']['peft']})")
                 if res.get("path"):
                     extra += f"; {res['path']}"
+                if res.get("kept"):
+                    extra += f"; {res['kept']}"
                 print(f"{name:18}: {res['rate']:8.1f} tokens/s ({res['rate'] * fpt / 1e9:.0f} GFLOP/s), peak RSS "
                       f"{res['peak'] / MiB:6.0f} MiB{extra}; "
                       f"step seconds {', '.join(f'{s:.1f}' for s in res['seconds'])}; first-step loss "
@@ -376,7 +390,8 @@ def main() -> None:
                   f"{peak:.0f} GFLOP/s measured now on {args.threads} threads = {achieved / peak:.1%}")
     peft = {k: v for k, v in results.items() if k.startswith("PyTorch")}
     if not peft:
-        print(f"ratio (ggtrain / PyTorch+PEFT): not measured (no baseline: {INSTALL_HINT})")
+        why = "--baseline-dtypes is empty" if not args.baseline_dtypes.strip() else f"no baseline: {INSTALL_HINT}"
+        print(f"ratio (ggtrain / PyTorch+PEFT): not measured ({why})")
         return
     for o_name, o in ours.items():
         for p_name, p in peft.items():

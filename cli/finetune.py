@@ -187,6 +187,11 @@ def _toml_repr(v: Any) -> str:
 @click.option("--use-checkpointing/--no-checkpointing", "checkpointing", default=True, show_default=True,
               help="Gradient checkpointing: keep each block's input and its attn_output/ffn_down outputs "
                    "and recompute the rest in backward (less memory, ~20% more compute).")
+@click.option("--checkpoint-ffn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="With checkpointing, also keep each block's ffn_gate and ffn_up outputs (2 x ctx x n_ff floats "
+                   "a layer a row), so the recompute skips those products too (~7% less work a step, the same "
+                   "gradients). auto: when the step still fits the memory limit at the chosen micro-batch (and "
+                   "they are dropped first if RSS nears it); off: the smallest checkpoints.")
 @click.option("--eval-every", type=Int(min=0), default=0, show_default=True,
               help="Validation loss (and --sample-prompt continuations) every N steps (0: at the end only); "
                    "needs --val-data, --val-split or --sample-prompt.")
@@ -212,7 +217,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
              grad_acc: int, micro_batch: int, mem_limit: int | None, threads: int | None, compute: str, lora_r: int,
              lora_alpha: float, lora_dropout: float, lr: float, adam_beta1: float, adam_beta2: float,
              adam_eps: float, adam_decay: float, adam_gclip: float, warmup: int, cos_decay_steps: int,
-             cos_decay_min: float, checkpointing: bool, eval_every: int, sample_prompts: tuple[str, ...],
+             cos_decay_min: float, checkpointing: bool, checkpoint_ffn: str, eval_every: int, sample_prompts: tuple[str, ...],
              sample_tokens: int, overwrite: bool, keep_checkpoints: int, lora_in: Path | None, write_ollama: bool,
              **kw: Any) -> None:
     """Fine-tune a LoRA adapter on a quantized GGUF model.
@@ -284,7 +289,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     limit = mem_limit or default_mem_limit()
     mode, why = resolve_matmul(compute, training=True)
     check_fits(batch, micro_batch, limit, hp, lcfg, opts.ctx, checkpointing, path.stat().st_size,
-               limit_given=mem_limit is not None, threads=n_threads, compute=mode)
+               limit_given=mem_limit is not None, threads=n_threads, compute=mode,
+               keep_ffn=checkpointing and checkpoint_ffn == "on")
 
     model = Model(mf, hp, matmul=mode)
     tok = Tokenizer.from_model_file(mf)
@@ -315,7 +321,8 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch=batch, grad_acc=grad_acc, micro_batch=micro_batch,
                       lr=lr, beta1=adam_beta1, beta2=adam_beta2, eps=adam_eps, weight_decay=adam_decay,
                       grad_clip=adam_gclip, warmup=warmup, cos_decay_steps=cos_decay_steps,
-                      cos_decay_min=cos_decay_min, checkpointing=checkpointing, save_every=save_every,
+                      cos_decay_min=cos_decay_min, checkpointing=checkpointing,
+                      checkpoint_ffn=checkpoint_ffn, save_every=save_every,
                       eval_every=eval_every, seed=opts.seed, mem_limit=limit, lora=lcfg.to_dict(),
                       ctx=opts.ctx, train_data=str(opts.train_data), data_digest=data_digest(opts.train_data),
                       compute=mode)
@@ -351,6 +358,7 @@ def finetune(model_path: Path | None, outdir: Path, lora_out: str | None, lora_o
     say(f"lora: {shape} on {', '.join(lcfg.targets)}: {n_params:,} parameters")
     say(f"training: {trainer.total_steps} steps, batch {batch} x grad-acc {grad_acc}, micro-batch {micro}, "
         f"{n_threads} threads, memory limit {format_bytes(limit)}")
+    say(f"checkpointing: {checkpoint_line(checkpointing, checkpoint_ffn, trainer.keep_ffn)}")
     say(f"compute: {mode} products with the base weights ({why})")
     if epochs is not None and 0 <= max_steps and trainer.total_steps < max_steps:
         say(f"note: --epochs {epochs} ends the run after {trainer.total_steps} steps, before --adam-iter "
@@ -474,6 +482,16 @@ def rank_warnings(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> 
             seen[target] = (f"rank {r} on {target} is above its smaller dimension {min(n_out, n_in)} "
                             f"({n_out} x {n_in}): the extra rank adds parameters but no capacity")
     return list(seen.values())
+
+
+def checkpoint_line(checkpointing: bool, mode: str, keep_ffn: bool) -> str:
+    """What a block keeps for its backward, for the start-up lines (--use-checkpointing, --checkpoint-ffn)."""
+    if not checkpointing:
+        return "off (every block keeps what its backward reads)"
+    kept = "each block's input and attn_output/ffn_down outputs"
+    if keep_ffn:
+        return kept + " and ffn_gate/ffn_up outputs" + (" (auto: they fit the memory limit)" if mode == "auto" else "")
+    return kept + (" (auto: the ffn_gate/ffn_up outputs would not fit the memory limit)" if mode == "auto" else "")
 
 
 def format_duration(seconds: float) -> str:

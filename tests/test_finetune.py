@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from loras import peak_rss
+from loras import peak_rss, refused
 from tinymodels import tiny_model
 
 from ggtrain import kernels
@@ -121,6 +121,70 @@ def test_mem_limit_picks_a_smaller_micro_batch_with_equal_losses(model: Path, tm
     a, b = losses(tmp_path / "free"), losses(tmp_path / "tight")
     for step in a:
         assert abs(a[step] - b[step]) <= COMPUTES[compute] * abs(a[step]), (step, a[step], b[step])
+
+
+def test_monitor_near_limit_first_drops_the_kept_ffn_outputs(model: Path, tmp_path: Path) -> None:
+    """In-process: under --checkpoint-ffn auto, RSS near the limit first drops the FFN outputs the
+    checkpoints keep (the micro-batch stays), and the steps are the very steps of the run that kept them."""
+    from ggtrain.dataset.batches import load_batches
+    from ggtrain.dataset.samples import DataOptions
+    from ggtrain.model.lora import LoraWeights, target_shapes
+    from ggtrain.model.transformer import Model
+    from ggtrain.text.tokenizer import Tokenizer
+    from ggtrain.train.trainer import OutputPaths, TrainConfig, Trainer
+
+    mf = ModelFile(model)
+    hp = read_hparams(mf)
+    lcfg = LoraConfig.make(r=4, alpha=8)
+    results = []
+    for near in (False, True):
+        opts = DataOptions(train_data=Path(TEXT), format="text", ctx=64, seed=2)
+        train, _, _ = load_batches(opts, Tokenizer.from_model_file(mf), 4, mf)
+        lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=2)
+        cfg = TrainConfig(batch=4, grad_acc=2, micro_batch=4, max_steps=2, mem_limit=1 << 40, lora=lcfg.to_dict())
+        said: list[str] = []
+        tr = Trainer(Model(mf, hp), lora, train, None, cfg, OutputPaths(tmp_path / f"n{near}"), echo=said.append)
+        tr.choose_micro_batch(hp, lcfg, 64, model.stat().st_size)
+        assert tr.keep_ffn  # auto, and a limit everything fits in
+        answers = iter([near])
+        tr.monitor.near_limit = lambda fraction=0.9, a=answers: next(a, False)  # type: ignore[method-assign]
+        (tmp_path / f"n{near}").mkdir()
+        r1 = tr.run_step()
+        r2 = tr.run_step()
+        results.append((r1.loss, r2.loss, lora.flat.copy(), list(tr.micro_log), tr.keep_ffn, said))
+    kept, dropped = results
+    assert kept[3] == dropped[3] == [4, 4] and kept[4] and not dropped[4]
+    assert any("no longer keep the FFN's outputs" in m for m in dropped[5]) and not kept[5]
+    assert kept[:2] == dropped[:2]
+    np.testing.assert_array_equal(kept[2], dropped[2])
+
+
+def test_checkpoint_ffn_keeps_the_ffn_outputs_when_they_fit_with_the_same_losses(model: Path,
+                                                                                  tmp_path: Path) -> None:
+    """--checkpoint-ffn auto keeps the gate/up outputs under a limit they fit in and not under one they
+    do not; on, off and auto train to the very same losses; on is refused where it cannot fit."""
+    hp = read_hparams(ModelFile(model))
+    lcfg = LoraConfig.make(r=8, alpha=16)
+    lean, kept = (estimate_step_memory(hp, lcfg, 128, 4, True, model.stat().st_size, compute="f32", keep_ffn=k)
+                  for k in (False, True))
+    assert kept > lean
+    between = str((lean + kept) // 2)
+    common = ("--adam-iter", "2", "--save-every", "0", "--compute", "f32", "--micro-batch", "4", "--lora-dropout", "0")
+    runs = {"auto": ("auto", "8G", "and ffn_gate/ffn_up outputs (auto: they fit the memory limit)"),
+            "auto-tight": ("auto", between, "(auto: the ffn_gate/ffn_up outputs would not fit the memory limit)"),
+            "on": ("on", "8G", "attn_output/ffn_down outputs and ffn_gate/ffn_up outputs"),
+            "off": ("off", "8G", "attn_output/ffn_down outputs")}
+    got = {}
+    for name, (mode, limit, said) in runs.items():
+        r = run(finetune_args(model, tmp_path / name, *common, "--checkpoint-ffn", mode, "--mem-limit", limit))
+        assert r.returncode == 0, r.stderr
+        line = next(ln for ln in r.stderr.splitlines() if ln.startswith("checkpointing:"))
+        assert line.endswith(said), line
+        got[name] = losses(tmp_path / name)
+    assert got["auto"] == got["auto-tight"] == got["on"] == got["off"]
+    line = refused(run(finetune_args(model, tmp_path / "no", *common, "--checkpoint-ffn", "on", "--mem-limit",
+                                     between)))
+    assert "is too small" in line
 
 
 def test_impossible_mem_limit_is_refused_before_training(model: Path, tmp_path: Path) -> None:

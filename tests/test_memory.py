@@ -16,6 +16,7 @@ from ggtrain.train.memory import (
     GiB,
     MemoryMonitor,
     MiB,
+    choose_keep_ffn,
     choose_micro_batch,
     default_mem_limit,
     estimate_step_memory,
@@ -92,6 +93,24 @@ def test_choose_micro_batch():
     assert choose_micro_batch(1, est(mb=1), GEMMA, CFG, 256, True, FILE, threads=2) == 1
     with pytest.raises(GGTrainError, match="--batch"):
         choose_micro_batch(0, huge, GEMMA, CFG, 256, True, FILE)
+
+
+def test_kept_ffn_outputs_cost_two_ffn_arrays_a_layer_and_auto_keeps_them_when_they_fit():
+    lean = memory_breakdown(GEMMA, CFG, 256, 2, True, FILE, threads=2)
+    kept = memory_breakdown(GEMMA, CFG, 256, 2, True, FILE, threads=2, keep_ffn=True)
+    extra = GEMMA.n_layer * 2 * 512 * GEMMA.n_ff * 4  # gate and up outputs, (T, n_ff) f32 each
+    assert kept[ACT_CK] - lean[ACT_CK] == extra
+    assert memory_breakdown(GEMMA, CFG, 256, 2, False, FILE, threads=2, keep_ffn=True) == \
+        memory_breakdown(GEMMA, CFG, 256, 2, False, FILE, threads=2)  # nothing to keep without checkpoints
+    args = (GEMMA, CFG, 256, 2, True, FILE)
+    assert choose_keep_ffn("auto", kept["total"], *args, threads=2)
+    assert not choose_keep_ffn("auto", kept["total"] - 1, *args, threads=2)
+    assert choose_keep_ffn("auto", 0, *args, threads=2)  # no limit
+    assert choose_keep_ffn("on", lean["total"], *args, threads=2)
+    assert not choose_keep_ffn("off", 1 << 50, *args, threads=2)
+    assert not choose_keep_ffn("on", 1 << 50, GEMMA, CFG, 256, 2, False, FILE)  # no checkpointing
+    with pytest.raises(ValueError, match="checkpoint_ffn"):
+        choose_keep_ffn("sometimes", 0, *args)
 
 
 def test_smaller_micro_batch():
@@ -227,11 +246,12 @@ def test_block_cache_holds_what_it_declares(arch):
     assert sum(owned.values()) == BlockCache.nbytes(model.hp, cfg.targets, T)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_block_checkpoint_holds_what_it_declares(arch):
+@pytest.mark.parametrize("arch,keep_ffn", [("llama", False), ("gemma3", False), ("llama", True), ("gemma3", True)])
+def test_block_checkpoint_holds_what_it_declares(arch, keep_ffn):
     """Under checkpointing a block keeps its BlockCheckpoint: the input and the attn_output output,
-    plus the ffn_down output where post-norms read it (gemma3), at the declared shapes and bytes;
-    the backward of those checkpoints gives the very gradients of the run that kept everything."""
+    plus the ffn_down output where post-norms read it (gemma3), plus with keep_ffn the ffn_gate and
+    ffn_up outputs, at the declared shapes and bytes; the backward of those checkpoints gives the
+    very gradients of the run that kept everything."""
     from tinymodels import tiny_model
 
     from ggtrain.gguf.modelfile import ModelFile
@@ -247,13 +267,14 @@ def test_block_checkpoint_holds_what_it_declares(arch):
     batch = Batch.from_rows(ids[None, :-1], ids[None, 1:], np.ones((1, T)))
     grads = []
     for ck in (True, False):
-        loss, state = model.forward(batch, train=True, checkpointing=ck, step_seed=3)
+        loss, state = model.forward(batch, train=True, checkpointing=ck, step_seed=3, keep_ffn=keep_ffn)
         if ck:
             c = state.caches[1]
             assert isinstance(c, BlockCheckpoint) and (c.f is not None) == model.hp.has_post_norms
+            assert (c.g is not None) == (c.u is not None) == keep_ffn
             check_shapes(c, block_dims(model.hp, T))
-            owned = {id(_buffer(a)): _buffer(a).nbytes for a in (c.x, c.o, c.f) if a is not None}
-            assert sum(owned.values()) == BlockCheckpoint.nbytes(model.hp, T)
+            owned = {id(_buffer(a)): _buffer(a).nbytes for a in (c.x, c.o, c.f, c.g, c.u) if a is not None}
+            assert sum(owned.values()) == BlockCheckpoint.nbytes(model.hp, T, keep_ffn)
         g = model.trainable.zeros_like()
         model.backward(state, g)
         grads.append((loss, g.flat.copy()))

@@ -19,7 +19,8 @@ then rmsnorm(x, output_norm) and the chunked cross-entropy over the (tied or sep
 
 Only LoRA matrices and activations get gradients; base weights stay quantized and frozen. With
 checkpointing (the default) a block keeps only its input and its attn_output and ffn_down outputs
-(BlockCheckpoint) and recomputes the rest in backward, those two products excepted.
+(BlockCheckpoint; keep_ffn: the gate and up outputs too) and recomputes the rest in backward, the
+products whose outputs it kept excepted.
 """
 
 from __future__ import annotations
@@ -362,12 +363,13 @@ class Model:
     # -- block ---------------------------------------------------------------------------------
     def block_forward(self, il: int, x: np.ndarray, batch: Batch, rope: np.ndarray,
                       rng: np.random.Generator | None, keep: bool, checkpoint: bool = False,
-                      recompute: BlockCheckpoint | None = None
+                      recompute: BlockCheckpoint | None = None, keep_ffn: bool = False
                       ) -> tuple[np.ndarray | None, BlockCache | BlockCheckpoint | None]:
         """x (T, d) -> (T, d). keep=True also returns what backward needs (rng: dropout masks);
-        checkpoint=True only what a checkpoint keeps (BlockCheckpoint). recompute: the block's
-        checkpoint, in backward (keep=True): its kept outputs are not made again, nor the ffn_down
-        product that nothing reads without post-norms (the output is then None)."""
+        checkpoint=True only what a checkpoint keeps (BlockCheckpoint; keep_ffn: with the gate and up
+        outputs). recompute: the block's checkpoint, in backward (keep=True): its kept outputs are
+        not made again, nor the ffn_down product that nothing reads without post-norms (the output
+        is then None)."""
         hp, L = self.hp, self.layers[il]
         T = x.shape[0]
         neox = hp.rope_type == ROPE_NEOX
@@ -397,7 +399,8 @@ class Model:
         x2 = x + o
 
         h2, rstd2 = rmsnorm_forward(x2, L.ffn_norm, hp.norm_eps)
-        g, u = self.project(il, ("ffn_gate", "ffn_up"), h2, rng, keep, lora)
+        g, u = self.project(il, ("ffn_gate", "ffn_up"), h2, rng, keep, lora,
+                            None if recompute is None or recompute.g is None else [recompute.g, recompute.u])
         m = geglu_forward(g, u) if hp.ffn_act == "gelu_tanh" else swiglu_forward(g, u)
         (f,) = self.project(il, ("ffn_down",), m, rng, keep, lora, None if recompute is None else [recompute.f])
         f_pre = rstd_pf = None
@@ -406,7 +409,7 @@ class Model:
             f, rstd_pf = rmsnorm_forward(f, L.ffn_post_norm, hp.norm_eps)
         x3 = x2 + f if f is not None else None
         if checkpoint:
-            return x3, BlockCheckpoint(x=x, o=o_out, f=f_pre)
+            return x3, BlockCheckpoint(x=x, o=o_out, f=f_pre, g=g if keep_ffn else None, u=u if keep_ffn else None)
         if not keep:
             return x3, None
         return x3, BlockCache(x=x, h=h, rstd1=rstd1, q_pre=q_pre, k_pre=k_pre, rstd_q=rstd_q, rstd_k=rstd_k,
@@ -484,10 +487,12 @@ class Model:
 
     def forward(self, batch: Batch, train: bool = True, checkpointing: bool = True,
                 step_seed: int | np.random.SeedSequence = 0,
-                chunk: int = CE_CHUNK) -> tuple[float, StepState]:
+                chunk: int = CE_CHUNK, keep_ffn: bool = False) -> tuple[float, StepState]:
         """Mean cross-entropy over the trained targets of `batch`, and the state backward needs.
 
         train=False keeps nothing for backward and uses no dropout (evaluation, perplexity).
+        keep_ffn: checkpoints also keep the FFN's gate and up outputs (BlockCheckpoint): more memory,
+        4 of a block's 7 products skipped in the recompute instead of 2; the same gradients.
         Training needs the f32 matmul (int8 has no backward). step_seed: the dropout masks' seed.
         """
         if train and self.matmul not in TRAINING_MODES:
@@ -504,7 +509,7 @@ class Model:
                 inputs.append(x)
             rng = self._rng(seed, il) if train else None
             x, c = self.block_forward(il, x, batch, ropes[il], rng, keep=train and not checkpointing,
-                                      checkpoint=train and checkpointing)
+                                      checkpoint=train and checkpointing, keep_ffn=keep_ffn)
             caches.append(c)
         hf, rstd = rmsnorm_forward(x, self.output_norm, hp.norm_eps)
         if train:  # dL/dh comes in the same pass over the vocabulary (one head GEMM fewer)

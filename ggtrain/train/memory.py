@@ -5,8 +5,8 @@ The estimate follows what ggtrain.model keeps (T = micro_batch · ctx tokens, f3
 - the base weights, mmap'd and all touched every step: the model file's size;
 - what a block keeps for its backward: BlockCache's declared arrays (ggtrain.model.saved) at these
   dims and options, with each trained projection's LoraCache — for every layer without
-  checkpointing; with it, every layer's BlockCheckpoint (its input and two projections' outputs) plus
-  one block recomputed in backward;
+  checkpointing; with it, every layer's BlockCheckpoint (its input and two projections' outputs, or
+  four with keep_ffn) plus one block recomputed in backward;
 - after the blocks, the chunked cross-entropy (two (T, chunk) blocks of logits, as the next chunk's
   product is made before the last is dropped) and then the blocks' backward (the gradients at
   block_backward's widest point, BlockCache.BACKWARD_PEAK): never live at once, so the larger
@@ -69,10 +69,12 @@ def default_runtime_bytes(hparams: Any) -> int:
 
 def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batch: int, checkpointing: bool,
                      model_file_bytes: int, threads: int | None = None, ce_chunk: int = CE_CHUNK,
-                     runtime_bytes: int | None = None, compute: str = "f32") -> dict[str, int]:
+                     runtime_bytes: int | None = None, compute: str = "f32", keep_ffn: bool = False
+                     ) -> dict[str, int]:
     """Peak bytes of one training step by part (see the module doc); 'total' includes the margin.
     compute "bf16": the products also hold their input rounded to bf16 (2 bytes a value), the widest
-    being the head chunk's output gradient (T, ce_chunk) in its backward."""
+    being the head chunk's output gradient (T, ce_chunk) in its backward. keep_ffn: the checkpoints
+    hold the FFN's gate and up outputs too (Model.forward's keep_ffn)."""
     if ctx <= 0 or micro_batch <= 0:
         raise ValueError("ctx and micro_batch must be > 0")
     threads = threads or os.cpu_count() or 1
@@ -84,8 +86,8 @@ def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batc
     parts: dict[str, int] = {}
     parts["weights (mmap'd model file)"] = int(model_file_bytes)
     if checkpointing:
-        parts["activations (block checkpoints + one block recomputed)"] = (n_layer * BlockCheckpoint.nbytes(hparams, T)
-                                                                           + cache)
+        parts["activations (block checkpoints + one block recomputed)"] = (
+            n_layer * BlockCheckpoint.nbytes(hparams, T, keep_ffn) + cache)
     else:
         parts["activations (all blocks)"] = n_layer * (x + cache)
     ce = 2 * T * min(ce_chunk, n_vocab) * F32 + 2 * x  # two chunks of logits, dh's accumulator and product
@@ -110,7 +112,8 @@ def memory_breakdown(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batc
 
 def estimate_step_memory(hparams: Any, lora_config: LoraConfig, ctx: int, micro_batch: int, checkpointing: bool,
                          model_file_bytes: int, **kw: Any) -> int:
-    """Estimated peak RSS in bytes of a training step (kw: threads, ce_chunk, runtime_bytes, compute)."""
+    """Estimated peak RSS in bytes of a training step (kw: threads, ce_chunk, runtime_bytes, compute,
+    keep_ffn)."""
     return memory_breakdown(hparams, lora_config, ctx, micro_batch, checkpointing, model_file_bytes, **kw)["total"]
 
 
@@ -170,6 +173,25 @@ def check_fits(batch: int, micro_batch: int, limit: int, hparams: Any, lora_conf
         hints = ["use a smaller --micro-batch (0 chooses one that fits)", "raise --mem-limit", "lower --ctx"]
         raise _too_big(limit, limit_given, what, parts, hints)
     return micro_batch
+
+
+CHECKPOINT_FFN_MODES = ("auto", "on", "off")  # --checkpoint-ffn
+
+
+def choose_keep_ffn(mode: str, limit: int, hparams: Any, lora_config: LoraConfig, ctx: int, micro_batch: int,
+                    checkpointing: bool, model_file_bytes: int, **kw: Any) -> bool:
+    """Whether the checkpoints also keep the FFN's gate and up outputs (--checkpoint-ffn): "on" and
+    "off" as said (nothing to keep without checkpointing); "auto" when the step at this micro-batch
+    still fits `limit` (0: none) with them. The micro-batch is chosen first, without them: a larger
+    micro-batch is worth more than the ~7% of a step's FLOPs they save."""
+    if mode not in CHECKPOINT_FFN_MODES:
+        raise ValueError(f"checkpoint_ffn: {mode!r} is not one of {', '.join(CHECKPOINT_FFN_MODES)}")
+    if not checkpointing or mode == "off":
+        return False
+    if mode == "on" or not limit:
+        return True
+    kw = {**kw, "keep_ffn": True}
+    return estimate_step_memory(hparams, lora_config, ctx, micro_batch, True, model_file_bytes, **kw) <= limit
 
 
 def smaller_micro_batch(batch: int, micro_batch: int) -> int | None:

@@ -41,6 +41,7 @@ from ggtrain.train.checkpoint import Checkpoint, model_fingerprint, save_checkpo
 from ggtrain.train.memory import (
     SAFETY_FRACTION,
     MemoryMonitor,
+    choose_keep_ffn,
     choose_micro_batch,
     format_bytes,
     smaller_micro_batch,
@@ -71,6 +72,7 @@ class TrainConfig:
     cos_decay_steps: int = -1  # -1: the whole run
     cos_decay_min: float = 0.1
     checkpointing: bool = True
+    checkpoint_ffn: str = "auto"  # checkpoints keep the FFN's gate/up outputs: auto (if they fit), on, off
     save_every: int = 10  # steps between checkpoints (0: only at the end)
     eval_every: int = 0  # steps between validation losses (0: only at the end)
     seed: int = 42
@@ -91,6 +93,7 @@ RESUME_FLAG_NAMES = {"lr": "--learning-rate", "epochs": "--epochs", "max_steps":
                      "eps": "--adam-eps", "weight_decay": "--adam-decay", "grad_clip": "--adam-gclip",
                      "warmup": "--warmup", "cos_decay_steps": "--cos-decay-steps",
                      "cos_decay_min": "--cos-decay-min", "checkpointing": "--use-checkpointing",
+                     "checkpoint_ffn": "--checkpoint-ffn",
                      "lora": "the LoRA settings (--lora-alpha, --lora-dropout)", "compute": "--compute"}
 
 
@@ -238,6 +241,7 @@ class Trainer:
         self.schedule = Schedule(lr=cfg.lr, warmup=cfg.warmup, cos_decay_steps=decay,
                                  cos_decay_min=cfg.cos_decay_min)
         self.micro = cfg.micro_batch or cfg.batch
+        self.keep_ffn = cfg.checkpointing and cfg.checkpoint_ffn == "on"  # choose_micro_batch decides "auto"
         self.monitor = MemoryMonitor(cfg.mem_limit or None)
         self.fingerprint = model_fingerprint(model.mf)
         self.last_val: float | None = None
@@ -272,12 +276,16 @@ class Trainer:
         return math.ceil(batches / self.cfg.grad_acc)
 
     def choose_micro_batch(self, hp: Any, lora_config: LoraConfig, ctx: int, file_bytes: int) -> int:
-        """The largest micro-batch that fits cfg.mem_limit (refusing a limit nothing fits in)."""
-        if self.cfg.micro_batch:
-            self.micro = self.cfg.micro_batch
-        elif self.cfg.mem_limit:
-            self.micro = choose_micro_batch(self.cfg.batch, self.cfg.mem_limit, hp, lora_config, ctx,
-                                            self.cfg.checkpointing, file_bytes, compute=self.cfg.compute)
+        """The largest micro-batch that fits cfg.mem_limit (refusing a limit nothing fits in), then
+        whether the checkpoints keep the FFN's outputs too (cfg.checkpoint_ffn, choose_keep_ffn)."""
+        cfg = self.cfg
+        if cfg.micro_batch:
+            self.micro = cfg.micro_batch
+        elif cfg.mem_limit:
+            self.micro = choose_micro_batch(cfg.batch, cfg.mem_limit, hp, lora_config, ctx, cfg.checkpointing,
+                                            file_bytes, compute=cfg.compute, keep_ffn=self.keep_ffn)
+        self.keep_ffn = choose_keep_ffn(cfg.checkpoint_ffn, cfg.mem_limit, hp, lora_config, ctx, self.micro,
+                                        cfg.checkpointing, file_bytes, compute=cfg.compute)
         return self.micro
 
     # -- state ---------------------------------------------------------------------------------
@@ -414,7 +422,8 @@ class Trainer:
                         row = mb.index - b.index
                         seed = np.random.SeedSequence(self.cfg.seed, spawn_key=(self.step, bi, row))
                         loss, state = self.model.forward(to_model_batch(mb), train=True,
-                                                         checkpointing=self.cfg.checkpointing, step_seed=seed)
+                                                         checkpointing=self.cfg.checkpointing, step_seed=seed,
+                                                         keep_ffn=self.keep_ffn)
                         weight = n_mb / n_trained
                         self.model.backward(state, self.grads, dloss=weight)
                         del state
@@ -441,12 +450,17 @@ class Trainer:
                           grad_norm, tokens, n_trained, time.perf_counter() - t0, self.micro)
 
     def _maybe_shrink(self) -> bool:
-        """Near the memory limit: continue with the next smaller micro-batch (same step, same result).
-        True when the micro-batch shrank."""
+        """Near the memory limit: continue without the FFN outputs an "auto" checkpoint keeps, or else
+        with the next smaller micro-batch (same step, same result either way). True when it did."""
         # "near": RSS has entered the estimate's safety margin, i.e. the run uses more than the
         # estimate's parts allow at this limit (so a run at its estimate does not shrink)
         if self.monitor.limit is None or not self.monitor.near_limit(1 / (1 + SAFETY_FRACTION)):
             return False
+        if self.keep_ffn and self.cfg.checkpoint_ffn == "auto":  # first the outputs kept for speed only
+            self.echo(f"memory: RSS {format_bytes(self.monitor.window_peak)} is near --mem-limit "
+                      f"{format_bytes(self.monitor.limit)}; the checkpoints no longer keep the FFN's outputs")
+            self.keep_ffn = False
+            return True
         smaller = smaller_micro_batch(self.cfg.batch, self.micro)
         if smaller is None:
             return False
