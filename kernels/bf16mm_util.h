@@ -84,6 +84,12 @@ static inline int gg_bf_dequant(int qtype, const uint8_t *b, float *y, int64_t n
     }
 }
 
+/* prefetch (into L1) `bytes` bytes of each of `rows` rows at w, row stride wstride */
+static inline void gg_prefetch_rows(const uint8_t *w, int64_t wstride, int rows, int64_t bytes) {
+    for (int i = 0; i < rows; i++)
+        for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(w + i * wstride + o), _MM_HINT_T0);
+}
+
 /* 32 floats (the first `valid`, zeros after) -> 16 bf16 pairs */
 static inline __m512i gg_bf16_pairs16(const float *s, int valid) {
     const __mmask16 m0 = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid > 0 ? valid : 0)) - 1);
@@ -129,6 +135,11 @@ static inline void gg_transpose16(__m512i r[16]) {
 static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride,
                                    int nr, int64_t k0, int kc, float *scratch, uint32_t *bp) {
     const int kp = (kc + 1) / 2;
+    /* the weights come from DRAM (a model is far larger than the caches) and this walk reads them 16
+       strided rows at a time, which the hardware prefetchers follow badly: ask for the next panel's
+       rows (the tile the caller packs next) now, while this one is packed and multiplied */
+    gg_prefetch_rows(w + (int64_t)nr * wstride + (k0 / block) * type_size, wstride, nr,
+                     (int64_t)(kc / block) * type_size);
     for (int j0 = 0; j0 < GG_BF_NR; j0 += 16) {
         const int rows = nr - j0 < 16 ? (nr - j0 > 0 ? nr - j0 : 0) : 16;
         /* GG_BF_KC columns at a time (whole blocks of every type): 16 KiB of scratch stays in L1 */
@@ -162,6 +173,8 @@ static inline int gg_bf16_pack_bwd(int qtype, int block, int type_size, const ui
     const int64_t skip = (c0 / block) * type_size;
     float *s0 = scratch, *s1 = scratch + nc + GG_BF_NR;
     for (int p = 0; p < kp; p++) {
+        gg_prefetch_rows(w + (int64_t)(2 * p + 4) * wstride + skip, wstride, 2 * p + 6 <= kr ? 2 : 0,
+                         (int64_t)(nc / block) * type_size);  /* two pairs of rows ahead */
         if (gg_bf_dequant(qtype, w + (int64_t)(2 * p) * wstride + skip, s0, nc / block)) return -1;
         const int second = 2 * p + 1 < kr;
         if (second && gg_bf_dequant(qtype, w + (int64_t)(2 * p + 1) * wstride + skip, s1, nc / block))
