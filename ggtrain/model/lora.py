@@ -28,6 +28,7 @@ import numpy as np
 
 from ggtrain import kernels
 from ggtrain.errors import GGTrainError
+from ggtrain.kernels.lowrank import lowrank_dy_products
 from ggtrain.model.saved import LoraCache
 
 # Adaptable projections, in the order the block computes them; "output" is the LM head.
@@ -300,9 +301,7 @@ def lora_shared_backward(dys: Sequence[np.ndarray], As: Sequence[np.ndarray], Bs
     dh = np.empty((xd.shape[0], sum(ranks)), dtype=np.result_type(xd, dys[0]))
     off = 0
     for dy, B, s, c, dB, r in zip(dys, Bs, scales, caches, dBs, ranks):
-        sf = dy.dtype.type(s)
-        np.multiply(dy @ B, sf, out=dh[:, off:off + r])  # dh_i = s · dy_i·B_i
-        dB += (dy.T @ c.h) * sf  # dB_i += s · dy_iᵀ·h_i
+        lowrank_dy_products(dy, B, c.h, s, dh[:, off:off + r], dB)  # dh_i = s·dy_i·B_i, dB_i += s·dy_iᵀ·h_i
         off += r
     dA = dh.T @ xd  # one pass over xd for every term's dA
     off = 0
