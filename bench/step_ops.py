@@ -1,0 +1,114 @@
+"""Where one training step's wall time goes, measured without a profiler: each kernel entry point the
+model calls is wrapped in a perf_counter pair (a few hundred calls a step, so the wrappers cost
+nothing measurable), nested calls counted once, for the outermost op; "the rest" is the step minus
+them (Python, numpy glue). bench/profile_step.py gives the same table through cProfile, whose
+per-call overhead inflates the Python share.
+
+    python -P bench/step_ops.py [-c 256] [-b 2] [-s 4] [-t 2] [--compute auto|bf16|f32] [--keep-ffn]
+
+Real text (the GPL from /usr/share/common-licenses, every token trained), LoRA r 8 / alpha 16 on the
+7 projections, checkpointing on, one warm-up step, then the mean of -s steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+TEXT = Path("/usr/share/common-licenses/GPL-3")
+MODEL_OPS = ("geglu_forward", "geglu_backward", "swiglu_forward", "swiglu_backward", "attention_forward",
+             "attention_backward", "cross_entropy_forward", "cross_entropy_backward", "rmsnorm_forward",
+             "rmsnorm_backward", "rope_forward", "rope_backward", "lora_shared_addends", "lora_input_cache",
+             "lora_shared_backward", "lora_linear_forward")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", type=Path, help="GGUF model (default: the bundled Gemma 3 270M Q4_K_M)")
+    ap.add_argument("-c", "--ctx", type=int, default=256, help="tokens per row (default 256)")
+    ap.add_argument("-b", "--batch", type=int, default=2, help="rows (default 2)")
+    ap.add_argument("-s", "--steps", type=int, default=4, help="measured steps after the warm-up (default 4)")
+    ap.add_argument("-t", "--threads", type=int, default=2, help="threads (default 2)")
+    ap.add_argument("--compute", default="auto", choices=("auto", "bf16", "f32"), help="as finetune's --compute")
+    ap.add_argument("--keep-ffn", action="store_true", help="checkpoints keep the FFN outputs (--checkpoint-ffn on)")
+    args = ap.parse_args()
+
+    import numpy as np
+
+    import ggtrain.model.transformer as model_module
+    from ggtrain import kernels
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.defaults import default_model_path
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+    from ggtrain.text.tokenizer import Tokenizer
+    from ggtrain.threads import set_threads
+    from ggtrain.train.optim import AdamW
+
+    seconds: dict[str, float] = {}
+    depth = [0]
+
+    def wrap(module: object, name: str) -> None:
+        f = getattr(module, name, None)
+        if f is None:
+            return
+
+        def timed(*a: object, **k: object) -> object:
+            if depth[0]:
+                return f(*a, **k)
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+                depth[0] -= 1
+        setattr(module, name, timed)
+
+    for name in MODEL_OPS:
+        wrap(model_module, name)
+    for name in ("qmatmul", "qmatmul_backward_input"):
+        wrap(kernels, name)
+
+    set_threads(args.threads)
+    mf = ModelFile(args.model or default_model_path())
+    hp = read_hparams(mf)
+    compute, why = model_module.resolve_matmul(args.compute, training=True)
+    model = model_module.Model(mf, hp, matmul=compute)
+    n = args.ctx * args.batch
+    ids = np.asarray(Tokenizer.from_model_file(mf).encode(TEXT.read_text(encoding="utf-8")), dtype=np.int32)
+    ids = np.tile(ids, (n + 1) // len(ids) + 1)
+    batch = model_module.Batch.from_rows(ids[:n].reshape(args.batch, args.ctx),
+                                         ids[1:n + 1].reshape(args.batch, args.ctx),
+                                         np.ones((args.batch, args.ctx), np.float32))
+    lcfg = LoraConfig.make(r=8, alpha=16.0, targets=model_module.PROJECTIONS)
+    lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=0)
+    model = model.with_trainable(lora)
+    grads = lora.zeros_like()
+    opt = AdamW({"lora": lora.flat}, lr=1e-4)
+
+    def step(seed: int) -> float:
+        grads.flat[...] = 0.0
+        t0 = time.perf_counter()
+        _, state = model.forward(batch, train=True, checkpointing=True, step_seed=seed, keep_ffn=args.keep_ffn)
+        model.backward(state, grads)
+        opt.step({"lora": grads.flat})
+        return time.perf_counter() - t0
+
+    step(0)
+    seconds.clear()
+    times = [step(i + 1) for i in range(args.steps)]
+    wall = sum(times) / len(times)
+    print(f"compute: {compute} ({why}); {n} tokens, FFN outputs {'kept' if args.keep_ffn else 'recomputed'}, "
+          f"threads {args.threads}; {os.getloadavg()[0]:.2f} load")
+    print(f"steps {' '.join(f'{t:.3f}' for t in times)} s: mean {wall:.3f} s, {n / wall:.1f} tokens/s")
+    for name, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"{name:28s} {s / len(times) * 1e3:8.1f} ms  {s / len(times) / wall:6.1%}")
+    rest = wall - sum(seconds.values()) / len(times)
+    print(f"{'the rest (Python, numpy)':28s} {rest * 1e3:8.1f} ms  {rest / wall:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
