@@ -1,5 +1,7 @@
-"""Peak memory of one training step, with and without gradient checkpointing, beside the estimate
-of ggtrain.train.memory.estimate_step_memory.
+"""Peak memory of one training step under each checkpointing setting, beside the memory estimate.
+
+Settings: checkpointing, checkpointing with the FFN outputs kept (finetune's --checkpoint-ffn on), none;
+the estimate is ggtrain.train.memory.estimate_step_memory.
 
     python bench/step_memory.py [-m MODEL.gguf] [-c 512] [-b 1] [-r 8] [-t 2]
 
@@ -83,7 +85,8 @@ def worker(args: argparse.Namespace) -> None:
         exact = reset_peak_rss()
         t0 = time.perf_counter()
         with PeakSampler(proc.pid, interval=0.005) as sampler:
-            loss, state = model.forward(batch, train=True, checkpointing=args.checkpointing, step_seed=i)
+            loss, state = model.forward(batch, train=True, checkpointing=args.checkpointing, step_seed=i,
+                                        keep_ffn=args.keep_ffn)
             model.backward(state, grads)
             del state
             opt.step({"lora": grads.flat})
@@ -93,13 +96,18 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"steps": steps, "load_s": load_s, "n_lora": lora.n_params}), flush=True)
 
 
-def finetune_peak(args: argparse.Namespace, checkpointing: bool, outdir: Path) -> int:
+# setting -> (checkpointing, checkpoints keep the FFN's outputs: finetune's --checkpoint-ffn on)
+SETTINGS = {"checkpointing": (True, False), "checkpointing+ffn": (True, True), "no-checkpointing": (False, False)}
+
+
+def finetune_peak(args: argparse.Namespace, checkpointing: bool, keep_ffn: bool, outdir: Path) -> int:
     """Peak RSS of `ggtrain finetune` running two steps of this setting."""
     cmd = [sys.executable, "-m", "ggtrain.cli.main", "finetune", "-m", str(args.model),
            "--train-data", str(TEXT), "--format", "text", "--outdir", str(outdir), "-c", str(args.ctx), "-b", str(args.batch),
            "--micro-batch", str(args.batch), "--lora-r", str(args.rank), "--lora-alpha", str(2 * args.rank),
            "--lora-dropout", "0", "--adam-iter", "2", "--save-every", "0", "-t", str(args.threads),
-           "--use-checkpointing" if checkpointing else "--no-checkpointing", "--overwrite", "--compute", args.compute]
+           "--use-checkpointing" if checkpointing else "--no-checkpointing",
+           "--checkpoint-ffn", "on" if keep_ffn else "off", "--overwrite", "--compute", args.compute]
     proc, peak = run_sampled(cmd, env=dict(os.environ, TQDM_DISABLE="1"))
     if proc.returncode:
         raise SystemExit(f"ggtrain finetune failed ({proc.returncode}):\n{' '.join(cmd)}\n"
@@ -108,7 +116,7 @@ def finetune_peak(args: argparse.Namespace, checkpointing: bool, outdir: Path) -
 
 
 def estimate(model: Path, ctx: int, batch: int, rank: int, checkpointing: bool, threads: int,
-             compute: str = "f32") -> dict[str, int]:
+             compute: str = "f32", keep_ffn: bool = False) -> dict[str, int]:
     from ggtrain.gguf.arch import read_hparams
     from ggtrain.gguf.modelfile import ModelFile
     from ggtrain.model.lora import LoraConfig
@@ -118,8 +126,9 @@ def estimate(model: Path, ctx: int, batch: int, rank: int, checkpointing: bool, 
     hp = read_hparams(ModelFile(model))
     lcfg = LoraConfig.make(r=rank, alpha=2.0 * rank, targets=PROJECTIONS)
     size = model.stat().st_size
-    total = estimate_step_memory(hp, lcfg, ctx, batch, checkpointing, size, threads=threads, compute=compute)
-    parts = memory_breakdown(hp, lcfg, ctx, batch, checkpointing, size, threads=threads, compute=compute)
+    kw = {"threads": threads, "compute": compute, "keep_ffn": keep_ffn}
+    total = estimate_step_memory(hp, lcfg, ctx, batch, checkpointing, size, **kw)
+    parts = memory_breakdown(hp, lcfg, ctx, batch, checkpointing, size, **kw)
     fixed = sum(v for k, v in parts.items() if k.startswith(("weights", "runtime", "safety")))
     return {"total": total, "step": parts["total"] - fixed, "parts": parts}
 
@@ -132,13 +141,13 @@ def main() -> None:
     ap.add_argument("-r", "--rank", type=int, default=8, help="LoRA rank on the 7 projections (default 8)")
     ap.add_argument("-t", "--threads", type=int, default=2, help="threads (default 2)")
     ap.add_argument("--compute", choices=("f32", "bf16"), default="f32", help="the base products' path (default f32)")
-    ap.add_argument("--worker", choices=("checkpointing", "no-checkpointing"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
         from ggtrain.gguf.defaults import default_model_path
         args.model = default_model_path()
     if args.worker:
-        args.checkpointing = args.worker == "checkpointing"
+        args.checkpointing, args.keep_ffn = SETTINGS[args.worker]
         worker(args)
         return
 
@@ -146,7 +155,7 @@ def main() -> None:
           f"{args.batch}, LoRA r {args.rank} on 7 projections, threads {args.threads}, compute {args.compute}, "
           f"{load_average()}")
     rows = []
-    for setting in ("checkpointing", "no-checkpointing"):
+    for setting, (checkpointing, keep_ffn) in SETTINGS.items():
         cmd = [sys.executable, __file__, "--worker", setting, "-m", str(args.model), "-c", str(args.ctx),
                "-b", str(args.batch), "-r", str(args.rank), "-t", str(args.threads), "--compute", args.compute]
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False)
@@ -154,9 +163,9 @@ def main() -> None:
             raise SystemExit(f"worker {setting} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         with tempfile.TemporaryDirectory() as tmp:
-            res["finetune_peak"] = finetune_peak(args, setting == "checkpointing", Path(tmp) / "out")
-        est = estimate(args.model, args.ctx, args.batch, args.rank, setting == "checkpointing", args.threads,
-                       args.compute)
+            res["finetune_peak"] = finetune_peak(args, checkpointing, keep_ffn, Path(tmp) / "out")
+        est = estimate(args.model, args.ctx, args.batch, args.rank, checkpointing, args.threads, args.compute,
+                       keep_ffn)
         rows.append((setting, res, est))
 
     def mib(x: float) -> str:
@@ -180,8 +189,8 @@ def main() -> None:
     print("ggtrain finetune peak RSS: " + ", ".join(figures))
     deltas = [max(s["peak"] - s["before"] for s in res["steps"]) for _, res, _ in rows]
     peaks = [max(s["peak"] for s in res["steps"]) for _, res, _ in rows]
-    print(f"library step peak RSS: checkpointing {peaks[0] / MiB:.0f} MiB, no checkpointing "
-          f"{peaks[1] / MiB:.0f} MiB; step delta {deltas[0] / MiB:.0f} vs {deltas[1] / MiB:.0f} MiB")
+    print("library step peak RSS: " + ", ".join(f"{setting} {p / MiB:.0f} MiB (step delta {d / MiB:.0f})"
+                                                for (setting, _, _), p, d in zip(rows, peaks, deltas)))
 
 if __name__ == "__main__":
     main()
