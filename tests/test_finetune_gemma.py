@@ -65,9 +65,15 @@ def test_thirty_steps_lower_training_and_held_out_loss(run: Path) -> None:
     m.adapters.append(Adapter(lora))
     reloaded = held_out_loss(m, mf)
     # f32: the same sums up to the order BLAS takes for another batch shape. bf16: a last-bit difference
-    # of that kind in an activation can move its bf16 rounding by 2^-9, so the bound is bf16's noise.
-    rel = 1e-5 if meta["training.compute"] == "f32" else 3e-4
+    # of that kind in an activation can move its bf16 rounding by 2^-9, and 18 layers carry such flips
+    # on, so the bound is bf16's noise on this mean: measured up to 5.9e-4 (the adapter applied after
+    # the base product against the trained LoRA fused into it; either within 6e-4 of the f32 path's).
+    rel = 1e-5 if meta["training.compute"] == "f32" else 1e-3
     assert abs(reloaded - val_logged) <= rel * val_logged
+    if meta["training.compute"] != "f32":  # and on the f32 path, which rounds nothing, the same loss
+        m32 = Model(mf, matmul="f32")
+        m32.adapters.append(Adapter(lora))
+        assert abs(held_out_loss(m32, mf) - val_logged) <= 1e-3 * val_logged
 
 
 def test_llamacpp_loads_the_adapter_and_it_lowers_perplexity(run: Path) -> None:

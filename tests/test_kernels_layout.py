@@ -99,7 +99,7 @@ def test_vector_kernels_are_built_at_every_vector_level_and_the_widest_runs(monk
     package = Path(kernels.__file__).parent
     built = {p.name.split(".")[0] for p in package.glob("*.so")} | {p.name.split(".")[0] for p in package.glob("*.pyd")}
     stems = sorted(p.stem[: -len("_vec")] for p in (REPO / "kernels").glob("*_vec.pyx"))
-    assert stems == ["activation", "attention", "loss"]
+    assert stems == ["activation", "attention", "loss", "lowrank"]
     features = variants.cpu_features()
     for stem in stems:
         assert {f"{stem}_{level}" for level in variants.VECTOR_LEVELS} <= built  # x86 builds every level
