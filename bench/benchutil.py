@@ -95,3 +95,48 @@ def run_sampled(cmd: list[str], env: dict | None = None, cwd: str | None = None,
     with p, PeakSampler(p.pid) as s:
         out, err = p.communicate(timeout=timeout)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err), s.peak
+
+
+def text_training_step(model_path: Path | None, ctx: int, rows: int, rank: int, threads: int, compute: str,
+                       checkpointing: bool = True, keep_ffn: bool = False):
+    """One training step of the library on real text (the GPL from /usr/share/common-licenses, every
+    token trained, tiled to ctx · rows tokens), LoRA r `rank` / alpha 2r on the 7 projections, AdamW:
+    returns (step(seed) -> seconds, tokens a step, the compute path, why it runs) for
+    bench/profile_step.py and bench/step_ops.py. Imports ggtrain when called (after a caller's patches)."""
+    import numpy as np
+
+    from ggtrain.gguf.arch import read_hparams
+    from ggtrain.gguf.defaults import default_model_path
+    from ggtrain.gguf.modelfile import ModelFile
+    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
+    from ggtrain.model.transformer import PROJECTIONS, Batch, Model, resolve_matmul
+    from ggtrain.text.tokenizer import Tokenizer
+    from ggtrain.threads import set_threads
+    from ggtrain.train.optim import AdamW
+
+    set_threads(threads)
+    mf = ModelFile(model_path or default_model_path())
+    hp = read_hparams(mf)
+    mode, why = resolve_matmul(compute, training=True)
+    model = Model(mf, hp, matmul=mode)
+    n = ctx * rows
+    text = Path("/usr/share/common-licenses/GPL-3").read_text(encoding="utf-8")
+    ids = np.asarray(Tokenizer.from_model_file(mf).encode(text), dtype=np.int32)
+    ids = np.tile(ids, (n + 1) // len(ids) + 1)
+    batch = Batch.from_rows(ids[:n].reshape(rows, ctx), ids[1:n + 1].reshape(rows, ctx),
+                            np.ones((rows, ctx), np.float32))
+    lcfg = LoraConfig.make(r=rank, alpha=2.0 * rank, targets=PROJECTIONS)
+    lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=0)
+    model = model.with_trainable(lora)
+    grads = lora.zeros_like()
+    opt = AdamW({"lora": lora.flat}, lr=1e-4)
+
+    def step(seed: int) -> float:
+        grads.flat[...] = 0.0
+        t0 = time.perf_counter()
+        _, state = model.forward(batch, train=True, checkpointing=checkpointing, step_seed=seed, keep_ffn=keep_ffn)
+        model.backward(state, grads)
+        opt.step({"lora": grads.flat})
+        return time.perf_counter() - t0
+
+    return step, n, mode, why

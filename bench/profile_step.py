@@ -27,11 +27,8 @@ import io
 import os
 import pstats
 import resource
-import time
 
-from benchutil import load_average
-
-TEXT = Path("/usr/share/common-licenses/GPL-3")
+from benchutil import load_average, text_training_step
 
 # (file, function) -> op; a function of a file listed with "*" is that file's op. The rest inherit
 # their callers' op (numpy's built-ins, small helpers), and model code is "Python: model code".
@@ -134,41 +131,8 @@ def main() -> None:
                     help="compute path of the base products, as finetune's --compute (default auto)")
     args = ap.parse_args()
 
-    import numpy as np
-
-    from ggtrain.gguf.arch import read_hparams
-    from ggtrain.gguf.defaults import default_model_path
-    from ggtrain.gguf.modelfile import ModelFile
-    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
-    from ggtrain.model.transformer import PROJECTIONS, Batch, Model, resolve_matmul
-    from ggtrain.text.tokenizer import Tokenizer
-    from ggtrain.threads import set_threads
-    from ggtrain.train.optim import AdamW
-
-    set_threads(args.threads)
-    mf = ModelFile(args.model or default_model_path())
-    hp = read_hparams(mf)
-    compute, why = resolve_matmul(args.compute, training=True)
-    model = Model(mf, hp, matmul=compute)
-    n = args.ctx * args.batch
-    ids = np.asarray(Tokenizer.from_model_file(mf).encode(TEXT.read_text(encoding="utf-8")), dtype=np.int32)
-    ids = np.tile(ids, (n + 1) // len(ids) + 1)
-    batch = Batch.from_rows(ids[:n].reshape(args.batch, args.ctx), ids[1:n + 1].reshape(args.batch, args.ctx),
-                            np.ones((args.batch, args.ctx), np.float32))
-    lcfg = LoraConfig.make(r=args.rank, alpha=2.0 * args.rank, targets=PROJECTIONS)
-    lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=0)
-    model = model.with_trainable(lora)
-    grads = lora.zeros_like()
-    opt = AdamW({"lora": lora.flat}, lr=1e-4)
-
-    def step(seed: int) -> float:
-        grads.flat[...] = 0.0
-        t0 = time.perf_counter()
-        _, state = model.forward(batch, train=True, checkpointing=args.checkpointing, step_seed=seed)
-        model.backward(state, grads)
-        opt.step({"lora": grads.flat})
-        return time.perf_counter() - t0
-
+    step, n, compute, why = text_training_step(args.model, args.ctx, args.batch, args.rank, args.threads,
+                                               args.compute, args.checkpointing)
     warm = step(0)
     prof = cProfile.Profile()
     times = []

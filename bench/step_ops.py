@@ -12,12 +12,20 @@ Real text (the GPL from /usr/share/common-licenses, every token trained), LoRA r
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+# bench/tokenize.py would shadow the standard library's tokenize: bench/ goes to the end of the path,
+# where only our helper module is looked up (as in bench/profile_step.py).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
+
 import argparse
 import os
 import time
-from pathlib import Path
 
-TEXT = Path("/usr/share/common-licenses/GPL-3")
+from benchutil import text_training_step
+
 MODEL_OPS = ("geglu_forward", "geglu_backward", "swiglu_forward", "swiglu_backward", "attention_forward",
              "attention_backward", "cross_entropy_forward", "cross_entropy_backward", "rmsnorm_forward",
              "rmsnorm_backward", "rope_forward", "rope_backward", "lora_shared_addends", "lora_input_cache",
@@ -35,17 +43,8 @@ def main() -> None:
     ap.add_argument("--keep-ffn", action="store_true", help="checkpoints keep the FFN outputs (--checkpoint-ffn on)")
     args = ap.parse_args()
 
-    import numpy as np
-
     import ggtrain.model.transformer as model_module
     from ggtrain import kernels
-    from ggtrain.gguf.arch import read_hparams
-    from ggtrain.gguf.defaults import default_model_path
-    from ggtrain.gguf.modelfile import ModelFile
-    from ggtrain.model.lora import LoraConfig, LoraWeights, target_shapes
-    from ggtrain.text.tokenizer import Tokenizer
-    from ggtrain.threads import set_threads
-    from ggtrain.train.optim import AdamW
 
     seconds: dict[str, float] = {}
     depth = [0]
@@ -72,31 +71,8 @@ def main() -> None:
     for name in ("qmatmul", "qmatmul_backward_input"):
         wrap(kernels, name)
 
-    set_threads(args.threads)
-    mf = ModelFile(args.model or default_model_path())
-    hp = read_hparams(mf)
-    compute, why = model_module.resolve_matmul(args.compute, training=True)
-    model = model_module.Model(mf, hp, matmul=compute)
-    n = args.ctx * args.batch
-    ids = np.asarray(Tokenizer.from_model_file(mf).encode(TEXT.read_text(encoding="utf-8")), dtype=np.int32)
-    ids = np.tile(ids, (n + 1) // len(ids) + 1)
-    batch = model_module.Batch.from_rows(ids[:n].reshape(args.batch, args.ctx),
-                                         ids[1:n + 1].reshape(args.batch, args.ctx),
-                                         np.ones((args.batch, args.ctx), np.float32))
-    lcfg = LoraConfig.make(r=8, alpha=16.0, targets=model_module.PROJECTIONS)
-    lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=0)
-    model = model.with_trainable(lora)
-    grads = lora.zeros_like()
-    opt = AdamW({"lora": lora.flat}, lr=1e-4)
-
-    def step(seed: int) -> float:
-        grads.flat[...] = 0.0
-        t0 = time.perf_counter()
-        _, state = model.forward(batch, train=True, checkpointing=True, step_seed=seed, keep_ffn=args.keep_ffn)
-        model.backward(state, grads)
-        opt.step({"lora": grads.flat})
-        return time.perf_counter() - t0
-
+    step, n, compute, why = text_training_step(args.model, args.ctx, args.batch, 8, args.threads, args.compute,
+                                               keep_ffn=args.keep_ffn)
     step(0)
     seconds.clear()
     times = [step(i + 1) for i in range(args.steps)]
