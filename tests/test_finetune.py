@@ -123,9 +123,11 @@ def test_mem_limit_picks_a_smaller_micro_batch_with_equal_losses(model: Path, tm
         assert abs(a[step] - b[step]) <= COMPUTES[compute] * abs(a[step]), (step, a[step], b[step])
 
 
-def test_monitor_near_limit_first_drops_the_kept_ffn_outputs(model: Path, tmp_path: Path) -> None:
-    """In-process: under --checkpoint-ffn auto, RSS near the limit first drops the FFN outputs the
-    checkpoints keep (the micro-batch stays), and the steps are the very steps of the run that kept them."""
+def _two_steps_near_the_limit(model: Path, outdir: Path, near: bool, decide: bool) -> tuple:
+    """In-process: a Trainer (batch 4 in micro-batches of 4, grad-acc 2, LoRA r 4) whose memory monitor
+    says once, when `near`, that RSS nears the limit; decide: it chooses the checkpoints' FFN outputs
+    first (choose_micro_batch). Two steps: (loss 1, loss 2, LoRA values, micro-batches, keep_ffn before
+    and after, what it said)."""
     from ggtrain.dataset.batches import load_batches
     from ggtrain.dataset.samples import DataOptions
     from ggtrain.model.lora import LoraWeights, target_shapes
@@ -136,24 +138,41 @@ def test_monitor_near_limit_first_drops_the_kept_ffn_outputs(model: Path, tmp_pa
     mf = ModelFile(model)
     hp = read_hparams(mf)
     lcfg = LoraConfig.make(r=4, alpha=8)
-    results = []
-    for near in (False, True):
-        opts = DataOptions(train_data=Path(TEXT), format="text", ctx=64, seed=2)
-        train, _, _ = load_batches(opts, Tokenizer.from_model_file(mf), 4, mf)
-        lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=2)
-        cfg = TrainConfig(batch=4, grad_acc=2, micro_batch=4, max_steps=2, mem_limit=1 << 40, lora=lcfg.to_dict())
-        said: list[str] = []
-        tr = Trainer(Model(mf, hp), lora, train, None, cfg, OutputPaths(tmp_path / f"n{near}"), echo=said.append)
+    opts = DataOptions(train_data=Path(TEXT), format="text", ctx=64, seed=2)
+    train, _, _ = load_batches(opts, Tokenizer.from_model_file(mf), 4, mf)
+    lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=2)
+    cfg = TrainConfig(batch=4, grad_acc=2, micro_batch=4, max_steps=2, mem_limit=1 << 40, lora=lcfg.to_dict())
+    said: list[str] = []
+    tr = Trainer(Model(mf, hp), lora, train, None, cfg, OutputPaths(outdir), echo=said.append)
+    if decide:
         tr.choose_micro_batch(hp, lcfg, 64, model.stat().st_size)
-        assert tr.keep_ffn  # auto, and a limit everything fits in
-        answers = iter([near])
-        tr.monitor.near_limit = lambda fraction=0.9, a=answers: next(a, False)  # type: ignore[method-assign]
-        (tmp_path / f"n{near}").mkdir()
-        r1 = tr.run_step()
-        r2 = tr.run_step()
-        results.append((r1.loss, r2.loss, lora.flat.copy(), list(tr.micro_log), tr.keep_ffn, said))
-    kept, dropped = results
-    assert kept[3] == dropped[3] == [4, 4] and kept[4] and not dropped[4]
+    kept_before = tr.keep_ffn
+    answers = iter([near])
+    tr.monitor.near_limit = lambda fraction=0.9, a=answers: next(a, False)  # type: ignore[method-assign]
+    outdir.mkdir()
+    r1 = tr.run_step()
+    r2 = tr.run_step()
+    return r1.loss, r2.loss, lora.flat.copy(), list(tr.micro_log), (kept_before, tr.keep_ffn), said
+
+
+def test_monitor_near_limit_shrinks_micro_batch_within_the_step(model: Path, tmp_path: Path) -> None:
+    """In-process: when RSS nears the limit mid-step, the rest of the step runs with a smaller
+    micro-batch and the step's loss and update are those of the unconstrained step."""
+    results = [_two_steps_near_the_limit(model, tmp_path / f"s{shrink}", shrink, decide=False)
+               for shrink in (False, True)]
+    assert results[0][3] == [4, 4] and results[1][3] == [2, 2]
+    assert abs(results[0][0] - results[1][0]) <= 1e-6 * results[0][0]
+    assert abs(results[0][1] - results[1][1]) <= 1e-5 * results[0][1]
+    np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)
+
+
+def test_monitor_near_limit_first_drops_the_kept_ffn_outputs(model: Path, tmp_path: Path) -> None:
+    """In-process: under --checkpoint-ffn auto, RSS near the limit first drops the FFN outputs the
+    checkpoints keep (the micro-batch stays), and the steps are the very steps of the run that kept them."""
+    kept, dropped = (_two_steps_near_the_limit(model, tmp_path / f"n{near}", near, decide=True)
+                     for near in (False, True))
+    assert kept[3] == dropped[3] == [4, 4]
+    assert kept[4] == (True, True) and dropped[4] == (True, False)  # auto kept them: a limit all fits in
     assert any("no longer keep the FFN's outputs" in m for m in dropped[5]) and not kept[5]
     assert kept[:2] == dropped[:2]
     np.testing.assert_array_equal(kept[2], dropped[2])
@@ -255,36 +274,3 @@ def test_bad_config_and_missing_data_give_one_line(model: Path, tmp_path: Path) 
     assert r.returncode == 2 and "unknown setting 'no-such-flag'" in r.stderr and "Traceback" not in r.stderr
     r = run([*GGTRAIN, "finetune", "-m", str(model), "--outdir", str(tmp_path / "x")])
     assert r.returncode == 2 and "--train-data" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_monitor_near_limit_shrinks_micro_batch_within_the_step(model: Path, tmp_path: Path) -> None:
-    """In-process: when RSS nears the limit mid-step, the rest of the step runs with a smaller
-    micro-batch and the step's loss and update are those of the unconstrained step."""
-    from ggtrain.dataset.batches import load_batches
-    from ggtrain.dataset.samples import DataOptions
-    from ggtrain.model.lora import LoraWeights, target_shapes
-    from ggtrain.model.transformer import Model
-    from ggtrain.text.tokenizer import Tokenizer
-    from ggtrain.train.trainer import OutputPaths, TrainConfig, Trainer
-
-    mf = ModelFile(model)
-    hp = read_hparams(mf)
-    lcfg = LoraConfig.make(r=4, alpha=8)
-    results = []
-    for shrink in (False, True):
-        opts = DataOptions(train_data=Path(TEXT), format="text", ctx=64, seed=2)
-        train, _, _ = load_batches(opts, Tokenizer.from_model_file(mf), 4, mf)
-        lora = LoraWeights.init(lcfg, target_shapes(mf.tensors, lcfg, hp.n_layer), seed=2)
-        cfg = TrainConfig(batch=4, grad_acc=2, micro_batch=4, max_steps=2, mem_limit=1 << 40, lora=lcfg.to_dict())
-        tr = Trainer(Model(mf, hp), lora, train, None, cfg, OutputPaths(tmp_path / f"s{shrink}"), echo=lambda m: None)
-        if shrink:
-            answers = iter([True])
-            tr.monitor.near_limit = lambda fraction=0.9, a=answers: next(a, False)  # type: ignore[method-assign]
-        (tmp_path / f"s{shrink}").mkdir()
-        r1 = tr.run_step()
-        r2 = tr.run_step()
-        results.append((r1.loss, r2.loss, lora.flat.copy(), list(tr.micro_log)))
-    assert results[0][3] == [4, 4] and results[1][3] == [2, 2]
-    assert abs(results[0][0] - results[1][0]) <= 1e-6 * results[0][0]
-    assert abs(results[0][1] - results[1][1]) <= 1e-5 * results[0][1]
-    np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)
