@@ -14,7 +14,7 @@ import numpy as np
 from ggtrain.kernels import PARALLEL_MIN, get_num_threads, widest_module
 
 _vec = widest_module("lowrank")
-RANK_STEP = 8  # lowrank_util.h's GG_LR_J
+RANK_STEP = 4  # lowrank_util.h's GG_LR_J
 ROW_PAD = 16  # floats
 
 

@@ -15,7 +15,7 @@ cdef extern from "lowrank_util.h" nogil:
 def dy_products(const float[:, ::1] dy, const float[:, :] Bt, const float[:, ::1] h, float[:, :, ::1] dhp,
                 float[:, :] dBt, int nth):
     """dhp[p] += dy[:, part p] · Bt[:, part p]ᵀ (T, r), dBt (r, n) += hᵀ · dy, part p of nth column
-    ranges on thread p (dhp: nth zeroed (T, r) partial sums; r a multiple of 8; Bt and dBt rows may be
+    ranges on thread p (dhp: nth zeroed (T, r) partial sums; r a multiple of 4; Bt and dBt rows may be
     padded, their columns contiguous; shapes checked by the caller)."""
     cdef Py_ssize_t T = dy.shape[0], n = dy.shape[1], r = h.shape[1], p, c0, c1, step
     if T == 0 or n == 0 or r == 0:
