@@ -33,7 +33,7 @@ def lowrank_dy_products(dy: np.ndarray, B: np.ndarray, h: np.ndarray, scale: flo
         return
     nth = get_num_threads() if dy.size >= PARALLEL_MIN // 8 else 1
     rp = -(-r // RANK_STEP) * RANK_STEP  # the kernel's passes take RANK_STEP rank columns: pad with zeros
-    # Bt's and dBt's rows one cache line longer than n: at a power-of-two n their 8 rows (and dy's)
+    # Bt's and dBt's rows one cache line longer than n: at a power-of-two n their rows (and dy's)
     # would map to the same L1 sets and evict each other
     Bt = np.zeros((rp, n + ROW_PAD), np.float32)[:, :n]
     Bt[:r] = B.T
