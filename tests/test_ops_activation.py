@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from ggtrain.kernels import variants
 from ggtrain.kernels.activation import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
-
-from ggtrain import kernels
+from vecmodules import vec_module
 
 
 def ref_swiglu(g, u):
@@ -69,20 +68,12 @@ def test_parallel_and_serial_paths_agree_across_blocks(fwd, bwd, ref, monkeypatc
     np.testing.assert_allclose(serial[0], ref(g.astype(np.float64), u.astype(np.float64)), rtol=1e-5, atol=1e-5)
 
 
-def _vec_module(level):
-    """activation_<level> (activation_vec.pyx at that vector width); skips where this CPU lacks it."""
-    module = kernels.variant_module(f"activation_{level}")
-    if module is None:
-        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: activation_{level} cannot run here")
-    return module
-
-
 @pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
 @pytest.mark.parametrize("fwd,bwd,ref", CASES, ids=["swiglu", "geglu"])
 def test_vector_forward_matches_reference_and_the_numba_kernel(fwd, bwd, ref, level, monkeypatch):
     from ggtrain.kernels import activation
 
-    monkeypatch.setattr(activation, "_vec", _vec_module(level))
+    monkeypatch.setattr(activation, "_vec", vec_module("activation", level))
     rng = np.random.default_rng(4)
     g = (rng.standard_normal((7, 40001)) * 5).astype(np.float32)  # several parallel blocks, a ragged tail
     g[0, :4] = [-80.0, 80.0, 0.0, -12.0]
@@ -98,7 +89,7 @@ def test_vector_forward_matches_reference_and_the_numba_kernel(fwd, bwd, ref, le
 def test_vector_backward_matches_finite_differences_and_the_numba_kernel(fwd, bwd, ref, level, monkeypatch):
     from ggtrain.kernels import activation
 
-    monkeypatch.setattr(activation, "_vec", _vec_module(level))
+    monkeypatch.setattr(activation, "_vec", vec_module("activation", level))
     rng = np.random.default_rng(5)
     g = rng.standard_normal((7, 40001)) * 5  # several parallel blocks, a ragged tail
     g[0, :6] = [-80.0, 80.0, 0.0, -12.0, 12.0, -1e-3]  # saturated tails: no nan/inf, the right limits
@@ -132,7 +123,7 @@ def test_vector_levels_give_the_same_bits(fwd, bwd, ref, monkeypatch):
     u, dy = rng.standard_normal((2, 3, 4099)).astype(np.float32)
     results = []
     for level in variants.VECTOR_LEVELS:
-        monkeypatch.setattr(activation, "_vec", _vec_module(level))
+        monkeypatch.setattr(activation, "_vec", vec_module("activation", level))
         results.append((fwd(g, u), *bwd(dy, g, u)))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)

@@ -7,8 +7,7 @@ import pytest
 from ggtrain.kernels import attention as A
 from ggtrain.kernels import variants
 from ggtrain.kernels.attention import attention_backward, attention_forward
-
-from ggtrain import kernels
+from vecmodules import vec_module
 
 
 def ref_attention(q, k, v, scale, softcap=0.0, n_swa=0, segments=None):
@@ -218,18 +217,10 @@ VEC_CASES = {  # T, Hq, Hkv, D, Dv, scale, softcap, n_swa, segment lengths (Dv a
 }
 
 
-def _vec_module(level):
-    """attention_<level> (attention_vec.pyx at that vector width); skips where this CPU lacks it."""
-    module = kernels.variant_module(f"attention_{level}")
-    if module is None:
-        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: attention_{level} cannot run here")
-    return module
-
-
 @pytest.mark.parametrize("level", variants.VECTOR_LEVELS)
 @pytest.mark.parametrize("name", sorted(VEC_CASES))
 def test_vector_forward_matches_reference_and_the_numba_kernel(name, level, monkeypatch):
-    monkeypatch.setattr(A, "_vec", _vec_module(level))
+    monkeypatch.setattr(A, "_vec", vec_module("attention", level))
     T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = VEC_CASES[name]
     q, k, v = _inputs(T, Hq, Hkv, D, Dv, seed=7)
     seg = _seg(T, lens)
@@ -252,7 +243,7 @@ def test_vector_backward_matches_reference_and_the_numba_kernel(name, threads, l
     windows, segments, soft-cap and T = 1; on one thread and on two."""
     import numba
 
-    monkeypatch.setattr(A, "_vec_backward", _vec_module(level))  # the C backward (training runs it on AVX512)
+    monkeypatch.setattr(A, "_vec_backward", vec_module("attention", level))  # the C backward (training runs it on AVX512)
     extra = {"d8_dv12": (45, 3, 1, 8, 12, 0.35, 0.0, 0, None), "all": CASES["all"]}
     T, Hq, Hkv, D, Dv, scale, cap, n_swa, lens = {**VEC_CASES, **extra}[name]
     q, k, v = _inputs(T, Hq, Hkv, D, Dv, seed=11)
@@ -283,8 +274,8 @@ def test_vector_backward_matches_reference_and_the_numba_kernel(name, threads, l
 def test_vector_backward_matches_finite_differences(level, monkeypatch):
     # the C backward's own gradients of L = Σ o·r against central differences of the C forward (f32,
     # so a coarse step and a loose bound; the float64 chain-rule reference above is the tight check)
-    monkeypatch.setattr(A, "_vec", _vec_module(level))
-    monkeypatch.setattr(A, "_vec_backward", _vec_module(level))
+    monkeypatch.setattr(A, "_vec", vec_module("attention", level))
+    monkeypatch.setattr(A, "_vec_backward", vec_module("attention", level))
     T, Hq, Hkv, D, Dv, scale, cap = 37, 2, 1, 24, 16, 0.3, 4.0
     q, k, v = (a.astype(np.float32) for a in _inputs(T, Hq, Hkv, D, Dv, seed=21))
     r = np.random.default_rng(22).standard_normal((T, Hq, Dv)).astype(np.float32)

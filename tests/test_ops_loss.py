@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from ggtrain.kernels import variants
 from ggtrain.kernels.loss import cross_entropy_backward, cross_entropy_forward
-
-from ggtrain import kernels
+from vecmodules import vec_module
 
 
 class DenseHead:
@@ -164,10 +163,7 @@ def test_vectorised_exp_is_float32_accurate():
 def test_vector_chunk_kernel_matches_the_reference_and_the_numba_kernel(softcap, level, monkeypatch):
     from ggtrain.kernels import loss
 
-    module = kernels.variant_module(f"loss_{level}")  # loss_vec.pyx at that vector width
-    if module is None:
-        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: loss_{level} cannot run here")
-    monkeypatch.setattr(loss, "_vec", module)
+    monkeypatch.setattr(loss, "_vec", vec_module("loss", level))
     h, w, t = _problem(T=40, d=16, V=3001, seed=2)  # chunks of 1000 and a last one of 1: ragged tails
     mask = np.arange(40) % 4 != 0
     h32, w32 = h.astype(np.float32), w.astype(np.float32)
@@ -211,10 +207,7 @@ class RecordingHead(DenseHead):
 def test_vector_fused_kernel_matches_the_references_and_the_numba_kernel(softcap, level, monkeypatch):
     from ggtrain.kernels import loss
 
-    module = kernels.variant_module(f"loss_{level}")
-    if module is None:
-        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: loss_{level} cannot run here")
-    monkeypatch.setattr(loss, "_vec", module)
+    monkeypatch.setattr(loss, "_vec", vec_module("loss", level))
     h, w, t = _problem(T=30, d=16, V=2501, seed=4)
     mask = np.arange(30) % 5 != 0
     h32, w32 = h.astype(np.float32), w.astype(np.float32)

@@ -6,15 +6,7 @@ threads splitting the columns), and the LoRA backward that calls it against fini
 import numpy as np
 import pytest
 from ggtrain.kernels import lowrank, variants
-
-from ggtrain import kernels
-
-
-def _vec_module(level):
-    module = kernels.variant_module(f"lowrank_{level}")
-    if module is None:
-        pytest.skip(f"this CPU (or GGTRAIN_AVX512=0) has no {level}: lowrank_{level} cannot run here")
-    return module
+from vecmodules import vec_module
 
 
 def _case(rng, T, n, r):
@@ -29,7 +21,7 @@ def _case(rng, T, n, r):
                                    (300, 2048, 8)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_dy_products_match_float64(level, T, n, r, threads, monkeypatch):
-    monkeypatch.setattr(lowrank, "_vec", _vec_module(level))
+    monkeypatch.setattr(lowrank, "_vec", vec_module("lowrank", level))
     monkeypatch.setattr(lowrank, "PARALLEL_MIN", 0 if threads > 1 else 1 << 40)
     monkeypatch.setattr(lowrank, "get_num_threads", lambda: threads)
     rng = np.random.default_rng(T * n + r)
