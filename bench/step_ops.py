@@ -24,6 +24,7 @@ import argparse
 import os
 import time
 
+import numpy as np
 from benchutil import text_training_step
 
 MODEL_OPS = ("geglu_forward", "geglu_backward", "swiglu_forward", "swiglu_backward", "attention_forward",
@@ -41,7 +42,11 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2, help="threads (default 2)")
     ap.add_argument("--compute", default="auto", choices=("auto", "bf16", "f32"), help="as finetune's --compute")
     ap.add_argument("--keep-ffn", action="store_true", help="checkpoints keep the FFN outputs (--checkpoint-ffn on)")
+    ap.add_argument("--by-shape", action="store_true",
+                    help="also the base products' time and GFLOP/s per (direction, type, shape)")
     args = ap.parse_args()
+
+    from gguf.constants import GGMLQuantizationType
 
     import ggtrain.model.transformer as model_module
     from ggtrain import kernels
@@ -68,7 +73,24 @@ def main() -> None:
 
     for name in MODEL_OPS:
         wrap(model_module, name)
+    shapes: dict[tuple, list[float]] = {}  # (op, type, T, K, N) -> [seconds, calls]
+
+    def wrap_product(name: str) -> None:
+        f = getattr(kernels, name)
+
+        def timed(a: np.ndarray, w: np.ndarray, qtype: int, *rest: object, **k: object) -> np.ndarray:
+            t0 = time.perf_counter()
+            out = f(a, w, qtype, *rest, **k)
+            key = (name, GGMLQuantizationType(qtype).name, a.shape[0], a.shape[1], out.shape[1])  # T, K, N
+            acc = shapes.setdefault(key, [0.0, 0])
+            acc[0] += time.perf_counter() - t0
+            acc[1] += 1
+            return out
+        setattr(kernels, name, timed)
+
     for name in ("qmatmul", "qmatmul_backward_input"):
+        if args.by_shape:
+            wrap_product(name)
         wrap(kernels, name)
 
     step, n, compute, why = text_training_step(args.model, args.ctx, args.batch, 8, args.threads, args.compute,
@@ -84,6 +106,12 @@ def main() -> None:
         print(f"{name:28s} {s / len(times) * 1e3:8.1f} ms  {s / len(times) / wall:6.1%}")
     rest = wall - sum(seconds.values()) / len(times)
     print(f"{'the rest (Python, numpy)':28s} {rest * 1e3:8.1f} ms  {rest / wall:6.1%}")
+    if args.by_shape:
+        print(f"{'product':24s} {'type':6s} {'T x K -> N':>22s} {'calls':>6s} {'ms/step':>8s} {'GFLOP/s':>8s}")
+        for (name, qt, t, k, m), (s_, calls) in sorted(shapes.items(), key=lambda kv: -kv[1][0]):
+            gflops = 2.0 * t * k * m * calls / s_ / 1e9
+            print(f"{name:24s} {qt:6s} {f'{t} x {k} -> {m}':>22s} {calls // len(times):6d} "
+                  f"{s_ / len(times) * 1e3:8.1f} {gflops:8.1f}")
 
 
 if __name__ == "__main__":

@@ -285,6 +285,10 @@ def path_peak(compute: str, threads: int) -> tuple[float, str]:
     return float(out[0]), out[1].strip()
 
 
+# environment variables that narrow a side's SIMD paths, printed when set (the AVX2 simulation)
+SIMD_LIMITS = ("GGTRAIN_AVX512", "GGTRAIN_AMX", "OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+               "MKL_ENABLE_INSTRUCTIONS")
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", type=Path, help="GGUF model (default: the bundled Gemma 3 270M Q4_K_M)")
@@ -327,6 +331,13 @@ def main() -> None:
           f"{args.alpha:g} on 7 projections, AdamW lr {args.lr:g}, clip {args.grad_clip:g}, checkpointing "
           f"{'on' if args.checkpointing else 'off'}, threads {args.threads}", flush=True)
     print(f"cpu {cpu_model()}; {load_average()}", flush=True)
+    limits = [f"{k}={os.environ[k]}" for k in SIMD_LIMITS if k in os.environ]
+    if limits:
+        print(f"SIMD limits from the environment: {' '.join(limits)}", flush=True)
+    if os.environ.get("ATEN_CPU_CAPABILITY") and "MKL_ENABLE_INSTRUCTIONS" not in os.environ:
+        # torch's f32 GEMM is MKL's, which ignores ATEN/oneDNN limits: on Intel it keeps AVX512
+        print("note: MKL_ENABLE_INSTRUCTIONS is unset, so torch's MKL GEMMs are not limited "
+              "(set MKL_ENABLE_INSTRUCTIONS=AVX2 for the AVX2 case)", flush=True)
     fpt = flops_per_token(args)
     print(f"model FLOPs a token: {fpt / 1e9:.3f} GFLOP", flush=True)
     side = args.ggtrain_side
