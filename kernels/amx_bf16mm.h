@@ -133,9 +133,12 @@ static inline void gg_amx_tile_row(const float *x, const uint16_t *xb, int64_t K
 /* C (mr <= GG_AMX_TM rows at c, row stride ldc; nc <= GG_AMX_TN columns) (+)= A · B over kp pairs
    (a multiple of GG_AMX_KP): A's GG_AMX_TM rows at a (row stride lda bf16, zeros past mr), B the
    columns at bp of one packed panel (kp rows, GG_BF_NR u32 a row). cst: GG_AMX_TM × GG_AMX_TN
-   floats, 64-byte aligned. Needs the tiles configured (gg_amx_configure) on this thread. */
+   floats, 64-byte aligned. Needs the tiles configured (gg_amx_configure) on this thread.
+   With ur > 0 the f32 low-rank addend U · V joins each row before it is stored, as in gg_bf16_micro:
+   U's mr rows at u (row stride ldu, ur columns), V's ur rows at v (row stride ldv, these nc columns). */
 static inline void gg_amx_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp,
-                                float *c, int64_t ldc, int nc, int accumulate, float *cst) {
+                                float *c, int64_t ldc, int nc, int accumulate, float *cst, const float *u,
+                                int64_t ldu, const float *v, int64_t ldv, int ur) {
     /* GCC's tile-load intrinsics do not tell the compiler that they read memory: the packing and
        rounding stores before them must not be moved past them */
     __asm__ volatile("" ::: "memory");
@@ -161,26 +164,30 @@ static inline void gg_amx_micro(int64_t kp, const uint16_t *a, int64_t lda, int 
     _tile_stored(3, cst + 16 * GG_AMX_TN + 16, GG_AMX_TN * 4);
     for (int m = 0; m < mr; m++) {
         float *row = c + m * ldc;
-        for (int v = 0; v < 2; v++) {
-            const __mmask16 k = gg_bf_cols_mask(nc, v);
+        for (int h = 0; h < 2; h++) {  /* the two 16-column halves */
+            const __mmask16 k = gg_bf_cols_mask(nc, h);
             if (!k) break;
-            __m512 r = _mm512_load_ps(cst + m * GG_AMX_TN + 16 * v);
-            if (accumulate) r = _mm512_add_ps(_mm512_maskz_loadu_ps(k, row + 16 * v), r);
-            _mm512_mask_storeu_ps(row + 16 * v, k, r);
+            __m512 r = _mm512_load_ps(cst + m * GG_AMX_TN + 16 * h);
+            for (int q = 0; q < ur; q++)
+                r = _mm512_fmadd_ps(_mm512_set1_ps(u[m * ldu + q]), _mm512_maskz_loadu_ps(k, v + q * ldv + 16 * h), r);
+            if (accumulate) r = _mm512_add_ps(_mm512_maskz_loadu_ps(k, row + 16 * h), r);
+            _mm512_mask_storeu_ps(row + 16 * h, k, r);
         }
     }
 }
 
 /* C rows t0 .. t1 (+)= A rows t0 .. t1 · one packed panel (kp pairs, a multiple of GG_AMX_KP; nc
-   <= GG_BF_NR columns): micro-kernels of GG_AMX_TM rows × GG_AMX_TN columns. t0 is a multiple of
-   GG_AMX_TM; A has rows up to t1 rounded up to GG_AMX_TM (zeros past the tokens). */
+   <= GG_BF_NR columns; + U rows t0 .. t1 · V with ur > 0, v at the panel's first column):
+   micro-kernels of GG_AMX_TM rows × GG_AMX_TN columns. t0 is a multiple of GG_AMX_TM; A has rows up to t1 rounded up to GG_AMX_TM (zeros past the tokens). */
 static inline void gg_amx_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1,
-                                const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate, float *cst) {
+                                const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate, float *cst,
+                                const float *u, int64_t ldu, const float *v, int64_t ldv, int ur) {
     for (int64_t t = t0; t < t1; t += GG_AMX_TM) {
         const int mr = t1 - t < GG_AMX_TM ? (int)(t1 - t) : GG_AMX_TM;
         for (int j = 0; j < nc; j += GG_AMX_TN)
             gg_amx_micro(kp, a + t * lda, lda, mr, bp + j, c + t * ldc + j, ldc,
-                         nc - j < GG_AMX_TN ? nc - j : GG_AMX_TN, accumulate, cst);
+                         nc - j < GG_AMX_TN ? nc - j : GG_AMX_TN, accumulate, cst,
+                         ur ? u + t * ldu : u, ldu, ur ? v + j : v, ldv, ur);
     }
 }
 

@@ -50,15 +50,18 @@ cdef extern from "amx_bf16mm.h" nogil:
     void gg_amx_tile_row(const float *x, const uint16_t *xb, int64_t K, int64_t tk, int64_t Tp, int64_t t,
                          uint16_t *dst)
     void gg_amx_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp, float *c,
-                      int64_t ldc, int nc, int accumulate, float *cst)
+                      int64_t ldc, int nc, int accumulate, float *cst, const float *u, int64_t ldu,
+                      const float *v, int64_t ldv, int ur)
     void gg_amx_tile_dot(int M, int N, int K, float *c, const uint16_t *a, const uint16_t *b, int configure)
     void gg_amx_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1, const uint32_t *bp,
-                      float *c, int64_t ldc, int nc, int accumulate, float *cst)
+                      float *c, int64_t ldc, int nc, int accumulate, float *cst, const float *u, int64_t ldu,
+                      const float *v, int64_t ldv, int ur)
 
 MICRO_ROWS = GG_AMX_TM  # tokens per micro-kernel
 MICRO_COLS = GG_BF_NR   # output columns per packed panel (and forward tile rows): the vdpbf16ps layout
 TILE_K = GG_BF_KC       # k per packed tile: a multiple of this
 EMULATED = bool(GG_AMX_EMULATED)  # the tile instructions are amx_emulate.h's C, not the CPU's
+TAKES_ADDEND = True     # qmatmul's u, v: the micro-kernel adds a low-rank f32 product as it stores
 
 
 def request_tile_state():
@@ -95,6 +98,14 @@ cdef inline Py_ssize_t split(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t p) noexc
     return min(n, (n // GG_AMX_TM * p // parts) * GG_AMX_TM) if p < parts else n
 
 
+cdef struct Addend:
+    # the f32 low-rank U (T, ur) · V (ur, columns of C) added to the output (ur = 0: none)
+    const float *u
+    const float *v
+    Py_ssize_t ldu, ldv
+    int ur
+
+
 cdef struct ATiles:
     # the rounded activations (Tp rows, K), k tile kb at a + kb * tstride, rows ld apart (ld_last in
     # the last tile), gg_amx_tile_row's layout (gg_amx_lda: padded rows)
@@ -108,7 +119,8 @@ cdef inline Py_ssize_t a_ld(const ATiles *A, Py_ssize_t kb) noexcept nogil:
 
 cdef int amx_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
                      Py_ssize_t R, Py_ssize_t K, const ATiles *A, Py_ssize_t T,
-                     float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, Py_ssize_t tile_k, int nth) noexcept nogil:
+                     float *y, Py_ssize_t ldy, Py_ssize_t tile_rows, Py_ssize_t tile_k, const Addend *L,
+                     int nth) noexcept nogil:
     """y (T, R) = a (T, K) · Wᵀ. An item is tile_rows (a multiple of GG_BF_NR) weight rows: per tile
     of tile_k values of k its panels are packed (kp16 pairs each, zeros after kp), then each panel
     meets every token. Returns -1 if out of memory."""
@@ -149,7 +161,8 @@ cdef int amx_forward(int qtype, int block, int type_size, const uint8_t *w, Py_s
                 while s < n_panels and item * tile_rows + s * GG_BF_NR < R:
                     r0 = item * tile_rows + s * GG_BF_NR
                     nr = <int>min(<Py_ssize_t>GG_BF_NR, R - r0)
-                    gg_amx_panel(kp16, a, lda, 0, T, bp + s * kp16 * GG_BF_NR, y + r0, ldy, nr, k0 > 0, cst)
+                    gg_amx_panel(kp16, a, lda, 0, T, bp + s * kp16 * GG_BF_NR, y + r0, ldy, nr, k0 > 0, cst,
+                                 L.u, L.ldu, L.v + r0, L.ldv, L.ur if k0 + kc >= K else 0)
                     s = s + 1
                 k0 = k0 + kc
         gg_amx_release()
@@ -160,7 +173,7 @@ cdef int amx_forward(int qtype, int block, int type_size, const uint8_t *w, Py_s
 cdef int amx_backward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
                       Py_ssize_t R, Py_ssize_t n, const ATiles *A, Py_ssize_t T,
                       float *dx, Py_ssize_t lddx, bint accumulate, Py_ssize_t tile_k, Py_ssize_t tile_cols,
-                      Py_ssize_t token_parts, int nth) noexcept nogil:
+                      Py_ssize_t token_parts, const Addend *L, int nth) noexcept nogil:
     """dx (T, n) (+)= a (T, R) · W. The packer lays a tile's panels kp pairs apart; a tile whose kp
     is not a multiple of 16 (the last one of an R that is not a multiple of 32) has its panels moved
     kp16 apart, zero pairs between. Returns -1 if out of memory."""
@@ -204,7 +217,8 @@ cdef int amx_backward(int qtype, int block, int type_size, const uint8_t *w, Py_
                 s = 0
                 while s * GG_BF_NR < nc:
                     gg_amx_panel(kp16, a, lda, t0, t1, bp + s * kp16 * GG_BF_NR, dx + c0 + s * GG_BF_NR, lddx,
-                                 <int>min(<Py_ssize_t>GG_BF_NR, nc - s * GG_BF_NR), accumulate or r0 > 0, cst)
+                                 <int>min(<Py_ssize_t>GG_BF_NR, nc - s * GG_BF_NR), accumulate or r0 > 0, cst,
+                                 L.u, L.ldu, L.v + c0 + s * GG_BF_NR, L.ldv, L.ur if r0 + kr >= R else 0)
                     s = s + 1
                 r0 = r0 + kr
         gg_amx_release()
@@ -221,9 +235,10 @@ def supports(int qtype):
 
 def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w, a_f32, a_bf16,
             float[:, :] c, bint accumulate, Py_ssize_t tile_rows, Py_ssize_t tile_cols, Py_ssize_t token_parts,
-            int nth, int round_nth):
+            int nth, int round_nth, u=None, v=None):
     """Forward c = a·Wᵀ or backward c (+)= a·W in bf16 with f32 accumulation, on AMX tiles: the
-    same arguments and tiles as bf16mm_avx512bf16.qmatmul (the plan of ggtrain.kernels). The
+    same arguments and tiles as bf16mm_avx512bf16.qmatmul (the plan of ggtrain.kernels), the
+    addend u (T, r) · v (r, columns of c) too (f32, added as each micro-kernel stores). The
     activations are always copied into the padded tiles (bf16 input too: the tiles read 32 rows
     and 32 values of k at a time, past the caller's array at a tail)."""
     cdef Py_ssize_t tile_k = tile_rows if backward else tile_cols
@@ -242,9 +257,23 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
         T = ab.shape[0]
     if not supports(qtype):
         raise ValueError(f"tensor type {qtype} is not supported by the bf16 kernels")
+    cdef Addend L
+    cdef const float[:, :] um, vm
+    L.ur = 0
+    L.u = L.v = NULL
+    L.ldu = L.ldv = 0
+    if u is not None:
+        um, vm = u, v
+        L.ur = <int>um.shape[1]
+        if L.ur:
+            L.u, L.v = &um[0, 0], &vm[0, 0]
+            L.ldu = um.strides[0] // 4 if um.shape[0] > 1 else L.ur
+            L.ldv = vm.strides[0] // 4 if vm.shape[0] > 1 else vm.shape[1]
     if T == 0:
         return
     if R == 0 or n == 0:
+        if L.ur:
+            raise ValueError("an addend needs a weight with rows and columns")
         if not accumulate:
             for i in range(T):
                 for j in range(c.shape[1]):
@@ -281,10 +310,10 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     with nogil:
         if backward:
             rc = amx_backward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &A, T, &c[0, 0], ldc,
-                              accumulate, tile_k, tile_cols, token_parts, nth)
+                              accumulate, tile_k, tile_cols, token_parts, &L, nth)
         else:
             rc = amx_forward(qtype, block, type_size, &w[0, 0], w.strides[0], R, n, &A, T, &c[0, 0], ldc,
-                             tile_rows, tile_k, nth)
+                             tile_rows, tile_k, &L, nth)
     free(abuf)
     if rc != 0:
         raise MemoryError(f"cannot allocate {nth} bf16 weight tiles")
@@ -314,11 +343,11 @@ def micro_peak(int nth, Py_ssize_t reps):
         c = <float *>(a + GG_AMX_TM * GG_BF_KC)
         gg_amx_configure()
         gg_amx_micro(GG_BF_KC // 2, a, GG_BF_KC, GG_AMX_TM, bp, c, GG_AMX_TN, GG_AMX_TN, 0,
-                     c + GG_AMX_TM * GG_AMX_TN)  # warm up
+                     c + GG_AMX_TM * GG_AMX_TN, NULL, 0, NULL, 0, 0)  # warm up
         t0 = openmp.omp_get_wtime()
         for r in range(reps):
             gg_amx_micro(GG_BF_KC // 2, a, GG_BF_KC, GG_AMX_TM, bp, c, GG_AMX_TN, GG_AMX_TN, 1,
-                         c + GG_AMX_TM * GG_AMX_TN)
+                         c + GG_AMX_TM * GG_AMX_TN, NULL, 0, NULL, 0, 0)
         seconds[tid] = openmp.omp_get_wtime() - t0
         gg_amx_release()
     free(bufs)

@@ -40,6 +40,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 from loras import refused
 from test_bf16 import ALL_TYPES, U32, check_product, dequant, rne, widen
+from test_bf16 import test_low_rank_addend_joins_the_product as addend_check
 from test_compute import GRAD_COS, GRAD_REL, finetune, step_gradients
 from test_qmatmul import make_weight
 from tinymodels import tiny_model
@@ -312,6 +313,22 @@ def test_weights_and_activations_are_rounded_bit_exactly(amx_kernel: str) -> Non
     x = rng.standard_normal((35, 67), dtype=np.float32)
     eye = np.eye(67, dtype=np.float32).view(np.uint8)
     assert np.array_equal(kernels.qmatmul(x, eye, Q.F32, compute="bf16"), widen(rne(x)).astype(np.float32))
+
+
+@on_kernels
+@pytest.mark.parametrize("qt, rows, n, T", [(Q.Q4_K, 200, 2560, 37), (Q.Q8_0, 130, 640, 7), (Q.Q5_0, 64, 2080, 13)],
+                         ids=["Q4_K-k-tiles", "Q8_0-col-tail", "Q5_0"])
+def test_low_rank_addend_joins_the_tiles(amx_kernel: str, monkeypatch, qt: Q, rows: int, n: int, T: int) -> None:
+    """The LoRA addend u·v is added by the AMX micro-kernel as it stores (TAKES_ADDEND: the second
+    BLAS pass never runs), at the last k tile only: test_bf16's float64 checks, forward, backward and
+    accumulate, k tiles, token and column tails, on the tiles."""
+    if EMU is None:
+        return no_emulation()
+
+    def second_pass(addend: object, out: object) -> None:
+        assert addend is None, "the AMX kernel left the addend to a second pass"
+    monkeypatch.setattr(kernels, "_add_addend", second_pass)
+    addend_check("bf16", qt, rows, n, T)
 
 
 @on_kernels

@@ -370,7 +370,10 @@ def test_extra_memory_is_bounded() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     grew, tile, f32_tile, finite = res.stdout.split()
     assert finite == "True"
-    assert int(tile) < int(f32_tile) / 2  # the bf16 tiles: half the bytes a value, and fewer values
+    # the bf16 tiles: half the bytes a value, and fewer values; besides them the rounded activations,
+    # which the AMX kernel pads to 32 tokens and to 32 values of k plus 32 a tile (both k tiles of 2048)
+    pad = 32 * (4096 + 2 * 32) * 2
+    assert int(tile) < int(f32_tile) / 2 + pad, (tile, f32_tile)
     assert int(grew) < int(tile) + (8 << 20), (grew, tile)  # 8 MiB: allocator and page-table slack
 
 
