@@ -90,14 +90,26 @@ static inline void gg_prefetch_rows(const uint8_t *w, int64_t wstride, int rows,
         for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(w + i * wstride + o), _MM_HINT_T0);
 }
 
+/* Whether a weight type's dequantized values can be f32 denormals: only F32 and BF16 weights can (every
+   quantized type is a product or difference of values from 2^-24 up, F16 included). The others are
+   rounded by vcvtne(2)ps2bf16, one instruction for 16 or 32 values and the same round to nearest even
+   as gg_bf16_round16 on normal numbers and NaN; it flushes denormals to zero, so F32 and BF16 weights
+   keep the integer rounding. */
+static inline int gg_bf_may_denormal(int qtype) { return qtype == GG_TYPE_F32 || qtype == GG_TYPE_BF16; }
+
+/* 16 floats -> 16 bf16: exact, the integer arithmetic (denormals kept); else the instruction */
+static inline __m256i gg_bf_round16w(__m512 v, int exact) {
+    return exact ? gg_bf16_round16(v) : (__m256i)_mm512_cvtneps_pbh(v);
+}
+
 /* 32 floats (the first `valid`, zeros after) -> 16 bf16 pairs */
-static inline __m512i gg_bf16_pairs16(const float *s, int valid) {
+static inline __m512i gg_bf16_pairs16(const float *s, int valid, int exact) {
     const __mmask16 m0 = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid > 0 ? valid : 0)) - 1);
     const int v1 = valid - 16;
     const __mmask16 m1 = v1 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (v1 > 0 ? v1 : 0)) - 1);
-    const __m256i lo = gg_bf16_round16(_mm512_maskz_loadu_ps(m0, s));
-    const __m256i hi = gg_bf16_round16(_mm512_maskz_loadu_ps(m1, s + 16));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    const __m512 lo = _mm512_maskz_loadu_ps(m0, s), hi = _mm512_maskz_loadu_ps(m1, s + 16);
+    if (!exact) return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  /* lo in the low half */
+    return _mm512_inserti64x4(_mm512_castsi256_si512(gg_bf16_round16(lo)), gg_bf16_round16(hi), 1);
 }
 
 /* 16 × 16 u32 transpose in registers: r[i] lane j <-> r[j] lane i */
@@ -134,7 +146,7 @@ static inline void gg_transpose16(__m512i r[16]) {
    odd kc are zeros. scratch: 16 · GG_BF_KC floats. */
 static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride,
                                    int nr, int64_t k0, int kc, float *scratch, uint32_t *bp) {
-    const int kp = (kc + 1) / 2;
+    const int kp = (kc + 1) / 2, exact = gg_bf_may_denormal(qtype);
     /* the weights come from DRAM (a model is far larger than the caches) and this walk reads them 16
        strided rows at a time, which the hardware prefetchers follow badly: ask for the next panel's
        rows (the tile the caller packs next) now, while this one is packed and multiplied */
@@ -152,7 +164,7 @@ static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const ui
             for (int p0 = 0; 2 * p0 < cc; p0 += 16) {
                 __m512i r[16];
                 for (int i = 0; i < 16; i++)
-                    r[i] = i < rows ? gg_bf16_pairs16(scratch + i * GG_BF_KC + 2 * p0, cc - 2 * p0)
+                    r[i] = i < rows ? gg_bf16_pairs16(scratch + i * GG_BF_KC + 2 * p0, cc - 2 * p0, exact)
                                     : _mm512_setzero_si512();
                 gg_transpose16(r);  /* r[q] = pair c0 / 2 + p0 + q of the 16 rows */
                 for (int q = 0; q < 16 && c0 / 2 + p0 + q < kp; q++)
@@ -169,7 +181,7 @@ static inline int gg_bf16_pack_fwd(int qtype, int block, int type_size, const ui
    columns past nc are zeros. Panels are kp · GG_BF_NR u32 apart. scratch: 2 · (nc + GG_BF_NR) floats. */
 static inline int gg_bf16_pack_bwd(int qtype, int block, int type_size, const uint8_t *w, int64_t wstride,
                                    int kr, int64_t c0, int nc, float *scratch, uint32_t *bp) {
-    const int kp = (kr + 1) / 2, n_panels = (nc + GG_BF_NR - 1) / GG_BF_NR;
+    const int kp = (kr + 1) / 2, n_panels = (nc + GG_BF_NR - 1) / GG_BF_NR, exact = gg_bf_may_denormal(qtype);
     const int64_t skip = (c0 / block) * type_size;
     float *s0 = scratch, *s1 = scratch + nc + GG_BF_NR;
     for (int p = 0; p < kp; p++) {
@@ -182,8 +194,8 @@ static inline int gg_bf16_pack_bwd(int qtype, int block, int type_size, const ui
         for (int c = 0; c < n_panels * GG_BF_NR; c += 16) {
             const int valid = nc - c;
             const __mmask16 m = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (valid > 0 ? valid : 0)) - 1);
-            const __m512i a = _mm512_cvtepu16_epi32(gg_bf16_round16(_mm512_maskz_loadu_ps(m, s0 + c)));
-            const __m512i b = second ? _mm512_cvtepu16_epi32(gg_bf16_round16(_mm512_maskz_loadu_ps(m, s1 + c)))
+            const __m512i a = _mm512_cvtepu16_epi32(gg_bf_round16w(_mm512_maskz_loadu_ps(m, s0 + c), exact));
+            const __m512i b = second ? _mm512_cvtepu16_epi32(gg_bf_round16w(_mm512_maskz_loadu_ps(m, s1 + c), exact))
                                      : _mm512_setzero_si512();
             _mm512_store_si512((__m512i *)(bp + ((int64_t)(c / GG_BF_NR) * kp + p) * GG_BF_NR + c % GG_BF_NR),
                                _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));

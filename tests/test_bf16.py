@@ -185,6 +185,25 @@ def test_weights_are_rounded_to_nearest_even_bit_exactly(qt: Q) -> None:
     assert np.array_equal(dx, want)
 
 
+def test_denormal_f32_weights_round_up_to_normal() -> None:
+    """An f32 denormal just under the smallest normal rounds (to nearest even) up to the smallest normal
+    bf16, which the dot products do not flush; vcvtneps2bf16 (the quantized types' packer, whose values
+    are never denormal) would flush it to zero, so F32 weights take the integer rounding and keep it."""
+    if not HERE:
+        return refused()
+    rng = np.random.default_rng(11)
+    n = 64
+    bits = rng.integers(0x007F8000, 0x00800000, size=(40, n), dtype=np.uint32)  # round up to 0x0080
+    bits[:, ::3] |= 0x80000000
+    w = bits.view(np.float32)
+    want = widen(rne(w)).astype(np.float32)
+    assert np.all(np.abs(want) == np.float32(2.0 ** -126))
+    y = kernels.qmatmul(np.eye(n, dtype=np.float32), w.view(np.uint8), Q.F32, compute="bf16")
+    assert np.array_equal(y.view(np.uint32), want.T.view(np.uint32))
+    dx = kernels.qmatmul_backward_input(np.eye(40, dtype=np.float32), w.view(np.uint8), Q.F32, compute="bf16")
+    assert np.array_equal(dx.view(np.uint32), want.view(np.uint32))
+
+
 def test_activations_are_rounded_to_nearest_even_bit_exactly() -> None:
     """An F32 identity weight: Y = bf16(X) exactly, for values at, beside and away from ties."""
     if not HERE:
