@@ -97,7 +97,7 @@ def kernel_extensions() -> list[Extension]:
 setup(
     packages=["ggtrain", "ggtrain.gguf", "ggtrain.text", "ggtrain.dataset", "ggtrain.model", "ggtrain.adapters", "ggtrain.train", "ggtrain.generate", "ggtrain.kernels", "ggtrain.cli", "ggtrain.samples"],
     package_dir={"ggtrain": "ggtrain", "ggtrain.kernels": "kernels", "ggtrain.cli": "cli", "ggtrain.samples": "data"},
-    package_data={"ggtrain.kernels": ["*.pxd", "*.pyx", "*.h"], "ggtrain.samples": ["*.txt", "*.json", "*.jsonl", "*.csv", "*.tsv", "*.jinja"]},
+    package_data={"ggtrain.kernels": ["*.pxd", "*.pyx", "*.pxi", "*.h"], "ggtrain.samples": ["*.txt", "*.json", "*.jsonl", "*.csv", "*.tsv", "*.jinja"]},
     ext_modules=cythonize(
         kernel_extensions(),
         compiler_directives={

@@ -26,22 +26,9 @@ static double now(void) {
 
 enum { R = 4096, K = 640, T = 512, BLOCK = 32, TS = 34, KP = K / 2, ROUNDS = 40 };
 
-/* the micro-kernel's k loop of gg_amx_micro, C tiles stored to cst only */
+/* gg_amx_micro without the output: its k loop (gg_amx_tiles), the C tiles stored to cst only */
 static void micro_no_output(const uint16_t *a, int64_t lda, const uint32_t *bp, float *cst) {
-    __asm__ volatile("" ::: "memory");
-    const int64_t sa = lda * 2, sb = GG_BF_NR * 4;
-    const uint16_t *a1 = a + 16 * lda;
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t p = 0; p < KP; p += GG_AMX_KP) {
-        _tile_loadd(4, a + 2 * p, sa);
-        _tile_loadd(6, bp + p * GG_BF_NR, sb);
-        _tile_loadd(7, bp + p * GG_BF_NR + 16, sb);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(5, a1 + 2 * p, sa);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-    }
+    gg_amx_tiles(KP, a, lda, bp);
     _tile_stored(0, cst, 128); _tile_stored(1, cst + 16, 128);
     _tile_stored(2, cst + 512, 128); _tile_stored(3, cst + 528, 128);
 }

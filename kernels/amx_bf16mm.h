@@ -130,15 +130,9 @@ static inline void gg_amx_tile_row(const float *x, const uint16_t *xb, int64_t K
     }
 }
 
-/* C (mr <= GG_AMX_TM rows at c, row stride ldc; nc <= GG_AMX_TN columns) (+)= A · B over kp pairs
-   (a multiple of GG_AMX_KP): A's GG_AMX_TM rows at a (row stride lda bf16, zeros past mr), B the
-   columns at bp of one packed panel (kp rows, GG_BF_NR u32 a row). cst: GG_AMX_TM × GG_AMX_TN
-   floats, 64-byte aligned. Needs the tiles configured (gg_amx_configure) on this thread.
-   With ur > 0 the f32 low-rank addend U · V joins each row before it is stored, as in gg_bf16_micro:
-   U's mr rows at u (row stride ldu, ur columns), V's ur rows at v (row stride ldv, these nc columns). */
-static inline void gg_amx_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp,
-                                float *c, int64_t ldc, int nc, int accumulate, float *cst, const float *u,
-                                int64_t ldu, const float *v, int64_t ldv, int ur) {
+/* C tiles tmm0..3 = A · B over kp pairs (a multiple of GG_AMX_KP): the micro-kernel's k loop (A's
+   GG_AMX_TM rows at a, row stride lda bf16; B one packed panel's GG_AMX_TN columns at bp) */
+static inline void gg_amx_tiles(int64_t kp, const uint16_t *a, int64_t lda, const uint32_t *bp) {
     /* GCC's tile-load intrinsics do not tell the compiler that they read memory: the packing and
        rounding stores before them must not be moved past them */
     __asm__ volatile("" ::: "memory");
@@ -158,6 +152,18 @@ static inline void gg_amx_micro(int64_t kp, const uint16_t *a, int64_t lda, int 
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
+}
+
+/* C (mr <= GG_AMX_TM rows at c, row stride ldc; nc <= GG_AMX_TN columns) (+)= A · B over kp pairs
+   (a multiple of GG_AMX_KP): A's GG_AMX_TM rows at a (row stride lda bf16, zeros past mr), B the
+   columns at bp of one packed panel (kp rows, GG_BF_NR u32 a row). cst: GG_AMX_TM × GG_AMX_TN
+   floats, 64-byte aligned. Needs the tiles configured (gg_amx_configure) on this thread.
+   With ur > 0 the f32 low-rank addend U · V joins each row before it is stored, as in gg_bf16_micro:
+   U's mr rows at u (row stride ldu, ur columns), V's ur rows at v (row stride ldv, these nc columns). */
+static inline void gg_amx_micro(int64_t kp, const uint16_t *a, int64_t lda, int mr, const uint32_t *bp,
+                                float *c, int64_t ldc, int nc, int accumulate, float *cst, const float *u,
+                                int64_t ldu, const float *v, int64_t ldv, int ur) {
+    gg_amx_tiles(kp, a, lda, bp);
     _tile_stored(0, cst, GG_AMX_TN * 4);
     _tile_stored(1, cst + 16, GG_AMX_TN * 4);
     _tile_stored(2, cst + 16 * GG_AMX_TN, GG_AMX_TN * 4);

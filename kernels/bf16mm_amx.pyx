@@ -28,9 +28,6 @@ from libc.string cimport memmove, memset
 
 cimport openmp
 
-cdef extern from "stdlib.h" nogil:
-    void *aligned_alloc(size_t alignment, size_t size)
-
 cdef extern from "bf16mm_util.h" nogil:
     enum:
         GG_BF_NR, GG_BF_KC
@@ -56,6 +53,8 @@ cdef extern from "amx_bf16mm.h" nogil:
     void gg_amx_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1, const uint32_t *bp,
                       float *c, int64_t ldc, int nc, int accumulate, float *cst, const float *u, int64_t ldu,
                       const float *v, int64_t ldv, int ur)
+
+include "bf16mm_args.pxi"
 
 MICRO_ROWS = GG_AMX_TM  # tokens per micro-kernel
 MICRO_COLS = GG_BF_NR   # output columns per packed panel (and forward tile rows): the vdpbf16ps layout
@@ -85,10 +84,6 @@ def tile_dot(float[:, ::1] c, const uint16_t[:, ::1] a, const uint16_t[:, ::1] b
         gg_amx_tile_dot(M, N, K, &c[0, 0], &a[0, 0], &b[0, 0], configure)
 
 
-cdef inline void *alloc64(size_t n) noexcept nogil:
-    return aligned_alloc(64, (n + 63) // 64 * 64)
-
-
 cdef inline Py_ssize_t pad_pairs(Py_ssize_t kp) noexcept nogil:
     return (kp + GG_AMX_KP - 1) // GG_AMX_KP * GG_AMX_KP
 
@@ -96,25 +91,6 @@ cdef inline Py_ssize_t pad_pairs(Py_ssize_t kp) noexcept nogil:
 cdef inline Py_ssize_t split(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t p) noexcept nogil:
     """Start of part p of [0, n) cut into `parts` near-equal pieces, on micro-kernel boundaries."""
     return min(n, (n // GG_AMX_TM * p // parts) * GG_AMX_TM) if p < parts else n
-
-
-cdef struct Addend:
-    # the f32 low-rank U (T, ur) · V (ur, columns of C) added to the output (ur = 0: none)
-    const float *u
-    const float *v
-    Py_ssize_t ldu, ldv
-    int ur
-
-
-cdef struct ATiles:
-    # the rounded activations (Tp rows, K), k tile kb at a + kb * tstride, rows ld apart (ld_last in
-    # the last tile), gg_amx_tile_row's layout (gg_amx_lda: padded rows)
-    const uint16_t *a
-    Py_ssize_t tstride, ld, ld_last, n_tiles
-
-
-cdef inline Py_ssize_t a_ld(const ATiles *A, Py_ssize_t kb) noexcept nogil:
-    return A.ld_last if kb == A.n_tiles - 1 else A.ld
 
 
 cdef int amx_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
@@ -226,13 +202,6 @@ cdef int amx_backward(int qtype, int block, int type_size, const uint8_t *w, Py_
     return 0
 
 
-def supports(int qtype):
-    """Whether the packers know qtype (every type of ggtrain.kernels.SUPPORTED_TYPES)."""
-    cdef float y[1]
-    cdef uint8_t b[1]
-    return gg_bf_dequant(qtype, b, y, 0) == 0
-
-
 def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w, a_f32, a_bf16,
             float[:, :] c, bint accumulate, Py_ssize_t tile_rows, Py_ssize_t tile_cols, Py_ssize_t token_parts,
             int nth, int round_nth, u=None, v=None):
@@ -241,11 +210,9 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     addend u (T, r) · v (r, columns of c) too (f32, added as each micro-kernel stores). The
     activations are always copied into the padded tiles (bf16 input too: the tiles read 32 rows
     and 32 values of k at a time, past the caller's array at a tail)."""
+    check_call(backward, qtype, block, tile_rows, tile_cols)
     cdef Py_ssize_t tile_k = tile_rows if backward else tile_cols
-    if (tile_k <= 0 or tile_k % GG_BF_KC or (not backward and tile_rows % GG_BF_NR)
-            or (backward and (tile_cols % GG_BF_NR or tile_cols % block))):
-        raise ValueError(f"bf16 tiles {tile_rows}x{tile_cols} do not fit the micro-kernel")
-    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, i, j, t, T, kb
+    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, t, T, kb
     cdef Py_ssize_t K = n if not backward else R
     cdef const float[:, :] af
     cdef const uint16_t[:, :] ab
@@ -255,29 +222,9 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     else:
         ab = a_bf16
         T = ab.shape[0]
-    if not supports(qtype):
-        raise ValueError(f"tensor type {qtype} is not supported by the bf16 kernels")
     cdef Addend L
-    cdef const float[:, :] um, vm
-    L.ur = 0
-    L.u = L.v = NULL
-    L.ldu = L.ldv = 0
-    if u is not None:
-        um, vm = u, v
-        L.ur = <int>um.shape[1]
-        if L.ur:
-            L.u, L.v = &um[0, 0], &vm[0, 0]
-            L.ldu = um.strides[0] // 4 if um.shape[0] > 1 else L.ur
-            L.ldv = vm.strides[0] // 4 if vm.shape[0] > 1 else vm.shape[1]
-    if T == 0:
-        return
-    if R == 0 or n == 0:
-        if L.ur:
-            raise ValueError("an addend needs a weight with rows and columns")
-        if not accumulate:
-            for i in range(T):
-                for j in range(c.shape[1]):
-                    c[i, j] = 0
+    addend_of(u, v, &L)
+    if empty_call(T, R, n, &L, c, accumulate):
         return
     cdef ATiles A
     cdef Py_ssize_t Tp = (T + GG_AMX_TM - 1) // GG_AMX_TM * GG_AMX_TM

@@ -22,9 +22,6 @@ from libc.string cimport memcpy
 
 cimport openmp
 
-cdef extern from "stdlib.h" nogil:
-    void *aligned_alloc(size_t alignment, size_t size)
-
 cdef extern from "bf16mm_util.h" nogil:
     enum:
         GG_BF_MR, GG_BF_NR, GG_BF_KC
@@ -43,14 +40,12 @@ cdef extern from "bf16mm_util.h" nogil:
                        const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate, const float *u,
                        int64_t ldu, const float *v, int64_t ldv, int ur)
 
+include "bf16mm_args.pxi"
+
 MICRO_ROWS = GG_BF_MR   # tokens per micro-tile
 MICRO_COLS = GG_BF_NR   # output columns per micro-tile (and forward tile rows)
 TILE_K = GG_BF_KC       # k per packed tile: a multiple of this
 TAKES_ADDEND = True     # qmatmul's u, v: the micro-kernel adds a low-rank f32 product as it stores
-
-
-cdef inline void *alloc64(size_t n) noexcept nogil:
-    return aligned_alloc(64, (n + 63) // 64 * 64)
 
 
 cdef inline Py_ssize_t split(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t p) noexcept nogil:
@@ -69,25 +64,6 @@ def to_bf16_rows(const float[:, :] x, uint16_t[:, :] out, int nth):
     with nogil:
         for t in prange(T, num_threads=nth, schedule="static"):
             gg_bf16_round_row(src + t * lds, dst + t * ldd, n, 0)
-
-
-cdef struct Addend:
-    # the f32 low-rank U (T, ur) · V (ur, columns of C) added to the output (ur = 0: none)
-    const float *u
-    const float *v
-    Py_ssize_t ldu, ldv
-    int ur
-
-
-cdef struct ATiles:
-    # the rounded activations (T, K), k tile kb at a + kb * tstride, rows ld apart (ld_last in the
-    # last tile): gg_bf16_tile_row's layout, or the caller's row-major array when K is one even tile
-    const uint16_t *a
-    Py_ssize_t tstride, ld, ld_last, n_tiles
-
-
-cdef inline Py_ssize_t a_ld(const ATiles *A, Py_ssize_t kb) noexcept nogil:
-    return A.ld_last if kb == A.n_tiles - 1 else A.ld
 
 
 cdef int bf_forward(int qtype, int block, int type_size, const uint8_t *w, Py_ssize_t wstride,
@@ -178,13 +154,6 @@ cdef int bf_backward(int qtype, int block, int type_size, const uint8_t *w, Py_s
     return 0
 
 
-def supports(int qtype):
-    """Whether the packers know qtype (every type of ggtrain.kernels.SUPPORTED_TYPES)."""
-    cdef float y[1]
-    cdef uint8_t b[1]
-    return gg_bf_dequant(qtype, b, y, 0) == 0
-
-
 def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:, :] w, a_f32, a_bf16,
             float[:, :] c, bint accumulate, Py_ssize_t tile_rows, Py_ssize_t tile_cols, Py_ssize_t token_parts,
             int nth, int round_nth, u=None, v=None):
@@ -196,11 +165,9 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     token_parts token ranges. Values of k per tile: a multiple of GG_BF_KC. round_nth: the threads
     that round f32 activations. u (T, r), v (r, columns of c), f32 with inner strides 1 (checked by
     the caller): c also gets u·v, in f32, in the same pass."""
+    check_call(backward, qtype, block, tile_rows, tile_cols)
     cdef Py_ssize_t tile_k = tile_rows if backward else tile_cols
-    if (tile_k <= 0 or tile_k % GG_BF_KC or (not backward and tile_rows % GG_BF_NR)
-            or (backward and (tile_cols % GG_BF_NR or tile_cols % block))):
-        raise ValueError(f"bf16 tiles {tile_rows}x{tile_cols} do not fit the micro-kernel")
-    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, i, j, t, T
+    cdef Py_ssize_t R = w.shape[0], n = w.shape[1] // type_size * block, t, T
     cdef Py_ssize_t K = n if not backward else R
     cdef const float[:, :] af
     cdef const uint16_t[:, :] ab
@@ -210,29 +177,9 @@ def qmatmul(bint backward, int qtype, int block, int type_size, const uint8_t[:,
     else:
         ab = a_bf16
         T = ab.shape[0]
-    if not supports(qtype):
-        raise ValueError(f"tensor type {qtype} is not supported by the bf16 kernels")
     cdef Addend L
-    cdef const float[:, :] um, vm
-    L.ur = 0
-    L.u = L.v = NULL
-    L.ldu = L.ldv = 0
-    if u is not None:
-        um, vm = u, v
-        L.ur = <int>um.shape[1]
-        if L.ur:
-            L.u, L.v = &um[0, 0], &vm[0, 0]
-            L.ldu = um.strides[0] // 4 if um.shape[0] > 1 else L.ur
-            L.ldv = vm.strides[0] // 4 if vm.shape[0] > 1 else vm.shape[1]
-    if T == 0:
-        return
-    if R == 0 or n == 0:
-        if L.ur:
-            raise ValueError("an addend needs a weight with rows and columns")
-        if not accumulate:
-            for i in range(T):
-                for j in range(c.shape[1]):
-                    c[i, j] = 0
+    addend_of(u, v, &L)
+    if empty_call(T, R, n, &L, c, accumulate):
         return
     # the rounded activations in k tiles (ATiles): the caller's array as it is when it rounded them
     # and K is even (tile kb at column kb·tile_k of its rows), else a buffer this call fills once
