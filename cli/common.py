@@ -61,7 +61,7 @@ def compute_option(training: bool = True, dest: str = "compute") -> Callable:
             "Products with the frozen base weights: bf16 rounds their inputs (activations, output gradients, the "
             "dequantized weight tiles) to bf16 and accumulates in f32; f32 keeps everything f32. LoRA weights, "
             "gradients, optimizer state, norms, softmax and the loss are f32 either way. auto: bf16 where the CPU "
-            "has native bf16 dot products (AVX512-BF16), f32 elsewhere.")
+            "has native bf16 dot products that beat f32 (AMX tiles; AVX512-BF16 on AMD), f32 elsewhere.")
     else:
         choices, text = ["auto", "int8", "bf16", "f32"], (
             "Products with the quantized weights: int8 quantizes activations as llama.cpp does (AVX512-VNNI), bf16 "

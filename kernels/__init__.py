@@ -55,6 +55,7 @@ __all__ = [
     "bf16_available",
     "bf16_kernel",
     "bf16_missing",
+    "bf16_slower",
     "dequantize",
     "first_run_notice",
     "get_num_threads",
@@ -320,6 +321,17 @@ def bf16_kernel() -> str | None:
     if _amx_module() is not None:
         return "amx"
     return "vdpbf16ps" if _bf16_module() is not None else None
+
+
+def bf16_slower() -> str | None:
+    """Why the bf16 path, though it runs here, is slower than f32 (so compute "auto" keeps f32), or
+    None. On Intel CPUs vdpbf16ps issues on one port where f32 FMAs issue on two: the same FLOP rate at
+    best, and the bf16 kernel ran at 0.61x our f32 products on a Sapphire Rapids Xeon (bench/README.md);
+    on AMD Zen 4/5 it is twice the f32 rate. AMX tiles are faster everywhere they run."""
+    if bf16_kernel() == "vdpbf16ps" and variants.cpu_vendor() == "GenuineIntel":
+        return (f"vdpbf16ps is no faster than f32 FMAs on Intel CPUs and AMX does not run here "
+                f"({amx_missing()}); --compute bf16 forces it")
+    return None
 
 
 def _bf16_for(what: str, compute: str) -> ModuleType | None:

@@ -87,6 +87,19 @@ def cpu_features() -> frozenset[str]:
     return frozenset(f for f in wanted if __cpu_features__.get(numpy_name(f)))
 
 
+@cache
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def runs_on(variant: str, features: frozenset[str]) -> bool:
     """Whether a CPU with these features runs code built as `variant`."""
     return set(VARIANTS[variant].cpu) <= features

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ggtrain.kernels import variants
 from loras import refused
 from tinymodels import tiny_model
 
 from ggtrain import kernels
 from ggtrain.gguf.modelfile import ModelFile
 from ggtrain.model.lora import DEFAULT_TARGETS, LoraConfig, LoraWeights, target_shapes
-from ggtrain.model.transformer import Batch, Model
+from ggtrain.model.transformer import Batch, Model, resolve_matmul
 
 TEXT = "/usr/share/common-licenses/GPL-3"
 GGTRAIN = [sys.executable, "-m", "ggtrain.cli.main"]
@@ -96,13 +97,35 @@ def test_bf16_refused_where_it_cannot_run() -> None:
         Model(ModelFile(tiny_model("llama", "Q8_0")), matmul="fp8")
 
 
+def test_auto_keeps_f32_where_the_bf16_kernel_is_slower(monkeypatch) -> None:
+    """auto trains in bf16 on AMX tiles and on AMD's vdpbf16ps, and keeps f32 on an Intel CPU whose bf16
+    kernel would be vdpbf16ps (no faster than its f32 FMAs); --compute bf16 still forces it there."""
+    monkeypatch.setattr(kernels, "amx_missing", lambda: "this CPU has no AMX-BF16")
+    for kernel, vendor, want in (("vdpbf16ps", "GenuineIntel", "f32"), ("vdpbf16ps", "AuthenticAMD", "bf16"),
+                                 ("amx", "GenuineIntel", "bf16")):
+        monkeypatch.setattr(kernels, "bf16_kernel", lambda k=kernel: k)
+        monkeypatch.setattr(variants, "cpu_vendor", lambda v=vendor: v)
+        mode, why = resolve_matmul("auto", training=True)
+        assert mode == want, (kernel, vendor, why)
+        if want == "f32":
+            assert why == ("auto: vdpbf16ps is no faster than f32 FMAs on Intel CPUs and AMX does not run here "
+                           "(this CPU has no AMX-BF16); --compute bf16 forces it")
+        else:
+            assert why.startswith("auto: this CPU has AVX512-BF16 dot products; kernel: ")
+    monkeypatch.setattr(kernels, "bf16_kernel", lambda: "vdpbf16ps")
+    monkeypatch.setattr(variants, "cpu_vendor", lambda: "GenuineIntel")
+    assert resolve_matmul("bf16", training=True)[0] == "bf16"
+
+
 def test_finetune_says_which_path_runs_and_why(tmp_path: Path) -> None:
     model = tiny_model("llama", "Q8_0")
     auto = finetune(model, tmp_path / "auto")
     assert auto.returncode == 0, auto.stderr
     line = next(ln for ln in auto.stderr.splitlines() if ln.startswith("compute:"))
-    if kernels.bf16_available():
+    if kernels.bf16_available() and kernels.bf16_slower() is None:
         assert line.startswith("compute: bf16") and "AVX512-BF16" in line
+    elif kernels.bf16_available():  # an Intel CPU without AMX: its vdpbf16ps is slower than f32
+        assert line == f"compute: f32 products with the base weights (auto: {kernels.bf16_slower()})"
     else:
         assert line.startswith("compute: f32") and "auto:" in line
     off = finetune(model, tmp_path / "off", env={"GGTRAIN_BF16": "0"})
