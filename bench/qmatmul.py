@@ -36,6 +36,7 @@ import argparse
 import time
 
 import numpy as np
+from ggtrain.kernels import variants
 from ggtrain.kernels.blas import blas_cores
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES
@@ -107,13 +108,9 @@ def measure(qt: Q, T: int, n: int, rows: int, repeat: int, rng: np.random.Genera
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
+    name = variants.cpuinfo_field("model name")
+    if name:
+        return name
     import platform
     return platform.processor() or platform.machine()
 

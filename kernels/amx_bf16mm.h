@@ -184,7 +184,8 @@ static inline void gg_amx_micro(int64_t kp, const uint16_t *a, int64_t lda, int 
 
 /* C rows t0 .. t1 (+)= A rows t0 .. t1 · one packed panel (kp pairs, a multiple of GG_AMX_KP; nc
    <= GG_BF_NR columns; + U rows t0 .. t1 · V with ur > 0, v at the panel's first column):
-   micro-kernels of GG_AMX_TM rows × GG_AMX_TN columns. t0 is a multiple of GG_AMX_TM; A has rows up to t1 rounded up to GG_AMX_TM (zeros past the tokens). */
+   micro-kernels of GG_AMX_TM rows × GG_AMX_TN columns. t0 is a multiple of GG_AMX_TM; A has rows up
+   to t1 rounded up to GG_AMX_TM (zeros past the tokens). */
 static inline void gg_amx_panel(int64_t kp, const uint16_t *a, int64_t lda, int64_t t0, int64_t t1,
                                 const uint32_t *bp, float *c, int64_t ldc, int nc, int accumulate, float *cst,
                                 const float *u, int64_t ldu, const float *v, int64_t ldv, int ur) {

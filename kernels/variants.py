@@ -67,18 +67,27 @@ def variant_of(module: str) -> str | None:
     return suffix if "_" in module and suffix in VARIANTS else None
 
 
+def cpuinfo_field(key: str) -> str | None:
+    """The value of the first CPU's `key` line in /proc/cpuinfo ("flags", "vendor_id", "model name"),
+    None without that file or line (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
 @cache
 def cpu_features() -> frozenset[str]:
     """This CPU's features, as Linux names them in /proc/cpuinfo's flags (the kernel lists only what
     programs may use: no AVX512 where the OS does not save its registers). Without that file (not
     Linux), numpy's own run-time detection, for the features VARIANTS names."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
+    flags = cpuinfo_field("flags")
+    if flags is not None:
+        return frozenset(flags.split())
     try:
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:  # numpy < 2
@@ -90,14 +99,7 @@ def cpu_features() -> frozenset[str]:
 @cache
 def cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where there is none."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo_field("vendor_id") or ""
 
 
 def runs_on(variant: str, features: frozenset[str]) -> bool:

@@ -153,7 +153,8 @@ def bf16_kernel_text() -> str:
 def resolve_matmul(requested: str, training: bool = False) -> tuple[str, str]:
     """(mode, why) for a --compute/--matmul value: "auto" is int8 for inference on a CPU with
     AVX512-VNNI (llama.cpp's activations), else bf16 where it has AVX512-BF16 (training always, as
-    int8 has no backward) unless kernels.bf16_slower() says f32 is faster, else f32; a named mode is taken as given (set_matmul checks it runs here).
+    int8 has no backward) unless kernels.bf16_slower() says f32 is faster, else f32; a named mode is
+    taken as given (set_matmul checks it runs here).
     `why` is what the start-up line prints (for bf16, also which kernel: AMX tiles or vdpbf16ps)."""
     if requested not in ("auto", *MATMUL_MODES) or (training and requested == "int8"):
         allowed = ("auto", *TRAINING_MODES) if training else ("auto", *MATMUL_MODES)
