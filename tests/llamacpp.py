@@ -135,9 +135,20 @@ def cache_dir() -> Path:
     return d
 
 
+_lock_depth = [0]  # this process's holds of the lock: bin_dir's build fetches the source under it
+
+
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    """Exclusive lock across processes (pytest-xdist workers, a bench running next to the tests)."""
+    """Exclusive lock across processes (pytest-xdist workers, a bench running next to the tests);
+    re-entrant within one: a second flock on a new open file would wait for the first forever."""
+    if _lock_depth[0]:
+        _lock_depth[0] += 1
+        try:
+            yield
+        finally:
+            _lock_depth[0] -= 1
+        return
     lock_path = cache_root() / f"llama.cpp-{VERSION}.lock"
     with open(lock_path, "a") as f:
         try:
@@ -145,9 +156,11 @@ def _locked() -> Iterator[None]:
         except BlockingIOError:
             _log(f"waiting for another process holding {lock_path}")
             fcntl.flock(f, fcntl.LOCK_EX)
+        _lock_depth[0] = 1
         try:
             yield
         finally:
+            _lock_depth[0] = 0
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

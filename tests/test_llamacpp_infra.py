@@ -140,6 +140,24 @@ def test_concurrent_writers_share_one_file(tmp_path):
     assert r.fields["gemma3.embedding_length"].contents() == 64
 
 
+def test_cache_lock_nests_in_one_process_and_excludes_others(tmp_path):
+    """bin_dir's build fetches the source under the lock it holds: the nested hold must not wait for
+    itself (a second flock on a new open file would, forever), and other processes must still wait."""
+    probe = ("import fcntl, sys\n"
+             "f = open(sys.argv[1], 'a')\n"
+             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n")
+    holder = ("import subprocess, sys, llamacpp\n"
+              "with llamacpp._locked():\n"
+              "    with llamacpp._locked():\n"
+              "        pass\n"
+              "    lock = llamacpp.cache_root() / f'llama.cpp-{llamacpp.VERSION}.lock'\n"
+              f"    print(subprocess.run([sys.executable, '-c', {probe!r}, str(lock)], check=False).returncode)\n")
+    out = subprocess.run([sys.executable, "-c", holder], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         env={**os.environ, "GGTRAIN_CACHE": str(tmp_path)}, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr  # a self-deadlock ends in TimeoutExpired
+    assert out.stdout.strip() == "3"  # the outer hold, after the inner one ended, still locks another process out
+
+
 def _flags(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
