@@ -135,19 +135,16 @@ def cache_dir() -> Path:
     return d
 
 
-_lock_depth = [0]  # this process's holds of the lock: bin_dir's build fetches the source under it
+_lock_held = [False]  # whether this process holds the lock: bin_dir's build fetches the source under it
 
 
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
     """Exclusive lock across processes (pytest-xdist workers, a bench running next to the tests);
-    re-entrant within one: a second flock on a new open file would wait for the first forever."""
-    if _lock_depth[0]:
-        _lock_depth[0] += 1
-        try:
-            yield
-        finally:
-            _lock_depth[0] -= 1
+    re-entrant within one (a second flock on a new open file would wait for the first forever): only
+    the outermost hold takes and releases it."""
+    if _lock_held[0]:
+        yield
         return
     lock_path = cache_root() / f"llama.cpp-{VERSION}.lock"
     with open(lock_path, "a") as f:
@@ -156,11 +153,11 @@ def _locked() -> Iterator[None]:
         except BlockingIOError:
             _log(f"waiting for another process holding {lock_path}")
             fcntl.flock(f, fcntl.LOCK_EX)
-        _lock_depth[0] = 1
+        _lock_held[0] = True
         try:
             yield
         finally:
-            _lock_depth[0] = 0
+            _lock_held[0] = False
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
